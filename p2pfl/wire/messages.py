@@ -1,0 +1,104 @@
+"""Message types exchanged between peers.
+
+Every message travels as one msgpack map with the common header keys
+`v` (protocol version), `type`, `sender` (peer id) and `round`, plus the fields of its
+type. The classes here are plain values; `p2pfl.wire.codec` turns them into bytes and
+back, validating every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message on every connection, both directions."""
+
+    TYPE = "hello"
+    sender: str
+    round: int
+    federation: str
+    listen: tuple[str, ...] = ()
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Heartbeat; answered by a Pong echoing nonce and sent_at (gives RTT)."""
+
+    TYPE = "ping"
+    sender: str
+    round: int
+    nonce: int
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TYPE = "pong"
+    sender: str
+    round: int
+    nonce: int
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerList:
+    """Peer exchange: (peer id, "host:port") pairs the sender is connected to."""
+
+    TYPE = "peers"
+    sender: str
+    round: int
+    peers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ModelUpdate:
+    """A node's locally trained model for `round`, weighted by its sample count."""
+
+    TYPE = "model"
+    sender: str
+    round: int
+    params: np.ndarray = field(repr=False)
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateRequest:
+    """Ask a peer for its current model (catch-up after restart or lag)."""
+
+    TYPE = "state_req"
+    sender: str
+    round: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StateReply:
+    """A peer's current model: the model it starts `round` from."""
+
+    TYPE = "state"
+    sender: str
+    round: int
+    params: np.ndarray = field(repr=False)
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """Clean shutdown notice: drop me now instead of waiting for heartbeats."""
+
+    TYPE = "bye"
+    sender: str
+    round: int
+    reason: str = ""
+
+
+Message = Hello | Ping | Pong | PeerList | ModelUpdate | StateRequest | StateReply | Bye
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls  # type: ignore[misc]
+    for cls in (Hello, Ping, Pong, PeerList, ModelUpdate, StateRequest, StateReply, Bye)
+}
