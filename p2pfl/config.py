@@ -1,0 +1,235 @@
+"""Node configuration: one dataclass, loaded from TOML and/or command-line flags.
+
+Every field has a default, so `p2pfl node` runs with no configuration at all. Values
+are validated in one place (`NodeConfig.validated`) and every error names the field,
+so a typo in a config file is reported as `config field 'round_timeout': ...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 7470
+DEFAULT_DATA_DIR = Path("~/.p2pfl")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; `field` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"config field '{field_name}': {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    # Where identity, checkpoints, metrics and the control socket live.
+    data_dir: Path = DEFAULT_DATA_DIR
+    # Network.
+    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    peers: tuple[str, ...] = ()
+    federation: str = "default"
+    peer_exchange: bool = True
+    max_peers: int = 64
+    max_frame_size: int = 256 * 1024 * 1024
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 6.0
+    # Data and model.
+    dataset: str = "digits"
+    nodes: int = 1
+    node_index: int = 0
+    partition: str = "iid"
+    alpha: float = 0.5
+    data_seed: int = 0
+    model: str = "softmax"
+    hidden: int = 32
+    model_seed: int = 0
+    # Rounds.
+    rounds: int = 10
+    epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+    neighbours: str = "all"
+    quorum: float = 1.0
+    round_timeout: float = 30.0
+    aggregation: str = "mean"
+    seed: int = 0
+    # Operation.
+    log_level: str = "info"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def neighbour_count(self) -> int | None:
+        """None means "all connected peers"; otherwise k random neighbours per round."""
+        return None if self.neighbours == "all" else int(self.neighbours)
+
+    def validated(self) -> NodeConfig:
+        """Return self after checking every field; raise ConfigError naming the bad one."""
+        _check(
+            self.federation != "" and len(self.federation) <= 64,
+            "federation",
+            "must be a non-empty name of at most 64 characters",
+        )
+        _check_address(self.listen, "listen")
+        for p in self.peers:
+            _check_address(p, "peers")
+        _check(self.max_peers >= 1, "max_peers", "must be >= 1")
+        _check(
+            1024 <= self.max_frame_size <= 2**32 - 1,
+            "max_frame_size",
+            "must be between 1024 and 4294967295 bytes",
+        )
+        _check(self.heartbeat_interval > 0, "heartbeat_interval", "must be > 0 seconds")
+        _check(
+            self.heartbeat_timeout > self.heartbeat_interval,
+            "heartbeat_timeout",
+            "must be larger than heartbeat_interval",
+        )
+        _check(
+            self.dataset in ("digits", "synthetic"),
+            "dataset",
+            f"unknown dataset {self.dataset!r}; choose 'digits' or 'synthetic'",
+        )
+        _check(self.nodes >= 1, "nodes", "must be >= 1")
+        _check(
+            0 <= self.node_index < self.nodes,
+            "node_index",
+            f"must be in 0..{self.nodes - 1} (nodes = {self.nodes})",
+        )
+        _check(
+            self.partition in ("iid", "dirichlet"),
+            "partition",
+            f"unknown partition {self.partition!r}; choose 'iid' or 'dirichlet'",
+        )
+        _check(self.alpha > 0, "alpha", "must be > 0")
+        _check(
+            self.model in ("softmax", "mlp"),
+            "model",
+            f"unknown model {self.model!r}; choose 'softmax' or 'mlp'",
+        )
+        _check(self.hidden >= 1, "hidden", "must be >= 1")
+        _check(self.rounds >= 0, "rounds", "must be >= 0 (0 runs forever)")
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(
+            self.neighbours == "all" or (self.neighbours.isdigit() and int(self.neighbours) >= 1),
+            "neighbours",
+            f"must be 'all' or a positive integer, got {self.neighbours!r}",
+        )
+        _check(
+            0.0 < self.quorum <= 1.0,
+            "quorum",
+            "must be a fraction in (0, 1] of the expected neighbours",
+        )
+        _check(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
+        _check(
+            self.aggregation in ("mean",),
+            "aggregation",
+            f"unknown rule {self.aggregation!r}; available: 'mean'",
+        )
+        _check(
+            self.log_level in ("debug", "info", "warning", "error"),
+            "log_level",
+            "must be one of debug, info, warning, error",
+        )
+        return self
+
+    def replace(self, **changes: Any) -> NodeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(name, message)
+
+
+def _check_address(value: str, name: str) -> None:
+    host, sep, port = value.rpartition(":")
+    ok = bool(sep) and bool(host) and port.isdigit() and 0 <= int(port) <= 65535
+    if not ok and value.startswith("mem:"):
+        ok = True  # in-memory transport addresses (simulations)
+    _check(ok, name, f"{value!r} is not HOST:PORT")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def coerce(values: Mapping[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """Turn loosely typed values (TOML, flags) into NodeConfig field values.
+
+    Unknown keys and wrong types are reported with the field name; `source` says
+    where they came from (a file name) so the user knows what to edit.
+    """
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in _FIELDS or key == "extra":
+            known = ", ".join(sorted(k for k in _FIELDS if k != "extra"))
+            raise ConfigError(raw_key, f"unknown field in {source}; known fields: {known}")
+        default = _FIELDS[key].default
+        try:
+            out[key] = _coerce_value(key, value, default)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(key, f"{exc} (in {source})") from None
+    return out
+
+
+def _coerce_value(key: str, value: Any, default: Any) -> Any:
+    if key == "data_dir":
+        if not isinstance(value, str | Path):
+            raise TypeError(f"expected a path string, got {type(value).__name__}")
+        return Path(value).expanduser()
+    if key == "peers":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise TypeError("expected a list of 'HOST:PORT' strings")
+        return tuple(value)
+    if key == "neighbours":
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise TypeError("expected 'all' or an integer")
+        return str(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    return value
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a node TOML file (top-level keys or a `[node]` table) into field values."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    if "node" in data and isinstance(data["node"], dict):
+        data = {**{k: v for k, v in data.items() if k != "node"}, **data["node"]}
+    return coerce(data, source=str(path))
+
+
+def build_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> NodeConfig:
+    """Defaults < config file < explicit flags; then validate."""
+    merged = {**file_values, **flag_values}
+    cfg = NodeConfig(**merged)
+    return cfg.replace(data_dir=Path(cfg.data_dir).expanduser()).validated()

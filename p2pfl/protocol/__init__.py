@@ -1,0 +1,29 @@
+"""Sans-IO round protocol."""
+
+from p2pfl.protocol.rounds import (
+    Action,
+    Aggregated,
+    Broadcast,
+    CaughtUp,
+    Finished,
+    Phase,
+    Rejected,
+    RequestState,
+    RoundMachine,
+    RoundSettings,
+    Train,
+)
+
+__all__ = [
+    "Action",
+    "Aggregated",
+    "Broadcast",
+    "CaughtUp",
+    "Finished",
+    "Phase",
+    "Rejected",
+    "RequestState",
+    "RoundMachine",
+    "RoundSettings",
+    "Train",
+]

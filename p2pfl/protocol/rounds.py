@@ -1,0 +1,383 @@
+"""The round state machine of one node (sans-IO).
+
+Each node runs rounds on its own: train from its current model -> send the result to
+its neighbours -> collect the same round's models from neighbours until a quorum or a
+timeout -> aggregate (its own model counts) -> next round. No coordinator decides
+when a round starts; nodes stay loosely in step because each waits for the others.
+
+The machine never does I/O and never reads a clock: the node feeds it events with the
+current time and executes the actions it returns. That keeps every rule here (stale
+and future messages, duplicates, quorum, timeouts, catch-up) testable without sockets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from p2pfl.aggregation import AggregationRule
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    TRAINING = "training"
+    COLLECTING = "collecting"
+    CATCHING_UP = "catching_up"
+    DONE = "done"
+
+
+# ---- actions (what the node must do) -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Train:
+    """Train locally for `round`, starting from `params`; report with `trained()`."""
+
+    round: int
+    params: np.ndarray
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Broadcast:
+    """Send this node's model for `round` to the peers in `to`."""
+
+    round: int
+    params: np.ndarray
+    samples: int
+    to: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Aggregated:
+    """Round `round` finished; `params` is the model the next round starts from."""
+
+    round: int
+    params: np.ndarray
+    senders: tuple[str, ...]
+    rejected: tuple[tuple[str, str], ...]
+    timed_out: bool
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestState:
+    """Ask these peers for their current model (we are behind)."""
+
+    to: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CaughtUp:
+    """We jumped from `from_round` to `round` by a robust combination of peers' states."""
+
+    from_round: int
+    round: int
+    params: np.ndarray
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message was dropped; `reason` is a status counter key."""
+
+    peer: str
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    round: int
+
+
+Action = Train | Broadcast | Aggregated | RequestState | CaughtUp | Rejected | Finished
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    target_rounds: int = 10  # 0 = run forever
+    quorum: float = 1.0  # fraction of expected neighbours to wait for
+    round_timeout: float = 30.0
+    neighbour_count: int | None = None  # None = all connected peers
+    max_rounds_ahead: int = 2  # future rounds buffered; beyond that we are lagging
+    catch_up_lag: int = 2  # a peer this many rounds ahead makes us catch up
+    catch_up_peers: int = 3  # ask up to this many peers; combine by median
+    catch_up_timeout: float = 10.0
+    rule_name: str = "mean"
+
+
+@dataclass
+class _Pending:
+    params: np.ndarray
+    samples: int
+
+
+@dataclass
+class RoundMachine:
+    """State of one node's rounds. Feed events, execute the returned actions."""
+
+    params: np.ndarray
+    rule: AggregationRule
+    settings: RoundSettings = field(default_factory=RoundSettings)
+    round: int = 0
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+    phase: Phase = Phase.STARTING
+    deadline: float | None = None
+    _own: _Pending | None = None
+    _expected: int = 0
+    _received: dict[int, dict[str, _Pending]] = field(default_factory=dict)
+    _rejected: list[tuple[str, str]] = field(default_factory=list)
+    _peer_rounds: dict[str, int] = field(default_factory=dict)
+    _states: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
+    _asked: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.params = np.ascontiguousarray(self.params, dtype=np.float32)
+        if self.params.ndim != 1:
+            raise ValueError("params must be a flat float32 vector")
+
+    # ---- events ----------------------------------------------------------------------
+
+    def start(self, now: float, peers: list[str]) -> list[Action]:
+        """Begin (or resume) rounds. Catch up first if a peer is known to be ahead."""
+        if self.phase is not Phase.STARTING:
+            return []
+        if self._done():
+            self.phase = Phase.DONE
+            return [Finished(self.round)]
+        lagging = self._lagging_peers()
+        if lagging:
+            return self._begin_catch_up(now, lagging)
+        return self._begin_training()
+
+    def trained(
+        self, now: float, round: int, params: np.ndarray, samples: int, peers: list[str]
+    ) -> list[Action]:
+        """Local training for `round` finished. `peers` are the currently connected ones."""
+        if self.phase is not Phase.TRAINING or round != self.round:
+            return []  # a training run made obsolete by a catch-up
+        self._own = _Pending(np.ascontiguousarray(params, dtype=np.float32), samples)
+        to = self._choose_neighbours(peers)
+        self._expected = len(to)
+        self.phase = Phase.COLLECTING
+        self.deadline = now + self.settings.round_timeout
+        actions: list[Action] = [Broadcast(self.round, self._own.params, samples, to)]
+        actions += self._maybe_aggregate(now, timed_out=False)
+        return actions
+
+    def receive_update(
+        self, now: float, sender: str, round: int, params: np.ndarray, samples: int
+    ) -> list[Action]:
+        """A neighbour's model for `round`."""
+        self._note_peer_round(sender, round)
+        reason = self._check_update(sender, round, params, samples)
+        if reason is not None:
+            if round == self.round:
+                self._rejected.append((sender, reason))
+            return [Rejected(sender, round, reason)]
+        self._received.setdefault(round, {})[sender] = _Pending(params, samples)
+        if round >= self.round + self.settings.catch_up_lag and self.phase in (
+            Phase.TRAINING,
+            Phase.COLLECTING,
+        ):
+            return self._begin_catch_up(now, self._lagging_peers())
+        if round == self.round and self.phase is Phase.COLLECTING:
+            return self._maybe_aggregate(now, timed_out=False)
+        return []
+
+    def observe_peer_round(self, now: float, peer: str, round: int) -> list[Action]:
+        """A peer told us its round (hello, heartbeat). Catch up if it is far ahead."""
+        self._note_peer_round(peer, round)
+        if round >= self.round + self.settings.catch_up_lag and self.phase in (
+            Phase.TRAINING,
+            Phase.COLLECTING,
+        ):
+            return self._begin_catch_up(now, self._lagging_peers())
+        return []
+
+    def receive_state(
+        self, now: float, sender: str, round: int, params: np.ndarray
+    ) -> list[Action]:
+        """A peer's reply to our RequestState."""
+        self._note_peer_round(sender, round)
+        if self.phase is not Phase.CATCHING_UP or sender not in self._asked:
+            return []
+        if params.shape != self.params.shape or not np.isfinite(params).all():
+            return [Rejected(sender, round, "bad_state")]
+        self._states[sender] = (round, np.ascontiguousarray(params, dtype=np.float32))
+        if len(self._states) >= len(self._asked):
+            return self._finish_catch_up(now)
+        return []
+
+    def peer_lost(self, now: float, peer: str) -> list[Action]:
+        """A neighbour disconnected: stop waiting for it."""
+        self._peer_rounds.pop(peer, None)
+        actions: list[Action] = []
+        if self.phase is Phase.COLLECTING and peer not in self._received.get(self.round, {}):
+            self._expected = max(0, self._expected - 1)
+            actions += self._maybe_aggregate(now, timed_out=False)
+        elif self.phase is Phase.CATCHING_UP and peer in self._asked:
+            self._asked = tuple(p for p in self._asked if p != peer)
+            if len(self._states) >= len(self._asked):
+                actions += self._finish_catch_up(now)
+        return actions
+
+    def tick(self, now: float) -> list[Action]:
+        """Call when `deadline` has passed."""
+        if self.deadline is None or now < self.deadline:
+            return []
+        self.deadline = None
+        if self.phase is Phase.COLLECTING:
+            return self._maybe_aggregate(now, timed_out=True)
+        if self.phase is Phase.CATCHING_UP:
+            return self._finish_catch_up(now)
+        return []
+
+    # ---- queries ---------------------------------------------------------------------
+
+    @property
+    def received_this_round(self) -> tuple[str, ...]:
+        return tuple(self._received.get(self.round, {}))
+
+    @property
+    def expected_this_round(self) -> int:
+        return self._expected
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _done(self) -> bool:
+        return self.settings.target_rounds > 0 and self.round >= self.settings.target_rounds
+
+    def _begin_training(self) -> list[Action]:
+        self.phase = Phase.TRAINING
+        self.deadline = None
+        self._own = None
+        self._rejected = []
+        return [Train(self.round, self.params.copy())]
+
+    def _choose_neighbours(self, peers: list[str]) -> tuple[str, ...]:
+        peers = sorted(set(peers))
+        k = self.settings.neighbour_count
+        if k is None or k >= len(peers):
+            return tuple(peers)
+        picked = self.rng.choice(len(peers), size=k, replace=False)
+        return tuple(peers[i] for i in sorted(picked))
+
+    def _check_update(
+        self, sender: str, round: int, params: np.ndarray, samples: int
+    ) -> str | None:
+        if round < self.round or (self.phase is Phase.DONE):
+            return "stale"
+        if round > self.round + self.settings.max_rounds_ahead:
+            return "too_far_ahead"
+        if sender in self._received.get(round, {}):
+            return "duplicate"
+        if params.dtype != np.float32 or params.shape != self.params.shape:
+            return "bad_shape"
+        if samples < 0:
+            return "bad_samples"
+        if not np.isfinite(params).all():
+            return "non_finite"
+        return None
+
+    def _note_peer_round(self, peer: str, round: int) -> None:
+        if round > self._peer_rounds.get(peer, -1):
+            self._peer_rounds[peer] = round
+
+    def _lagging_peers(self) -> list[str]:
+        """Peers far enough ahead of us that we should adopt their state."""
+        lag = self.settings.catch_up_lag
+        ahead = [(r, p) for p, r in self._peer_rounds.items() if r >= self.round + lag]
+        ahead.sort(reverse=True)
+        return [p for _, p in ahead]
+
+    def _maybe_aggregate(self, now: float, *, timed_out: bool) -> list[Action]:
+        assert self._own is not None
+        received = self._received.get(self.round, {})
+        need = math.ceil(self.settings.quorum * self._expected - 1e-9)
+        if not timed_out and (self._expected == 0 or len(received) < need):
+            # With nobody to hear from we wait for the timeout: a peer may (re)connect,
+            # and racing through rounds alone would leave the federation behind.
+            return []
+        senders = tuple(sorted(received))
+        stacked = np.stack([self._own.params] + [received[s].params for s in senders])
+        weights = np.array(
+            [self._own.samples] + [received[s].samples for s in senders], dtype=np.float64
+        )
+        new = self.rule(stacked, weights, self._own.params)
+        done_round = self.round
+        rejected = tuple(self._rejected)
+        self.params = np.ascontiguousarray(new, dtype=np.float32)
+        self._advance_to(self.round + 1)
+        actions: list[Action] = [
+            Aggregated(
+                done_round, self.params, senders, rejected, timed_out, self.settings.rule_name
+            )
+        ]
+        actions += self._next_round(now)
+        return actions
+
+    def _advance_to(self, round: int) -> None:
+        self.round = round
+        for r in [r for r in self._received if r < round]:
+            del self._received[r]
+
+    def _next_round(self, now: float) -> list[Action]:
+        if self._done():
+            self.phase = Phase.DONE
+            self.deadline = None
+            return [Finished(self.round)]
+        lagging = self._lagging_peers()
+        if lagging:
+            return self._begin_catch_up(now, lagging)
+        return self._begin_training()
+
+    def _begin_catch_up(self, now: float, lagging: list[str]) -> list[Action]:
+        if not lagging:
+            return []
+        self.phase = Phase.CATCHING_UP
+        self._asked = tuple(lagging[: self.settings.catch_up_peers])
+        self._states = {}
+        self._own = None
+        self.deadline = now + self.settings.catch_up_timeout
+        return [RequestState(self._asked)]
+
+    def _finish_catch_up(self, now: float) -> list[Action]:
+        """Adopt a robust combination of the states received, never a single peer's word
+        when more than one answered: median round, coordinate-wise median model."""
+        states = self._states
+        self._states = {}
+        self._asked = ()
+        self.deadline = None
+        if not states:
+            # Nobody answered: carry on from where we are; we may be asked again later.
+            self._forget_lagging()
+            return self._next_round_after_catch_up(now, None)
+        rounds = sorted(r for r, _ in states.values())
+        target = rounds[(len(rounds) - 1) // 2]  # lower median: one liar cannot push it up
+        stacked = np.stack([p for _, p in states.values()])
+        params = np.median(stacked, axis=0).astype(np.float32)
+        from_round = self.round
+        sources = tuple(sorted(states))
+        if target > self.round:
+            self.params = params
+            self._advance_to(target)
+        self._forget_lagging()
+        caught = CaughtUp(from_round, self.round, self.params, sources)
+        return self._next_round_after_catch_up(now, caught)
+
+    def _forget_lagging(self) -> None:
+        # Peer rounds are re-learnt from their next messages; forgetting them avoids
+        # re-triggering a catch-up from stale knowledge.
+        self._peer_rounds = {p: r for p, r in self._peer_rounds.items() if r < self.round}
+
+    def _next_round_after_catch_up(self, now: float, caught: CaughtUp | None) -> list[Action]:
+        actions: list[Action] = [caught] if caught is not None else []
+        if self._done():
+            self.phase = Phase.DONE
+            return [*actions, Finished(self.round)]
+        return [*actions, *self._begin_training()]
