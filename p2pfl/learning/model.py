@@ -1,0 +1,255 @@
+"""The Model protocol every learner implements, and the shared SGD machinery.
+
+Federated averaging, robust aggregation and secure aggregation all work on one flat
+float32 vector, so a model exposes exactly that (`get_params`/`set_params`) and keeps
+its layers as views into it: aggregation never needs to know the architecture, and a
+training step never copies the parameters.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+MOMENTUM = 0.9
+"""Heavy-ball momentum of the local SGD (PyTorch convention: v = mu*v + g; w -= lr*v)."""
+MODEL_NAMES = ("softmax", "mlp")
+_EVAL_CHUNK = 8192
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the node, aggregation and checkpoints need from a learner."""
+
+    @property
+    def num_params(self) -> int:
+        """Length of the flat parameter vector."""
+        ...
+
+    def get_params(self) -> F32:
+        """A flat float32 copy of all parameters (safe to keep or send)."""
+        ...
+
+    def set_params(self, params: np.ndarray) -> None:
+        """Overwrite all parameters; ValueError on wrong shape, dtype or non-finite values."""
+        ...
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        rng: np.random.Generator,
+    ) -> float:
+        """Minibatch SGD with momentum; returns the mean training loss of the last epoch."""
+        ...
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """(mean cross-entropy loss, accuracy) on the given samples."""
+        ...
+
+    def get_optimizer_state(self) -> dict[str, np.ndarray]:
+        """Copies of the optimizer buffers, for checkpoints that resume exactly."""
+        ...
+
+    def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore buffers from `get_optimizer_state`; ValueError if they do not fit."""
+        ...
+
+    def reset_optimizer(self) -> None:
+        """Zero the optimizer buffers (e.g. after adopting a very different model)."""
+        ...
+
+
+def softmax_cross_entropy(logits: F32, y: npt.NDArray[np.int64]) -> tuple[float, F32]:
+    """Mean cross-entropy and its gradient w.r.t. the logits.
+
+    Subtracting the row max first keeps exp() from overflowing. `logits` is consumed
+    (overwritten in place) to save an allocation per step.
+    """
+    n = logits.shape[0]
+    rows = np.arange(n)
+    logits -= logits.max(axis=1, keepdims=True)
+    picked = logits[rows, y]  # fancy indexing copies: survives the in-place exp below
+    np.exp(logits, out=logits)
+    sums = logits.sum(axis=1, keepdims=True)
+    # -log p_y = log(sum exp z) - z_y: exact even where p_y underflows to 0 in float32.
+    loss = float((np.log(sums[:, 0]) - picked).mean(dtype=np.float64))
+    probs = logits
+    probs /= sums
+    probs[rows, y] -= 1.0
+    probs /= np.float32(n)
+    return loss, probs
+
+
+class FlatParamModel(ABC):
+    """Base for models whose parameters are one flat float32 vector with layer views.
+
+    Subclasses lay out their layers in `self._params` / `self._grad` and implement the
+    forward pass and the forward+backward pass; this class owns validation, the SGD
+    loop, momentum and evaluation, so every model trains identically.
+    """
+
+    name: str = "flat"
+
+    def __init__(self, n_features: int, n_classes: int, num_params: int) -> None:
+        if n_features < 1 or n_classes < 2:
+            raise ValueError(
+                f"need n_features >= 1 and n_classes >= 2, got {n_features=} {n_classes=}"
+            )
+        self.n_features = n_features
+        self.n_classes = n_classes
+        self._params: F32 = np.zeros(num_params, dtype=np.float32)
+        self._grad: F32 = np.zeros(num_params, dtype=np.float32)
+        self._momentum: F32 = np.zeros(num_params, dtype=np.float32)
+        self._step: F32 = np.zeros(num_params, dtype=np.float32)
+
+    # --- subclass hooks -----------------------------------------------------------------
+    @abstractmethod
+    def logits(self, x: F32) -> F32:
+        """Class scores for a float32 batch (a fresh array the caller may overwrite)."""
+
+    @abstractmethod
+    def _forward_backward(self, x: F32, y: npt.NDArray[np.int64]) -> float:
+        """Fill `self._grad` with d(objective)/d(params); return the mean cross-entropy."""
+
+    # --- parameters -----------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return int(self._params.size)
+
+    def get_params(self) -> F32:
+        return self._params.copy()
+
+    def set_params(self, params: np.ndarray) -> None:
+        self._check_vector(params, "params")
+        self._params[...] = params  # in place: the layer views stay valid
+
+    def _check_vector(self, vec: np.ndarray, what: str) -> None:
+        if not isinstance(vec, np.ndarray):
+            raise ValueError(f"{what} must be a numpy array, got {type(vec).__name__}")
+        if vec.dtype != np.float32:
+            raise ValueError(f"{what} must have dtype float32, got {vec.dtype}")
+        if vec.shape != (self.num_params,):
+            raise ValueError(
+                f"{what} must have shape ({self.num_params},) for {self.name} "
+                f"({self.n_features} features, {self.n_classes} classes), got {vec.shape}"
+            )
+        if not np.isfinite(vec).all():
+            raise ValueError(f"{what} contains NaN or infinite values")
+
+    # --- optimizer state ------------------------------------------------------------------
+    def get_optimizer_state(self) -> dict[str, np.ndarray]:
+        return {"momentum": self._momentum.copy()}
+
+    def set_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        if set(state) != {"momentum"}:
+            raise ValueError(
+                f"optimizer state must have exactly the key 'momentum', got {sorted(state)}"
+            )
+        self._check_vector(state["momentum"], "optimizer state 'momentum'")
+        self._momentum[...] = state["momentum"]
+
+    def reset_optimizer(self) -> None:
+        self._momentum.fill(0.0)
+
+    # --- training and evaluation ----------------------------------------------------------
+    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[F32, npt.NDArray[np.int64]]:
+        x32 = np.asarray(x, dtype=np.float32)
+        y64 = np.asarray(y, dtype=np.int64)
+        if x32.ndim != 2 or x32.shape[1] != self.n_features:
+            raise ValueError(f"x must have shape (n, {self.n_features}), got {x32.shape}")
+        if y64.shape != (x32.shape[0],):
+            raise ValueError(f"y must have shape ({x32.shape[0]},), got {y64.shape}")
+        if y64.size and (y64.min() < 0 or y64.max() >= self.n_classes):
+            raise ValueError(f"labels must lie in [0, {self.n_classes})")
+        return x32, y64
+
+    def loss_and_gradient(self, x: np.ndarray, y: np.ndarray) -> tuple[float, F32]:
+        """Mean cross-entropy and a copy of the full gradient (incl. weight decay).
+
+        Not part of the protocol; exposed for gradient checks and diagnostics.
+        """
+        x32, y64 = self._check_xy(x, y)
+        loss = self._forward_backward(x32, y64)
+        return loss, self._grad.copy()
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        rng: np.random.Generator,
+    ) -> float:
+        """Momentum SGD over freshly shuffled minibatches each epoch.
+
+        The momentum buffer persists across calls (one optimizer across rounds);
+        call `reset_optimizer` to drop it. The returned loss is the sample-weighted
+        mean cross-entropy of the last epoch's minibatches (weight decay excluded).
+        """
+        x32, y64 = self._check_xy(x, y)
+        n = x32.shape[0]
+        if n == 0:
+            raise ValueError("cannot fit on an empty dataset")
+        if epochs < 1 or batch_size < 1 or not lr > 0:
+            raise ValueError(
+                f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs=} {batch_size=} {lr=}"
+            )
+        neg_lr = np.float32(-lr)
+        epoch_loss = 0.0
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                total += self._forward_backward(x32[idx], y64[idx]) * idx.size
+                self._momentum *= MOMENTUM
+                self._momentum += self._grad
+                np.multiply(self._momentum, neg_lr, out=self._step)
+                self._params += self._step
+            epoch_loss = total / n
+        return epoch_loss
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        x32, y64 = self._check_xy(x, y)
+        n = x32.shape[0]
+        if n == 0:
+            raise ValueError("cannot evaluate on an empty dataset")
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, n, _EVAL_CHUNK):
+            xb, yb = x32[start : start + _EVAL_CHUNK], y64[start : start + _EVAL_CHUNK]
+            z = self.logits(xb)
+            correct += int((z.argmax(axis=1) == yb).sum())
+            loss, _ = softmax_cross_entropy(z, yb)
+            loss_sum += loss * yb.size
+        return loss_sum / n, correct / n
+
+
+def build_model(
+    name: str, n_features: int, n_classes: int, *, seed: int, hidden: int = 32
+) -> Model:
+    """Build a freshly initialized model; the same seed gives identical parameters.
+
+    All nodes of a federation build from the same seed so they start from one model.
+    """
+    # Local imports: the model modules import this one for the base class.
+    if name == "softmax":
+        from p2pfl.learning.softmax import SoftmaxRegression
+
+        return SoftmaxRegression(n_features, n_classes, seed=seed)
+    if name == "mlp":
+        from p2pfl.learning.mlp import MLP
+
+        return MLP(n_features, n_classes, seed=seed, hidden=hidden)
+    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
