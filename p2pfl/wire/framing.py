@@ -63,7 +63,10 @@ class FrameDecoder:
         end = HEADER.size + self._need
         if len(self._buf) < end:
             return None
-        payload = bytes(self._buf[HEADER.size : end])
+        # Slicing the bytearray would copy twice (slice, then bytes); a memoryview slice
+        # copies once. Released before the del below, which needs an unexported buffer.
+        with memoryview(self._buf) as view:
+            payload = bytes(view[HEADER.size : end])
         del self._buf[:end]
         self._need = None
         return payload

@@ -99,6 +99,6 @@ class Bye:
 Message = Hello | Ping | Pong | PeerList | ModelUpdate | StateRequest | StateReply | Bye
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls  # type: ignore[misc]
+    cls.TYPE: cls
     for cls in (Hello, Ping, Pong, PeerList, ModelUpdate, StateRequest, StateReply, Bye)
 }

@@ -1,0 +1,101 @@
+"""Length-prefixed framing: chunking never changes the payloads; oversize is refused early."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfl.wire import FrameDecoder, WireError, frame
+from p2pfl.wire.framing import frame_header
+
+
+def _drain(decoder: FrameDecoder) -> list[bytes]:
+    out = []
+    while (payload := decoder.next_frame()) is not None:
+        out.append(payload)
+    return out
+
+
+def test_frame_layout_is_big_endian_length_then_payload() -> None:
+    assert frame(b"abc") == b"\x00\x00\x00\x03abc"
+    assert frame(b"") == b"\x00\x00\x00\x00"
+    assert frame_header(0x01020304) == b"\x01\x02\x03\x04"
+
+
+def test_byte_by_byte_feed_yields_every_payload() -> None:
+    payloads = [b"hello", b"", b"x" * 1000, bytes(range(256))]
+    stream = b"".join(frame(p) for p in payloads)
+    decoder = FrameDecoder()
+    got: list[bytes] = []
+    for i in range(len(stream)):
+        decoder.feed(stream[i : i + 1])
+        got.extend(_drain(decoder))
+    assert got == payloads
+    assert decoder.buffered == 0
+
+
+def test_wants_counts_missing_bytes() -> None:
+    decoder = FrameDecoder()
+    assert decoder.wants() == 4
+    decoder.feed(b"\x00\x00")
+    assert decoder.wants() == 2
+    decoder.feed(b"\x00\x05ab")
+    assert decoder.next_frame() is None
+    assert decoder.wants() == 3
+    decoder.feed(b"cde")
+    assert decoder.next_frame() == b"abcde"
+    assert decoder.wants() == 4
+
+
+def test_oversize_header_is_refused_before_any_payload_byte() -> None:
+    decoder = FrameDecoder(max_frame_size=1000)
+    decoder.feed(frame_header(1001))
+    with pytest.raises(WireError) as info:
+        decoder.next_frame()
+    assert info.value.reason == "oversize"
+    assert "1001" in info.value.detail
+    assert decoder.buffered == 4
+
+
+def test_frame_of_exactly_the_limit_is_accepted() -> None:
+    decoder = FrameDecoder(max_frame_size=10)
+    decoder.feed(frame(b"0123456789"))
+    assert decoder.next_frame() == b"0123456789"
+
+
+def test_huge_announced_length_is_refused_with_default_limit() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(b"\xff\xff\xff\xff")
+    with pytest.raises(WireError, match="oversize"):
+        decoder.next_frame()
+
+
+def test_payload_is_an_independent_copy() -> None:
+    decoder = FrameDecoder()
+    source = bytearray(frame(b"abc") + frame(b"def"))
+    decoder.feed(source)
+    first = decoder.next_frame()
+    source[4:7] = b"zzz"
+    decoder.feed(b"more")
+    assert first == b"abc"
+    assert decoder.next_frame() == b"def"
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    payloads=st.lists(st.binary(max_size=300), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=20),
+)
+def test_random_chunking_yields_the_same_payloads(payloads: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(frame(p) for p in payloads)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    decoder = FrameDecoder(max_frame_size=300)
+    got: list[bytes] = []
+    for start, end in pairwise(bounds):
+        decoder.feed(memoryview(stream)[start:end])
+        got.extend(_drain(decoder))
+    assert got == payloads
+    assert decoder.buffered == 0
