@@ -1,0 +1,172 @@
+"""`p2pfl scenario run FILE`: the command-line front of the scenario runners.
+
+`p2pfl/cli.py` calls `add_scenario_arguments(subparsers)` and dispatches to
+`run_scenario_cli(args)` (also set as `func` on the parser). Exit codes: 0 success,
+1 run failed (message says why), 2 bad scenario file, 130 interrupted (nodes stopped).
+Everything heavy (trio, the node, matplotlib) is imported only when a run starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from p2pfl.scenario.schema import RunFailed, Scenario, ScenarioError, load_scenario
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_FILE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def add_scenario_arguments(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Register `scenario run` on the main parser's subparsers."""
+    scenario = subparsers.add_parser(
+        "scenario",
+        help="run a local multi-node scenario (N nodes, progress bar, report)",
+        description="Run a whole federation locally from a scenario TOML file.",
+    )
+    sub = scenario.add_subparsers(dest="scenario_command", metavar="COMMAND", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run a scenario file",
+        description="Start every node of the scenario, watch the rounds, stop the nodes, "
+        "then write metrics.json and accuracy.png and print a summary table.",
+    )
+    run.add_argument("file", type=Path, help="scenario TOML file (see docs/scenarios.md)")
+    run.add_argument(
+        "--out", type=Path, default=None, help="output folder (default runs/<name>-<timestamp>)"
+    )
+    run.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run all nodes in this process on the in-memory transport (for large N)",
+    )
+    run.add_argument("--json", action="store_true", help="print a JSON result on stdout only")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds (default from rounds and round_timeout)",
+    )
+    run.set_defaults(func=run_scenario_cli)
+
+
+def default_out_dir(scenario: Scenario) -> Path:
+    return Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_scenario(
+    scenario: Scenario,
+    out: Path,
+    *,
+    in_process: bool = False,
+    console: Console | None = None,
+    show_progress: bool = True,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run, then write the report; returns the metrics document. Raises RunFailed."""
+    from p2pfl.scenario.report import RoundProgress, write_report
+
+    con = console
+    progress = (
+        RoundProgress(con, scenario.name, scenario.rounds, scenario.nodes)
+        if show_progress and con is not None
+        else None
+    )
+    with progress if progress is not None else contextlib.nullcontext():
+        if in_process:
+            from p2pfl.scenario.inprocess import run_in_process
+
+            nodes, wall = run_in_process(scenario, out, progress=progress, timeout=timeout)
+        else:
+            from p2pfl.scenario.processes import run_processes
+
+            nodes, wall = run_processes(scenario, out, progress=progress, timeout=timeout)
+    mode = "in-process" if in_process else "processes"
+    return write_report(out, scenario, nodes, wall_seconds=wall, mode=mode, console=con)
+
+
+def _check_out_dir(out: Path, scenario: Scenario, in_process: bool) -> str | None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return f"output folder {out} already exists and is not empty (nodes would resume from it)"
+    if not in_process:
+        from p2pfl.control import SOCKET_NAME, socket_path_too_long
+
+        deepest = out.resolve() / "nodes" / f"n{scenario.nodes - 1}" / SOCKET_NAME
+        problem = socket_path_too_long(deepest)
+        if problem is not None:
+            return f"{problem}; choose a shorter --out"
+    return None
+
+
+def run_scenario_cli(args: argparse.Namespace) -> int:
+    """Entry point for `p2pfl scenario run`; returns the process exit code."""
+    as_json: bool = args.json
+    try:
+        scenario = load_scenario(args.file)
+    except ScenarioError as exc:
+        return _fail(as_json, f"{args.file}: {exc}", EXIT_BAD_FILE)
+    out = (args.out or default_out_dir(scenario)).resolve()
+    problem = _check_out_dir(out, scenario, args.in_process)
+    if problem is not None:
+        return _fail(as_json, problem, EXIT_FAILED)
+
+    from rich.console import Console
+
+    console = None if (as_json or args.quiet) else Console()
+    try:
+        metrics = run_scenario(
+            scenario,
+            out,
+            in_process=args.in_process,
+            console=console,
+            show_progress=console is not None and not args.quiet,
+            timeout=args.timeout,
+        )
+    except RunFailed as exc:
+        return _fail(as_json, f"scenario {scenario.name!r} failed: {exc}", EXIT_FAILED, out)
+    except KeyboardInterrupt:
+        msg = f"interrupted: all nodes stopped; partial outputs in {out}"
+        return _fail(as_json, msg, EXIT_INTERRUPTED, out)
+    final = metrics["summary"]["final"]
+    if as_json:
+        doc = {"ok": True, "out": str(out), "wall_seconds": metrics["wall_seconds"], **final}
+        print(json.dumps(doc))
+    elif args.quiet:
+        acc = final["accuracy_mean"]
+        print(
+            f"{scenario.name}: {scenario.nodes} nodes, {scenario.rounds} rounds, "
+            f"final mean accuracy {'-' if acc is None else f'{acc:.3f}'}, "
+            f"{metrics['wall_seconds']:.1f} s; outputs in {out}"
+        )
+    return EXIT_OK
+
+
+def _fail(as_json: bool, message: str, code: int, out: Path | None = None) -> int:
+    if as_json:
+        doc: dict[str, Any] = {"ok": False, "error": message, "exit_code": code}
+        if out is not None:
+            doc["out"] = str(out)
+        print(json.dumps(doc))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m p2pfl.scenario.cli run FILE`), same as `p2pfl scenario`."""
+    parser = argparse.ArgumentParser(prog="p2pfl")
+    add_scenario_arguments(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["scenario", *(sys.argv[1:] if argv is None else argv)])
+    return run_scenario_cli(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

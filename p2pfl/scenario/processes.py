@@ -1,0 +1,361 @@
+"""Real-process runner: one `p2pfl node` process per scenario node, on 127.0.0.1.
+
+The runner is deliberately plain synchronous code (subprocess + a polling loop over the
+nodes' control sockets): it owns child processes, and the one property that matters
+most is that it never leaves one behind. Every node runs in its own session/process
+group; every exit path (success, node crash, deadline, Ctrl-C, SIGTERM, any bug) goes
+through one `finally` that SIGTERMs every group, waits a grace period, then SIGKILLs
+what is left. Liveness checks use `waitid(WNOWAIT)` so a dead leader is not reaped
+before its group is killed (its pid, hence the group id, cannot be reused meanwhile).
+
+Only SIGKILL of the runner itself can orphan nodes (no prctl tricks); `pids.json` in
+the output folder lists them for that case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from p2pfl.scenario.report import RoundProgress
+from p2pfl.scenario.schema import RunFailed, Scenario
+
+POLL_INTERVAL = 0.3
+STOP_GRACE = 10.0
+QUERY_TIMEOUT = 2.0
+LOG_TAIL_LINES = 25
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    data_dir: Path
+    argv: list[str]
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+    status: dict[str, Any] | None = None
+    peak_rss_bytes: int | None = None
+    exit_code: int | None = None
+    killed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "node.log"
+
+
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP to the runner: unwind exactly like Ctrl-C does."""
+
+
+def node_argv(values: Mapping[str, Any]) -> list[str]:
+    """`python -m p2pfl node` flags for NodeConfig field values (dash-case, `--peer` repeated)."""
+    argv = [sys.executable, "-m", "p2pfl", "node"]
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "peers":
+            for peer in value:
+                argv += ["--peer", str(peer)]
+        elif isinstance(value, bool):
+            # Only peer_exchange is boolean and on by default.
+            if not value:
+                argv.append("--no-" + key.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all held open while choosing them)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run_processes(
+    scenario: Scenario,
+    out: Path,
+    *,
+    progress: RoundProgress | None = None,
+    timeout: float | None = None,
+    grace: float = STOP_GRACE,
+) -> tuple[dict[str, dict[str, Any]], float]:
+    """Run the scenario as real processes; return (node records for the report, wall seconds).
+
+    Raises RunFailed when a node dies or the deadline passes, KeyboardInterrupt on
+    Ctrl-C/SIGTERM; in every case all node processes are gone when this returns.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    n = scenario.nodes
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(n)]
+    dirs = [out / "nodes" / f"n{i}" for i in range(n)]
+    values = scenario.node_config_values(addresses, dirs)
+    deadline_s = timeout if timeout is not None else scenario.deadline_seconds()
+    procs: list[NodeProcess] = []
+    started = time.monotonic()
+    with _signals_raise():
+        try:
+            for i, vals in enumerate(values):
+                procs.append(_spawn(f"n{i}", dirs[i], node_argv(vals)))
+                _write_pids(out, procs)
+            _watch(procs, scenario, started + deadline_s, deadline_s, progress)
+            for p in procs:
+                p.peak_rss_bytes = _peak_rss(p.proc.pid)
+        finally:
+            _stop_all(procs, grace)
+            _write_pids(out, procs)
+    wall = time.monotonic() - started
+    return {p.name: _record(p) for p in procs}, wall
+
+
+def _spawn(name: str, data_dir: Path, argv: list[str]) -> NodeProcess:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "command.txt").write_text(" ".join(argv) + "\n")
+    log = (data_dir / "node.log").open("ab")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: our Ctrl-C is not theirs
+            env=env,
+        )
+    except BaseException:
+        log.close()
+        raise
+    return NodeProcess(name, data_dir, argv, proc, log)
+
+
+def _write_pids(out: Path, procs: Sequence[NodeProcess]) -> None:
+    doc = {
+        "runner": os.getpid(),
+        "nodes": {p.name: p.proc.pid for p in procs},
+        "exit_codes": {p.name: p.exit_code for p in procs if p.exit_code is not None},
+    }
+    tmp = out / ".pids.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out / "pids.json")
+
+
+def _exited(pid: int) -> bool:
+    """Has the child exited? Does not reap it (WNOWAIT), keeping its pid/pgid reserved."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True  # already reaped
+    return info is not None
+
+
+def _exit_status(p: NodeProcess) -> int | None:
+    try:
+        info = os.waitid(os.P_PID, p.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return p.proc.returncode
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _query(p: NodeProcess) -> dict[str, Any] | None:
+    from p2pfl.control.client import ControlError, query
+
+    try:
+        return query(p.data_dir / "control.sock", timeout=QUERY_TIMEOUT)
+    except ControlError:
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            row = json.loads(line)
+            if isinstance(row, dict) and "round" in row:
+                rows.append(row)
+    return rows
+
+
+def _node_rows(p: NodeProcess) -> list[dict[str, Any]]:
+    """Rows from metrics.jsonl (authoritative, survives the node) or else the last status."""
+    rows = _read_jsonl(p.data_dir / "metrics.jsonl")
+    history = (p.status or {}).get("history") or []
+    return rows if len(rows) >= len(history) else [dict(r) for r in history]
+
+
+def _is_done(p: NodeProcess, rounds: int) -> bool:
+    if p.status is None:
+        return False
+    phase = p.status.get("round", {}).get("phase")
+    current = p.status.get("round", {}).get("current", 0)
+    return phase == "done" or (isinstance(current, int) and current >= rounds)
+
+
+def _watch(
+    procs: Sequence[NodeProcess],
+    scenario: Scenario,
+    deadline: float,
+    deadline_s: float,
+    progress: RoundProgress | None,
+) -> None:
+    """Poll until every node is done; raise RunFailed on an early death or the deadline."""
+    while True:
+        for p in procs:
+            if _exited(p.proc.pid):
+                code = _exit_status(p)
+                raise RunFailed(
+                    f"node {p.name} exited early (exit code {code}); "
+                    f"last lines of {p.log_path}:\n{_log_tail(p.log_path)}"
+                )
+        completed = []
+        accs = []
+        for p in procs:
+            status = _query(p)
+            if status is not None:
+                p.status = status
+            history = (p.status or {}).get("history") or []
+            completed.append(len(history))
+            if history and isinstance(history[-1].get("accuracy"), int | float):
+                accs.append(float(history[-1]["accuracy"]))
+        if progress is not None:
+            progress.update(min(completed), accs)
+        if all(_is_done(p, scenario.rounds) for p in procs):
+            return
+        if time.monotonic() > deadline:
+            behind = ", ".join(
+                f"{p.name}={c}"
+                for p, c in zip(procs, completed, strict=True)
+                if c < scenario.rounds
+            )
+            raise RunFailed(
+                f"timed out after {deadline_s:.0f} s with nodes still running "
+                f"(rounds completed: {behind}); see {procs[0].data_dir.parent}/n*/node.log"
+            )
+        time.sleep(POLL_INTERVAL)
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"  (cannot read log: {exc})"
+    tail = text.splitlines()[-lines:]
+    return "\n".join("  | " + line for line in tail) if tail else "  (log is empty)"
+
+
+def _peak_rss(pid: int) -> int | None:
+    """VmHWM (peak resident set) of a live process, from /proc; None where unavailable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _killpg(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _stop_all(procs: Sequence[NodeProcess], grace: float) -> None:
+    """SIGTERM every node's group, wait up to `grace`, SIGKILL the rest, reap all.
+
+    A second Ctrl-C (or SIGTERM) during the wait skips straight to SIGKILL instead of
+    interrupting the cleanup half-way.
+    """
+    hurry = False
+
+    def _escalate(signum: int, frame: FrameType | None) -> None:
+        nonlocal hurry
+        hurry = True
+
+    with _signal_handlers(_escalate):
+        for p in procs:
+            if not _exited(p.proc.pid):
+                _killpg(p.proc.pid, signal.SIGTERM)
+        end = time.monotonic() + grace
+        while not hurry and time.monotonic() < end:
+            if all(_exited(p.proc.pid) for p in procs):
+                break
+            time.sleep(0.05)
+        for p in procs:
+            if not _exited(p.proc.pid):
+                p.killed = True
+            # Also reaches anything the node left in its group; the leader is not reaped
+            # yet, so the group id still belongs to us.
+            _killpg(p.proc.pid, signal.SIGKILL)
+        for p in procs:
+            p.exit_code = p.proc.wait()
+            p.log.close()
+
+
+def _record(p: NodeProcess) -> dict[str, Any]:
+    node = (p.status or {}).get("node", {})
+    rec: dict[str, Any] = {
+        "peer_id": node.get("id"),
+        "pid": p.proc.pid,
+        "exit_code": p.exit_code,
+        "rounds": _node_rows(p),
+    }
+    if p.killed:
+        rec["killed"] = True
+    if p.peak_rss_bytes is not None:
+        rec["peak_rss_bytes"] = p.peak_rss_bytes
+    return rec
+
+
+@contextlib.contextmanager
+def _signal_handlers(handler: Any) -> Iterator[None]:
+    """Install `handler` for SIGINT/SIGTERM/SIGHUP (main thread only; no-op elsewhere)."""
+    saved: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            try:
+                saved[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                break
+        yield
+    finally:
+        for signum, old in saved.items():
+            signal.signal(signum, old)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM/SIGHUP raise like Ctrl-C does, so `finally` blocks run and nodes are stopped."""
+
+    def _raise(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise _Terminated(signum)
+
+    try:
+        with _signal_handlers(_raise):
+            yield
+    except _Terminated:
+        raise KeyboardInterrupt from None

@@ -1,0 +1,404 @@
+"""Scenario files: a TOML description of a whole local federation, validated up front.
+
+A scenario is read once, checked completely, and turned into per-node `NodeConfig`
+values by `Scenario.node_config_values`, which both runners (real processes and
+in-process) share, so the two modes can never drift apart. Every error is a
+`ScenarioError` whose message starts with the dotted path of the offending key
+(`topology.degree: must be < nodes (8)`), because the user fixes a file, not a stack.
+
+The schema is meant to grow: table names that later versions will use are reserved
+(`RESERVED_TABLES`); an empty one is accepted, a filled one is refused as "not
+supported yet" instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pfl.config import ConfigError, NodeConfig
+from p2pfl.scenario import topology
+from p2pfl.scenario.topology import Edge, TopologyError
+
+MAX_NODES = 1000
+RESERVED_TABLES = ("attack", "faults", "compression", "secure_aggregation", "aggregation")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ScenarioError(ValueError):
+    """A scenario file is wrong; `path` is the dotted key at fault ("" for the whole file)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class RunFailed(RuntimeError):
+    """A scenario run could not finish (a node died, the deadline passed); says why."""
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    kind: str = "full"
+    degree: int | None = None
+    edges: tuple[Edge, ...] = ()
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = "digits"
+    partition: str = "iid"
+    alpha: float = 0.5
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "softmax"
+    hidden: int = 32
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    # "all" or a positive integer k (as a string, like NodeConfig.neighbours).
+    neighbours: str = "all"
+    quorum: float = 1.0
+    round_timeout: float = 30.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 6.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    nodes: int
+    rounds: int = 10
+    seed: int = 0
+    topology: TopologySpec = field(default_factory=TopologySpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    protocol: ProtocolSpec = field(default_factory=ProtocolSpec)
+
+    def edges(self) -> list[Edge]:
+        """The undirected edge list of this scenario's graph (deterministic from `seed`)."""
+        t = self.topology
+        try:
+            return topology.edges(
+                t.kind, self.nodes, degree=t.degree, edges=t.edges, seed=self.seed
+            )
+        except TopologyError as exc:
+            path = "nodes" if exc.field == "nodes" else f"topology.{exc.field}"
+            raise ScenarioError(path, str(exc)) from None
+
+    def node_config_values(
+        self, addresses: Sequence[str], data_dirs: Sequence[Path]
+    ) -> list[dict[str, Any]]:
+        """NodeConfig field values for every node, given each node's address and data dir.
+
+        Every node dials all its graph neighbours (both ends dial; the node keeps one
+        connection per pair, so whichever side comes up last still connects). Full meshes
+        keep peer exchange on; other graphs turn it off so the topology stays exactly
+        what the file says.
+        """
+        if len(addresses) != self.nodes or len(data_dirs) != self.nodes:
+            raise ValueError("need one address and one data dir per node")
+        adj = topology.adjacency(self.nodes, self.edges())
+        full = self.topology.kind == "full"
+        return [
+            {
+                "data_dir": Path(data_dirs[i]),
+                "listen": addresses[i],
+                "peers": tuple(addresses[j] for j in adj[i]),
+                "peer_exchange": full,
+                # Start round 1 only once the whole neighbourhood is connected, so early
+                # rounds are not wasted on half a graph (and nobody times out waiting).
+                "min_peers": len(adj[i]),
+                "max_peers": max(64, self.nodes),
+                "heartbeat_interval": self.protocol.heartbeat_interval,
+                "heartbeat_timeout": self.protocol.heartbeat_timeout,
+                "dataset": self.data.dataset,
+                "nodes": self.nodes,
+                "node_index": i,
+                "partition": self.data.partition,
+                "alpha": self.data.alpha,
+                "data_seed": self.seed,
+                "model": self.model.name,
+                "hidden": self.model.hidden,
+                "model_seed": self.seed,
+                "rounds": self.rounds,
+                "epochs": self.training.epochs,
+                "lr": self.training.lr,
+                "batch_size": self.training.batch_size,
+                "neighbours": self.protocol.neighbours,
+                "quorum": self.protocol.quorum,
+                "round_timeout": self.protocol.round_timeout,
+                "seed": node_seed(self.seed, i),
+            }
+            for i in range(self.nodes)
+        ]
+
+    def deadline_seconds(self) -> float:
+        """Generous bound on a whole run: every round may time out, plus start-up slack."""
+        return self.rounds * (self.protocol.round_timeout + 15.0) + 60.0 + self.nodes * 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["topology"]["edges"] = [list(e) for e in self.topology.edges]
+        return d
+
+
+def node_seed(seed: int, index: int) -> int:
+    """Independent per-node seed (shuffling, neighbour sampling) derived from the scenario's."""
+    digest = hashlib.sha256(f"p2pfl-scenario:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def node_identity_seed(seed: int, index: int) -> bytes:
+    """32-byte seed for in-process identities: reproducible, distinct per node and scenario."""
+    return hashlib.sha256(f"p2pfl-scenario-identity:{seed}:{index}".encode()).digest()
+
+
+def load_scenario(path: Path | str) -> Scenario:
+    """Read and fully validate a scenario file; the name defaults to the file's stem."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ScenarioError("", f"scenario file {p} does not exist") from None
+    except IsADirectoryError:
+        raise ScenarioError("", f"{p} is a directory, not a scenario file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError("", f"{p} is not valid TOML: {exc}") from None
+    return parse_scenario(data, default_name=p.stem)
+
+
+def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -> Scenario:
+    """Validate a decoded TOML document into a Scenario (raises ScenarioError)."""
+    top = _Table(data, "")
+    name = top.get_str("name", default_name)
+    if not _NAME_RE.match(name):
+        raise ScenarioError(
+            "name", "must be 1-64 letters, digits, '.', '_' or '-' (it names the output folder)"
+        )
+    nodes = top.get_int("nodes", None, minimum=2)
+    if nodes > MAX_NODES:
+        raise ScenarioError("nodes", f"must be <= {MAX_NODES}")
+    rounds = top.get_int("rounds", 10, minimum=1)
+    seed = top.get_int("seed", 0, minimum=0)
+    topo = _parse_topology(top.table("topology"), nodes)
+    data_spec = _parse_data(top.table("data"))
+    model = _parse_model(top.table("model"))
+    training = _parse_training(top.table("training"))
+    protocol = _parse_protocol(top.table("protocol"), nodes)
+    for reserved in RESERVED_TABLES:
+        if top.raw(reserved) not in (None, {}, []):
+            raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
+    top.finish()
+    scenario = Scenario(name, nodes, rounds, seed, topo, data_spec, model, training, protocol)
+    scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
+    _cross_check(scenario)
+    return scenario
+
+
+def _parse_topology(t: _Table, nodes: int) -> TopologySpec:
+    kind = t.get_str("kind", "full", choices=topology.KINDS)
+    degree: int | None = None
+    if t.has("degree"):
+        if kind != "kregular":
+            raise ScenarioError("topology.degree", "only used with kind = 'kregular'")
+        degree = t.get_int("degree", None, minimum=1)
+        if degree >= nodes:
+            raise ScenarioError("topology.degree", f"must be < nodes ({nodes})")
+    elif kind == "kregular":
+        raise ScenarioError("topology.degree", "is required for kind = 'kregular'")
+    pairs: tuple[Edge, ...] = ()
+    if t.has("edges"):
+        if kind != "edges":
+            raise ScenarioError("topology.edges", "only used with kind = 'edges'")
+        pairs = _edge_list(t.raw("edges"))
+    elif kind == "edges":
+        raise ScenarioError("topology.edges", "is required for kind = 'edges' (a list of [i, j])")
+    t.finish()
+    return TopologySpec(kind, degree, pairs)
+
+
+def _edge_list(value: Any) -> tuple[Edge, ...]:
+    if not isinstance(value, list):
+        raise ScenarioError("topology.edges", f"expected a list of [i, j] pairs, got {value!r}")
+    out: list[Edge] = []
+    for pos, pair in enumerate(value):
+        ok = (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+        )
+        if not ok:
+            raise ScenarioError(f"topology.edges[{pos}]", f"expected [i, j] integers, got {pair!r}")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
+def _parse_data(t: _Table) -> DataSpec:
+    spec = DataSpec(
+        dataset=t.get_str("dataset", "digits", choices=("digits", "synthetic")),
+        partition=t.get_str("partition", "iid", choices=("iid", "dirichlet")),
+        alpha=t.get_float("alpha", 0.5, positive=True),
+    )
+    t.finish()
+    return spec
+
+
+def _parse_model(t: _Table) -> ModelSpec:
+    spec = ModelSpec(
+        name=t.get_str("name", "softmax", choices=("softmax", "mlp")),
+        hidden=t.get_int("hidden", 32, minimum=1),
+    )
+    t.finish()
+    return spec
+
+
+def _parse_training(t: _Table) -> TrainingSpec:
+    spec = TrainingSpec(
+        epochs=t.get_int("epochs", 1, minimum=1),
+        lr=t.get_float("lr", 0.05, positive=True),
+        batch_size=t.get_int("batch_size", 32, minimum=1),
+    )
+    t.finish()
+    return spec
+
+
+def _parse_protocol(t: _Table, nodes: int) -> ProtocolSpec:
+    neighbours = "all"
+    if t.has("neighbours"):
+        raw = t.raw("neighbours")
+        if raw != "all":
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise ScenarioError(
+                    "protocol.neighbours", f'expected "all" or an integer, got {raw!r}'
+                )
+            if not 1 <= raw < nodes:
+                raise ScenarioError("protocol.neighbours", f'must be in 1..{nodes - 1} or "all"')
+            neighbours = str(raw)
+    quorum = t.get_float("quorum", 1.0, positive=True)
+    if quorum > 1.0:
+        raise ScenarioError("protocol.quorum", "must be a fraction in (0, 1]")
+    spec = ProtocolSpec(
+        neighbours=neighbours,
+        quorum=quorum,
+        round_timeout=t.get_float("round_timeout", 30.0, positive=True),
+        heartbeat_interval=t.get_float("heartbeat_interval", 1.0, positive=True),
+        heartbeat_timeout=t.get_float("heartbeat_timeout", 6.0, positive=True),
+    )
+    if spec.heartbeat_timeout <= spec.heartbeat_interval:
+        raise ScenarioError("protocol.heartbeat_timeout", "must be larger than heartbeat_interval")
+    t.finish()
+    return spec
+
+
+# Where each NodeConfig field comes from, to translate its errors back to the file.
+_CONFIG_FIELD_PATHS = {
+    "dataset": "data.dataset", "partition": "data.partition", "alpha": "data.alpha",
+    "model": "model.name", "hidden": "model.hidden", "epochs": "training.epochs",
+    "lr": "training.lr", "batch_size": "training.batch_size", "rounds": "rounds",
+    "nodes": "nodes", "neighbours": "protocol.neighbours", "quorum": "protocol.quorum",
+    "round_timeout": "protocol.round_timeout",
+    "heartbeat_interval": "protocol.heartbeat_interval",
+    "heartbeat_timeout": "protocol.heartbeat_timeout",
+}  # fmt: skip
+
+
+def _cross_check(scenario: Scenario) -> None:
+    """Run the node's own validation too, so a scenario never starts nodes that refuse it."""
+    addrs = [f"127.0.0.1:{10000 + i}" for i in range(scenario.nodes)]
+    dirs = [Path(".")] * scenario.nodes
+    values = scenario.node_config_values(addrs, dirs)[0]
+    try:
+        NodeConfig(**values).validated()
+    except ConfigError as exc:
+        path = _CONFIG_FIELD_PATHS.get(exc.field, exc.field)
+        message = str(exc).split(": ", 1)[-1]
+        raise ScenarioError(path, message) from None
+
+
+class _Table:
+    """Typed, path-aware reads from one TOML table; `finish` rejects keys nobody read."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ScenarioError(path, f"expected a table, got {data!r}")
+        self._data = data
+        self._path = path
+        self._known: list[str] = []
+
+    def _key(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def _mark(self, key: str) -> None:
+        if key not in self._known:
+            self._known.append(key)
+
+    def has(self, key: str) -> bool:
+        self._mark(key)
+        return key in self._data
+
+    def raw(self, key: str) -> Any:
+        self._mark(key)
+        return self._data.get(key)
+
+    def table(self, key: str) -> _Table:
+        value = self.raw(key)
+        return _Table({} if value is None else value, self._key(key))
+
+    def get_int(self, key: str, default: int | None, *, minimum: int | None = None) -> int:
+        value = self.raw(key)
+        if value is None:
+            if default is None:
+                raise ScenarioError(self._key(key), "is required")
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(self._key(key), f"expected an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ScenarioError(self._key(key), f"must be >= {minimum}")
+        return value
+
+    def get_float(self, key: str, default: float, *, positive: bool = False) -> float:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ScenarioError(self._key(key), f"expected a number, got {value!r}")
+        if positive and not value > 0:
+            raise ScenarioError(self._key(key), "must be > 0")
+        return float(value)
+
+    def get_str(self, key: str, default: str, *, choices: Sequence[str] | None = None) -> str:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise ScenarioError(self._key(key), f"expected a string, got {value!r}")
+        if choices is not None and value not in choices:
+            options = ", ".join(repr(c) for c in choices)
+            raise ScenarioError(self._key(key), f"unknown value {value!r}; choose one of {options}")
+        return value
+
+    def finish(self) -> None:
+        unknown = [k for k in self._data if k not in self._known]
+        if unknown:
+            where = self._key(unknown[0])
+            known = ", ".join(self._known)
+            raise ScenarioError(where, f"unknown key; known keys here: {known}")
