@@ -1,0 +1,254 @@
+"""rich rendering of a node's status dict (the `status` control command's result).
+
+Every field is optional: a `p2pfl status` of one version may talk to a node of another, so a
+missing or odd-typed value prints as "-" instead of failing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+MISSING = "-"
+ID_WIDTH = 12
+
+_STATE_STYLES = {
+    "connected": "green",
+    "connecting": "yellow",
+    "handshaking": "yellow",
+    "suspect": "yellow",
+    "backoff": "yellow",
+    "disconnected": "red",
+    "dead": "red",
+    "banned": "bold red",
+}
+
+
+# --- tolerant accessors and formatters ------------------------------------------------------
+
+
+def _section(obj: Any, key: str) -> Mapping[str, Any]:
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(obj: Any, key: str) -> list[Any]:
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else []
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def fmt_text(value: Any) -> str:
+    if value is None or value == "" or isinstance(value, Mapping | list):
+        return MISSING
+    return str(value)
+
+
+def short_id(value: Any, width: int = ID_WIDTH) -> str:
+    text = fmt_text(value)
+    return text if text == MISSING else text[:width]
+
+
+def fmt_int(value: Any) -> str:
+    number = _number(value)
+    return MISSING if number is None else f"{int(number):,}"
+
+
+def fmt_float(value: Any, digits: int = 4) -> str:
+    number = _number(value)
+    return MISSING if number is None else f"{number:.{digits}f}"
+
+
+def fmt_bytes(value: Any) -> str:
+    """1536 -> '1.5 KiB': binary units, as model sizes are powers of two of floats."""
+    number = _number(value)
+    if number is None or number < 0:
+        return MISSING
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if number < 1024 or unit == "TiB":
+            return f"{int(number)} B" if unit == "B" else f"{number:.1f} {unit}"
+        number /= 1024
+    raise AssertionError("unreachable")
+
+
+def fmt_duration(value: Any) -> str:
+    """Seconds -> '2d 03h', '1h 02m 03s', '4m 05s', '12.3s'."""
+    number = _number(value)
+    if number is None or number < 0:
+        return MISSING
+    if number < 60:
+        return f"{number:.1f}s"
+    total = int(number)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m {seconds:02d}s"
+    return f"{minutes}m {seconds:02d}s"
+
+
+def fmt_ago(value: Any) -> str:
+    text = fmt_duration(value)
+    return text if text == MISSING else f"{text} ago"
+
+
+# --- pieces ----------------------------------------------------------------------------------
+
+
+def _rejected_text(rejected: list[Any]) -> str:
+    if not rejected:
+        return "0"
+    reasons = []
+    for item in rejected:
+        if isinstance(item, Mapping):
+            reasons.append(f"{short_id(item.get('peer'))}: {fmt_text(item.get('reason'))}")
+        else:
+            reasons.append(fmt_text(item))
+    return f"{len(rejected)} ({'; '.join(reasons)})"
+
+
+def _aggregation_text(agg: Mapping[str, Any]) -> str:
+    if not agg:
+        return MISSING
+    parts = [
+        f"round {fmt_int(agg.get('round'))}",
+        fmt_text(agg.get("rule")),
+        f"inputs {fmt_int(agg.get('inputs_used'))}",
+        f"rejected {_rejected_text(_list(agg, 'rejected'))}",
+    ]
+    if agg.get("timed_out") is True:
+        parts.append("timed out")
+    return ", ".join(parts)
+
+
+def _round_text(rnd: Mapping[str, Any]) -> str:
+    if not rnd:
+        return MISSING
+    current = fmt_int(rnd.get("current"))
+    target = rnd.get("target")
+    of = f"/{fmt_int(target)}" if _number(target) is not None else ""
+    return f"{current}{of}  ({fmt_text(rnd.get('phase'))})"
+
+
+def _model_text(model: Mapping[str, Any]) -> str:
+    if not model:
+        return MISSING
+    return (
+        f"v{fmt_int(model.get('version'))}  hash {short_id(model.get('hash'))}  "
+        f"params {fmt_int(model.get('params'))}"
+    )
+
+
+def _last_metrics_text(history: list[Any]) -> str:
+    last = history[-1] if history and isinstance(history[-1], Mapping) else {}
+    if not last:
+        return MISSING
+    return (
+        f"round {fmt_int(last.get('round'))}: accuracy {fmt_float(last.get('accuracy'))}, "
+        f"loss {fmt_float(last.get('loss'))}, {fmt_float(last.get('seconds'), 2)}s, "
+        f"sent {fmt_bytes(last.get('bytes_sent'))}, "
+        f"received {fmt_bytes(last.get('bytes_received'))}, "
+        f"heard {fmt_int(last.get('peers_heard'))} peers"
+    )
+
+
+def status_header(status: Mapping[str, Any]) -> Panel:
+    node = _section(status, "node")
+    listen = [fmt_text(a) for a in _list(node, "listen")]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column()
+    rows = [
+        ("node", fmt_text(node.get("id"))),
+        ("version", f"{fmt_text(node.get('version'))}  role {fmt_text(node.get('role'))}"),
+        ("federation", fmt_text(node.get("federation"))),
+        ("listen", ", ".join(listen) if listen else MISSING),
+        ("uptime", f"{fmt_duration(node.get('uptime_s'))}  pid {fmt_text(node.get('pid'))}"),
+        ("data dir", fmt_text(node.get("data_dir"))),
+        ("round", _round_text(_section(status, "round"))),
+        ("model", _model_text(_section(status, "model"))),
+        ("last aggregation", _aggregation_text(_section(status, "last_aggregation"))),
+        ("last round", _last_metrics_text(_list(status, "history"))),
+    ]
+    for key, value in rows:
+        grid.add_row(key, Text(value))
+    return Panel(grid, title=f"p2pfl node {short_id(node.get('id'))}", title_align="left")
+
+
+def peers_table(status: Mapping[str, Any]) -> Table:
+    peers = [p for p in _list(status, "peers") if isinstance(p, Mapping)]
+    table = Table(title=f"peers ({len(peers)})", title_justify="left", expand=False)
+    table.add_column("id", no_wrap=True)
+    table.add_column("address", no_wrap=True)
+    table.add_column("state")
+    table.add_column("found via")
+    table.add_column("last seen", justify="right")
+    table.add_column("RTT ms", justify="right")
+    table.add_column("in", justify="right")
+    table.add_column("out", justify="right")
+    table.add_column("rejected", justify="right")
+    for peer in peers:
+        state = fmt_text(peer.get("state"))
+        table.add_row(
+            short_id(peer.get("id")),
+            fmt_text(peer.get("address")),
+            Text(state, style=_STATE_STYLES.get(state, "")),
+            fmt_text(peer.get("found_via")),
+            fmt_ago(peer.get("last_seen_s")),
+            fmt_float(peer.get("rtt_ms"), 1),
+            fmt_bytes(peer.get("bytes_in")),
+            fmt_bytes(peer.get("bytes_out")),
+            fmt_int(peer.get("rejected")),
+        )
+    return table
+
+
+def counters_line(status: Mapping[str, Any]) -> Text:
+    """'frames rejected 3 (too_large 2, bad_msgpack 1) · reconnects 4 · ...'."""
+    counters = _section(status, "counters")
+    parts = []
+    for name, value in counters.items():
+        label = str(name).replace("_", " ")
+        if isinstance(value, Mapping):
+            total = sum(n for n in (_number(v) for v in value.values()) if n is not None)
+            detail = ", ".join(f"{k} {fmt_int(v)}" for k, v in value.items())
+            parts.append(f"{label} {int(total)}" + (f" ({detail})" if detail else ""))
+        else:
+            parts.append(f"{label} {fmt_int(value)}")
+    return Text("counters: " + (" · ".join(parts) if parts else MISSING), style="dim")
+
+
+def render_status(status: Mapping[str, Any]) -> RenderableType:
+    """The whole `p2pfl status` screen for one status dict."""
+    return Group(status_header(status), peers_table(status), counters_line(status))
+
+
+def render_error(message: str) -> RenderableType:
+    """Shown in place of the status by `--watch` while the node is unreachable."""
+    return Panel(Text(message, style="red"), title="p2pfl status", title_align="left")
+
+
+__all__ = [
+    "counters_line",
+    "fmt_ago",
+    "fmt_bytes",
+    "fmt_duration",
+    "peers_table",
+    "render_error",
+    "render_status",
+    "short_id",
+    "status_header",
+]
