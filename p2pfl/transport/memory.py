@@ -1,0 +1,208 @@
+"""In-process transport: the TCP transport's twin for simulations with many nodes.
+
+A connection is two bounded trio memory channels, one per direction, carrying whole
+payloads (no framing, no copies). The bound gives the same backpressure a TCP window
+does: a slow reader eventually blocks its sender. Peer ids are taken on trust (there is
+no handshake to prove them); the network only checks `expected_peer_id` against the
+listener's declared id, which is what a test of id pinning needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from p2pfl.identity import Identity
+from p2pfl.transport.base import Connection, ConnectionClosed, ConnectionHandler, HandshakeError
+from p2pfl.wire.errors import WireError
+from p2pfl.wire.framing import DEFAULT_MAX_FRAME_SIZE
+
+log = logging.getLogger("p2pfl.transport")
+
+CHANNEL_CAPACITY = 16
+
+
+class _Listener:
+    __slots__ = ("handler", "max_frame_size", "nursery", "peer_id")
+
+    def __init__(
+        self,
+        peer_id: str,
+        handler: ConnectionHandler,
+        nursery: trio.Nursery,
+        max_frame_size: int,
+    ) -> None:
+        self.peer_id = peer_id
+        self.handler = handler
+        self.nursery = nursery
+        self.max_frame_size = max_frame_size
+
+
+class MemoryNetwork:
+    """Registry of listening addresses ("mem:<name>") shared by the transports of a run."""
+
+    def __init__(self, capacity: int = CHANNEL_CAPACITY) -> None:
+        self.capacity = capacity
+        self._listeners: dict[str, _Listener] = {}
+
+    def listening(self, address: str) -> bool:
+        return address in self._listeners
+
+    def _register(self, address: str, listener: _Listener) -> None:
+        if address in self._listeners:
+            raise OSError(errno.EADDRINUSE, f"{address} is already in use")
+        self._listeners[address] = listener
+
+    def _unregister(self, address: str, listener: _Listener) -> None:
+        if self._listeners.get(address) is listener:
+            del self._listeners[address]
+
+    def _lookup(self, address: str) -> _Listener:
+        listener = self._listeners.get(address)
+        if listener is None:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"nothing listens at {address}")
+        return listener
+
+
+class MemoryConnection:
+    """One end of an in-memory connection."""
+
+    def __init__(
+        self,
+        send_channel: trio.MemorySendChannel[bytes],
+        receive_channel: trio.MemoryReceiveChannel[bytes],
+        peer_id: str,
+        remote_address: str,
+        *,
+        outbound: bool,
+        max_frame_size: int,
+    ) -> None:
+        self._send = send_channel
+        self._receive = receive_channel
+        self._peer_id = peer_id
+        self._remote_address = remote_address
+        self._outbound = outbound
+        self.max_frame_size = max_frame_size
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    @property
+    def remote_address(self) -> str:
+        return self._remote_address
+
+    @property
+    def outbound(self) -> bool:
+        return self._outbound
+
+    def __repr__(self) -> str:
+        way = "to" if self._outbound else "from"
+        return f"<MemoryConnection {way} {self._peer_id} at {self._remote_address}>"
+
+    async def send(self, payload: bytes) -> None:
+        try:
+            await self._send.send(bytes(payload))  # no copy for bytes; never alias a buffer
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(f"connection to {self._peer_id} is closed") from exc
+
+    async def receive(self) -> bytes:
+        try:
+            payload = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(f"connection to {self._peer_id} is closed") from exc
+        if len(payload) > self.max_frame_size:
+            raise WireError(
+                "oversize",
+                f"frame of {len(payload)} bytes received, limit is {self.max_frame_size}",
+            )
+        return payload
+
+    async def aclose(self) -> None:
+        # Closing our send side lets the peer drain what we sent, then see EOF; closing
+        # our receive side makes the peer's sends fail at once, like a reset.
+        await self._send.aclose()
+        await self._receive.aclose()
+
+
+class MemoryTransport:
+    """Transport over a MemoryNetwork; same interface as TcpTransport."""
+
+    def __init__(
+        self,
+        network: MemoryNetwork,
+        identity_or_peer_id: Identity | str,
+        address: str,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        self.network = network
+        self.address = address
+        self.max_frame_size = max_frame_size
+        if isinstance(identity_or_peer_id, Identity):
+            self._local_id = identity_or_peer_id.peer_id
+        else:
+            self._local_id = identity_or_peer_id
+
+    @property
+    def local_id(self) -> str:
+        return self._local_id
+
+    async def listen(
+        self,
+        handler: ConnectionHandler,
+        *,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        if self.network.listening(self.address):  # raise here, not wrapped in a group
+            raise OSError(errno.EADDRINUSE, f"{self.address} is already in use")
+        async with trio.open_nursery() as nursery:
+            listener = _Listener(self._local_id, handler, nursery, self.max_frame_size)
+            self.network._register(self.address, listener)
+            try:
+                task_status.started([self.address])
+                await trio.sleep_forever()
+            finally:
+                self.network._unregister(self.address, listener)
+
+    async def connect(self, address: str, expected_peer_id: str | None = None) -> Connection:
+        await trio.lowlevel.checkpoint()
+        listener = self.network._lookup(address)
+        if expected_peer_id is not None and listener.peer_id != expected_peer_id:
+            raise HandshakeError(
+                f"peer at {address} proved id {listener.peer_id}, expected {expected_peer_id}"
+            )
+        out_send, out_receive = trio.open_memory_channel[bytes](self.network.capacity)
+        in_send, in_receive = trio.open_memory_channel[bytes](self.network.capacity)
+        ours = MemoryConnection(
+            out_send,
+            in_receive,
+            listener.peer_id,
+            address,
+            outbound=True,
+            max_frame_size=self.max_frame_size,
+        )
+        theirs = MemoryConnection(
+            in_send,
+            out_receive,
+            self._local_id,
+            self.address,
+            outbound=False,
+            max_frame_size=listener.max_frame_size,
+        )
+        listener.nursery.start_soon(_run_handler, listener.handler, theirs)
+        return ours
+
+
+async def _run_handler(handler: ConnectionHandler, conn: MemoryConnection) -> None:
+    """Mirror TcpTransport: a closed or misbehaving peer ends only its own connection."""
+    try:
+        await handler(conn)
+    except ConnectionClosed as exc:
+        log.debug("connection from %s ended: %s", conn.peer_id, exc)
+    except WireError as exc:
+        log.warning("bad frame from %s, closing: %s", conn.peer_id, exc)
+    finally:
+        await conn.aclose()
