@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from itertools import pairwise
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.wire import FrameDecoder, WireError, frame
-from p2pfl.wire.framing import frame_header
+from p2pfl.wire.framing import COALESCE_BELOW, frame_header
 
 
 def _drain(decoder: FrameDecoder) -> list[bytes]:
@@ -99,3 +101,62 @@ def test_random_chunking_yields_the_same_payloads(payloads: list[bytes], cuts: l
         got.extend(_drain(decoder))
     assert got == payloads
     assert decoder.buffered == 0
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=3 * COALESCE_BELOW), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(min_value=0, max_value=12 * COALESCE_BELOW), max_size=12),
+    kinds=st.lists(st.sampled_from([bytes, bytearray, memoryview]), min_size=1),
+)
+def test_large_frames_across_mixed_chunk_types(
+    sizes: list[int], cuts: list[int], kinds: list[type]
+) -> None:
+    payloads = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    stream = b"".join(frame(p) for p in payloads)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    decoder = FrameDecoder()
+    got: list[bytes] = []
+    for i, (start, end) in enumerate(pairwise(bounds)):
+        chunk = kinds[i % len(kinds)](stream[start:end])
+        decoder.feed(chunk)
+        if isinstance(chunk, bytearray):
+            chunk[:] = b"\xee" * len(chunk)  # the caller reuses its buffer
+        got.extend(_drain(decoder))
+    assert got == payloads
+    assert decoder.buffered == 0
+
+
+def test_a_chunk_that_is_exactly_the_payload_is_returned_without_copy() -> None:
+    payload = bytes(range(256)) * 1000
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(len(payload)))
+    decoder.feed(payload)
+    assert decoder.next_frame() is payload
+
+
+def test_memoryview_of_non_byte_items_counts_bytes() -> None:
+    values = np.arange(5, dtype=np.float32)
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(values.nbytes))
+    decoder.feed(values.data)
+    assert decoder.next_frame() == values.tobytes()
+
+
+def test_trickled_bytes_are_coalesced() -> None:
+    """One-byte feeds must not cost one Python object each (slow-loris memory)."""
+    n = 50_000
+    decoder = FrameDecoder()
+    decoder.feed(frame_header(n))
+    byte = b"\x07"
+    tracemalloc.start()
+    try:
+        for _ in range(n - 1):
+            decoder.feed(byte)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * n  # one object per byte would be ~35 bytes each
+    assert decoder.next_frame() is None
+    decoder.feed(byte)
+    assert decoder.next_frame() == byte * n
