@@ -34,6 +34,11 @@ class NodeConfig:
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     peers: tuple[str, ...] = ()
     federation: str = "default"
+    # Explicit admission: empty = any peer that proves its id (within the federation);
+    # otherwise only these peer ids. A federation secret file makes the TLS CA private.
+    allow: tuple[str, ...] = ()
+    secret_file: Path | None = None
+    min_peers: int = 1
     peer_exchange: bool = True
     max_peers: int = 64
     max_frame_size: int = 256 * 1024 * 1024
@@ -79,6 +84,15 @@ class NodeConfig:
         for p in self.peers:
             _check_address(p, "peers")
         _check(self.max_peers >= 1, "max_peers", "must be >= 1")
+        _check(
+            0 <= self.min_peers <= self.max_peers, "min_peers", "must be between 0 and max_peers"
+        )
+        for peer_id in self.allow:
+            _check(
+                peer_id.isalnum() and len(peer_id) <= 128,
+                "allow",
+                f"{peer_id!r} is not a peer id (see `p2pfl keys show`)",
+            )
         _check(
             1024 <= self.max_frame_size <= 2**32 - 1,
             "max_frame_size",
@@ -185,11 +199,17 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str | Path):
             raise TypeError(f"expected a path string, got {type(value).__name__}")
         return Path(value).expanduser()
-    if key == "peers":
+    if key == "secret_file":
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str | Path):
+            raise TypeError(f"expected a path string, got {type(value).__name__}")
+        return Path(value).expanduser()
+    if key in ("peers", "allow"):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise TypeError("expected a list of 'HOST:PORT' strings")
+            raise TypeError("expected a list of strings")
         return tuple(value)
     if key == "neighbours":
         if isinstance(value, bool) or not isinstance(value, int | str):

@@ -409,11 +409,6 @@ def test_no_peers_at_all_waits_for_timeout() -> None:
     assert kinds(m.tick(4.0)) == [Aggregated, Train]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: peer_lost decrements the expected count again for a peer already lost "
-    "(or never broadcast to), so the round completes without a still-expected peer",
-)
 def test_peer_lost_twice_counts_once() -> None:
     m = collecting()
     m.peer_lost(1.0, "a")
@@ -500,7 +495,8 @@ def test_catch_up_asks_most_advanced_first_and_combines_by_median() -> None:
     m = started(catch_up_peers=3, catch_up_timeout=10.0)
     assert m.observe_peer_round(1.0, "p1", 1) == []
     acts = m.observe_peer_round(1.0, "p7", 7)
-    assert acts == [RequestState(("p7",))]
+    # the lagging peer first, then the most advanced others: never one peer's word alone
+    assert acts == [RequestState(("p7", "p1"))]
     assert m.deadline == 11.0
     # a fresh machine that knows everybody at once asks the top 3
     m, req = ahead_machine({"a": 5, "b": 9, "c": 6, "d": 7, "e": 1}, catch_up_peers=3)
@@ -593,11 +589,13 @@ def test_start_with_peer_known_ahead_begins_with_catch_up() -> None:
     m.observe_peer_round(0.0, "a", 3)
     m.observe_peer_round(0.0, "b", 1)
     acts = m.start(0.0, ["a", "b"])
-    assert acts == [RequestState(("a",))]
+    assert acts == [RequestState(("a", "b"))]
     assert m.phase is Phase.CATCHING_UP
-    acts = m.receive_state(1.0, "a", 3, full(2.0))
+    assert m.receive_state(1.0, "a", 3, full(2.0)) == []
+    acts = m.receive_state(1.0, "b", 2, full(4.0))
     assert kinds(acts) == [CaughtUp, Train]
-    assert only(acts, Train).round == 3
+    assert only(acts, Train).round == 2  # lower median of 2 and 3
+    np.testing.assert_array_equal(only(acts, Train).params, full(3.0))
 
 
 def test_future_update_two_rounds_ahead_triggers_catch_up() -> None:
@@ -611,11 +609,6 @@ def test_future_update_two_rounds_ahead_triggers_catch_up() -> None:
     assert m.received_this_round == ("a",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an update beyond max_rounds_ahead is rejected before the catch-up check, "
-    "so a peer 3+ rounds ahead does not trigger catch-up (one 2 rounds ahead does)",
-)
 def test_update_too_far_ahead_still_triggers_catch_up() -> None:
     m = collecting(catch_up_lag=2, max_rounds_ahead=2)
     acts = m.receive_update(1.0, "a", 3, full(1.0), 1)

@@ -134,6 +134,7 @@ class RoundMachine:
     _peer_rounds: dict[str, int] = field(default_factory=dict)
     _states: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
     _asked: tuple[str, ...] = ()
+    _waiting_for: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.params = np.ascontiguousarray(self.params, dtype=np.float32)
@@ -162,6 +163,7 @@ class RoundMachine:
             return []  # a training run made obsolete by a catch-up
         self._own = _Pending(np.ascontiguousarray(params, dtype=np.float32), samples)
         to = self._choose_neighbours(peers)
+        self._waiting_for = set(to)
         self._expected = len(to)
         self.phase = Phase.COLLECTING
         self.deadline = now + self.settings.round_timeout
@@ -175,19 +177,21 @@ class RoundMachine:
         """A neighbour's model for `round`."""
         self._note_peer_round(sender, round)
         reason = self._check_update(sender, round, params, samples)
+        actions: list[Action] = []
         if reason is not None:
             if round == self.round:
                 self._rejected.append((sender, reason))
-            return [Rejected(sender, round, reason)]
-        self._received.setdefault(round, {})[sender] = _Pending(params, samples)
+            actions.append(Rejected(sender, round, reason))
+        else:
+            self._received.setdefault(round, {})[sender] = _Pending(params, samples)
         if round >= self.round + self.settings.catch_up_lag and self.phase in (
             Phase.TRAINING,
             Phase.COLLECTING,
         ):
-            return self._begin_catch_up(now, self._lagging_peers())
-        if round == self.round and self.phase is Phase.COLLECTING:
-            return self._maybe_aggregate(now, timed_out=False)
-        return []
+            return [*actions, *self._begin_catch_up(now, self._lagging_peers())]
+        if reason is None and round == self.round and self.phase is Phase.COLLECTING:
+            actions += self._maybe_aggregate(now, timed_out=False)
+        return actions
 
     def observe_peer_round(self, now: float, peer: str, round: int) -> list[Action]:
         """A peer told us its round (hello, heartbeat). Catch up if it is far ahead."""
@@ -217,8 +221,13 @@ class RoundMachine:
         """A neighbour disconnected: stop waiting for it."""
         self._peer_rounds.pop(peer, None)
         actions: list[Action] = []
-        if self.phase is Phase.COLLECTING and peer not in self._received.get(self.round, {}):
-            self._expected = max(0, self._expected - 1)
+        if (
+            self.phase is Phase.COLLECTING
+            and peer in self._waiting_for
+            and peer not in self._received.get(self.round, {})
+        ):
+            self._waiting_for.discard(peer)
+            self._expected = len(self._waiting_for)
             actions += self._maybe_aggregate(now, timed_out=False)
         elif self.phase is Phase.CATCHING_UP and peer in self._asked:
             self._asked = tuple(p for p in self._asked if p != peer)
@@ -340,7 +349,13 @@ class RoundMachine:
         if not lagging:
             return []
         self.phase = Phase.CATCHING_UP
-        self._asked = tuple(lagging[: self.settings.catch_up_peers])
+        # Ask the most advanced peers we know, lagging or not, so that one peer claiming
+        # a far-ahead round cannot decide alone what we adopt (the median does).
+        others = sorted(
+            (p for p in self._peer_rounds if p not in lagging),
+            key=lambda p: (-self._peer_rounds[p], p),
+        )
+        self._asked = tuple([*lagging, *others][: self.settings.catch_up_peers])
         self._states = {}
         self._own = None
         self.deadline = now + self.settings.catch_up_timeout

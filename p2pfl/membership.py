@@ -1,0 +1,207 @@
+"""Who we know, who we are connected to, and whom to dial next (sans-IO).
+
+Two tables: peers by id (what we know about each authenticated peer) and dial targets
+by address (where we might reach someone, learnt from bootstrap flags, peer exchange or
+discovery). Keeping addresses separate from ids matters because a bootstrap address
+comes with no id: the TLS handshake tells us who is there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from random import Random
+from typing import Any
+
+
+class PeerState(StrEnum):
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    FAILED = "failed"  # heartbeats stopped
+    LEFT = "left"  # said goodbye
+
+
+@dataclass
+class PeerRecord:
+    peer_id: str
+    address: str | None  # where the peer listens (from its hello), if known
+    found_via: str
+    state: PeerState = PeerState.DISCONNECTED
+    last_seen: float | None = None
+    rtt: float | None = None
+    round: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages_in: int = 0
+    rejected: int = 0
+    connects: int = 0
+
+
+@dataclass
+class DialTarget:
+    address: str
+    peer_id: str | None
+    found_via: str
+    failures: int = 0
+    next_attempt: float = 0.0
+    dialing: bool = False
+    is_self: bool = False
+
+
+class PeerTable:
+    def __init__(
+        self,
+        local_id: str,
+        *,
+        max_peers: int = 64,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        seed: int = 0,
+    ) -> None:
+        self.local_id = local_id
+        self.max_peers = max_peers
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._rng = Random(seed)
+        self.peers: dict[str, PeerRecord] = {}
+        self.targets: dict[str, DialTarget] = {}
+
+    # ---- addresses -------------------------------------------------------------------
+
+    def add_address(self, address: str, *, peer_id: str | None, found_via: str) -> bool:
+        """Remember a place to dial. Returns True if it is new."""
+        if peer_id == self.local_id:
+            return False
+        target = self.targets.get(address)
+        if target is not None:
+            if target.peer_id is None and peer_id is not None:
+                target.peer_id = peer_id
+            return False
+        if len(self.targets) >= 4 * self.max_peers:
+            return False  # bounded: a peer cannot flood us with addresses
+        self.targets[address] = DialTarget(address, peer_id, found_via)
+        return True
+
+    def due_targets(self, now: float) -> list[DialTarget]:
+        """Targets to dial now: not us, not already connected, not in backoff."""
+        if self.connected_count() >= self.max_peers:
+            return []
+        due = []
+        for t in self.targets.values():
+            if t.dialing or t.is_self or now < t.next_attempt:
+                continue
+            if t.peer_id is not None and self.is_connected(t.peer_id):
+                continue
+            if any(
+                p.address == t.address and p.state is PeerState.CONNECTED
+                for p in self.peers.values()
+            ):
+                continue
+            due.append(t)
+        return due
+
+    def dial_started(self, address: str) -> None:
+        self.targets[address].dialing = True
+
+    def dial_failed(self, address: str, now: float) -> float:
+        """Record a failed dial; returns the backoff delay (exponential, jittered)."""
+        t = self.targets[address]
+        t.dialing = False
+        t.failures += 1
+        delay = min(self.backoff_max, self.backoff_base * 2.0 ** min(t.failures - 1, 16))
+        delay *= 0.5 + self._rng.random()
+        t.next_attempt = now + delay
+        return delay
+
+    def dial_succeeded(self, address: str, peer_id: str) -> None:
+        t = self.targets[address]
+        t.dialing = False
+        t.failures = 0
+        t.peer_id = peer_id
+        if peer_id == self.local_id:
+            t.is_self = True
+
+    def hold_off(self, address: str, now: float, delay: float) -> None:
+        t = self.targets.get(address)
+        if t is not None:
+            t.next_attempt = max(t.next_attempt, now + delay)
+
+    def hold_off_peer(self, peer_id: str, now: float, delay: float) -> None:
+        for t in self.targets.values():
+            if t.peer_id == peer_id:
+                t.next_attempt = max(t.next_attempt, now + delay)
+
+    # ---- peers -----------------------------------------------------------------------
+
+    def connected(self, peer_id: str, *, now: float, found_via: str) -> PeerRecord:
+        rec = self.peers.get(peer_id)
+        if rec is None:
+            rec = self.peers[peer_id] = PeerRecord(peer_id, None, found_via)
+        rec.state = PeerState.CONNECTED
+        rec.last_seen = now
+        rec.connects += 1
+        return rec
+
+    def set_listen_address(self, peer_id: str, address: str) -> None:
+        rec = self.peers.get(peer_id)
+        if rec is not None:
+            rec.address = address
+        self.add_address(address, peer_id=peer_id, found_via=rec.found_via if rec else "hello")
+
+    def disconnected(self, peer_id: str, state: PeerState = PeerState.DISCONNECTED) -> None:
+        rec = self.peers.get(peer_id)
+        if rec is not None and rec.state is PeerState.CONNECTED:
+            rec.state = state
+
+    def seen(self, peer_id: str, now: float) -> None:
+        rec = self.peers.get(peer_id)
+        if rec is not None:
+            rec.last_seen = now
+
+    def is_connected(self, peer_id: str) -> bool:
+        rec = self.peers.get(peer_id)
+        return rec is not None and rec.state is PeerState.CONNECTED
+
+    def connected_ids(self) -> list[str]:
+        return sorted(p for p, r in self.peers.items() if r.state is PeerState.CONNECTED)
+
+    def connected_count(self) -> int:
+        return sum(1 for r in self.peers.values() if r.state is PeerState.CONNECTED)
+
+    def silent_peers(self, now: float, timeout: float) -> list[str]:
+        """Connected peers we have not heard from for `timeout` seconds (failure detector)."""
+        return [
+            p
+            for p, r in self.peers.items()
+            if r.state is PeerState.CONNECTED
+            and r.last_seen is not None
+            and now - r.last_seen > timeout
+        ]
+
+    def exchange_list(self, limit: int = 64) -> list[tuple[str, str]]:
+        """(id, address) of connected peers with a known listen address, for peer exchange."""
+        out = [
+            (p, r.address)
+            for p, r in sorted(self.peers.items())
+            if r.state is PeerState.CONNECTED and r.address is not None
+        ]
+        return out[:limit]
+
+    def snapshot(self, now: float) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": r.peer_id,
+                "address": r.address,
+                "state": str(r.state),
+                "found_via": r.found_via,
+                "last_seen_s": None if r.last_seen is None else round(now - r.last_seen, 3),
+                "rtt_ms": None if r.rtt is None else round(r.rtt * 1000, 3),
+                "round": r.round,
+                "bytes_in": r.bytes_in,
+                "bytes_out": r.bytes_out,
+                "messages_in": r.messages_in,
+                "rejected": r.rejected,
+                "connects": r.connects,
+            }
+            for r in sorted(self.peers.values(), key=lambda r: r.peer_id)
+        ]

@@ -1,0 +1,776 @@
+"""One p2pfl node: the thin trio layer that wires transport, membership and rounds.
+
+Everything that decides something lives in sans-IO modules (`protocol.rounds`,
+`membership`, `wire`); this module only moves bytes, keeps time and runs tasks. The
+round machine is fed from whichever task has news (trio runs one task at a time, so no
+locking is needed) and its actions are executed synchronously, except training, which
+runs as its own task (in a worker thread for real nodes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from p2pfl import PROTOCOL_VERSION, __version__
+from p2pfl.aggregation import get_rule
+from p2pfl.config import NodeConfig
+from p2pfl.identity import Identity
+from p2pfl.learning import build_model, load_dataset, node_shard
+from p2pfl.membership import PeerState, PeerTable
+from p2pfl.protocol import (
+    Action,
+    Aggregated,
+    Broadcast,
+    CaughtUp,
+    Finished,
+    Phase,
+    Rejected,
+    RequestState,
+    RoundMachine,
+    RoundSettings,
+    Train,
+)
+from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError, Transport
+from p2pfl.wire import codec
+from p2pfl.wire.errors import WireError
+from p2pfl.wire.messages import (
+    Bye,
+    Hello,
+    Message,
+    ModelUpdate,
+    PeerList,
+    Ping,
+    Pong,
+    StateReply,
+    StateRequest,
+)
+
+log = logging.getLogger("p2pfl.node")
+
+CHECKPOINT_FILE = "checkpoint.msgpack"
+METRICS_FILE = "metrics.jsonl"
+CONTROL_SOCKET = "control.sock"
+PEER_EXCHANGE_EVERY = 10  # heartbeats
+MAX_BAD_MESSAGES = 20  # per connection, before we hang up on the peer
+MISMATCH_HOLD_OFF = 60.0  # seconds to ignore an address that proved the wrong id
+RETIRE_GRACE = 5.0  # seconds a duplicate connection is still read before closing
+
+
+@dataclass(eq=False)
+class _Link:
+    """The one live connection to a peer, with its bounded outbound queue."""
+
+    conn: Connection
+    peer_id: str
+    found_via: str
+    send: trio.MemorySendChannel[bytes]
+    recv: trio.MemoryReceiveChannel[bytes]
+    queued_bytes: int = 0
+    bad_messages: int = 0
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    closed_state: PeerState = PeerState.DISCONNECTED
+    retired: bool = False  # a duplicate being wound down: read, never written
+
+
+class Node:
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        identity: Identity | None = None,
+        transport: Transport | None = None,
+        train_in_thread: bool = True,
+        control_socket: bool = True,
+        role: str = "honest",
+    ) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir).expanduser()
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.identity = identity or Identity.load_or_create(self.data_dir)
+        self.id = self.identity.peer_id
+        self.role = role
+        self.transport = transport or self._tcp_transport()
+        self.train_in_thread = train_in_thread
+        self.control_socket = control_socket
+        self.limits = codec.Limits(max_bin_len=config.max_frame_size)
+
+        ds = load_dataset(config.dataset, seed=config.data_seed)
+        self._x, self._y = node_shard(
+            ds,
+            config.node_index,
+            config.nodes,
+            scheme=config.partition,
+            alpha=config.alpha,
+            seed=config.data_seed,
+        )
+        self._x_test, self._y_test = ds.x_test, ds.y_test
+        self.model = build_model(
+            config.model, ds.n_features, ds.n_classes, seed=config.model_seed, hidden=config.hidden
+        )
+        # Evaluation uses its own instance so it never races a training thread.
+        self._eval_model = build_model(
+            config.model, ds.n_features, ds.n_classes, seed=config.model_seed, hidden=config.hidden
+        )
+
+        self.history: list[dict[str, Any]] = []
+        start_round = 0
+        params = self.model.get_params()
+        ckpt = self._load_checkpoint()
+        if ckpt is not None:
+            start_round, params = ckpt.round, ckpt.params
+            self.model.set_params(params)
+            if ckpt.optimizer:
+                self.model.set_optimizer_state(ckpt.optimizer)
+            self.history = ckpt.history
+            log.info("resuming from checkpoint at round %d", start_round)
+
+        self.machine = RoundMachine(
+            params=params,
+            rule=get_rule(config.aggregation),
+            settings=RoundSettings(
+                target_rounds=config.rounds,
+                quorum=config.quorum,
+                round_timeout=config.round_timeout,
+                neighbour_count=config.neighbour_count,
+                catch_up_timeout=max(2.0, config.round_timeout / 2),
+                rule_name=config.aggregation,
+            ),
+            round=start_round,
+            rng=np.random.default_rng([config.seed, config.node_index]),
+        )
+        self.peers = PeerTable(self.id, max_peers=config.max_peers, seed=config.seed)
+        for address in config.peers:
+            self.peers.add_address(address, peer_id=None, found_via="bootstrap")
+
+        self.counters: Counter[str] = Counter()
+        self.frames_rejected: Counter[str] = Counter()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.listen_addresses: list[str] = []
+        self.done = trio.Event()
+        self.last_aggregation: dict[str, Any] | None = None
+        self._links: dict[str, _Link] = {}
+        self._nursery: trio.Nursery | None = None
+        self._train_lock = trio.Lock()
+        self._wakeup = trio.Event()
+        self._peers_changed = trio.Event()
+        self._round_started_at = 0.0
+        self._started_wall = time.time()
+        self._started = trio.current_time() if _in_trio() else 0.0
+        self._ping_nonce = 0
+        self._stopping = False
+
+    # ---- construction helpers ----------------------------------------------------------
+
+    def _tcp_transport(self) -> Transport:
+        from p2pfl.transport.tcp import TcpTransport, parse_address
+
+        host, port = parse_address(self.config.listen)
+        secret = None
+        if self.config.secret_file is not None:
+            secret = Path(self.config.secret_file).read_bytes().strip()
+        return TcpTransport(
+            self.identity,
+            federation=self.config.federation,
+            secret=secret,
+            host=host,
+            port=port,
+            max_frame_size=self.config.max_frame_size,
+        )
+
+    def _load_checkpoint(self) -> Checkpoint | None:
+        path = self.data_dir / CHECKPOINT_FILE
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            os.replace(path, aside)
+            log.error("%s; moved aside to %s, starting from the initial model", exc, aside)
+            return None
+        if ckpt is not None and (
+            ckpt.model != self.config.model or ckpt.params.shape != (self.model.num_params,)
+        ):
+            log.error("checkpoint %s is for another model (%s); ignoring it", path, ckpt.model)
+            return None
+        return ckpt
+
+    # ---- running -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled (or `stop()`); say goodbye to peers on the way out."""
+        self._started = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.listen_addresses = await nursery.start(self.transport.listen, self._on_inbound)
+                if self.control_socket:
+                    from p2pfl.control.server import serve_control
+
+                    await nursery.start(
+                        serve_control,
+                        self.data_dir / CONTROL_SOCKET,
+                        {"status": lambda _req: self.status()},
+                    )
+                nursery.start_soon(self._dial_loop)
+                nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._start_rounds)
+                log.info(
+                    "node %s listening on %s (federation %r)",
+                    self.id,
+                    ", ".join(self.listen_addresses),
+                    self.config.federation,
+                )
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._say_goodbye()
+
+    async def stop(self) -> None:
+        """Clean shutdown: tell peers we leave, then cancel everything."""
+        self._stopping = True
+        await self._say_goodbye()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _say_goodbye(self) -> None:
+        links = list(self._links.values())
+        self._links.clear()
+        if not links:
+            return
+        payload = codec.encode(Bye(self.id, self.machine.round, "shutdown"))
+        with trio.move_on_after(1.0):
+            async with trio.open_nursery() as nursery:
+                for link in links:
+                    nursery.start_soon(self._send_bye_and_close, link, payload)
+
+    async def _send_bye_and_close(self, link: _Link, payload: bytes) -> None:
+        try:
+            with trio.move_on_after(0.5):
+                await link.conn.send(payload)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        link.scope.cancel()
+        with trio.move_on_after(0.5):
+            await link.conn.aclose()
+
+    async def _start_rounds(self) -> None:
+        need = min(self.config.min_peers, self.config.max_peers)
+        last_note = trio.current_time()
+        while self.peers.connected_count() < need:
+            await self._peers_changed.wait()
+            if trio.current_time() - last_note > 10:
+                log.info("waiting for peers (%d/%d connected)", self.peers.connected_count(), need)
+                last_note = trio.current_time()
+        self._round_started_at = trio.current_time()
+        self._apply(self.machine.start(trio.current_time(), self.peers.connected_ids()))
+
+    # ---- the round machine's actions ---------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Train):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._train, action.round, action.params)
+            elif isinstance(action, Broadcast):
+                payload = codec.encode(
+                    ModelUpdate(self.id, action.round, action.params, action.samples)
+                )
+                for peer in action.to:
+                    self._enqueue(peer, payload)
+            elif isinstance(action, Aggregated):
+                self._on_aggregated(action)
+            elif isinstance(action, RequestState):
+                payload = codec.encode(StateRequest(self.id, self.machine.round))
+                for peer in action.to:
+                    self._enqueue(peer, payload)
+                log.info("behind peers: asking %d of them for their model", len(action.to))
+            elif isinstance(action, CaughtUp):
+                log.info(
+                    "caught up from round %d to round %d (median of %d peers)",
+                    action.from_round,
+                    action.round,
+                    len(action.sources),
+                )
+                self.counters["catch_ups"] += 1
+                self._round_started_at = trio.current_time()
+                self._checkpoint()
+            elif isinstance(action, Rejected):
+                self._count_rejection(action.peer, action.reason, f"round {action.round}")
+            elif isinstance(action, Finished):
+                log.info("finished %d rounds", action.round)
+                self.done.set()
+        self._wakeup.set()
+
+    async def _train(self, round: int, params: np.ndarray) -> None:
+        seed = [self.config.seed, self.config.node_index, round]
+        cfg = self.config
+
+        def work() -> tuple[np.ndarray, float]:
+            self.model.set_params(params)
+            loss = self.model.fit(
+                self._x,
+                self._y,
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                rng=np.random.default_rng(seed),
+            )
+            return self.model.get_params(), loss
+
+        async with self._train_lock:
+            if self.train_in_thread:
+                new, _loss = await trio.to_thread.run_sync(work)
+            else:
+                new, _loss = work()
+        self._apply(
+            self.machine.trained(
+                trio.current_time(), round, new, len(self._y), self.peers.connected_ids()
+            )
+        )
+
+    def _on_aggregated(self, agg: Aggregated) -> None:
+        now = trio.current_time()
+        self._eval_model.set_params(agg.params)
+        loss, acc = self._eval_model.evaluate(self._x_test, self._y_test)
+        row = {
+            "round": agg.round,
+            "accuracy": round(float(acc), 6),
+            "loss": round(float(loss), 6),
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "seconds": round(now - self._round_started_at, 4),
+            "peers_heard": len(agg.senders),
+            "timed_out": agg.timed_out,
+        }
+        self._round_started_at = now
+        self.history.append(row)
+        if agg.timed_out:
+            self.counters["timeouts"] += 1
+        self.last_aggregation = {
+            "round": agg.round,
+            "rule": agg.rule,
+            "inputs_used": len(agg.senders) + 1,
+            "senders": list(agg.senders),
+            "rejected": [{"peer": p, "reason": r} for p, r in agg.rejected],
+            "timed_out": agg.timed_out,
+        }
+        self._checkpoint()
+        with (self.data_dir / METRICS_FILE).open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info(
+            "round %d | acc %.4f loss %.4f | heard %d/%d peers%s | sent %s recv %s | %.2fs",
+            agg.round,
+            acc,
+            loss,
+            len(agg.senders),
+            self.peers.connected_count(),
+            " (timeout)" if agg.timed_out else "",
+            _human(self.bytes_sent),
+            _human(self.bytes_received),
+            row["seconds"],
+        )
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(
+            self.data_dir / CHECKPOINT_FILE,
+            Checkpoint(
+                self.machine.round,
+                self.machine.params,
+                self.model.get_optimizer_state(),
+                self.history,
+                self.config.model,
+            ),
+        )
+
+    def _count_rejection(self, peer: str, reason: str, what: str) -> None:
+        self.frames_rejected[reason] += 1
+        rec = self.peers.peers.get(peer)
+        if rec is not None:
+            rec.rejected += 1
+        level = logging.DEBUG if reason in ("stale", "duplicate") else logging.WARNING
+        log.log(level, "rejected message from %s (%s): %s", peer[:12], what, reason)
+
+    # ---- timers ------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._wakeup = trio.Event()
+            deadline = self.machine.deadline
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._wakeup.wait()
+            if deadline is not None and trio.current_time() >= deadline:
+                self._apply(self.machine.tick(trio.current_time()))
+
+    async def _heartbeat_loop(self) -> None:
+        beats = 0
+        while True:
+            await trio.sleep(self.config.heartbeat_interval)
+            now = trio.current_time()
+            beats += 1
+            self._ping_nonce += 1
+            ping = codec.encode(Ping(self.id, self.machine.round, self._ping_nonce, now))
+            exchange = None
+            if self.config.peer_exchange and beats % PEER_EXCHANGE_EVERY == 0:
+                exchange = self._peer_list_payload()
+            for peer in list(self._links):
+                self._enqueue(peer, ping)
+                if exchange is not None:
+                    self._enqueue(peer, exchange)
+            for peer in self.peers.silent_peers(now, self.config.heartbeat_timeout):
+                silent = self._links.get(peer)
+                if silent is not None:
+                    log.warning(
+                        "peer %s silent for %.1fs: closing",
+                        peer[:12],
+                        self.config.heartbeat_timeout,
+                    )
+                    self.counters["heartbeat_failures"] += 1
+                    silent.closed_state = PeerState.FAILED
+                    silent.scope.cancel()
+
+    # ---- connections -------------------------------------------------------------------
+
+    async def _dial_loop(self) -> None:
+        while True:
+            now = trio.current_time()
+            assert self._nursery is not None
+            for target in self.peers.due_targets(now):
+                self.peers.dial_started(target.address)
+                self._nursery.start_soon(
+                    self._dial, target.address, target.peer_id, target.found_via
+                )
+            with trio.move_on_after(0.25):
+                await self._peers_changed.wait()
+
+    async def _dial(self, address: str, expected: str | None, found_via: str) -> None:
+        try:
+            with trio.fail_after(10):
+                conn = await self.transport.connect(address, expected)
+        except HandshakeError as exc:
+            self.peers.dial_failed(address, trio.current_time())
+            self.peers.hold_off(address, trio.current_time(), MISMATCH_HOLD_OFF)
+            self.counters["handshake_failures"] += 1
+            log.warning("refused %s: %s", address, exc)
+            return
+        except (OSError, trio.TooSlowError) as exc:
+            delay = self.peers.dial_failed(address, trio.current_time())
+            self.counters["dial_failures"] += 1
+            log.debug("dial %s failed (%s); retry in %.1fs", address, exc, delay)
+            return
+        self.peers.dial_succeeded(address, conn.peer_id)
+        await self._serve(conn, found_via, address)
+
+    async def _on_inbound(self, conn: Connection) -> None:
+        target = next((t for t in self.peers.targets.values() if t.peer_id == conn.peer_id), None)
+        await self._serve(conn, target.found_via if target else "inbound", None)
+
+    def _preferred(self, outbound: bool, peer: str) -> bool:
+        """Of two connections between a pair, both sides keep the one the smaller id dialed."""
+        return outbound == (self.id < peer)
+
+    async def _serve(self, conn: Connection, found_via: str, dialed: str | None) -> None:
+        peer = conn.peer_id
+        if peer == self.id:
+            if dialed is not None:
+                self.peers.targets[dialed].is_self = True
+            await conn.aclose()
+            return
+        if self.config.allow and peer not in self.config.allow:
+            self.counters["not_admitted"] += 1
+            log.warning("peer %s is not in the allow list; closing", peer[:12])
+            await conn.aclose()
+            return
+        if self._stopping:
+            await conn.aclose()
+            return
+        send, recv = trio.open_memory_channel[bytes](math.inf)
+        link = _Link(conn, peer, found_via, send, recv)
+        existing = self._links.get(peer)
+        if existing is None:
+            self._links[peer] = link
+            rec = self.peers.connected(peer, now=trio.current_time(), found_via=found_via)
+            if rec.connects > 1:
+                self.counters["reconnects"] += 1
+            self._notify_peers_changed()
+            self._send_greeting(peer)
+        elif self._preferred(conn.outbound, peer) and not self._preferred(
+            existing.conn.outbound, peer
+        ):
+            self._links[peer] = link
+            self._send_greeting(peer)
+            self._retire(existing, successor=link)
+        else:
+            self._retire(link, successor=None)
+        try:
+            with link.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, link)
+                    await self._reader(link)
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self._links.get(peer) is link:
+                del self._links[peer]
+                self.peers.disconnected(peer, link.closed_state)
+                self._notify_peers_changed()
+                self._apply(self.machine.peer_lost(trio.current_time(), peer))
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await conn.aclose()
+
+    def _send_greeting(self, peer: str) -> None:
+        hello = Hello(
+            self.id,
+            self.machine.round,
+            self.config.federation,
+            tuple(self.listen_addresses),
+            __version__,
+        )
+        self._enqueue(peer, codec.encode(hello))
+        if self.config.peer_exchange:
+            self._enqueue(peer, self._peer_list_payload())
+
+    def _retire(self, link: _Link, *, successor: _Link | None) -> None:
+        """Stop sending on a duplicate connection, but keep reading it for a grace period.
+
+        When both sides dial at once, each keeps the connection the smaller id dialed.
+        Messages the peer wrote on the other one before it saw the duplicate are still
+        read, and our unsent ones move to the successor, so nothing is lost in the swap.
+        """
+        if link.retired:
+            return
+        link.retired = True
+        while successor is not None:
+            try:
+                payload = link.recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            link.queued_bytes -= len(payload)
+            successor.queued_bytes += len(payload)
+            successor.send.send_nowait(payload)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._close_later, link)
+
+    async def _close_later(self, link: _Link) -> None:
+        await trio.sleep(RETIRE_GRACE)
+        link.scope.cancel()
+
+    def _notify_peers_changed(self) -> None:
+        self._peers_changed.set()
+        self._peers_changed = trio.Event()
+
+    def _enqueue(self, peer: str, payload: bytes) -> None:
+        """Queue a message for a peer without ever blocking the caller.
+
+        The queue is bounded in bytes: a peer that stops reading loses messages (and
+        the drop is counted) instead of making us hold unbounded memory for it.
+        """
+        link = self._links.get(peer)
+        if link is None:
+            self.counters["send_no_connection"] += 1
+            return
+        limit = max(8 * 1024 * 1024, 3 * 4 * self.machine.params.size)
+        if link.queued_bytes + len(payload) > limit:
+            self.counters["send_queue_full"] += 1
+            log.warning(
+                "peer %s is not reading; dropped a %d-byte message", peer[:12], len(payload)
+            )
+            return
+        link.queued_bytes += len(payload)
+        link.send.send_nowait(payload)
+
+    async def _writer(self, link: _Link) -> None:
+        rec = self.peers.peers[link.peer_id]
+        async for payload in link.recv:
+            link.queued_bytes -= len(payload)
+            try:
+                await link.conn.send(payload)
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                link.scope.cancel()
+                return
+            n = len(payload) + 4
+            rec.bytes_out += n
+            self.bytes_sent += n
+
+    async def _reader(self, link: _Link) -> None:
+        peer = link.peer_id
+        rec = self.peers.peers[peer]
+        while True:
+            try:
+                payload = await link.conn.receive()
+            except ConnectionClosed:
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            except WireError as exc:
+                # A framing error leaves the stream unusable: hang up on this peer only.
+                self._count_rejection(peer, exc.reason, exc.detail)
+                return
+            n = len(payload) + 4
+            rec.bytes_in += n
+            rec.messages_in += 1
+            self.bytes_received += n
+            try:
+                msg = codec.decode(payload, limits=self.limits)
+            except WireError as exc:
+                self._count_rejection(peer, exc.reason, exc.detail)
+                link.bad_messages += 1
+                if link.bad_messages > MAX_BAD_MESSAGES:
+                    log.warning(
+                        "peer %s sent %d bad messages; closing", peer[:12], link.bad_messages
+                    )
+                    return
+                continue
+            if msg.sender != peer:
+                self._count_rejection(peer, "spoofed_sender", f"claims to be {msg.sender[:12]}")
+                continue
+            rec.last_seen = trio.current_time()
+            if self._dispatch(link, msg) is False:
+                return
+
+    def _dispatch(self, link: _Link, msg: Message) -> bool:
+        """Handle one message. Returns False to close the connection."""
+        now = trio.current_time()
+        peer = link.peer_id
+        rec = self.peers.peers[peer]
+        match msg:
+            case ModelUpdate():
+                self._apply(
+                    self.machine.receive_update(now, peer, msg.round, msg.params, msg.samples)
+                )
+            case Ping():
+                rec.round = msg.round
+                self._enqueue(
+                    peer, codec.encode(Pong(self.id, self.machine.round, msg.nonce, msg.sent_at))
+                )
+                self._apply(self.machine.observe_peer_round(now, peer, msg.round))
+            case Pong():
+                rec.round = msg.round
+                if msg.sent_at <= now:
+                    rec.rtt = now - msg.sent_at
+                self._apply(self.machine.observe_peer_round(now, peer, msg.round))
+            case Hello():
+                if msg.federation != self.config.federation:
+                    self._count_rejection(peer, "wrong_federation", msg.federation)
+                    return False
+                rec.round = msg.round
+                host = _host_of(link.conn.remote_address)
+                for address in msg.listen[:8]:
+                    self.peers.set_listen_address(peer, _advertised(address, host))
+                self._apply(self.machine.observe_peer_round(now, peer, msg.round))
+            case PeerList():
+                if self.config.peer_exchange:
+                    for peer_id, address in msg.peers[:64]:
+                        if self.peers.add_address(
+                            address, peer_id=peer_id, found_via="peer-exchange"
+                        ):
+                            self._notify_peers_changed()
+            case StateRequest():
+                self._enqueue(
+                    peer,
+                    codec.encode(
+                        StateReply(self.id, self.machine.round, self.machine.params, len(self._y))
+                    ),
+                )
+            case StateReply():
+                self._apply(self.machine.receive_state(now, peer, msg.round, msg.params))
+            case Bye():
+                log.info("peer %s left (%s)", peer[:12], msg.reason or "bye")
+                link.closed_state = PeerState.LEFT
+                self.peers.hold_off_peer(peer, now, 2.0)
+                return False
+        return True
+
+    def _peer_list_payload(self) -> bytes:
+        return codec.encode(
+            PeerList(self.id, self.machine.round, tuple(self.peers.exchange_list()))
+        )
+
+    # ---- status ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = trio.current_time()
+        params = self.machine.params
+        return {
+            "node": {
+                "id": self.id,
+                "version": __version__,
+                "protocol": PROTOCOL_VERSION,
+                "listen": self.listen_addresses,
+                "federation": self.config.federation,
+                "uptime_s": round(now - self._started, 3),
+                "pid": os.getpid(),
+                "data_dir": str(self.data_dir),
+                "role": self.role,
+                "index": self.config.node_index,
+            },
+            "round": {
+                "current": self.machine.round,
+                "phase": str(self.machine.phase),
+                "target": self.config.rounds or None,
+                "heard": len(self.machine.received_this_round),
+                "expected": self.machine.expected_this_round,
+            },
+            "model": {
+                "name": self.config.model,
+                "version": self.machine.round,
+                "hash": hashlib.sha256(params.tobytes()).hexdigest()[:16],
+                "params": int(params.size),
+            },
+            "last_aggregation": self.last_aggregation,
+            "history": self.history[-1000:],
+            "peers": self.peers.snapshot(now),
+            "counters": {
+                "frames_rejected": dict(self.frames_rejected),
+                "reconnects": self.counters["reconnects"],
+                "timeouts": self.counters["timeouts"],
+                "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received,
+                **{k: v for k, v in self.counters.items() if k not in ("reconnects", "timeouts")},
+            },
+        }
+
+    @property
+    def phase(self) -> Phase:
+        return self.machine.phase
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _host_of(address: str) -> str:
+    host = address.rpartition(":")[0]
+    return host.strip("[]")
+
+
+def _advertised(address: str, observed_host: str) -> str:
+    """A peer listening on 0.0.0.0/:: is reachable at the address we see it from."""
+    host, _, port = address.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", "") and observed_host:
+        host = f"[{observed_host}]" if ":" in observed_host else observed_host
+    return f"{host}:{port}"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
