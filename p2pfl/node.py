@@ -149,6 +149,7 @@ class Node:
                 rule_name=config.aggregation,
             ),
             round=start_round,
+            node_id=self.id,
             rng=np.random.default_rng([config.seed, config.node_index]),
         )
         self.peers = PeerTable(self.id, max_peers=config.max_peers, seed=config.seed)

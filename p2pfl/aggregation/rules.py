@@ -17,8 +17,13 @@ def mean(updates: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarra
     if not np.isfinite(total) or total <= 0:
         w = np.ones(len(updates), dtype=np.float64)
         total = float(len(updates))
-    out = (w / total).astype(np.float32) @ updates
-    return np.asarray(out, dtype=np.float32)
+    w = w / total
+    # Accumulate in float64 one input at a time: exact enough to be order-insensitive in
+    # practice, and never materializes a float64 copy of the whole (n, d) stack.
+    out = np.zeros(updates.shape[1], dtype=np.float64)
+    for i in range(len(updates)):
+        out += w[i] * updates[i]
+    return out.astype(np.float32)
 
 
 RULES: dict[str, AggregationRule] = {"mean": mean}

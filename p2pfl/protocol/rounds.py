@@ -123,6 +123,7 @@ class RoundMachine:
     rule: AggregationRule
     settings: RoundSettings = field(default_factory=RoundSettings)
     round: int = 0
+    node_id: str = ""
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
     phase: Phase = Phase.STARTING
@@ -313,10 +314,14 @@ class RoundMachine:
             # and racing through rounds alone would leave the federation behind.
             return []
         senders = tuple(sorted(received))
-        stacked = np.stack([self._own.params] + [received[s].params for s in senders])
-        weights = np.array(
-            [self._own.samples] + [received[s].samples for s in senders], dtype=np.float64
+        # Inputs in one canonical order (by peer id, ours included) so that nodes that
+        # aggregate the same inputs get bit-identical models.
+        inputs = sorted(
+            [(self.node_id, self._own), *((s, received[s]) for s in senders)],
+            key=lambda item: item[0],
         )
+        stacked = np.stack([p.params for _, p in inputs])
+        weights = np.array([p.samples for _, p in inputs], dtype=np.float64)
         new = self.rule(stacked, weights, self._own.params)
         done_round = self.round
         rejected = tuple(self._rejected)
