@@ -33,15 +33,18 @@ from p2pfl.wire.messages import ModelUpdate
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_codec.json"
 
 
-def _median_seconds(fn: Callable[[], object], reps: int) -> tuple[float, list[float]]:
-    fn()  # warm-up: page in buffers, fill allocator pools
-    times = []
+def _interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Time each function once per repetition, in turn, so load changes hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up: page in buffers, fill allocator pools
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _deframe(data: bytes) -> bytes:
@@ -76,10 +79,19 @@ def bench_size(n: int, reps: int) -> dict[str, Any]:
         data = frame(pickle.dumps(params, protocol=pickle.HIGHEST_PROTOCOL))
         return pickle.loads(_deframe(data))
 
-    enc, _ = _median_seconds(ours_encode, reps)
-    dec, _ = _median_seconds(ours_decode, reps)
-    ours, ours_all = _median_seconds(ours_round_trip, reps)
-    base, base_all = _median_seconds(pickle_round_trip, reps)
+    times = _interleaved_medians(
+        {
+            "encode": ours_encode,
+            "decode": ours_decode,
+            "ours": ours_round_trip,
+            "pickle": pickle_round_trip,
+        },
+        reps,
+    )
+    enc, dec, ours, base = (
+        statistics.median(times[k]) for k in ("encode", "decode", "ours", "pickle")
+    )
+    ours_all, base_all = times["ours"], times["pickle"]
     mb = nbytes / 1e6
     return {
         "params": n,
