@@ -181,7 +181,7 @@ def test_report_writes_metrics_and_plot(tmp_path: Path) -> None:
     )
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc == json.loads(json.dumps(metrics))
-    assert set(doc) == {"scenario", "mode", "nodes", "summary", "wall_seconds"}
+    assert set(doc) == {"scenario", "mode", "complete", "nodes", "summary", "wall_seconds"}
     assert doc["scenario"]["name"] == "synthetic" and doc["wall_seconds"] == 2.5
     assert list(doc["nodes"]) == ["n0", "n1", "n2"] and doc["nodes"]["n1"]["peer_id"] == "peer1"
     final = doc["summary"]["final"]

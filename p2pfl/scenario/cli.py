@@ -1,8 +1,9 @@
 """`p2pfl scenario run FILE`: the command-line front of the scenario runners.
 
-`p2pfl/cli.py` calls `add_scenario_arguments(subparsers)` and dispatches to
-`run_scenario_cli(args)` (also set as `func` on the parser). Exit codes: 0 success,
-1 run failed (message says why), 2 bad scenario file, 130 interrupted (nodes stopped).
+`p2pfl/cli.py` calls `add_scenario_arguments(subparsers)` with the subparsers of its
+`scenario` command and dispatches to `run_scenario_cli(args)` (also set as `func`).
+Exit codes: 0 success, 1 run failed (message says why), 2 bad scenario file,
+130 interrupted (all nodes stopped).
 Everything heavy (trio, the node, matplotlib) is imported only when a run starts.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,17 +24,12 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_FILE, EXIT_INTERRUPTED = 0, 1, 2, 130
+MANY_PROCESSES = 32
 
 
 def add_scenario_arguments(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Register `scenario run` on the main parser's subparsers."""
-    scenario = subparsers.add_parser(
-        "scenario",
-        help="run a local multi-node scenario (N nodes, progress bar, report)",
-        description="Run a whole federation locally from a scenario TOML file.",
-    )
-    sub = scenario.add_subparsers(dest="scenario_command", metavar="COMMAND", required=True)
-    run = sub.add_parser(
+    """Register the scenario actions (`run`) on the `p2pfl scenario` subparsers."""
+    run = subparsers.add_parser(
         "run",
         help="run a scenario file",
         description="Start every node of the scenario, watch the rounds, stop the nodes, "
@@ -72,25 +69,45 @@ def run_scenario(
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run, then write the report; returns the metrics document. Raises RunFailed."""
-    from p2pfl.scenario.report import RoundProgress, write_report
+    from p2pfl.scenario.report import RoundProgress, preload_plotting, write_report
 
+    preload_plotting()
     con = console
     progress = (
         RoundProgress(con, scenario.name, scenario.rounds, scenario.nodes)
         if show_progress and con is not None
         else None
     )
-    with progress if progress is not None else contextlib.nullcontext():
-        if in_process:
-            from p2pfl.scenario.inprocess import run_in_process
-
-            nodes, wall = run_in_process(scenario, out, progress=progress, timeout=timeout)
-        else:
-            from p2pfl.scenario.processes import run_processes
-
-            nodes, wall = run_processes(scenario, out, progress=progress, timeout=timeout)
     mode = "in-process" if in_process else "processes"
+    started = time.monotonic()
+    try:
+        with progress if progress is not None else contextlib.nullcontext():
+            if in_process:
+                from p2pfl.scenario.inprocess import run_in_process
+
+                nodes, wall = run_in_process(scenario, out, progress=progress, timeout=timeout)
+            else:
+                from p2pfl.scenario.processes import run_processes
+
+                nodes, wall = run_processes(scenario, out, progress=progress, timeout=timeout)
+    except (RunFailed, KeyboardInterrupt):
+        _write_partial(out, scenario, time.monotonic() - started, mode)
+        raise
     return write_report(out, scenario, nodes, wall_seconds=wall, mode=mode, console=con)
+
+
+def _write_partial(out: Path, scenario: Scenario, wall: float, mode: str) -> None:
+    """Best effort: report the rounds that did finish; never hides the original error."""
+    from p2pfl.scenario.report import records_from_disk, write_report
+
+    try:
+        nodes = records_from_disk(out, scenario.nodes)
+        if any(rec["rounds"] for rec in nodes.values()):
+            write_report(
+                out, scenario, nodes, wall_seconds=wall, mode=mode, console=None, complete=False
+            )
+    except Exception:  # reporting on a failed run must never mask its cause
+        pass
 
 
 def _check_out_dir(out: Path, scenario: Scenario, in_process: bool) -> str | None:
@@ -121,6 +138,11 @@ def run_scenario_cli(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = None if (as_json or args.quiet) else Console()
+    if console is not None and not args.in_process and scenario.nodes > MANY_PROCESSES:
+        console.print(
+            f"note: {scenario.nodes} node processes on {os.cpu_count()} CPUs; "
+            "--in-process runs large scenarios much faster"
+        )
     try:
         metrics = run_scenario(
             scenario,
@@ -162,9 +184,9 @@ def _fail(as_json: bool, message: str, code: int, out: Path | None = None) -> in
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (`python -m p2pfl.scenario.cli run FILE`), same as `p2pfl scenario`."""
-    parser = argparse.ArgumentParser(prog="p2pfl")
-    add_scenario_arguments(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["scenario", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="p2pfl scenario")
+    add_scenario_arguments(parser.add_subparsers(dest="scenario_command", required=True))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return run_scenario_cli(args)
 
 

@@ -31,7 +31,7 @@ from typing import IO, Any
 from p2pfl.scenario.report import RoundProgress
 from p2pfl.scenario.schema import RunFailed, Scenario
 
-POLL_INTERVAL = 0.3
+POLL_INTERVAL = 0.2
 STOP_GRACE = 10.0
 QUERY_TIMEOUT = 2.0
 LOG_TAIL_LINES = 25
@@ -113,9 +113,7 @@ def run_processes(
     started = time.monotonic()
     with _signals_raise():
         try:
-            for i, vals in enumerate(values):
-                procs.append(_spawn(f"n{i}", dirs[i], node_argv(vals)))
-                _write_pids(out, procs)
+            _spawn_all(procs, values, dirs, out)
             _watch(procs, scenario, started + deadline_s, deadline_s, progress)
             for p in procs:
                 p.peak_rss_bytes = _peak_rss(p.proc.pid)
@@ -124,6 +122,22 @@ def run_processes(
             _write_pids(out, procs)
     wall = time.monotonic() - started
     return {p.name: _record(p) for p in procs}, wall
+
+
+def _spawn_all(
+    procs: list[NodeProcess], values: Sequence[Mapping[str, Any]], dirs: Sequence[Path], out: Path
+) -> None:
+    """Start every node with Ctrl-C/SIGTERM deferred: a signal landing between fork and
+    `procs.append` would otherwise leave a node nobody knows about."""
+    pending: list[int] = []
+    with _signal_handlers(lambda signum, frame: pending.append(signum)):
+        for i, vals in enumerate(values):
+            procs.append(_spawn(f"n{i}", dirs[i], node_argv(vals)))
+            _write_pids(out, procs)
+            if pending:
+                break
+    if pending:
+        raise KeyboardInterrupt
 
 
 def _spawn(name: str, data_dir: Path, argv: list[str]) -> NodeProcess:

@@ -8,9 +8,11 @@ and imported only when plotting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ def build_metrics(
     *,
     wall_seconds: float,
     mode: str,
+    complete: bool = True,
 ) -> dict[str, Any]:
     """The whole `metrics.json` document (rows sorted by round, summary computed)."""
     clean = {
@@ -40,10 +43,35 @@ def build_metrics(
     return {
         "scenario": scenario.to_dict(),
         "mode": mode,
+        "complete": complete,
         "nodes": clean,
         "summary": summarize({n: rec["rounds"] for n, rec in clean.items()}, wall_seconds),
         "wall_seconds": round(wall_seconds, 3),
     }
+
+
+def records_from_disk(out: Path, nodes: int) -> dict[str, dict[str, Any]]:
+    """Node records rebuilt from `<out>/nodes/n<i>/metrics.jsonl`, for a run that failed.
+
+    Nodes append a line per finished round, so this works whatever killed the run.
+    """
+    records: dict[str, dict[str, Any]] = {}
+    for i in range(nodes):
+        rows = []
+        path = out / "nodes" / f"n{i}" / "metrics.jsonl"
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if isinstance(row, dict) and "round" in row:
+                rows.append(row)
+        records[f"n{i}"] = {"peer_id": None, "rounds": rows}
+    return records
 
 
 def _rows(rec: NodeRecord) -> list[dict[str, Any]]:
@@ -166,12 +194,33 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
     return table
 
 
+_preloader: threading.Thread | None = None
+
+
+def _import_matplotlib() -> None:
+    with contextlib.suppress(Exception):  # missing or broken: plot_accuracy reports it
+        import matplotlib.backends.backend_agg
+        import matplotlib.collections
+        import matplotlib.figure  # noqa: F401
+
+
+def preload_plotting() -> None:
+    """Start importing matplotlib in a background thread (~0.7 s) while the nodes run,
+    so the plot at the end costs only the drawing."""
+    global _preloader
+    if _preloader is None:
+        _preloader = threading.Thread(target=_import_matplotlib, name="preload-mpl", daemon=True)
+        _preloader.start()
+
+
 def plot_accuracy(metrics: Mapping[str, Any], path: Path) -> Path | None:
     """Thin line per node, thick mean line; None (and no file) if matplotlib is missing.
 
     Uses the object API with the Agg canvas, not pyplot: no global state, no GUI
     backend probing, and one LineCollection keeps 100 nodes as fast as 8.
     """
+    if _preloader is not None:
+        _preloader.join()
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.collections import LineCollection
@@ -220,9 +269,12 @@ def write_report(
     wall_seconds: float,
     mode: str,
     console: Console | None,
+    complete: bool = True,
 ) -> dict[str, Any]:
     """metrics.json + accuracy.png, and the table on `console` (None = print nothing)."""
-    metrics = build_metrics(scenario, nodes, wall_seconds=wall_seconds, mode=mode)
+    metrics = build_metrics(
+        scenario, nodes, wall_seconds=wall_seconds, mode=mode, complete=complete
+    )
     write_metrics(out, metrics)
     png = plot_accuracy(metrics, out / "accuracy.png")
     if console is not None:
