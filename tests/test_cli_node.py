@@ -42,10 +42,25 @@ def test_three_node_processes_run_two_rounds(tmp_path: Path) -> None:
         for i in range(3):
             peers = [f"--peer=127.0.0.1:{p}" for j, p in enumerate(ports) if j != i]
             cmd = [
-                sys.executable, "-m", "p2pfl", "node", "--data-dir", str(tmp_path / f"n{i}"),
-                "--listen", f"127.0.0.1:{ports[i]}", *peers, "--nodes", "3",
-                "--node-index", str(i), "--rounds", "2", "--min-peers", "2",
-                "--round-timeout", "20",
+                sys.executable,
+                "-m",
+                "p2pfl",
+                "node",
+                "--data-dir",
+                str(tmp_path / f"n{i}"),
+                "--listen",
+                f"127.0.0.1:{ports[i]}",
+                *peers,
+                "--nodes",
+                "3",
+                "--node-index",
+                str(i),
+                "--rounds",
+                "2",
+                "--min-peers",
+                "2",
+                "--round-timeout",
+                "20",
             ]
             log = (tmp_path / f"n{i}.log").open("w")
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))

@@ -48,8 +48,13 @@ def make_nodes(
         ident = Identity.from_seed(bytes([i + 1]) * 32)
         transport = MemoryTransport(network, ident, f"mem:n{i}")
         nodes.append(
-            Node(cfg, identity=ident, transport=transport, train_in_thread=False,
-                 control_socket=False)
+            Node(
+                cfg,
+                identity=ident,
+                transport=transport,
+                train_in_thread=False,
+                control_socket=False,
+            )
         )
     return nodes
 
@@ -67,8 +72,16 @@ async def test_five_nodes_converge_on_non_iid_data(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     rounds = 12
-    nodes = make_nodes(tmp_path, 5, MemoryNetwork(), rounds=rounds, partition="dirichlet",
-                       alpha=0.5, epochs=2, lr=0.05)
+    nodes = make_nodes(
+        tmp_path,
+        5,
+        MemoryNetwork(),
+        rounds=rounds,
+        partition="dirichlet",
+        alpha=0.5,
+        epochs=2,
+        lr=0.05,
+    )
     await run_until_done(nodes)
 
     accs = [node.history[-1]["accuracy"] for node in nodes]
@@ -96,8 +109,16 @@ async def test_round_completes_with_a_silent_neighbour_via_timeout(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     network = MemoryNetwork()
-    nodes = make_nodes(tmp_path, 3, network, total=4, rounds=2, round_timeout=7.0,
-                       min_peers=3, heartbeat_timeout=1000.0)
+    nodes = make_nodes(
+        tmp_path,
+        3,
+        network,
+        total=4,
+        rounds=2,
+        round_timeout=7.0,
+        min_peers=3,
+        heartbeat_timeout=1000.0,
+    )
     # The fourth peer connects and answers heartbeats but never sends a model.
     silent_ident = Identity.from_seed(bytes([4]) * 32)
     silent_transport = MemoryTransport(network, silent_ident, "mem:n3")
@@ -146,10 +167,10 @@ async def test_lagging_node_catches_up_from_peers(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     network = MemoryNetwork()
-    first = make_nodes(tmp_path, 3, network, total=4, rounds=6, min_peers=2,
-                       round_timeout=2.0)
-    late = make_nodes(tmp_path, 1, network, start=3, total=4, rounds=6, min_peers=3,
-                      round_timeout=2.0)[0]
+    first = make_nodes(tmp_path, 3, network, total=4, rounds=6, min_peers=2, round_timeout=2.0)
+    late = make_nodes(
+        tmp_path, 1, network, start=3, total=4, rounds=6, min_peers=3, round_timeout=2.0
+    )[0]
     async with trio.open_nursery() as nursery:
         for node in first:
             await nursery.start(node.run)
@@ -170,8 +191,7 @@ async def test_bad_messages_are_counted_and_the_node_keeps_going(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     network = MemoryNetwork()
-    nodes = make_nodes(tmp_path, 2, network, total=3, rounds=2, min_peers=2,
-                       round_timeout=5.0)
+    nodes = make_nodes(tmp_path, 2, network, total=3, rounds=2, min_peers=2, round_timeout=5.0)
     evil = Identity.from_seed(bytes([3]) * 32)
     evil_transport = MemoryTransport(network, evil, "mem:n2")
     d = nodes[0].machine.params.size
@@ -216,8 +236,9 @@ async def test_bad_messages_are_counted_and_the_node_keeps_going(
 async def test_k_random_neighbours_still_learns(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, neighbours: str
 ) -> None:
-    nodes = make_nodes(tmp_path, 5, MemoryNetwork(), rounds=6, neighbours=neighbours,
-                       round_timeout=3.0, epochs=2)
+    nodes = make_nodes(
+        tmp_path, 5, MemoryNetwork(), rounds=6, neighbours=neighbours, round_timeout=3.0, epochs=2
+    )
     await run_until_done(nodes)
     # In-degree varies with random choices, so some nodes run ahead and laggards catch
     # up instead of training every round; all must still finish and learn.
