@@ -64,6 +64,7 @@ CHECKPOINT_FILE = "checkpoint.msgpack"
 METRICS_FILE = "metrics.jsonl"
 CONTROL_SOCKET = "control.sock"
 PEER_EXCHANGE_EVERY = 10  # heartbeats
+RTT_SAMPLE_EVERY = 5  # heartbeats
 MAX_BAD_MESSAGES = 20  # per connection, before we hang up on the peer
 MISMATCH_HOLD_OFF = 60.0  # seconds to ignore an address that proved the wrong id
 RETIRE_GRACE = 5.0  # seconds a duplicate connection is still read before closing
@@ -427,8 +428,15 @@ class Node:
             exchange = None
             if self.config.peer_exchange and beats % PEER_EXCHANGE_EVERY == 0:
                 exchange = self._peer_list_payload()
+            interval = self.config.heartbeat_interval
             for peer in list(self._links):
-                self._enqueue(peer, ping)
+                # Any message proves a peer alive: ping only peers that were quiet for
+                # an interval, plus an RTT sample every few beats. In a large mesh this
+                # halves heartbeat traffic, which otherwise swamps in-process runs.
+                rec = self.peers.peers[peer]
+                quiet = rec.last_seen is None or now - rec.last_seen >= 0.9 * interval
+                if quiet or beats % RTT_SAMPLE_EVERY == 0:
+                    self._enqueue(peer, ping)
                 if exchange is not None:
                     self._enqueue(peer, exchange)
             for peer in self.peers.silent_peers(now, self.config.heartbeat_timeout):

@@ -12,12 +12,21 @@ from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.panel import Panel
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
 MISSING = "-"
 ID_WIDTH = 12
 
+# Short forms keep the peers table inside 80 columns.
+_SHORT = {
+    "connected": "up",
+    "disconnected": "down",
+    "bootstrap": "boot",
+    "peer-exchange": "pex",
+    "inbound": "in",
+}
 _STATE_STYLES = {
     "connected": "green",
     "connecting": "yellow",
@@ -25,6 +34,8 @@ _STATE_STYLES = {
     "suspect": "yellow",
     "backoff": "yellow",
     "disconnected": "red",
+    "failed": "red",
+    "left": "dim",
     "dead": "red",
     "banned": "bold red",
 }
@@ -190,24 +201,41 @@ def status_header(status: Mapping[str, Any]) -> Panel:
 
 def peers_table(status: Mapping[str, Any]) -> Table:
     peers = [p for p in _list(status, "peers") if isinstance(p, Mapping)]
-    table = Table(title=f"peers ({len(peers)})", title_justify="left", expand=False)
-    table.add_column("id", no_wrap=True)
-    table.add_column("address", no_wrap=True)
-    table.add_column("state")
-    table.add_column("found via")
-    table.add_column("last seen", justify="right")
-    table.add_column("RTT ms", justify="right")
-    table.add_column("in", justify="right")
-    table.add_column("out", justify="right")
-    table.add_column("rejected", justify="right")
+    # A borderless table with short headers fits 9 columns in an 80-column terminal.
+    table = Table(
+        title=f"peers ({len(peers)})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 0),
+        collapse_padding=True,
+        expand=False,
+    )
+    for name, justify in (
+        ("id", "left"),
+        ("address", "left"),
+        ("state", "left"),
+        ("via", "left"),
+        ("seen", "right"),
+        ("rtt", "right"),
+        ("in", "right"),
+        ("out", "right"),
+        ("rej", "right"),
+    ):
+        table.add_column(
+            name,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=True,
+            min_width={"id": 12, "address": 15}.get(name),
+        )
     for peer in peers:
         state = fmt_text(peer.get("state"))
         table.add_row(
             short_id(peer.get("id")),
             fmt_text(peer.get("address")),
-            Text(state, style=_STATE_STYLES.get(state, "")),
-            fmt_text(peer.get("found_via")),
-            fmt_ago(peer.get("last_seen_s")),
+            Text(_SHORT.get(state, state), style=_STATE_STYLES.get(state, "")),
+            _SHORT.get(fmt_text(peer.get("found_via")), fmt_text(peer.get("found_via"))),
+            fmt_ago(peer.get("last_seen_s")).removesuffix(" ago"),
             fmt_float(peer.get("rtt_ms"), 1),
             fmt_bytes(peer.get("bytes_in")),
             fmt_bytes(peer.get("bytes_out")),
