@@ -4,6 +4,7 @@ import logging
 import os
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -89,12 +90,21 @@ def test_context_settings_and_cache() -> None:
     assert client.verify_mode == ssl.CERT_REQUIRED and not client.check_hostname
 
 
-def test_no_key_files_left_behind() -> None:
-    tmp = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    before = set(os.listdir(tmp)) if tmp else set()
+def test_no_key_files_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import p2pfl.transport.tls as tls
+
+    made: list[str] = []
+    real_mkdtemp = tls.tempfile.mkdtemp
+
+    def spy(*args: Any, **kwargs: Any) -> str:
+        made.append(real_mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tls, "_ram_tmp_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(tls.tempfile, "mkdtemp", spy)
     make_ssl_context(Identity.generate(), "leftovers", None, server=False)
-    if tmp:
-        assert not [n for n in set(os.listdir(tmp)) - before if n.startswith("p2pfl-tls-")]
+    assert made and all(m.startswith(str(tmp_path)) for m in made)  # the spy saw the dir
+    assert os.listdir(tmp_path) == []
 
 
 def test_peer_id_of_rejects_missing_cert() -> None:
