@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from p2pfl.identity import Identity
-from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError
+from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError, Transport
 from p2pfl.transport.memory import CHANNEL_CAPACITY, MemoryNetwork, MemoryTransport
 from p2pfl.wire.errors import WireError
 
@@ -205,3 +205,9 @@ async def test_many_nodes_full_mesh() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert received == [4] * n
         nursery.cancel_scope.cancel()
+
+
+def test_satisfies_transport_protocol() -> None:
+    """Checked by mypy: MemoryTransport matches the base protocol."""
+    transport: Transport = MemoryTransport(MemoryNetwork(), Identity.from_seed(b"\x09" * 32), "m")
+    assert transport.local_id == Identity.from_seed(b"\x09" * 32).peer_id

@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import trio
 import trio.testing
 
 from p2pfl.identity import Identity
-from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError
+from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError, Transport
 from p2pfl.transport.tcp import TcpTransport, format_address, parse_address
 from p2pfl.transport.tls import (
     build_context,
@@ -94,14 +95,14 @@ def test_no_key_files_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     import p2pfl.transport.tls as tls
 
     made: list[str] = []
-    real_mkdtemp = tls.tempfile.mkdtemp
+    real_mkdtemp = tempfile.mkdtemp
 
     def spy(*args: Any, **kwargs: Any) -> str:
         made.append(real_mkdtemp(*args, **kwargs))
         return made[-1]
 
     monkeypatch.setattr(tls, "_ram_tmp_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(tls.tempfile, "mkdtemp", spy)
+    monkeypatch.setattr(tempfile, "mkdtemp", spy)
     make_ssl_context(Identity.generate(), "leftovers", None, server=False)
     assert made and all(m.startswith(str(tmp_path)) for m in made)  # the spy saw the dir
     assert os.listdir(tmp_path) == []
@@ -277,3 +278,9 @@ def test_key_file_is_not_needed_after_context(tmp_path: Path) -> None:
     ident = Identity.load_or_create(tmp_path)
     make_ssl_context(ident, "files", None, server=True)
     assert sorted(os.listdir(tmp_path)) == ["identity.key"]
+
+
+def test_satisfies_transport_protocol() -> None:
+    """Checked by mypy: TcpTransport and its connections match the base protocols."""
+    transport: Transport = TcpTransport(A)
+    assert transport.local_id == A.peer_id
