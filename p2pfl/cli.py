@@ -18,7 +18,14 @@ from p2pfl import __version__
 from p2pfl.config import DEFAULT_DATA_DIR, ConfigError, NodeConfig
 
 # Flags whose names differ from the config field, or that repeat.
-_LIST_FLAGS = {"peers": "peer", "allow": "allow"}
+_LIST_FLAGS = {
+    "peers": "peer",
+    "allow": "allow",
+    "mdns_interfaces": "mdns-interface",
+    "compression": "compression",
+    "aggregation_options": "aggregation-option",
+    "attack_options": "attack-option",
+}
 _HELP = {
     "data_dir": "directory for identity key, checkpoints, metrics and control socket",
     "listen": "HOST:PORT to accept peers on (port 0 picks a free one)",
@@ -35,6 +42,13 @@ _HELP = {
     "dataset": "digits | synthetic",
     "partition": "iid | dirichlet",
     "model": "softmax | mlp",
+    "mdns": "discover peers with mDNS on the local network",
+    "mdns_interfaces": "IPv4 address of an interface for mDNS (repeatable)",
+    "tolerate": "number of Byzantine neighbours the aggregation rule must tolerate",
+    "aggregation_options": "KEY=VALUE option of the aggregation rule (repeatable)",
+    "compression": "compression stage, in order (repeatable), e.g. topk:0.01",
+    "attack": "scenario studies only: make this node malicious with this attack",
+    "attack_options": "KEY=VALUE option of the attack (repeatable)",
 }
 
 
@@ -46,6 +60,8 @@ def _add_node_arguments(p: argparse.ArgumentParser) -> None:
         if f.name == "extra":
             continue
         default = getattr(defaults, f.name)
+        if isinstance(default, dict):
+            default = ()
         help_text = _HELP.get(f.name, "")
         shown = default if not isinstance(default, tuple) else list(default)
         kwargs: dict[str, Any] = {

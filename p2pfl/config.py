@@ -44,6 +44,10 @@ class NodeConfig:
     max_frame_size: int = 256 * 1024 * 1024
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 6.0
+    # Discovery: mDNS on these IPv4 interface addresses (default: the listen address,
+    # or every IPv4 interface when listening on 0.0.0.0).
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] = ()
     # Data and model.
     dataset: str = "digits"
     nodes: int = 1
@@ -63,6 +67,16 @@ class NodeConfig:
     quorum: float = 1.0
     round_timeout: float = 30.0
     aggregation: str = "mean"
+    tolerate: int = 0  # Byzantine neighbours the rule must tolerate (the "f" of the rules)
+    aggregation_options: Mapping[str, Any] = field(default_factory=dict)
+    # Compression pipeline for sent updates, e.g. ("delta", "topk:0.01", "quantize:8").
+    compression: tuple[str, ...] = ()
+    # Secure aggregation (pairwise masks inside groups of neighbours).
+    secure_aggregation: bool = False
+    group_size: int = 4
+    # Scenario studies only: a malicious node runs a real node with this attack.
+    attack: str = ""
+    attack_options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     # Operation.
     log_level: str = "info"
@@ -163,6 +177,11 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(name, message)
 
 
+def _is_ipv4(value: str) -> bool:
+    parts = value.split(".")
+    return len(parts) == 4 and all(p.isdigit() and 0 <= int(p) <= 255 for p in parts)
+
+
 def _check_address(value: str, name: str) -> None:
     host, sep, port = value.rpartition(":")
     ok = bool(sep) and bool(host) and port.isdigit() and 0 <= int(port) <= 65535
@@ -205,7 +224,9 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str | Path):
             raise TypeError(f"expected a path string, got {type(value).__name__}")
         return Path(value).expanduser()
-    if key in ("peers", "allow"):
+    if key in ("aggregation_options", "attack_options"):
+        return _options(value)
+    if key in ("peers", "allow", "mdns_interfaces", "compression"):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
@@ -232,6 +253,36 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
             raise TypeError(f"expected a string, got {value!r}")
         return value
     return value
+
+
+def _options(value: Any) -> dict[str, Any]:
+    """Options come as a TOML table or as repeated KEY=VALUE flags."""
+    if isinstance(value, Mapping):
+        items = dict(value)
+    elif isinstance(value, list | tuple):
+        items = {}
+        for item in value:
+            if not isinstance(item, str) or "=" not in item:
+                raise TypeError(f"expected KEY=VALUE, got {item!r}")
+            k, v = item.split("=", 1)
+            items[k.strip()] = _scalar(v.strip())
+    else:
+        raise TypeError("expected a table of options or KEY=VALUE strings")
+    for k, v in items.items():
+        if isinstance(v, Mapping | list | tuple):
+            raise TypeError(f"option {k!r} must be a number, string or boolean")
+    return items
+
+
+def _scalar(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
