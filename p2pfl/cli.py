@@ -15,17 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl import __version__
-from p2pfl.config import DEFAULT_DATA_DIR, ConfigError, NodeConfig
+from p2pfl.config import DEFAULT_DATA_DIR, LIST_FLAGS, ConfigError, NodeConfig
 
 # Flags whose names differ from the config field, or that repeat.
-_LIST_FLAGS = {
-    "peers": "peer",
-    "allow": "allow",
-    "mdns_interfaces": "mdns-interface",
-    "compression": "compression",
-    "aggregation_options": "aggregation-option",
-    "attack_options": "attack-option",
-}
 _HELP = {
     "data_dir": "directory for identity key, checkpoints, metrics and control socket",
     "listen": "HOST:PORT to accept peers on (port 0 picks a free one)",
@@ -69,8 +61,8 @@ def _add_node_arguments(p: argparse.ArgumentParser) -> None:
             "default": argparse.SUPPRESS,
             "help": f"{help_text} (default: {shown})".strip(),
         }
-        if f.name in _LIST_FLAGS:
-            p.add_argument(f"--{_LIST_FLAGS[f.name]}", action="append", **kwargs)
+        if f.name in LIST_FLAGS:
+            p.add_argument(f"--{LIST_FLAGS[f.name]}", action="append", **kwargs)
         elif isinstance(default, bool):
             p.add_argument(
                 f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, **kwargs

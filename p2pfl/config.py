@@ -172,6 +172,39 @@ class NodeConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Repeatable flags are singular on the command line (`--peer A --peer B`).
+LIST_FLAGS = {
+    "peers": "peer",
+    "allow": "allow",
+    "mdns_interfaces": "mdns-interface",
+    "compression": "compression",
+    "aggregation_options": "aggregation-option",
+    "attack_options": "attack-option",
+}
+
+
+def flag_name(field_name: str) -> str:
+    return LIST_FLAGS.get(field_name, field_name.replace("_", "-"))
+
+
+def to_flags(values: Mapping[str, Any]) -> list[str]:
+    """`p2pfl node` flags for NodeConfig field values: the inverse of the CLI parser."""
+    argv: list[str] = []
+    for key, value in values.items():
+        flag = "--" + flag_name(key)
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag_name(key))
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                argv += [flag, f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+        elif isinstance(value, list | tuple):
+            for item in value:
+                argv += [flag, str(item)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(name, message)

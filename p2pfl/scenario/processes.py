@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from p2pfl.config import to_flags
 from p2pfl.scenario.report import RoundProgress
 from p2pfl.scenario.schema import RunFailed, Scenario
 
@@ -61,19 +62,7 @@ class _Terminated(BaseException):
 
 def node_argv(values: Mapping[str, Any]) -> list[str]:
     """`python -m p2pfl node` flags for NodeConfig field values (dash-case, `--peer` repeated)."""
-    argv = [sys.executable, "-m", "p2pfl", "node"]
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if key == "peers":
-            for peer in value:
-                argv += ["--peer", str(peer)]
-        elif isinstance(value, bool):
-            # Only peer_exchange is boolean and on by default.
-            if not value:
-                argv.append("--no-" + key.replace("_", "-"))
-        else:
-            argv += [flag, str(value)]
-    return argv
+    return [sys.executable, "-m", "p2pfl", "node", *to_flags(values)]
 
 
 def free_ports(n: int) -> list[int]:

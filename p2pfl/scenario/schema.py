@@ -123,6 +123,7 @@ class Scenario:
                 "listen": addresses[i],
                 "peers": tuple(addresses[j] for j in adj[i]),
                 "peer_exchange": full,
+                "mdns": False,
                 # Start round 1 only once the whole neighbourhood is connected, so early
                 # rounds are not wasted on half a graph (and nobody times out waiting).
                 "min_peers": len(adj[i]),
