@@ -249,3 +249,39 @@ async def test_k_random_neighbours_still_learns(
         n._eval_model.set_params(n.machine.params)
         accs.append(n._eval_model.evaluate(ds.x_test, ds.y_test)[1])
     assert np.mean(accs) > 0.85, accs
+
+
+async def test_status_of_a_live_node_over_the_control_socket(tmp_path: Path) -> None:
+    from p2pfl.control.client import query
+
+    network = MemoryNetwork()
+    nodes = make_nodes(tmp_path, 3, network, rounds=2)
+    nodes[0].control_socket = True
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            await nursery.start(node.run)
+        for node in nodes:
+            await node.done.wait()
+        sock = tmp_path / "n0" / "control.sock"
+        status = await trio.to_thread.run_sync(query, sock)
+        nursery.cancel_scope.cancel()
+
+    assert status["node"]["id"] == nodes[0].id
+    for key in ("version", "listen", "federation", "uptime_s", "role"):
+        assert key in status["node"]
+    assert status["round"] == {**status["round"], "current": 2, "phase": "done"}
+    assert set(status["model"]) >= {"version", "hash", "params"}
+    agg = status["last_aggregation"]
+    assert agg["rule"] == "mean" and agg["inputs_used"] == 3 and agg["rejected"] == []
+    assert [row["round"] for row in status["history"]] == [0, 1]
+    assert {"accuracy", "loss", "bytes_sent", "bytes_received", "seconds", "peers_heard"} <= set(
+        status["history"][0]
+    )
+    peers = status["peers"]
+    assert len(peers) == 2 and {p["id"] for p in peers} == {nodes[1].id, nodes[2].id}
+    for p in peers:
+        assert p["state"] == "connected"
+        assert {"address", "last_seen_s", "rtt_ms", "bytes_in", "bytes_out", "rejected"} <= set(p)
+        assert p["bytes_in"] > 0 and p["bytes_out"] > 0
+    counters = status["counters"]
+    assert {"frames_rejected", "reconnects", "timeouts"} <= set(counters)
