@@ -78,6 +78,8 @@ class NodeConfig:
     attack: str = ""
     attack_options: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
+    # Fault injection (studies and tests): a plan file applied to this node's own links.
+    faults: Path | None = None
     # Operation.
     log_level: str = "info"
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -251,7 +253,7 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str | Path):
             raise TypeError(f"expected a path string, got {type(value).__name__}")
         return Path(value).expanduser()
-    if key == "secret_file":
+    if key in ("secret_file", "faults"):
         if value is None or value == "":
             return None
         if not isinstance(value, str | Path):

@@ -104,6 +104,8 @@ class Node:
         self.id = self.identity.peer_id
         self.role = role
         self.transport = transport or self._tcp_transport()
+        if config.faults is not None:
+            self.transport = self._faulty(self.transport, Path(config.faults))
         self.train_in_thread = train_in_thread
         self.control_socket = control_socket
         self.limits = codec.Limits(max_bin_len=config.max_frame_size)
@@ -191,6 +193,18 @@ class Node:
             host=host,
             port=port,
             max_frame_size=self.config.max_frame_size,
+        )
+
+    def _faulty(self, inner: Transport, plan_file: Path) -> Transport:
+        from p2pfl.transport.faults import FaultyTransport, load_fault_plan
+
+        log.warning("fault injection active from %s", plan_file)
+        return FaultyTransport(
+            inner,
+            load_fault_plan(plan_file),
+            local_id=self.id,
+            current_round=lambda: self.machine.round,
+            seed=self.config.seed,
         )
 
     def _load_checkpoint(self) -> Checkpoint | None:
