@@ -60,6 +60,8 @@ class Aggregated:
     rejected: tuple[tuple[str, str], ...]
     timed_out: bool
     rule: str
+    # The neighbours' models, aligned with `senders` (what an omniscient attacker overhears).
+    received: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +331,13 @@ class RoundMachine:
         self._advance_to(self.round + 1)
         actions: list[Action] = [
             Aggregated(
-                done_round, self.params, senders, rejected, timed_out, self.settings.rule_name
+                done_round,
+                self.params,
+                senders,
+                rejected,
+                timed_out,
+                self.settings.rule_name,
+                tuple(received[s].params for s in senders),
             )
         ]
         actions += self._next_round(now)
