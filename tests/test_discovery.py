@@ -1,0 +1,347 @@
+"""mDNS discovery: TXT claims (pure), interface rules, and zeroconf on 127.0.0.1.
+
+The zeroconf tests use real time (zeroconf runs its own thread, a mock clock cannot
+drive it), bounded by `trio.fail_after`; durations are never asserted. Every zeroconf
+instance here binds 127.0.0.1 only, and each test uses its own federation name so
+parallel runs on this host never see each other's services as peers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+from collections import defaultdict
+from collections.abc import Callable
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from zeroconf import IPVersion, ServiceInfo, Zeroconf
+
+from p2pfl import PROTOCOL_VERSION
+from p2pfl.discovery import mdns
+from p2pfl.discovery.mdns import SERVICE_TYPE, default_interfaces, run_mdns, select_interfaces
+from p2pfl.discovery.txt import (
+    MAX_TXT_ENTRIES,
+    Claim,
+    TxtError,
+    encode_txt,
+    host_name,
+    instance_name,
+    parse_txt,
+    peer_id_of_instance,
+)
+from p2pfl.identity import Identity
+
+A = Identity.from_seed(b"\x01" * 32).peer_id
+B = Identity.from_seed(b"\x02" * 32).peer_id
+
+
+def raw(**fields: str | None) -> dict[bytes, bytes | None]:
+    return {k.encode(): None if v is None else v.encode() for k, v in fields.items()}
+
+
+def good(**changes: str | None) -> dict[bytes, bytes | None]:
+    fields: dict[str, str | None] = {"id": A, "fed": "lab", "v": str(PROTOCOL_VERSION)}
+    fields["port"] = "7470"
+    fields.update(changes)
+    return raw(**{k: v for k, v in fields.items()})
+
+
+# ---- TXT claims (sans-IO) ----------------------------------------------------------------
+
+
+def test_encode_then_parse_round_trips() -> None:
+    props = encode_txt(A, "lab", 7470)
+    claim = parse_txt(raw(**props), expect_federation="lab")
+    assert claim == Claim(A, "lab", PROTOCOL_VERSION, 7470)
+
+
+def test_extra_unknown_keys_are_tolerated() -> None:
+    claim = parse_txt({**good(), b"future": b"x", b"flag": None}, expect_federation="lab")
+    assert claim.peer_id == A
+
+
+@pytest.mark.parametrize(
+    ("props", "reason"),
+    [
+        (good(fed="other"), "other_federation"),
+        (good(fed=""), "bad_federation"),
+        (good(fed="x" * 65), "bad_federation"),
+        (good(v=str(PROTOCOL_VERSION + 1)), "incompatible_version"),
+        (good(v="one"), "bad_version"),
+        (good(v="1.0"), "bad_version"),
+        (good(id="not-a-peer-id"), "bad_id"),
+        (good(id=A.upper()), "bad_id"),
+        (good(id=A + "a"), "bad_id"),
+        (good(port="0"), "bad_port"),
+        (good(port="65536"), "bad_port"),
+        (good(port="-1"), "bad_port"),
+        (good(port=" 80"), "bad_port"),
+        (good(port="\u00b2"), "bad_port"),  # a unicode digit that int() would refuse
+        (good(port="123456"), "bad_port"),
+        (good(port=None), "missing"),
+        (good(fed="lab\n"), "not_text"),
+        ({k: v for k, v in good().items() if k != b"id"}, "missing"),
+        ({**good(), b"\xff": b"x"}, "not_text"),
+        ({**good(), b"fed": b"\xc3"}, "not_text"),
+        ({**good(), **{f"k{i}".encode(): b"" for i in range(MAX_TXT_ENTRIES)}}, "too_many_entries"),
+        (good(fed="x" * 256), "too_long"),
+        ({**good(), **{f"k{i}".encode(): b"y" * 250 for i in range(6)}}, "too_long"),
+    ],
+)
+def test_bad_claims_are_refused_with_a_reason(
+    props: dict[bytes, bytes | None], reason: str
+) -> None:
+    with pytest.raises(TxtError) as info:
+        parse_txt(props, expect_federation="lab")
+    assert info.value.reason == reason
+
+
+def test_duplicate_keys_are_refused() -> None:
+    pairs = [*good().items(), (b"id", B.encode())]
+    with pytest.raises(TxtError) as info:
+        parse_txt(pairs, expect_federation="lab")
+    assert info.value.reason == "duplicate"
+
+
+def test_we_never_publish_a_record_we_would_refuse() -> None:
+    with pytest.raises(TxtError):
+        encode_txt(A, "x" * 65, 7470)
+    with pytest.raises(TxtError):
+        encode_txt(A, "lab", 0)
+
+
+@given(
+    st.dictionaries(
+        st.binary(max_size=12),
+        st.none() | st.binary(max_size=300),
+        max_size=20,
+    ),
+    st.sampled_from(["lab", "default"]),
+)
+def test_parse_txt_only_ever_raises_txt_error(
+    props: dict[bytes, bytes | None], federation: str
+) -> None:
+    try:
+        claim = parse_txt(props, expect_federation=federation)
+    except TxtError:
+        return
+    assert claim.federation == federation and 1 <= claim.port <= 65535
+
+
+def test_instance_names_carry_the_peer_id() -> None:
+    name = instance_name(A)
+    assert name.endswith("." + SERVICE_TYPE)
+    assert len(name.split(".")[0]) <= 63  # one DNS label
+    assert peer_id_of_instance(name) == A
+    assert host_name(A).endswith(".local.")
+    for foreign in (
+        f"printer.{SERVICE_TYPE}",
+        f"p2pfl-{A}._http._tcp.local.",
+        f"p2pfl-{A}x.{SERVICE_TYPE}",
+        f"p2pfl-.{SERVICE_TYPE}",
+    ):
+        assert peer_id_of_instance(foreign) is None
+
+
+# ---- interfaces --------------------------------------------------------------------------
+
+LOCAL = [("127.0.0.1", 8), ("192.168.1.20", 24), ("10.0.0.5", 8)]
+
+
+def test_interface_rules() -> None:
+    assert select_interfaces("0.0.0.0", LOCAL) == ["10.0.0.5", "192.168.1.20"]
+    assert select_interfaces("", LOCAL) == ["10.0.0.5", "192.168.1.20"]
+    assert select_interfaces("192.168.1.20", LOCAL) == ["192.168.1.20"]
+    assert select_interfaces("127.0.0.1", LOCAL) == ["127.0.0.1"]
+    assert select_interfaces("localhost", LOCAL) == ["127.0.0.1"]
+    assert select_interfaces("::1", LOCAL) == []
+    assert select_interfaces("example.org", LOCAL) == []
+    assert select_interfaces("0.0.0.0", [("127.0.0.1", 8)]) == []
+
+
+def test_default_interfaces_on_this_host() -> None:
+    assert default_interfaces("127.0.0.1") == ["127.0.0.1"]
+    assert "127.0.0.1" not in default_interfaces("0.0.0.0")
+
+
+@pytest.mark.parametrize(
+    "interfaces", [[], ["0.0.0.0"], ["224.0.0.251"], ["::1"], ["eth0"], "127.0.0.1"]
+)
+async def test_run_mdns_refuses_implicit_or_bad_interfaces(interfaces: list[str]) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        await run_mdns(
+            peer_id=A,
+            federation="lab",
+            port=7470,
+            address="127.0.0.1",
+            interfaces=interfaces,
+            on_found=lambda i, a: None,
+            on_removed=lambda i: None,
+        )
+
+
+def make_tracker(
+    interfaces: list[str], found: list[tuple[str, str]], ignored: list[str]
+) -> mdns._Tracker:
+    return mdns._Tracker(
+        B,
+        "lab",
+        interfaces,
+        lambda i, a: found.append((i, a)),
+        lambda i: None,
+        lambda name, reason: ignored.append(reason),
+    )
+
+
+def test_tracker_checks_name_port_and_addresses() -> None:
+    found: list[tuple[str, str]] = []
+    ignored: list[str] = []
+    t = make_tracker(["127.0.0.1"], found, ignored)
+    name = instance_name(A)
+    t.accept(name, B, mdns._Resolved(good(), 7470, ["127.0.0.1"]))  # TXT id A, name says B
+    t.accept(name, A, mdns._Resolved(good(), 7471, ["127.0.0.1"]))  # SRV port differs
+    t.accept(name, A, mdns._Resolved(good(), 7470, ["224.0.0.1", "0.0.0.0"]))
+    assert ignored == ["name_mismatch", "port_mismatch", "no_usable_address"]
+    assert found == []
+    t.accept(name, A, mdns._Resolved(good(), 7470, ["127.0.0.1"]))
+    t.accept(name, A, mdns._Resolved(good(), 7470, ["127.0.0.1"]))  # no news: no callback
+    assert found == [(A, "127.0.0.1:7470")]
+
+
+def test_tracker_refuses_loopback_from_a_lan_and_prefers_our_network() -> None:
+    found: list[tuple[str, str]] = []
+    ignored: list[str] = []
+    t = make_tracker(["10.1.2.3"], found, ignored)
+    t.networks = [ipaddress.IPv4Network("10.1.2.0/24")]
+    assert t.pick_address(["127.0.0.1"]) is None
+    assert t.pick_address(["172.16.0.9", "10.1.2.7"]) == "10.1.2.7"
+    assert t.pick_address(["172.16.0.9"]) == "172.16.0.9"
+
+
+# ---- zeroconf on 127.0.0.1 ---------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.found: dict[str, dict[str, str]] = defaultdict(dict)
+        self.removed: dict[str, list[str]] = defaultdict(list)
+        self.ignored: dict[str, list[tuple[str, str]]] = defaultdict(list)
+
+    def callbacks(
+        self, me: str
+    ) -> tuple[Callable[[str, str], None], Callable[[str], None], Callable[[str, str], None]]:
+        return (
+            lambda pid, addr: self.found[me].__setitem__(pid, addr),
+            lambda pid: self.removed[me].append(pid),
+            lambda name, reason: self.ignored[me].append((name, reason)),
+        )
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 8.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def start_mdns(
+    nursery: trio.Nursery, rec: Recorder, peer_id: str, federation: str, port: int
+) -> trio.CancelScope:
+    """Start one announcer in its own cancel scope (registration takes ~1.6 s, so all
+    of a test's announcers are started concurrently and awaited together)."""
+    scope = trio.CancelScope()
+    found, removed, ignored = rec.callbacks(peer_id)
+
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        with scope:
+            await run_mdns(
+                peer_id=peer_id,
+                federation=federation,
+                port=port,
+                address="127.0.0.1",
+                interfaces=["127.0.0.1"],
+                on_found=found,
+                on_removed=removed,
+                on_ignored=ignored,
+                task_status=task_status,
+            )
+
+    await nursery.start(run)
+    return scope
+
+
+async def start_all(
+    nursery: trio.Nursery, rec: Recorder, specs: list[tuple[str, str, int]]
+) -> list[trio.CancelScope]:
+    scopes: list[trio.CancelScope | None] = [None] * len(specs)
+
+    async def one(i: int) -> None:
+        scopes[i] = await start_mdns(nursery, rec, *specs[i])
+
+    async with trio.open_nursery() as starters:
+        for i in range(len(specs)):
+            starters.start_soon(one, i)
+    return [s for s in scopes if s is not None]
+
+
+async def test_three_nodes_find_each_other_ignore_another_federation_and_see_goodbyes() -> None:
+    fed = "t-" + secrets.token_hex(4)
+    ids = [Identity.generate().peer_id for _ in range(4)]
+    ports = [41001, 41002, 41003, 41004]
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+        specs = [(ids[i], fed, ports[i]) for i in range(3)] + [(ids[3], fed + "-x", ports[3])]
+        scopes = await start_all(nursery, rec, specs)
+        members = ids[:3]
+
+        def meshed() -> bool:
+            return all(len(rec.found[m]) == 2 for m in members)
+
+        def outsider_refused() -> bool:
+            return all(any(r == "other_federation" for _, r in rec.ignored[m]) for m in members)
+
+        await wait_until(lambda: meshed() and outsider_refused())
+        for i, me in enumerate(members):
+            expected = {ids[j]: f"127.0.0.1:{ports[j]}" for j in range(3) if j != i}
+            assert rec.found[me] == expected  # right ids and addresses, not ourselves
+        assert rec.found[ids[3]] == {}  # the outsider sees nobody of ours either
+
+        scopes[0].cancel()  # clean shutdown: goodbye packets
+        await wait_until(lambda: all(rec.removed[m] == [ids[0]] for m in members[1:]))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_record_whose_name_and_txt_id_disagree_is_ignored() -> None:
+    fed = "t-" + secrets.token_hex(4)
+    me = Identity.generate().peer_id
+    victim, liar = Identity.generate().peer_id, Identity.generate().peer_id
+    rec = Recorder()
+    # Service named after `liar` but claiming `victim`'s id in TXT.
+    fake = ServiceInfo(
+        SERVICE_TYPE,
+        instance_name(liar),
+        port=41010,
+        properties={"id": victim, "fed": fed, "v": str(PROTOCOL_VERSION), "port": "41010"},
+        server=host_name(liar),
+        addresses=[socket.inet_aton("127.0.0.1")],
+    )
+    zc = await trio.to_thread.run_sync(
+        lambda: Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def register_fake() -> None:
+                await trio.to_thread.run_sync(zc.register_service, fake)
+
+            nursery.start_soon(register_fake)
+            await start_mdns(nursery, rec, me, fed, 41011)
+            await wait_until(lambda: any(r == "name_mismatch" for _, r in rec.ignored[me]))
+            assert rec.found[me] == {}
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(zc.close)
