@@ -13,6 +13,7 @@ import secrets
 import socket
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from p2pfl import PROTOCOL_VERSION
+from p2pfl.config import NodeConfig
 from p2pfl.discovery import mdns
 from p2pfl.discovery.mdns import SERVICE_TYPE, default_interfaces, run_mdns, select_interfaces
 from p2pfl.discovery.txt import (
@@ -34,6 +36,7 @@ from p2pfl.discovery.txt import (
     peer_id_of_instance,
 )
 from p2pfl.identity import Identity
+from p2pfl.scenario.schema import ScenarioError, parse_scenario
 
 A = Identity.from_seed(b"\x01" * 32).peer_id
 B = Identity.from_seed(b"\x02" * 32).peer_id
@@ -345,3 +348,52 @@ async def test_a_record_whose_name_and_txt_id_disagree_is_ignored() -> None:
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(zc.close)
+
+
+# ---- scenario files: discovery = "mdns" | "bootstrap" ------------------------------------
+
+
+def scenario_doc(**extra: object) -> dict[str, object]:
+    return {"name": "s", "nodes": 3, "rounds": 2, **extra}
+
+
+def test_scenario_mdns_discovery_maps_to_node_configs(tmp_path: Path) -> None:
+    addrs = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+    dirs = [tmp_path / f"n{i}" for i in range(3)]
+    values = parse_scenario(scenario_doc(discovery="mdns")).node_config_values(addrs, dirs)
+    assert all(v["peers"] == () and v["mdns"] is True for v in values)
+    assert all(v["mdns_interfaces"] == ("127.0.0.1",) for v in values)
+    federations = {v["federation"] for v in values}
+    assert len(federations) == 1 and federations != {"default"}  # this run's own
+    other = parse_scenario(scenario_doc(discovery="mdns")).node_config_values(
+        ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"], dirs
+    )
+    assert other[0]["federation"] not in federations  # concurrent runs stay apart
+    for v in values:
+        NodeConfig(**v).validated()
+
+
+def test_scenario_bootstrap_is_the_default_and_in_memory_runs_keep_it(tmp_path: Path) -> None:
+    dirs = [tmp_path / f"n{i}" for i in range(3)]
+    boot = parse_scenario(scenario_doc()).node_config_values(
+        ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"], dirs
+    )
+    assert boot[0]["mdns"] is False and len(boot[0]["peers"]) == 2
+    mem = parse_scenario(scenario_doc(discovery="mdns")).node_config_values(
+        ["mem:n0", "mem:n1", "mem:n2"], dirs
+    )
+    assert mem[0]["mdns"] is False and mem[0]["peers"] == ("mem:n1", "mem:n2")
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        scenario_doc(discovery="avahi"),
+        scenario_doc(discovery=True),
+        scenario_doc(discovery="mdns", topology={"kind": "ring"}),
+    ],
+)
+def test_scenario_discovery_errors_name_the_key(doc: dict[str, object]) -> None:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(doc)
+    assert info.value.path == "discovery"

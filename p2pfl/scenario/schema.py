@@ -91,6 +91,10 @@ class Scenario:
     model: ModelSpec = field(default_factory=ModelSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     protocol: ProtocolSpec = field(default_factory=ProtocolSpec)
+    # "bootstrap": every node gets its neighbours' addresses as --peer flags.
+    # "mdns": no --peer at all; nodes find each other with mDNS on 127.0.0.1 (real
+    # processes only: the in-memory transport has no multicast, so it keeps bootstrap).
+    discovery: str = "bootstrap"
 
     def edges(self) -> list[Edge]:
         """The undirected edge list of this scenario's graph (deterministic from `seed`)."""
@@ -117,13 +121,15 @@ class Scenario:
             raise ValueError("need one address and one data dir per node")
         adj = topology.adjacency(self.nodes, self.edges())
         full = self.topology.kind == "full"
+        mdns = self.discovery == "mdns" and not any(a.startswith("mem:") for a in addresses)
         return [
             {
                 "data_dir": Path(data_dirs[i]),
                 "listen": addresses[i],
-                "peers": tuple(addresses[j] for j in adj[i]),
+                "peers": () if mdns else tuple(addresses[j] for j in adj[i]),
                 "peer_exchange": full,
-                "mdns": False,
+                "mdns": mdns,
+                **(_mdns_values(addresses) if mdns else {}),
                 # Start round 1 only once the whole neighbourhood is connected, so early
                 # rounds are not wasted on half a graph (and nobody times out waiting).
                 "min_peers": len(adj[i]),
@@ -159,6 +165,13 @@ class Scenario:
         d = dataclasses.asdict(self)
         d["topology"]["edges"] = [list(e) for e in self.topology.edges]
         return d
+
+
+def _mdns_values(addresses: Sequence[str]) -> dict[str, Any]:
+    """mDNS on loopback only, in a federation of this run alone: two scenarios (or a
+    user's own nodes) on the same host must never discover each other."""
+    run = hashlib.sha256("|".join(addresses).encode()).hexdigest()[:16]
+    return {"mdns_interfaces": ("127.0.0.1",), "federation": f"scenario-{run}"}
 
 
 def node_seed(seed: int, index: int) -> int:
@@ -205,11 +218,19 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
     model = _parse_model(top.table("model"))
     training = _parse_training(top.table("training"))
     protocol = _parse_protocol(top.table("protocol"), nodes)
+    discovery = top.get_str("discovery", "bootstrap", choices=("bootstrap", "mdns"))
+    if discovery == "mdns" and topo.kind != "full":
+        raise ScenarioError(
+            "discovery",
+            "'mdns' finds every node, so it needs topology.kind = 'full' (use 'bootstrap')",
+        )
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
     top.finish()
-    scenario = Scenario(name, nodes, rounds, seed, topo, data_spec, model, training, protocol)
+    scenario = Scenario(
+        name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery
+    )
     scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
     _cross_check(scenario)
     return scenario
