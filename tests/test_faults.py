@@ -1,0 +1,383 @@
+"""The fault-injecting transport wrapper, deterministically, on the in-memory transport."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from p2pfl.transport.base import Connection, ConnectionClosed
+from p2pfl.transport.faults import (
+    MAX_IN_FLIGHT,
+    FaultPlan,
+    FaultPlanError,
+    FaultRule,
+    FaultyTransport,
+    LinkFaults,
+    dump_fault_plan,
+    link_rng,
+    load_fault_plan,
+    parse_fault_plan,
+)
+from p2pfl.transport.memory import CHANNEL_CAPACITY, MemoryNetwork, MemoryTransport
+
+# ---- plans ---------------------------------------------------------------------------
+
+
+def test_plan_file_toml_and_json_round_trip(tmp_path: Path) -> None:
+    toml = tmp_path / "plan.toml"
+    toml.write_text(
+        """
+[[rules]]
+kind = "delay"
+delay = 0.2
+jitter = 0.05
+from_round = 1
+to_round = 4
+
+[[rules]]
+kind = "cut"
+peers = ["B", "C"]
+on = ["A"]
+"""
+    )
+    plan = load_fault_plan(toml)
+    assert plan.rules == (
+        FaultRule("delay", delay=0.2, jitter=0.05, from_round=1, to_round=4),
+        FaultRule("cut", peers=frozenset({"B", "C"}), on=frozenset({"A"})),
+    )
+    dump_fault_plan(plan, tmp_path / "plan.json")
+    assert load_fault_plan(tmp_path / "plan.json") == plan
+    assert plan.for_node("A") == plan
+    assert plan.for_node("B").rules == plan.rules[:1]
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        ({"rules": [{"kind": "drop"}, {"kind": "delay"}]}, "rules[1].delay"),
+        ({"rules": [{"kind": "explode"}]}, "rules[0].kind"),
+        ({"rules": [{"kind": "drop", "probability": 1.5}]}, "rules[0].probability"),
+        ({"rules": [{"kind": "cut", "probability": 0.5}]}, "rules[0].probability"),
+        ({"rules": [{"kind": "drop", "from_round": 3, "to_round": 3}]}, "rules[0].to_round"),
+        ({"rules": [{"kind": "drop", "peers": []}]}, "rules[0].peers"),
+        ({"rules": [{"kind": "drop", "peers": "B"}]}, "rules[0].peers"),
+        ({"rules": [{"kind": "drop", "delay": 1}]}, "rules[0].delay"),
+        ({"rules": [{"kind": "drop", "colour": 1}]}, "rules[0].colour"),
+        ({"rules": [{"probability": 1}]}, "rules[0].kind"),
+        ({"rules": [{"kind": "corrupt", "flips": 0}]}, "rules[0].flips"),
+        ({"rules": [{"kind": "drop", "from_round": 1.5}]}, "rules[0].from_round"),
+        ({"rules": {}}, "rules"),
+        ({"rule": []}, "rule"),
+    ],
+)
+def test_plan_errors_name_the_field(doc: object, path: str) -> None:
+    with pytest.raises(FaultPlanError) as info:
+        parse_fault_plan(doc)
+    assert info.value.path == path
+    assert str(info.value).startswith(path + ": ")
+
+
+def test_plan_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(FaultPlanError, match="does not exist"):
+        load_fault_plan(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rules": [{"kind": "drop", "probability": -1}]}))
+    with pytest.raises(FaultPlanError, match=r"rules\[0\]\.probability: .*bad\.json"):
+        load_fault_plan(bad)
+
+
+# ---- decisions (sans-IO) ---------------------------------------------------------------
+
+
+def fates(seed: int, rules: list[FaultRule], n: int = 400) -> list[list[bytes]]:
+    link = LinkFaults(rules, "B", link_rng(seed, "A", "B", 0))
+    return [[e.payload for e in link.on_send(0.0, 0, bytes([i % 256]) * 40)] for i in range(n)]
+
+
+def test_decisions_replay_exactly_from_the_seed() -> None:
+    rules = [
+        FaultRule("drop", probability=0.1),
+        FaultRule("duplicate", probability=0.1),
+        FaultRule("corrupt", probability=0.2, flips=3),
+        FaultRule("truncate", probability=0.05),
+    ]
+    assert fates(7, rules) == fates(7, rules)
+    assert fates(7, rules) != fates(8, rules)
+    # Connections and directions get independent streams.
+    a = link_rng(7, "A", "B", 0).random(4)
+    assert not np.array_equal(a, link_rng(7, "A", "B", 1).random(4))
+    assert not np.array_equal(a, link_rng(7, "B", "A", 0).random(4))
+
+
+def test_drop_rate_and_mangling_are_what_the_rules_say() -> None:
+    out = fates(1, [FaultRule("drop", probability=0.1)], n=4000)
+    lost = sum(1 for o in out if not o) / len(out)
+    assert 0.08 < lost < 0.12, lost
+    for i, got in enumerate(fates(2, [FaultRule("truncate")])):
+        (p,) = got
+        assert len(p) < 40 and p == (bytes([i % 256]) * 40)[: len(p)]
+    for i, got in enumerate(fates(3, [FaultRule("corrupt", flips=2)])):
+        (p,) = got
+        diff = np.frombuffer(p, np.uint8) != i % 256
+        assert len(p) == 40 and 1 <= diff.sum() <= 2
+
+
+def test_rules_follow_rounds_and_peers() -> None:
+    rule = FaultRule("drop", peers=frozenset({"B"}), from_round=2, to_round=4)
+    assert [rule.active(r, "B") for r in range(6)] == [False, False, True, True, False, False]
+    assert not rule.active(2, "C")
+    link = LinkFaults([FaultRule("cut", from_round=1, to_round=2)], "B", link_rng(0, "A", "B", 0))
+    assert [bool(link.on_send(0.0, r, b"x")) for r in range(3)] == [True, False, True]
+    assert [link.deliver(r) for r in range(3)] == [True, False, True]
+    assert link.stats == {"cut_sent": 1, "cut_received": 1}
+
+
+# ---- the wrapper over the in-memory transport ------------------------------------------
+
+
+@dataclass
+class Sink:
+    """A listening transport that records what it receives, with the (mock) time."""
+
+    got: list[tuple[float, bytes]] = field(default_factory=list)
+    conns: list[Connection] = field(default_factory=list)
+    reading: bool = True
+
+    async def handle(self, conn: Connection) -> None:
+        self.conns.append(conn)
+        try:
+            while True:
+                if not self.reading:
+                    await trio.sleep_forever()
+                payload = await conn.receive()
+                self.got.append((trio.current_time(), payload))
+        except ConnectionClosed:
+            pass
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [p for _, p in self.got]
+
+
+@dataclass
+class Round:
+    value: int = 0
+
+    def __call__(self) -> int:
+        return self.value
+
+
+def faulty(
+    network: MemoryNetwork, name: str, rules: list[FaultRule], rnd: Callable[[], int], seed: int = 0
+) -> FaultyTransport:
+    inner = MemoryTransport(network, name, f"mem:{name}")
+    return FaultyTransport(
+        inner, FaultPlan(tuple(rules)), local_id=name, current_round=rnd, seed=seed
+    )
+
+
+@asynccontextmanager
+async def listening(*pairs: tuple[FaultyTransport | MemoryTransport, Sink]) -> AsyncIterator[None]:
+    async with trio.open_nursery() as nursery:
+        for transport, sink in pairs:
+            await nursery.start(transport.listen, sink.handle)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+async def settle() -> None:
+    await trio.sleep(60)  # mock time: long enough for every delay in these tests
+
+
+async def test_drop_follows_the_round_range(autojump_clock: trio.testing.MockClock) -> None:
+    net, rnd = MemoryNetwork(), Round()
+    a = faulty(net, "A", [FaultRule("drop", from_round=2, to_round=4)], rnd)
+    sink = Sink()
+    async with listening((a, Sink()), (MemoryTransport(net, "B", "mem:B"), sink)):
+        conn = await a.connect("mem:B", "B")
+        for r in range(6):
+            rnd.value = r
+            await conn.send(b"round %d" % r)
+        await settle()
+    assert sink.payloads == [b"round 0", b"round 1", b"round 4", b"round 5"]
+    assert a.counts() == {"dropped": 2}
+
+
+async def test_delay_pipelines_keeps_order_and_spares_other_links(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net, rnd = MemoryNetwork(), Round()
+    slow = FaultRule("delay", delay=1.0, jitter=0.5, peers=frozenset({"B"}))
+    a = faulty(net, "A", [slow], rnd)
+    b, c = Sink(), Sink()
+    async with listening(
+        (a, Sink()),
+        (MemoryTransport(net, "B", "mem:B"), b),
+        (MemoryTransport(net, "C", "mem:C"), c),
+    ):
+        to_b = await a.connect("mem:B", "B")
+        to_c = await a.connect("mem:C", "C")
+        t0 = trio.current_time()
+        for i in range(10):
+            await to_b.send(b"%d" % i)  # returns at once: the delay is in flight
+        assert trio.current_time() == t0
+        await to_c.send(b"fast")
+        await settle()
+    assert b.payloads == [b"%d" % i for i in range(10)]  # FIFO despite jitter
+    arrivals = [t - t0 for t, _ in b.got]
+    assert all(0.5 <= t <= 1.5 for t in arrivals), arrivals  # pipelined, not 10 x 1 s
+    assert arrivals != sorted(set(arrivals))[:1] * 10  # jitter really varied the delays
+    assert c.got[0][0] == t0  # the other link did not wait
+
+
+async def test_delay_keeps_backpressure_from_a_reader_that_does_not_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net, rnd = MemoryNetwork(), Round()
+    a = faulty(net, "A", [FaultRule("delay", delay=0.5)], rnd)
+    sink = Sink(reading=False)
+    async with listening((a, Sink()), (MemoryTransport(net, "B", "mem:B"), sink)):
+        conn = await a.connect("mem:B", "B")
+        sent = 0
+        with trio.move_on_after(30):
+            while True:
+                await conn.send(b"x")
+                sent += 1
+        # The peer's channel, the message in the pump's hands, the in-flight queue.
+        assert sent == CHANNEL_CAPACITY + 1 + MAX_IN_FLIGHT
+
+
+async def test_duplicate_reorder_truncate_corrupt(autojump_clock: trio.testing.MockClock) -> None:
+    net, rnd = MemoryNetwork(), Round()
+    rules = [
+        FaultRule("duplicate", to_round=1),
+        FaultRule("reorder", from_round=1, to_round=2),
+        FaultRule("truncate", from_round=2, to_round=3),
+        FaultRule("corrupt", flips=1, from_round=3, to_round=4),
+    ]
+    a = faulty(net, "A", rules, rnd)
+    sink = Sink()
+    async with listening((a, Sink()), (MemoryTransport(net, "B", "mem:B"), sink)):
+        conn = await a.connect("mem:B", "B")
+        for r, msgs in enumerate([[b"d1", b"d2"], [b"r1", b"r2", b"r3", b"r4"]]):
+            rnd.value = r
+            for m in msgs:
+                await conn.send(m)
+        rnd.value = 2
+        await conn.send(b"truncated!")
+        rnd.value = 3
+        await conn.send(b"corrupted!")
+        await settle()
+    got = sink.payloads
+    assert got[:8] == [b"d1", b"d1", b"d2", b"d2", b"r2", b"r1", b"r4", b"r3"]
+    assert len(got) == 10
+    assert len(got[8]) < 10 and b"truncated!".startswith(got[8])
+    assert len(got[9]) == 10 and got[9] != b"corrupted!"
+    assert sum(x != y for x, y in zip(got[9], b"corrupted!", strict=True)) == 1
+    assert a.counts() == {
+        "corrupted": 1,
+        "duplicated": 2,
+        "reordered": 4,
+        "truncated": 1,
+    }
+
+
+async def test_cut_is_a_two_way_partition_that_heals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Only A applies the cut (its part of the schedule): B's traffic dies at A's end.
+    net, ra = MemoryNetwork(), Round()
+    a = faulty(net, "A", [FaultRule("cut", from_round=1, to_round=3)], ra)
+    b = faulty(net, "B", [], Round())
+    sa, sb = Sink(), Sink()
+    from_b = Sink()
+    async with listening((a, sa), (b, sb)), trio.open_nursery() as nursery:
+        a_to_b = await a.connect("mem:B", "B")
+        nursery.start_soon(from_b.handle, a_to_b)
+        await a_to_b.send(b"before")
+        await trio.sleep(1)
+        ra.value = 1
+        await a_to_b.send(b"into the void")  # silently lost, like a black-holed route
+        await sb.conns[0].send(b"also lost")
+        await trio.sleep(1)
+        with pytest.raises(OSError):
+            await a.connect("mem:B", "B")  # refused while cut...
+        with pytest.raises(OSError):
+            await a.connect("mem:B")  # ...even when the id is learnt only on connect
+        await b.connect("mem:A")  # A closes it at once
+        await trio.sleep(1)
+        assert sa.conns == []
+        ra.value = 3  # healed
+        await a_to_b.send(b"after")
+        await sb.conns[0].send(b"back")
+        again = await a.connect("mem:B", "B")
+        await again.send(b"new link")
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert sb.payloads == [b"before", b"after", b"new link"]
+    assert from_b.payloads == [b"back"]
+    assert a.counts() == {"cut_dials": 2, "cut_accepts": 1, "cut_sent": 1, "cut_received": 1}
+    assert b.counts() == {}
+
+
+async def test_stall_is_a_slow_consumer_and_resumes(autojump_clock: trio.testing.MockClock) -> None:
+    net, rb = MemoryNetwork(), Round()
+    a = MemoryTransport(net, "A", "mem:A")
+    b = faulty(net, "B", [FaultRule("stall", to_round=1)], rb)
+    sink = Sink()
+    async with listening((a, Sink()), (b, sink)):
+        conn = await a.connect("mem:B", "B")
+        sent = 0
+        with trio.move_on_after(10):
+            for i in range(100):
+                await conn.send(b"%d" % i)
+                sent += 1
+        assert sent == CHANNEL_CAPACITY and sink.got == []  # the sender is blocked
+        rb.value = 1
+        for i in range(sent, 100):
+            await conn.send(b"%d" % i)
+        await settle()
+    assert sink.payloads == [b"%d" % i for i in range(100)]
+
+
+async def test_crash_silences_everything(autojump_clock: trio.testing.MockClock) -> None:
+    net, rnd = MemoryNetwork(), Round()
+    a = faulty(net, "A", [], rnd)
+    sa, sb = Sink(), Sink()
+    async with listening((a, sa), (MemoryTransport(net, "B", "mem:B"), sb)):
+        conn = await a.connect("mem:B", "B")
+        await conn.send(b"alive")
+        await trio.sleep(1)
+        a.crash()
+        await conn.send(b"goodbye")
+        with pytest.raises(OSError):
+            await a.connect("mem:B", "B")
+        await conn.aclose()  # the OS closes a killed process's sockets
+        await settle()
+    assert sb.payloads == [b"alive"]
+
+
+async def test_closed_connection_raises_and_pump_errors_surface(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net, rnd = MemoryNetwork(), Round()
+    a = faulty(net, "A", [FaultRule("delay", delay=1.0)], rnd)
+    sink = Sink()
+    async with listening((a, Sink()), (MemoryTransport(net, "B", "mem:B"), sink)):
+        conn = await a.connect("mem:B", "B")
+        await conn.send(b"one")
+        await trio.sleep(2)
+        await sink.conns[0].aclose()  # the peer goes away
+        await conn.send(b"two")  # accepted into the delay line...
+        await trio.sleep(2)
+        with pytest.raises(ConnectionClosed):  # ...and its failure surfaces on the next send
+            await conn.send(b"three")
+    assert sink.payloads == [b"one"]
