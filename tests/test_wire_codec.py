@@ -16,6 +16,7 @@ from p2pfl.wire.codec import Limits, decode, encode, encode_frame, encode_parts
 from p2pfl.wire.messages import (
     MESSAGE_TYPES,
     Bye,
+    CompressedModelUpdate,
     Hello,
     Message,
     ModelUpdate,
@@ -38,6 +39,9 @@ SAMPLES: list[Message] = [
     PeerList("peer-c", 2, ()),
     ModelUpdate("peer-f", 9, PARAMS, 120),
     ModelUpdate("peer-f", 0, np.zeros(0, dtype=np.float32), 0),
+    CompressedModelUpdate(
+        "peer-f", 9, {"stages": ["zstd:3"], "base": -1, "payload": {"data": b"\x00"}}, 120
+    ),
     StateRequest("peer-g", 2**53 - 1),
     StateReply("peer-h", 4, PARAMS[::-1].copy(), 64),
     Bye("peer-i", 5, "shutting down"),

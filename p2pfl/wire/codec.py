@@ -15,6 +15,9 @@ input, `decode` raises only WireError, whose `reason` is one of:
     bad_field     a key is missing or unexpected, or a value has the wrong type or range
     bad_tensor    a tensor map is invalid, or params is not a 1-D float32 tensor
 
+A compressed update's `blob` is checked here only for shape (a small string-keyed
+map); `p2pfl.compression.UpdateDecoder` validates its content with its own reasons.
+
 `encode` refuses (ValueError) a message its receiver would reject: that is a local bug,
 never a peer's fault, so it must not be counted as a wire error.
 """
@@ -38,6 +41,7 @@ from p2pfl.wire.framing import DEFAULT_MAX_FRAME_SIZE, frame_header
 from p2pfl.wire.messages import (
     MESSAGE_TYPES,
     Bye,
+    CompressedModelUpdate,
     Hello,
     Message,
     ModelUpdate,
@@ -177,6 +181,20 @@ def _params(name: str, value: object, limits: Limits) -> np.ndarray:
     return _check_params(name, array)
 
 
+MAX_BLOB_KEYS = 8
+
+
+def _blob(name: str, value: object, limits: Limits) -> dict[str, Any]:
+    """Shallow check of a compressed-update blob; `UpdateDecoder` validates the inside."""
+    if type(value) is not dict:
+        raise _bad_field(name, f"expected map, got {type(value).__name__}")
+    if not 0 < len(value) <= MAX_BLOB_KEYS:
+        raise _bad_field(name, f"{len(value)} keys, 1 to {MAX_BLOB_KEYS} allowed")
+    if not all(type(k) is str for k in value):
+        raise _bad_field(name, "keys must be strings")
+    return value
+
+
 Validator = Callable[[str, object, Limits], Any]
 
 # Every field of every type, in wire order; `v` and `type` are handled separately.
@@ -187,6 +205,7 @@ SCHEMAS: dict[type[Any], dict[str, Validator]] = {
     Pong: {**_COMMON, "nonce": _nonce, "sent_at": _time},
     PeerList: {**_COMMON, "peers": _peer_pairs},
     ModelUpdate: {**_COMMON, "params": _params, "samples": _round},
+    CompressedModelUpdate: {**_COMMON, "blob": _blob, "samples": _round},
     StateRequest: dict(_COMMON),
     StateReply: {**_COMMON, "params": _params, "samples": _round},
     Bye: {**_COMMON, "reason": _text},

@@ -9,6 +9,7 @@ back, validating every field.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,21 @@ class ModelUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class CompressedModelUpdate:
+    """A ModelUpdate through a compression pipeline (see `p2pfl.compression`).
+
+    `blob` is the compressor's self-describing map; the codec checks only its shape
+    (a small map with string keys), `UpdateDecoder` validates the rest.
+    """
+
+    TYPE = "model_z"
+    sender: str
+    round: int
+    blob: dict[str, Any] = field(repr=False)
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
 class StateRequest:
     """Ask a peer for its current model (catch-up after restart or lag)."""
 
@@ -96,9 +112,29 @@ class Bye:
     reason: str = ""
 
 
-Message = Hello | Ping | Pong | PeerList | ModelUpdate | StateRequest | StateReply | Bye
+Message = (
+    Hello
+    | Ping
+    | Pong
+    | PeerList
+    | ModelUpdate
+    | CompressedModelUpdate
+    | StateRequest
+    | StateReply
+    | Bye
+)
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Ping, Pong, PeerList, ModelUpdate, StateRequest, StateReply, Bye)
+    for cls in (
+        Hello,
+        Ping,
+        Pong,
+        PeerList,
+        ModelUpdate,
+        CompressedModelUpdate,
+        StateRequest,
+        StateReply,
+        Bye,
+    )
 }
