@@ -1,9 +1,12 @@
-"""Aggregation rules: stacked updates (n, d) -> one model (d,).
+"""Aggregation rules: stacked inputs (n, d) -> one model (d,).
 
-A rule is a plain function so robust rules (median, trimmed mean, clipping, ...) drop
-in without touching the round protocol.
+A rule is a plain callable `(inputs (n, d) float32, sample counts (n,), own model (d,))
+-> (d,) float32`, so robust rules drop in without touching the round protocol. Build
+one with `make_rule(name, f=..., options=...)`; see docs/robustness.md for what each
+rule guarantees and its defaults.
 """
 
-from p2pfl.aggregation.rules import RULES, AggregationRule, get_rule, mean
+from p2pfl.aggregation.registry import RULE_NAMES, RULES, Rule, get_rule, make_rule
+from p2pfl.aggregation.rules import AggregationRule, mean
 
-__all__ = ["RULES", "AggregationRule", "get_rule", "mean"]
+__all__ = ["RULES", "RULE_NAMES", "AggregationRule", "Rule", "get_rule", "make_rule", "mean"]

@@ -1,4 +1,4 @@
-"""Aggregation rules (pure numpy)."""
+"""The aggregation callable type and the plain sample-weighted mean (pure numpy)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-# (stacked updates (n, d) float32, weights (n,) >= 0, own model (d,)) -> aggregate (d,)
+# (stacked inputs (n, d) float32 C-contiguous, weights (n,) float64 sample counts,
+#  own model (d,)) -> aggregate (d,) float32. The node's own model is one of the rows.
 AggregationRule = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -24,13 +25,3 @@ def mean(updates: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarra
     for i in range(len(updates)):
         out += w[i] * updates[i]
     return out.astype(np.float32)
-
-
-RULES: dict[str, AggregationRule] = {"mean": mean}
-
-
-def get_rule(name: str) -> AggregationRule:
-    try:
-        return RULES[name]
-    except KeyError:
-        raise ValueError(f"unknown aggregation rule {name!r}; available: {sorted(RULES)}") from None
