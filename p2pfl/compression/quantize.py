@@ -52,7 +52,8 @@ def _dequantize(q: npt.NDArray[np.int8], scales: F32, count: int) -> F32:
     full = np.zeros(scales.size * QUANT_BLOCK, dtype=np.int8)
     full[:count] = q
     out: F32 = full.reshape(-1, QUANT_BLOCK).astype(np.float32)
-    out *= scales[:, None]
+    with np.errstate(over="ignore"):  # a hostile scale may overflow; the caller checks
+        out *= scales[:, None]
     return out.reshape(-1)[:count]
 
 
