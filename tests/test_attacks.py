@@ -1,0 +1,168 @@
+"""Each attack sends what it claims to send."""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+
+from p2pfl.scenario.attacks import ATTACK_NAMES, Attack, alie_z, make_attack
+
+D = 4000
+
+
+@pytest.fixture
+def setup() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    start = rng.standard_normal(D).astype(np.float32)
+    trained = (start + 0.1 * rng.standard_normal(D)).astype(np.float32)
+    # Honest neighbours' deltas: a common direction plus individual noise.
+    direction = 0.1 * rng.standard_normal(D)
+    heard = (direction + 0.05 * rng.standard_normal((6, D))).astype(np.float32)
+    return start, trained, heard
+
+
+def craft(
+    attack: Attack,
+    start: np.ndarray,
+    trained: np.ndarray,
+    heard: np.ndarray | None,
+    seed: int = 0,
+) -> np.ndarray:
+    out = attack.craft(
+        start=start, trained=trained, overheard=heard, rng=np.random.default_rng(seed)
+    )
+    assert out is not None
+    assert out.dtype == np.float32 and out.shape == start.shape and out.flags.c_contiguous
+    return out
+
+
+def test_names_are_the_contracted_ones() -> None:
+    assert ATTACK_NAMES == (
+        "sign_flip",
+        "gaussian",
+        "label_flip",
+        "ipm",
+        "alie",
+        "zero",
+        "random",
+        "silent",
+    )
+    for kind in ATTACK_NAMES:
+        assert make_attack(kind).kind == kind
+
+
+def test_sign_flip_sends_the_scaled_opposite_delta(setup: tuple[np.ndarray, ...]) -> None:
+    start, trained, heard = setup
+    delta = trained.astype(np.float64) - start
+    out = craft(make_attack("sign_flip"), start, trained, heard)
+    np.testing.assert_allclose(out - start, -4.0 * delta, atol=1e-5)
+    out = craft(make_attack("sign_flip", options={"scale": 1}), start, trained, heard)
+    np.testing.assert_allclose(out - start, -delta, atol=1e-5)
+
+
+def test_gaussian_adds_zero_mean_noise_of_sigma(setup: tuple[np.ndarray, ...]) -> None:
+    start, trained, heard = setup
+    attack = make_attack("gaussian", options={"sigma": 0.5})
+    noise = craft(attack, start, trained, heard).astype(np.float64) - start
+    assert abs(noise.mean()) < 0.05 and abs(noise.std() - 0.5) < 0.02
+    # Independent of the honest update, reproducible from the generator.
+    first = craft(attack, start, trained, heard)
+    np.testing.assert_array_equal(craft(attack, start, trained * 3, heard), first)
+    assert not np.array_equal(craft(attack, start, trained, heard, seed=1), first)
+
+
+def test_label_flip_poisons_labels_and_sends_its_honest_training(
+    setup: tuple[np.ndarray, ...],
+) -> None:
+    start, trained, heard = setup
+    y = np.array([0, 1, 2, 9, 5], dtype=np.int64)
+    attack = make_attack("label_flip")
+    flipped = attack.poison_labels(y, 10)
+    np.testing.assert_array_equal(flipped, [9, 8, 7, 0, 4])
+    assert flipped.dtype == y.dtype
+    np.testing.assert_array_equal(craft(attack, start, trained, heard), trained)
+    for kind in ATTACK_NAMES:
+        if kind != "label_flip":
+            np.testing.assert_array_equal(make_attack(kind).poison_labels(y, 10), y)
+
+
+def test_ipm_sends_minus_epsilon_times_the_overheard_mean(
+    setup: tuple[np.ndarray, ...],
+) -> None:
+    start, trained, heard = setup
+    honest_mean = heard.astype(np.float64).mean(axis=0)
+    out = craft(make_attack("ipm", options={"epsilon": 0.5}), start, trained, heard)
+    np.testing.assert_allclose(out - start, -0.5 * honest_mean, atol=1e-5)
+    assert float((out - start) @ honest_mean) < 0  # points against the honest direction
+    # Round 0: nothing overheard, the attacker's own delta stands in for the mean.
+    delta = trained.astype(np.float64) - start
+    for nothing in (None, np.empty((0, D), dtype=np.float32)):
+        out = craft(make_attack("ipm"), start, trained, nothing)
+        np.testing.assert_allclose(out - start, -0.1 * delta, atol=1e-5)
+
+
+def test_alie_shifts_by_z_standard_deviations_and_hides_in_the_spread(
+    setup: tuple[np.ndarray, ...],
+) -> None:
+    start, trained, heard = setup
+    h = heard.astype(np.float64)
+    mu, sd = h.mean(axis=0), h.std(axis=0)
+    attack = make_attack("alie", n=20, f=4)
+    z = attack.options["z"]
+    out = craft(attack, start, trained, heard).astype(np.float64) - start
+    np.testing.assert_allclose(out, mu - z * sd, atol=1e-5)
+    # Closer to the honest mean than the honest updates themselves are.
+    honest_dist = np.linalg.norm(h - mu, axis=1)
+    assert np.linalg.norm(out - mu) < np.median(honest_dist)
+    fixed = make_attack("alie", options={"z": 1.5}, n=20, f=4)
+    out = craft(fixed, start, trained, heard).astype(np.float64) - start
+    np.testing.assert_allclose(out, mu - 1.5 * sd, atol=1e-5)
+
+
+def test_alie_z_follows_baruch_et_al() -> None:
+    # z = Phi^-1((n - s) / n), s = floor(n / 2 + 1) - f
+    inv = statistics.NormalDist().inv_cdf
+    assert alie_z(20, 4) == pytest.approx(inv(13 / 20))  # s = 7
+    assert alie_z(50, 24) == pytest.approx(inv(48 / 50))  # s = 2
+    assert alie_z(10, 2) == pytest.approx(inv(6 / 10))
+    assert alie_z(20, 0) == 0.0  # no attacker majority to hide behind
+    assert alie_z(0, 0) == 1.0  # n unknown
+    assert make_attack("alie", n=20, f=4).options["z"] == pytest.approx(0.3853, abs=1e-4)
+
+
+def test_zero_random_and_silent(setup: tuple[np.ndarray, ...]) -> None:
+    start, trained, heard = setup
+    np.testing.assert_array_equal(craft(make_attack("zero"), start, trained, heard), start)
+    noise = craft(make_attack("random", options={"scale": 0.2}), start, trained, heard) - start
+    assert np.abs(noise).max() <= 0.2 + 1e-6 and noise.std() > 0.1
+    silent = make_attack("silent")
+    assert silent.silent
+    rng = np.random.default_rng()
+    assert silent.craft(start=start, trained=trained, overheard=heard, rng=rng) is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "needle"),
+    [
+        ("backdoor", {}, "backdoor"),
+        ("sign_flip", {"sigma": 1.0}, "sigma"),
+        ("gaussian", {"sigma": 0}, "sigma"),
+        ("gaussian", {"sigma": "big"}, "sigma"),
+        ("ipm", {"epsilon": -1}, "epsilon"),
+        ("zero", {"scale": 1}, "scale"),
+        ("alie", {"z": True}, "'z'"),
+    ],
+)
+def test_bad_kinds_and_options_raise_naming_them(
+    kind: str, options: dict[str, object], needle: str
+) -> None:
+    with pytest.raises(ValueError, match=needle):
+        make_attack(kind, options=options)
+
+
+def test_overheard_of_the_wrong_width_is_refused(setup: tuple[np.ndarray, ...]) -> None:
+    start, trained, heard = setup
+    with pytest.raises(ValueError, match="shape"):
+        craft(make_attack("alie"), start, trained, heard[:, :10])
