@@ -23,7 +23,7 @@ from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from p2pfl import PROTOCOL_VERSION
 from p2pfl.config import NodeConfig
-from p2pfl.discovery import mdns
+from p2pfl.discovery import mdns, probe
 from p2pfl.discovery.mdns import SERVICE_TYPE, default_interfaces, run_mdns, select_interfaces
 from p2pfl.discovery.txt import (
     MAX_TXT_ENTRIES,
@@ -312,6 +312,16 @@ async def test_three_nodes_find_each_other_ignore_another_federation_and_see_goo
             assert rec.found[me] == expected  # right ids and addresses, not ourselves
         assert rec.found[ids[3]] == {}  # the outsider sees nobody of ours either
 
+        # A plain DNS client (one legacy unicast query, no zeroconf) reads our records.
+        seen = await trio.to_thread.run_sync(probe.query, "127.0.0.1", SERVICE_TYPE, 1.0)
+        ours = {s.txt.get("id"): s for s in seen if s.txt.get("fed") == fed}
+        assert set(ours) == set(members)
+        for i, m in enumerate(members):
+            assert ours[m].name == instance_name(m)
+            assert ours[m].port == ports[i] and ours[m].txt["port"] == str(ports[i])
+            assert ours[m].addresses == ["127.0.0.1"]
+            assert ours[m].txt["v"] == str(PROTOCOL_VERSION)
+
         scopes[0].cancel()  # clean shutdown: goodbye packets
         await wait_until(lambda: all(rec.removed[m] == [ids[0]] for m in members[1:]))
         nursery.cancel_scope.cancel()
@@ -397,3 +407,29 @@ def test_scenario_discovery_errors_name_the_key(doc: dict[str, object]) -> None:
     with pytest.raises(ScenarioError) as info:
         parse_scenario(doc)
     assert info.value.path == "discovery"
+
+
+# ---- the independent DNS parser used above -----------------------------------------------
+
+
+def test_probe_parser_reads_names_with_compression_and_refuses_loops() -> None:
+    packet = b"\x00" * 12 + b"\x03abc\x05local\x00" + b"\x03www\xc0\x0c"
+    assert probe.read_name(packet, 12) == ("abc.local.", 23)
+    assert probe.read_name(packet, 23) == ("www.abc.local.", 29)
+    with pytest.raises(probe.DnsFormatError):
+        probe.read_name(b"\x00" * 12 + b"\xc0\x0c", 12)  # points at itself
+    with pytest.raises(probe.DnsFormatError):
+        probe.read_name(b"\x05ab", 0)  # runs past the end
+    with pytest.raises(probe.DnsFormatError):
+        probe.read_name(b"\x3f" + b"a" * 63 + (b"\x3f" + b"a" * 63) * 4 + b"\x00", 0)
+
+
+@given(st.binary(max_size=200))
+def test_probe_parser_only_raises_dns_format_error(packet: bytes) -> None:
+    response = b"\x12\x34\x84\x00" + packet
+    services: dict[str, probe.Service] = {}
+    try:
+        probe.merge(services, probe.parse_response(response))
+    except probe.DnsFormatError:
+        return
+    assert all(isinstance(name, str) for name in services)
