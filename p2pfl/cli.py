@@ -171,6 +171,9 @@ def _run_node(args: argparse.Namespace) -> int:
         trio.run(_node_main, config)
     except KeyboardInterrupt:
         return 130
+    except ConfigError as exc:
+        print(f"p2pfl node: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"p2pfl node: {exc}", file=sys.stderr)
         return 1

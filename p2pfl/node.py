@@ -24,8 +24,8 @@ import numpy as np
 import trio
 
 from p2pfl import PROTOCOL_VERSION, __version__
-from p2pfl.aggregation import get_rule
-from p2pfl.config import NodeConfig
+from p2pfl.aggregation import make_rule
+from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.learning import build_model, load_dataset, node_shard
 from p2pfl.membership import PeerState, PeerTable
@@ -140,9 +140,15 @@ class Node:
             self.history = ckpt.history
             log.info("resuming from checkpoint at round %d", start_round)
 
+        try:
+            rule = make_rule(
+                config.aggregation, f=config.tolerate, options=dict(config.aggregation_options)
+            )
+        except ValueError as exc:
+            raise ConfigError("aggregation", str(exc)) from None
         self.machine = RoundMachine(
             params=params,
-            rule=get_rule(config.aggregation),
+            rule=rule,
             settings=RoundSettings(
                 target_rounds=config.rounds,
                 quorum=config.quorum,
@@ -240,6 +246,8 @@ class Node:
                         self.data_dir / CONTROL_SOCKET,
                         {"status": lambda _req: self.status()},
                     )
+                if self.config.mdns and not self.config.listen.startswith("mem:"):
+                    nursery.start_soon(self._discover)
                 nursery.start_soon(self._dial_loop)
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._timer_loop)
@@ -466,6 +474,44 @@ class Node:
                     silent.scope.cancel()
 
     # ---- connections -------------------------------------------------------------------
+
+    async def _discover(self) -> None:
+        """mDNS finds peers on the LAN; it is discovery only (liveness is heartbeats).
+
+        A TXT record's peer id is only a claim: we dial with it as the expected id, so a
+        spoofed record fails the TLS check and its address is held off.
+        """
+        from p2pfl.discovery.mdns import default_interfaces, run_mdns
+        from p2pfl.transport.tcp import parse_address
+
+        host, port = parse_address(self.listen_addresses[0])
+        interfaces = list(self.config.mdns_interfaces) or default_interfaces(host)
+        if not interfaces:
+            log.warning("mDNS: no IPv4 interface for listen address %s; discovery off", host)
+            return
+        try:
+            await run_mdns(
+                peer_id=self.id,
+                federation=self.config.federation,
+                port=port,
+                address=host,
+                interfaces=interfaces,
+                on_found=self._on_mdns_found,
+                on_removed=self._on_mdns_removed,
+            )
+        except OSError as exc:
+            log.warning("mDNS unavailable on %s (%s); using bootstrap peers only", interfaces, exc)
+
+    def _on_mdns_found(self, peer_id: str, address: str) -> None:
+        if peer_id != self.id and self.peers.add_address(
+            address, peer_id=peer_id, found_via="mdns"
+        ):
+            log.info("mDNS: found %s at %s", peer_id[:12], address)
+            self._notify_peers_changed()
+
+    def _on_mdns_removed(self, peer_id: str) -> None:
+        # Its goodbye: don't redial soon. An open connection stays until TCP says otherwise.
+        self.peers.hold_off_peer(peer_id, trio.current_time(), 30.0)
 
     async def _dial_loop(self) -> None:
         while True:
