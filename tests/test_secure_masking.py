@@ -1,0 +1,157 @@
+"""Fixed point in Z_2^32 and pairwise masks: exact cancellation, bounded quantization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from p2pfl.identity import Identity
+from p2pfl.secure.keys import SessionKey
+from p2pfl.secure.masking import (
+    BLOCK_WORDS,
+    LIMIT,
+    FixedPoint,
+    MaskContext,
+    SumRejected,
+    add_streams,
+    expand,
+    fixed_point,
+    mask_encoded,
+    pair_seed,
+)
+
+FED = "fed"
+KEYS = [SessionKey(Identity.generate(), FED, 1) for _ in range(8)]
+CTX = MaskContext(FED, 3, "aggregator", b"s" * 16, 0, 0)
+
+
+def _group_vectors(
+    keys: list[SessionKey], encoded: list[np.ndarray], ctx: MaskContext
+) -> tuple[list[np.ndarray], list[bytes]]:
+    """What each member sends: its encoding plus pair masks and a self mask."""
+    self_seeds = [bytes([i]) * 32 for i in range(len(keys))]
+    out = []
+    for me, enc, own in zip(keys, encoded, self_seeds, strict=True):
+        seeds = {
+            k.peer_id: pair_seed(me, k.peer_id, k.public_bytes, ctx) for k in keys if k is not me
+        }
+        out.append(mask_encoded(enc, me.peer_id, seeds, own))
+    return out, self_seeds
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    g=st.integers(3, 8),
+    clip=st.sampled_from([0.5, 4.0, 16.0]),
+    data=st.data(),
+)
+def test_masks_cancel_and_the_group_mean_is_exact_up_to_quantization(
+    g: int, clip: float, data: st.DataObject
+) -> None:
+    d = data.draw(st.integers(1, 300))
+    values = hnp.arrays(
+        np.float32,
+        (g, d),
+        elements=st.floats(-3 * clip, 3 * clip, width=32, allow_nan=False),
+    )
+    x = data.draw(values)
+    codec = fixed_point(clip, g)
+    encoded = [codec.encode(row) for row in x]
+    masked, self_seeds = _group_vectors(KEYS[:g], encoded, CTX)
+    total = np.zeros(d, dtype=np.uint32)
+    for v in masked:
+        total += v
+    add_streams(total, minus=self_seeds)
+    exact = np.zeros(d, dtype=np.uint32)
+    for e in encoded:
+        exact += e
+    np.testing.assert_array_equal(total, exact)  # the masks cancel bit for bit
+    mean = codec.decode_mean(total, g)
+    expected = np.clip(x.astype(np.float64), -clip, clip).mean(axis=0)
+    tol = 0.5 * codec.step + 2.0**-23 * clip
+    assert np.max(np.abs(mean - expected)) <= tol
+
+
+def test_masked_vectors_differ_from_the_encoding_everywhere_that_matters() -> None:
+    codec = fixed_point(4.0, 3)
+    encoded = [codec.encode(np.zeros(4096, dtype=np.float32)) for _ in range(3)]
+    masked, _ = _group_vectors(KEYS[:3], encoded, CTX)
+    for v in masked:
+        assert np.count_nonzero(v == 0) < 10  # zeros would survive a broken mask
+
+
+def test_fixed_point_bound_makes_overflow_impossible() -> None:
+    for clip, n in [(1.0, 3), (16.0, 5), (1e6, 8), (3.3, 1024)]:
+        codec = FixedPoint(clip, n)
+        extreme = np.array([clip, -clip, 10 * clip, -10 * clip], dtype=np.float32)
+        q = codec.encode(extreme).view(np.int32).astype(np.int64)
+        assert np.all(np.abs(q) <= codec.bound)
+        assert codec.bound * n <= LIMIT
+        # n members all at +R (and all at -R) still decode to +R (-R).
+        total = codec.encode(np.full(2, clip, dtype=np.float32)) * np.uint32(n)
+        assert codec.decode_mean(total, n)[0] == pytest.approx(clip, rel=1e-6)
+        total = codec.encode(np.full(2, -clip, dtype=np.float32)) * np.uint32(n)
+        assert codec.decode_mean(total, n)[0] == pytest.approx(-clip, rel=1e-6)
+
+
+def test_uncancelled_masks_are_detected() -> None:
+    codec = fixed_point(4.0, 4)
+    garbage = expand(b"\x07" * 32, 1000)
+    with pytest.raises(SumRejected):
+        codec.decode_mean(garbage, 4)
+    # A group sum missing one member's vector is garbage too.
+    encoded = [codec.encode(np.ones(1000, dtype=np.float32)) for _ in range(4)]
+    masked, self_seeds = _group_vectors(KEYS[:4], encoded, CTX)
+    partial = masked[0] + masked[1] + masked[2]
+    add_streams(partial, minus=self_seeds[:3])
+    with pytest.raises(SumRejected):
+        codec.decode_mean(partial, 3)
+
+
+def test_encode_refuses_non_finite_and_non_vectors() -> None:
+    codec = fixed_point(1.0, 3)
+    with pytest.raises(ValueError):
+        codec.encode(np.array([0.0, np.nan], dtype=np.float32))
+    with pytest.raises(ValueError):
+        codec.encode(np.zeros((2, 2), dtype=np.float32))
+    for clip, n in [(0.0, 3), (float("inf"), 3), (1.0, 0)]:
+        with pytest.raises(ValueError):
+            FixedPoint(clip, n)
+
+
+def test_pair_seed_is_symmetric_and_bound_to_every_context_field() -> None:
+    a, b = KEYS[0], KEYS[1]
+    seed = pair_seed(a, b.peer_id, b.public_bytes, CTX)
+    assert seed == pair_seed(b, a.peer_id, a.public_bytes, CTX)
+    variants = [
+        MaskContext("other", 3, "aggregator", b"s" * 16, 0, 0),
+        MaskContext(FED, 4, "aggregator", b"s" * 16, 0, 0),
+        MaskContext(FED, 3, "other", b"s" * 16, 0, 0),
+        MaskContext(FED, 3, "aggregator", b"t" * 16, 0, 0),
+        MaskContext(FED, 3, "aggregator", b"s" * 16, 1, 0),
+        MaskContext(FED, 3, "aggregator", b"s" * 16, 0, 1),
+    ]
+    seeds = {pair_seed(a, b.peer_id, b.public_bytes, c) for c in variants}
+    assert len(seeds) == len(variants) and seed not in seeds
+    assert pair_seed(a, KEYS[2].peer_id, KEYS[2].public_bytes, CTX) != seed
+    with pytest.raises(ValueError):
+        pair_seed(a, a.peer_id, a.public_bytes, CTX)
+
+
+def test_blockwise_streams_equal_one_aes256_ctr_keystream() -> None:
+    d = 2 * BLOCK_WORDS + 5
+    seed = bytes(range(32))
+    enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    reference = np.frombuffer(enc.update(bytes(4 * d)), dtype="<u4")
+    np.testing.assert_array_equal(expand(seed, d), reference)
+    acc = np.full(d, 5, dtype=np.uint32)
+    add_streams(acc, plus=[seed, seed], minus=[seed])
+    np.testing.assert_array_equal(acc, reference + np.uint32(5))
+    with pytest.raises(ValueError):
+        add_streams(np.zeros(3, dtype=np.int32), plus=[seed])
+    with pytest.raises(ValueError):
+        expand(b"short", 3)
