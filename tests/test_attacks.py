@@ -1,13 +1,19 @@
-"""Each attack sends what it claims to send."""
+"""Each attack sends what it claims to send; the scenario [attack] and [aggregation]
+tables; honest-only reporting."""
 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from p2pfl.config import NodeConfig
+from p2pfl.scenario import ScenarioError, parse_scenario
 from p2pfl.scenario.attacks import ATTACK_NAMES, Attack, alie_z, make_attack
+from p2pfl.scenario.report import build_metrics, summary_table
 
 D = 4000
 
@@ -166,3 +172,91 @@ def test_overheard_of_the_wrong_width_is_refused(setup: tuple[np.ndarray, ...]) 
     start, trained, heard = setup
     with pytest.raises(ValueError, match="shape"):
         craft(make_attack("alie"), start, trained, heard[:, :10])
+
+
+# ---- scenario tables ------------------------------------------------------------------
+
+
+def test_scenario_attack_and_aggregation_tables_become_node_config_values() -> None:
+    s = parse_scenario(
+        {
+            "nodes": 10,
+            "attack": {"kind": "alie", "fraction": 0.2},
+            "aggregation": {"rule": "trimmed_mean", "bucket_size": 2},
+        }
+    )
+    assert len(s.attack.nodes) == 2 and s.attack.options["z"] == pytest.approx(
+        alie_z(10, 2), abs=1e-6
+    )
+    assert (
+        s.attack
+        == parse_scenario({"nodes": 10, "attack": {"kind": "alie", "fraction": 0.2}}).attack
+    )
+    assert (s.aggregation.rule, s.aggregation.f) == ("trimmed_mean", 2)  # f defaults to attackers
+    values = s.node_config_values([f"mem:n{i}" for i in range(10)], [Path(".")] * 10)
+    for i, v in enumerate(values):
+        assert v["aggregation"] == "trimmed_mean" and v["tolerate"] == 2
+        assert v["aggregation_options"] == {"bucket_size": 2}
+        if i in s.attack.nodes:
+            assert v["attack"] == "alie" and v["attack_options"] == dict(s.attack.options)
+            assert s.role(i) == "malicious"
+        else:
+            assert "attack" not in v and s.role(i) == "honest"
+        NodeConfig(**v).validated()
+    explicit = parse_scenario(
+        {
+            "nodes": 5,
+            "attack": {"kind": "sign_flip", "nodes": [3, 1], "scale": 8},
+            "aggregation": {"f": 1},
+        }
+    )
+    assert explicit.attack.nodes == (1, 3) and explicit.attack.options == {"scale": 8}
+    assert explicit.aggregation.f == 1
+    plain = parse_scenario({"nodes": 3}).node_config_values(
+        ["mem:a", "mem:b", "mem:c"], [Path(".")] * 3
+    )
+    assert not any(k in plain[0] for k in ("aggregation", "tolerate", "attack"))
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"attack": {"nodes": [1]}}, "attack.kind: is required"),
+        ({"attack": {"kind": "backdoor", "nodes": [1]}}, "attack.kind: unknown value"),
+        ({"attack": {"kind": "zero"}}, "attack: give exactly one of"),
+        ({"attack": {"kind": "zero", "nodes": [1], "fraction": 0.2}}, "attack: give exactly one"),
+        ({"attack": {"kind": "zero", "nodes": [6]}}, "attack.nodes: expected distinct"),
+        ({"attack": {"kind": "zero", "nodes": [1, 1]}}, "attack.nodes: expected distinct"),
+        ({"attack": {"kind": "zero", "nodes": list(range(6))}}, "attack.nodes: at least one"),
+        ({"attack": {"kind": "zero", "fraction": 0.01}}, "attack.fraction: makes 0 of 6"),
+        ({"attack": {"kind": "sign_flip", "nodes": [1], "sigma": 1}}, "attack.sigma: "),
+        ({"attack": {"kind": "gaussian", "nodes": [1], "sigma": -1}}, "attack.sigma: "),
+        ({"aggregation": {"rule": "avg"}}, "aggregation.rule: unknown value"),
+        ({"aggregation": {"rule": "median", "f": -1}}, "aggregation.f: must be >= 0"),
+        ({"aggregation": {"rule": "trimmed_mean", "beta": 0.7}}, "aggregation.beta: "),
+        ({"aggregation": {"rule": "krum", "m": 3}}, "aggregation.m: "),
+        ({"aggregation": {"rule": "trimmed_mean", "f": 1, "beta": 0}}, "aggregation.beta: "),
+    ],
+)
+def test_scenario_attack_and_aggregation_errors_name_the_field(
+    doc: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario({"nodes": 6, **doc})
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_report_marks_roles_and_scores_honest_nodes_only() -> None:
+    s = parse_scenario({"nodes": 3, "attack": {"kind": "zero", "nodes": [2]}})
+    nodes = {
+        f"n{i}": {"peer_id": f"p{i}", "rounds": [{"round": 1, "accuracy": acc, "bytes_sent": 10}]}
+        for i, acc in enumerate((0.8, 0.6, 0.05))
+    }
+    m = build_metrics(s, nodes, wall_seconds=1.0, mode="test")
+    assert [m["nodes"][n]["role"] for n in ("n0", "n1", "n2")] == ["honest", "honest", "malicious"]
+    final = m["summary"]["final"]
+    assert final["accuracy_mean"] == pytest.approx(0.7) and final["accuracy_min"] == 0.6
+    assert final["bytes_sent_total"] == 30  # traffic counts everyone
+    assert m["summary"]["per_round"][0]["accuracy_mean"] == pytest.approx(0.7)
+    assert m["summary"]["malicious_nodes"] == ["n2"] and m["summary"]["honest_nodes"] == 2
+    assert "malicious" in str(summary_table(m).title)

@@ -52,7 +52,7 @@ def _err(doc: dict[str, Any]) -> str:
         ({"nodes": 4, "protocol": {"heartbeat_timeout": 0.5}}, "protocol.heartbeat_timeout"),
         ({"nodes": 4, "name": "a b"}, "name: must be"),
         ({"nodes": 4, "topology": "ring"}, "topology: expected a table"),
-        ({"nodes": 4, "attack": {"kind": "sign_flip"}}, "attack: not supported yet"),
+        ({"nodes": 4, "attack": {"kind": "sign_flip"}}, "attack: give exactly one of nodes"),
         ({"nodes": 4, "faults": [{"kind": "crash"}]}, "faults: not supported yet"),
     ],
 )

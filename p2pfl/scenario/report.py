@@ -13,7 +13,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +35,35 @@ def build_metrics(
     mode: str,
     complete: bool = True,
 ) -> dict[str, Any]:
-    """The whole `metrics.json` document (rows sorted by round, summary computed)."""
+    """The whole `metrics.json` document (rows sorted by round, summary computed).
+
+    Every node is marked with its role; accuracies in the summary are the honest nodes'
+    only (a malicious node's own accuracy says nothing about the attack's effect).
+    """
     clean = {
-        name: {**dict(rec), "rounds": sorted(_rows(rec), key=lambda r: int(r.get("round", 0)))}
+        name: {
+            **dict(rec),
+            "role": _role(scenario, name),
+            "rounds": sorted(_rows(rec), key=lambda r: int(r.get("round", 0))),
+        }
         for name, rec in sorted(nodes.items(), key=lambda kv: _node_order(kv[0]))
     }
+    honest = [n for n, rec in clean.items() if rec["role"] == "honest"]
+    summary = summarize({n: rec["rounds"] for n, rec in clean.items()}, wall_seconds, honest)
+    summary["malicious_nodes"] = [n for n in clean if n not in honest]
     return {
         "scenario": scenario.to_dict(),
         "mode": mode,
         "complete": complete,
         "nodes": clean,
-        "summary": summarize({n: rec["rounds"] for n, rec in clean.items()}, wall_seconds),
+        "summary": summary,
         "wall_seconds": round(wall_seconds, 3),
     }
+
+
+def _role(scenario: Scenario, name: str) -> str:
+    index, _ = _node_order(name)
+    return scenario.role(index)
 
 
 def records_from_disk(out: Path, nodes: int) -> dict[str, dict[str, Any]]:
@@ -97,18 +113,28 @@ def _stats(values: Iterable[float | None]) -> tuple[float | None, float | None, 
 
 
 def summarize(
-    rows_by_node: Mapping[str, Sequence[Mapping[str, Any]]], wall: float
+    rows_by_node: Mapping[str, Sequence[Mapping[str, Any]]],
+    wall: float,
+    honest: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Per-round mean/min/max accuracy across nodes, and the final state of every node."""
+    """Per-round mean/min/max accuracy across nodes, and the final state of every node.
+
+    Accuracy and loss count only the `honest` nodes (default: all); traffic and round
+    counts include everyone.
+    """
+    counted = set(rows_by_node if honest is None else honest)
     by_round: dict[int, list[Mapping[str, Any]]] = {}
-    for rows in rows_by_node.values():
+    scored: dict[int, list[Mapping[str, Any]]] = {}
+    for name, rows in rows_by_node.items():
         for row in rows:
             by_round.setdefault(int(row["round"]), []).append(row)
+            if name in counted:
+                scored.setdefault(int(row["round"]), []).append(row)
     per_round = []
     for r in sorted(by_round):
         rows = by_round[r]
-        mean, lo, hi = _stats(_num(x.get("accuracy")) for x in rows)
-        loss, _, _ = _stats(_num(x.get("loss")) for x in rows)
+        mean, lo, hi = _stats(_num(x.get("accuracy")) for x in scored.get(r, ()))
+        loss, _, _ = _stats(_num(x.get("loss")) for x in scored.get(r, ()))
         secs, _, _ = _stats(_num(x.get("seconds")) for x in rows)
         per_round.append(
             {
@@ -123,7 +149,8 @@ def summarize(
             }
         )
     last = [rows[-1] for rows in rows_by_node.values() if rows]
-    mean, lo, hi = _stats(_num(x.get("accuracy")) for x in last)
+    last_scored = [rows[-1] for n, rows in rows_by_node.items() if rows and n in counted]
+    mean, lo, hi = _stats(_num(x.get("accuracy")) for x in last_scored)
     completed = [len(rows) for rows in rows_by_node.values()]
     return {
         "per_round": per_round,
@@ -137,6 +164,7 @@ def summarize(
             "bytes_received_total": int(sum(_num(x.get("bytes_received")) or 0 for x in last)),
         },
         "wall_seconds": round(wall, 3),
+        "honest_nodes": len(counted),
     }
 
 
@@ -169,7 +197,12 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
         step = math.ceil(len(rows) / (MAX_TABLE_ROWS - 1))
         rows = [*rows[:-1:step], rows[-1]]
     name = metrics.get("scenario", {}).get("name", "scenario")
-    table = Table(title=f"{name}: {len(metrics.get('nodes', {}))} nodes ({metrics.get('mode')})")
+    title = f"{name}: {len(metrics.get('nodes', {}))} nodes ({metrics.get('mode')})"
+    bad = summary.get("malicious_nodes") or []
+    if bad:
+        names = ", ".join(bad[:8]) + (", ..." if len(bad) > 8 else "")
+        title += f"\n{len(bad)} malicious ({names}); accuracy over honest nodes only"
+    table = Table(title=title)
     for col in ("round", "nodes", "acc mean", "acc min", "acc max", "loss", "sent (all)"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -230,7 +263,7 @@ def plot_accuracy(metrics: Mapping[str, Any], path: Path) -> Path | None:
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    lines = []
+    lines: dict[str, list[list[tuple[float, float]]]] = {"honest": [], "malicious": []}
     for rec in metrics["nodes"].values():
         pts = [
             (float(r["round"]), acc)
@@ -238,9 +271,14 @@ def plot_accuracy(metrics: Mapping[str, Any], path: Path) -> Path | None:
             if (acc := _num(r.get("accuracy"))) is not None
         ]
         if pts:
-            lines.append(pts)
-    if lines:
-        ax.add_collection(LineCollection(lines, linewidths=0.7, alpha=0.35, colors="tab:blue"))
+            lines["malicious" if rec.get("role") == "malicious" else "honest"].append(pts)
+    for role, color in (("honest", "tab:blue"), ("malicious", "tab:gray")):
+        if lines[role]:
+            style = "solid" if role == "honest" else "dashed"
+            collection = LineCollection(
+                lines[role], linewidths=0.7, alpha=0.35, colors=color, linestyles=style
+            )
+            ax.add_collection(collection)
     means = [
         (r["round"], r["accuracy_mean"])
         for r in metrics["summary"]["per_round"]
@@ -248,7 +286,8 @@ def plot_accuracy(metrics: Mapping[str, Any], path: Path) -> Path | None:
     ]
     if means:
         xs, ys = zip(*means, strict=True)
-        ax.plot(xs, ys, color="tab:red", linewidth=2.5, label="mean", marker="o", markersize=3)
+        label = "honest mean" if metrics["summary"].get("malicious_nodes") else "mean"
+        ax.plot(xs, ys, color="tab:red", linewidth=2.5, label=label, marker="o", markersize=3)
         ax.legend(loc="lower right")
     ax.autoscale_view()
     ax.set_ylim(0.0, 1.0)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import random
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -27,7 +29,7 @@ from p2pfl.scenario import topology
 from p2pfl.scenario.topology import Edge, TopologyError
 
 MAX_NODES = 1000
-RESERVED_TABLES = ("attack", "faults", "compression", "secure_aggregation", "aggregation")
+RESERVED_TABLES = ("faults", "compression", "secure_aggregation")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -81,6 +83,29 @@ class ProtocolSpec:
 
 
 @dataclass(frozen=True)
+class AttackSpec:
+    """Which nodes are malicious and what they do ("" = nobody attacks).
+
+    `nodes` is resolved at parse time (a `fraction` becomes indices drawn from the
+    scenario seed) and `options` are complete (ALIE's z is computed here from the
+    node and attacker counts), so every runner and every process sees the same attack.
+    """
+
+    kind: str = ""
+    nodes: tuple[int, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AggregationSpec:
+    """The rule every node aggregates with; `f` is the node's `tolerate`."""
+
+    rule: str = "mean"
+    f: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     nodes: int
@@ -95,6 +120,23 @@ class Scenario:
     # "mdns": no --peer at all; nodes find each other with mDNS on 127.0.0.1 (real
     # processes only: the in-memory transport has no multicast, so it keeps bootstrap).
     discovery: str = "bootstrap"
+    attack: AttackSpec = field(default_factory=AttackSpec)
+    aggregation: AggregationSpec = field(default_factory=AggregationSpec)
+
+    def role(self, index: int) -> str:
+        """ "malicious" for the attack's nodes, else "honest"."""
+        return "malicious" if index in self.attack.nodes else "honest"
+
+    def _robust_values(self, index: int) -> dict[str, Any]:
+        """Aggregation and attack fields of one node (only those that differ from the
+        defaults, so plain scenarios produce the same flags as before)."""
+        agg = self.aggregation
+        out: dict[str, Any] = {}
+        if (agg.rule, agg.f, agg.options) != ("mean", 0, {}):
+            out.update(aggregation=agg.rule, tolerate=agg.f, aggregation_options=dict(agg.options))
+        if index in self.attack.nodes:
+            out.update(attack=self.attack.kind, attack_options=dict(self.attack.options))
+        return out
 
     def edges(self) -> list[Edge]:
         """The undirected edge list of this scenario's graph (deterministic from `seed`)."""
@@ -153,6 +195,7 @@ class Scenario:
                 "quorum": self.protocol.quorum,
                 "round_timeout": self.protocol.round_timeout,
                 "seed": node_seed(self.seed, i),
+                **self._robust_values(i),
             }
             for i in range(self.nodes)
         ]
@@ -224,13 +267,16 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
             "discovery",
             "'mdns' finds every node, so it needs topology.kind = 'full' (use 'bootstrap')",
         )
+    attack = _parse_attack(top.table("attack"), nodes, seed)
+    aggregation = _parse_aggregation(top.table("aggregation"), len(attack.nodes))
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
     top.finish()
     scenario = Scenario(
-        name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery
-    )
+        name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
+        attack, aggregation,
+    )  # fmt: skip
     scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
     _cross_check(scenario)
     return scenario
@@ -331,6 +377,63 @@ def _parse_protocol(t: _Table, nodes: int) -> ProtocolSpec:
     return spec
 
 
+def _parse_attack(t: _Table, nodes: int, seed: int) -> AttackSpec:
+    """`[attack] kind = "...", nodes = [i, ...] | fraction = 0.2, <attack options>`."""
+    from p2pfl.scenario.attacks import ATTACK_NAMES, alie_z, make_attack
+
+    if not t.present():
+        return AttackSpec()
+    kind = t.get_str("kind", "", choices=ATTACK_NAMES)
+    if not kind:
+        raise ScenarioError("attack.kind", "is required (one of " + ", ".join(ATTACK_NAMES) + ")")
+    if t.has("nodes") == t.has("fraction"):
+        raise ScenarioError("attack", "give exactly one of nodes = [indices] or fraction = 0.2")
+    if t.has("nodes"):
+        raw = t.raw("nodes")
+        ok = isinstance(raw, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < nodes for v in raw
+        )
+        if not ok or not raw or len(set(raw)) != len(raw):
+            raise ScenarioError("attack.nodes", f"expected distinct indices in 0..{nodes - 1}")
+        chosen = tuple(sorted(raw))
+    else:
+        fraction = t.get_float("fraction", 0.0, positive=True)
+        count = math.floor(fraction * nodes + 0.5)
+        if not 1 <= count < nodes:
+            raise ScenarioError("attack.fraction", f"makes {count} of {nodes} nodes malicious")
+        rng = random.Random(f"p2pfl-scenario-attack:{seed}")
+        chosen = tuple(sorted(rng.sample(range(nodes), count)))
+    if len(chosen) >= nodes:
+        raise ScenarioError("attack.nodes", "at least one node must stay honest")
+    options = {k: t.raw(k) for k in t.present() if k not in ("kind", "nodes", "fraction")}
+    for key, value in options.items():
+        try:
+            make_attack(kind, options={key: value})
+        except ValueError as exc:
+            raise ScenarioError(f"attack.{key}", str(exc)) from None
+    if kind == "alie" and "z" not in options:
+        options["z"] = round(alie_z(nodes, len(chosen)), 6)
+    t.finish()
+    return AttackSpec(kind, chosen, options)
+
+
+def _parse_aggregation(t: _Table, attackers: int) -> AggregationSpec:
+    """`[aggregation] rule = "...", f = 2, <rule options>`; f defaults to the number of
+    attackers declared in [attack] (0 without one)."""
+    from p2pfl.aggregation import RULE_NAMES, make_rule
+
+    rule = t.get_str("rule", "mean", choices=RULE_NAMES)
+    f = t.get_int("f", attackers, minimum=0)
+    options = {k: t.raw(k) for k in t.present() if k not in ("rule", "f")}
+    for key, value in options.items():
+        try:
+            make_rule(rule, f=f, options={key: value})
+        except ValueError as exc:
+            raise ScenarioError(f"aggregation.{key}", str(exc)) from None
+    t.finish()
+    return AggregationSpec(rule, f, options)
+
+
 # Where each NodeConfig field comes from, to translate its errors back to the file.
 _CONFIG_FIELD_PATHS = {
     "dataset": "data.dataset", "partition": "data.partition", "alpha": "data.alpha",
@@ -340,6 +443,9 @@ _CONFIG_FIELD_PATHS = {
     "round_timeout": "protocol.round_timeout",
     "heartbeat_interval": "protocol.heartbeat_interval",
     "heartbeat_timeout": "protocol.heartbeat_timeout",
+    "aggregation": "aggregation.rule", "tolerate": "aggregation.f",
+    "aggregation_options": "aggregation", "attack": "attack.kind",
+    "attack_options": "attack",
 }  # fmt: skip
 
 
@@ -347,9 +453,12 @@ def _cross_check(scenario: Scenario) -> None:
     """Run the node's own validation too, so a scenario never starts nodes that refuse it."""
     addrs = [f"127.0.0.1:{10000 + i}" for i in range(scenario.nodes)]
     dirs = [Path(".")] * scenario.nodes
-    values = scenario.node_config_values(addrs, dirs)[0]
+    all_values = scenario.node_config_values(addrs, dirs)
+    # Node 0, and a malicious node too (its attack fields exist only there).
+    checked = [all_values[0], *(all_values[i] for i in scenario.attack.nodes[:1])]
     try:
-        NodeConfig(**values).validated()
+        for values in checked:
+            NodeConfig(**values).validated()
     except ConfigError as exc:
         path = _CONFIG_FIELD_PATHS.get(exc.field, exc.field)
         message = str(exc).split(": ", 1)[-1]
@@ -372,6 +481,12 @@ class _Table:
     def _mark(self, key: str) -> None:
         if key not in self._known:
             self._known.append(key)
+
+    def present(self) -> list[str]:
+        """Every key present (marks them known: the caller handles them all)."""
+        for key in self._data:
+            self._mark(key)
+        return list(self._data)
 
     def has(self, key: str) -> bool:
         self._mark(key)
