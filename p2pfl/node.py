@@ -25,6 +25,7 @@ import trio
 
 from p2pfl import PROTOCOL_VERSION, __version__
 from p2pfl.aggregation import make_rule
+from p2pfl.compression import UpdateDecoder, UpdateEncoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.learning import build_model, load_dataset, node_shard
@@ -48,6 +49,7 @@ from p2pfl.wire import codec
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.messages import (
     Bye,
+    CompressedModelUpdate,
     Hello,
     Message,
     ModelUpdate,
@@ -140,6 +142,12 @@ class Node:
             self.history = ckpt.history
             log.info("resuming from checkpoint at round %d", start_round)
 
+        self._encoder = self._make_encoder()
+        if ckpt is not None and ckpt.compression and self._encoder is not None:
+            self._encoder.load_state(ckpt.compression)
+        # Always able to decode compressed updates: the sender's pipeline is self-described.
+        self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=config.max_frame_size)
+        self.last_update_bytes: tuple[int, int] = (0, 0)  # (float32 size, wire size)
         try:
             rule = make_rule(
                 config.aggregation, f=config.tolerate, options=dict(config.aggregation_options)
@@ -200,6 +208,15 @@ class Node:
             port=port,
             max_frame_size=self.config.max_frame_size,
         )
+
+    def _make_encoder(self) -> UpdateEncoder | None:
+        if not self.config.compression:
+            return None
+        try:
+            pipeline = parse_pipeline(self.config.compression)
+        except ValueError as exc:
+            raise ConfigError("compression", str(exc)) from None
+        return UpdateEncoder(pipeline, seed=self.config.seed)
 
     def _faulty(self, inner: Transport, plan_file: Path) -> Transport:
         from p2pfl.transport.faults import FaultyTransport, load_fault_plan
@@ -310,9 +327,7 @@ class Node:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action.round, action.params)
             elif isinstance(action, Broadcast):
-                payload = codec.encode(
-                    ModelUpdate(self.id, action.round, action.params, action.samples)
-                )
+                payload = self._update_payload(action)
                 for peer in action.to:
                     self._enqueue(peer, payload)
             elif isinstance(action, Aggregated):
@@ -338,6 +353,21 @@ class Node:
                 log.info("finished %d rounds", action.round)
                 self.done.set()
         self._wakeup.set()
+
+    def _update_payload(self, action: Broadcast) -> bytes:
+        """Encode our model for a round once, for all neighbours (compressed if configured)."""
+        raw = 4 * action.params.size
+        if self._encoder is None:
+            payload = codec.encode(
+                ModelUpdate(self.id, action.round, action.params, action.samples)
+            )
+        else:
+            blob = self._encoder.encode(action.params, action.round)
+            payload = codec.encode(
+                CompressedModelUpdate(self.id, action.round, blob, action.samples)
+            )
+        self.last_update_bytes = (raw, len(payload))
+        return payload
 
     async def _train(self, round: int, params: np.ndarray) -> None:
         seed = [self.config.seed, self.config.node_index, round]
@@ -379,6 +409,8 @@ class Node:
             "seconds": round(now - self._round_started_at, 4),
             "peers_heard": len(agg.senders),
             "timed_out": agg.timed_out,
+            "update_raw_bytes": self.last_update_bytes[0],
+            "update_wire_bytes": self.last_update_bytes[1],
         }
         self._round_started_at = now
         self.history.append(row)
@@ -417,6 +449,7 @@ class Node:
                 self.model.get_optimizer_state(),
                 self.history,
                 self.config.model,
+                self._encoder.state() if self._encoder is not None else {},
             ),
         )
 
@@ -574,6 +607,8 @@ class Node:
             rec = self.peers.connected(peer, now=trio.current_time(), found_via=found_via)
             if rec.connects > 1:
                 self.counters["reconnects"] += 1
+            if self._encoder is not None:
+                self._encoder.force_keyframe()  # the new peer has no copy of our model
             self._notify_peers_changed()
             self._send_greeting(peer)
         elif self._preferred(conn.outbound, peer) and not self._preferred(
@@ -594,6 +629,7 @@ class Node:
             if self._links.get(peer) is link:
                 del self._links[peer]
                 self.peers.disconnected(peer, link.closed_state)
+                self._decoder.forget(peer)
                 self._notify_peers_changed()
                 self._apply(self.machine.peer_lost(trio.current_time(), peer))
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -715,6 +751,13 @@ class Node:
         peer = link.peer_id
         rec = self.peers.peers[peer]
         match msg:
+            case CompressedModelUpdate():
+                try:
+                    params = self._decoder.decode(peer, msg.round, msg.blob)
+                except WireError as exc:
+                    self._count_rejection(peer, exc.reason, exc.detail)
+                    return True
+                self._apply(self.machine.receive_update(now, peer, msg.round, params, msg.samples))
             case ModelUpdate():
                 self._apply(
                     self.machine.receive_update(now, peer, msg.round, msg.params, msg.samples)

@@ -54,6 +54,8 @@ class Checkpoint:
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     model: str = ""
+    # Sender-side compression state (public copy x_hat, error-feedback residual).
+    compression: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -64,6 +66,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "params": encode_tensor(ckpt.params),
         "optimizer": {k: encode_tensor(v) for k, v in ckpt.optimizer.items()},
         "history": ckpt.history,
+        "compression": {k: encode_tensor(v) for k, v in ckpt.compression.items()},
     }
     atomic_write(path, msgpack.packb(doc, use_bin_type=True))
 
@@ -83,7 +86,12 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         rnd = doc["round"]
         if not isinstance(rnd, int) or rnd < 0:
             raise CheckpointError(f"{path}: bad round {rnd!r}")
-        return Checkpoint(rnd, params.copy(), optimizer, list(doc["history"]), str(doc["model"]))
+        compression = {
+            str(k): decode_tensor(v).copy() for k, v in doc.get("compression", {}).items()
+        }
+        return Checkpoint(
+            rnd, params.copy(), optimizer, list(doc["history"]), str(doc["model"]), compression
+        )
     except CheckpointError:
         raise
     except (WireError, KeyError, TypeError, ValueError, AttributeError) as exc:

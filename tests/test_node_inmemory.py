@@ -285,3 +285,23 @@ async def test_status_of_a_live_node_over_the_control_socket(tmp_path: Path) -> 
         assert p["bytes_in"] > 0 and p["bytes_out"] > 0
     counters = status["counters"]
     assert {"frames_rejected", "reconnects", "timeouts"} <= set(counters)
+
+
+async def test_compressed_updates_converge_and_shrink_bytes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    pipeline = ("delta", "topk:0.1", "quantize:8", "zstd:3")
+    nodes = make_nodes(tmp_path, 5, MemoryNetwork(), rounds=12, epochs=2, compression=pipeline)
+    await run_until_done(nodes)
+    plain = make_nodes(tmp_path / "plain", 5, MemoryNetwork(), rounds=12, epochs=2)
+    await run_until_done(plain)
+
+    rows = [row for node in nodes for row in node.history]
+    assert all(row["peers_heard"] == 4 for row in rows)
+    assert not any(node.frames_rejected for node in nodes)
+    # Steady-state rounds (not keyframes) send far fewer bytes than float32.
+    ratios = [row["update_raw_bytes"] / row["update_wire_bytes"] for row in rows]
+    assert np.median(ratios) > 5, ratios  # 650 parameters: headers weigh in
+    acc = np.mean([n.history[-1]["accuracy"] for n in nodes])
+    acc_plain = np.mean([n.history[-1]["accuracy"] for n in plain])
+    assert acc >= acc_plain - 0.03, (acc, acc_plain)
