@@ -646,3 +646,34 @@ async def test_a_peer_that_never_reads_cannot_grow_our_memory(
     assert limit - reply < peak <= limit
     queued_or_sent = peak // reply + CHANNEL_CAPACITY + 1
     assert node.counters["send_queue_full"] >= requests - queued_or_sent - 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a dial that connects but is hung up at once resets the backoff "
+    "(PeerTable.dial_succeeded sets failures=0) and the node redials in a hot loop",
+)
+async def test_a_peer_that_hangs_up_at_once_is_redialed_with_backoff(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """E.g. a peer whose allow list refuses us after the handshake, or one side of an
+    asymmetric cut. Each redial costs both sides a TLS handshake."""
+    network = MemoryNetwork()
+    node = fault_nodes(tmp_path, 2, network, {}, rounds=2)[0]
+    refuser = MemoryTransport(network, Identity.from_seed(bytes([2]) * 32), "mem:n1")
+    accepted = 0
+    async with trio.open_nursery() as nursery:
+
+        async def hang_up(conn: Connection) -> None:
+            nonlocal accepted
+            accepted += 1
+            if accepted > 200:  # a hot loop never lets the mock clock advance: stop it
+                nursery.cancel_scope.cancel()
+            await conn.aclose()
+
+        await nursery.start(refuser.listen, hang_up)
+        await nursery.start(node.run)
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    # Exponential backoff from 0.5 s (x2, capped at 30 s) allows ~8 dials a minute.
+    assert accepted <= 12, accepted
