@@ -9,6 +9,7 @@ parallel runs on this host never see each other's services as peers.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import secrets
 import socket
 from collections import defaultdict
@@ -19,7 +20,7 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from zeroconf import IPVersion, ServiceInfo, Zeroconf
+from zeroconf import IPVersion, NonUniqueNameException, ServiceInfo, Zeroconf
 
 from p2pfl import PROTOCOL_VERSION
 from p2pfl.config import NodeConfig
@@ -333,30 +334,39 @@ async def test_three_nodes_find_each_other_ignore_another_federation_and_see_goo
         nursery.cancel_scope.cancel()
 
 
+def fake_service(name_id: str, claimed_id: str, federation: str, port: int) -> ServiceInfo:
+    return ServiceInfo(
+        SERVICE_TYPE,
+        instance_name(name_id),
+        port=port,
+        properties={
+            "id": claimed_id,
+            "fed": federation,
+            "v": str(PROTOCOL_VERSION),
+            "port": str(port),
+        },
+        server=host_name(name_id),
+        addresses=[socket.inet_aton("127.0.0.1")],
+    )
+
+
 async def test_a_record_whose_name_and_txt_id_disagree_is_ignored() -> None:
     fed = "t-" + secrets.token_hex(4)
     me = Identity.generate().peer_id
     victim, liar = Identity.generate().peer_id, Identity.generate().peer_id
     rec = Recorder()
-    # Service named after `liar` but claiming `victim`'s id in TXT.
-    fake = ServiceInfo(
-        SERVICE_TYPE,
-        instance_name(liar),
-        port=41010,
-        properties={"id": victim, "fed": fed, "v": str(PROTOCOL_VERSION), "port": "41010"},
-        server=host_name(liar),
-        addresses=[socket.inet_aton("127.0.0.1")],
-    )
     zc = await trio.to_thread.run_sync(
         lambda: Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
     )
     try:
         async with trio.open_nursery() as nursery:
 
-            async def register_fake() -> None:
-                await trio.to_thread.run_sync(zc.register_service, fake)
+            async def register_liar() -> None:
+                # Named after `liar` but claiming `victim`'s id in TXT.
+                liar_info = fake_service(liar, victim, fed, 41010)
+                await trio.to_thread.run_sync(zc.register_service, liar_info)
 
-            nursery.start_soon(register_fake)
+            nursery.start_soon(register_liar)
             await start_mdns(nursery, rec, me, fed, 41011)
             await wait_until(lambda: any(r == "name_mismatch" for _, r in rec.ignored[me]))
             assert rec.found[me] == {}
@@ -364,6 +374,30 @@ async def test_a_record_whose_name_and_txt_id_disagree_is_ignored() -> None:
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(zc.close)
+
+
+def test_a_squatted_instance_name_stops_announcing_not_the_node() -> None:
+    class Conflicting:
+        def register_service(self, info: ServiceInfo) -> None:
+            raise NonUniqueNameException(info.name)
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.ERROR)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    # Our own handler: the p2pfl logger may not propagate to pytest's once set up.
+    handler = Collect()
+    mdns.log.addHandler(handler)
+    try:
+        info = fake_service(A, A, "lab", 7470)
+        assert mdns._register(Conflicting(), info) is False  # type: ignore[arg-type]
+    finally:
+        mdns.log.removeHandler(handler)
+    assert any("browsing only" in m for m in handler.messages)
 
 
 # ---- scenario files: discovery = "mdns" | "bootstrap" ------------------------------------

@@ -33,6 +33,9 @@ from zeroconf import (
     ServiceStateChange,
     Zeroconf,
 )
+from zeroconf import (
+    Error as ZeroconfError,
+)
 
 from p2pfl.discovery.txt import (
     SERVICE_TYPE,
@@ -124,9 +127,9 @@ async def run_mdns(
             nursery.start_soon(tracker.consume, recv)
             # Browse first: others are found while our own probe (~1.6 s) runs.
             browser = await trio.to_thread.run_sync(_browse, zc, on_change)
-            await trio.to_thread.run_sync(zc.register_service, info)
-            registered = True
-            log.info("mDNS: announcing %s on %s", instance_name(peer_id), ", ".join(ifaces))
+            registered = await trio.to_thread.run_sync(_register, zc, info)
+            if registered:
+                log.info("mDNS: announcing %s on %s", instance_name(peer_id), ", ".join(ifaces))
             task_status.started()
             await trio.sleep_forever()
     finally:
@@ -355,6 +358,22 @@ def _lookup(zc: Zeroconf, name: str) -> _Resolved | None:
     if not props or not addresses:
         return None
     return _Resolved(props, info.port, addresses)
+
+
+def _register(zc: Zeroconf, info: ServiceInfo) -> bool:
+    """Announce; on a name conflict keep browsing without announcing.
+
+    Our instance name is derived from our peer id, so a conflict means another copy of
+    this node (same data dir) or someone squatting our name. Crashing would hand that
+    someone a denial of service; browsing still finds peers, and they find us by our
+    own dials, bootstrap addresses or peer exchange.
+    """
+    try:
+        zc.register_service(info)
+    except ZeroconfError as exc:
+        log.error("mDNS: cannot announce %s (%r); browsing only", info.name, exc)
+        return False
+    return True
 
 
 def _close(zc: Zeroconf, browser: ServiceBrowser | None, info: ServiceInfo | None) -> None:
