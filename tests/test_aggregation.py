@@ -402,6 +402,18 @@ def test_no_rule_produces_nan_or_inf_from_finite_input(x: np.ndarray, f: int) ->
 
 
 @pytest.mark.parametrize(("name", "options"), ALL_RULES)
+def test_extreme_finite_inputs_stay_finite(name: str, options: dict[str, int]) -> None:
+    big = np.finfo(np.float32).max
+    for x in (
+        np.full((5, 3), big, dtype=np.float32),
+        np.array([[big, -big], [-big, big], [big, big], [0, 0]], dtype=np.float32),
+    ):
+        for f in (0, 1):
+            out = make_rule(name, f=f, options=options)(x, np.ones(len(x)), x[-1])
+            assert np.isfinite(out).all(), (name, x, f)
+
+
+@pytest.mark.parametrize(("name", "options"), ALL_RULES)
 def test_single_input_returns_it_and_identical_inputs_are_a_fixed_point(
     name: str, options: dict[str, int]
 ) -> None:

@@ -19,13 +19,21 @@ def bucket_means(
     """(ceil(n/s), d) float32 bucket means and the summed weights of each bucket.
 
     Buckets are consecutive runs of `rng.permutation(n)`; the last may be smaller.
-    Sums are in float64 so buckets of huge (finite) values cannot overflow.
+    Each input is scaled by 1/size before adding, so a bucket of huge (finite) values
+    cannot overflow; the loop runs over buckets, each step a whole-row numpy call.
     """
-    n = x.shape[0]
+    n, d = x.shape
     perm = rng.permutation(n)
-    starts = np.arange(0, n, s)
-    counts = np.diff(np.append(starts, n)).astype(np.float64)
-    sums = np.add.reduceat(x[perm], starts, axis=0, dtype=np.float64)
-    sums /= counts[:, None]
-    bucket_weights = np.add.reduceat(np.asarray(weights, dtype=np.float64)[perm], starts)
-    return np.ascontiguousarray(sums, dtype=np.float32), bucket_weights
+    w = np.asarray(weights, dtype=np.float64)
+    count = -(-n // s)
+    means = np.empty((count, d), dtype=np.float32)
+    bucket_weights = np.empty(count, dtype=np.float64)
+    for k in range(count):
+        members = perm[k * s : (k + 1) * s]
+        scale = np.float32(1.0 / len(members))
+        row = means[k]
+        np.multiply(x[members[0]], scale, out=row)
+        for i in members[1:]:
+            row += x[i] * scale
+        bucket_weights[k] = w[members].sum()
+    return means, bucket_weights

@@ -88,8 +88,10 @@ def row_sq_norms(x: np.ndarray, own: np.ndarray) -> np.ndarray:
     """||x_i - own||^2 in float64, blockwise (no (n, d) float64 copy)."""
     n, d = x.shape
     out = np.zeros(n, dtype=np.float64)
+    buf = np.empty((n, min(d, gram.BLOCK)), dtype=np.float64)
     for s in range(0, d, gram.BLOCK):
         e = min(d, s + gram.BLOCK)
-        y = np.subtract(x[:, s:e], own[s:e], dtype=np.float64)
+        y = buf[:, : e - s]
+        np.subtract(x[:, s:e], own[s:e], out=y, dtype=np.float64)
         out += np.einsum("ij,ij->i", y, y)
     return out

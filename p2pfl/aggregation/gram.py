@@ -50,11 +50,18 @@ def pairwise_sq_dist(g: np.ndarray) -> np.ndarray:
 def combine(x: np.ndarray, own: np.ndarray, beta: np.ndarray) -> np.ndarray:
     """own + beta @ (x - own) = (1 - sum(beta)) own + beta @ x, as float32 (d,).
 
-    Computed blockwise in float64 so a point near `own` keeps own's digits.
+    The coefficients are non-negative with sum <= 1 (a convex combination of own and
+    the inputs), so one float32 matrix-vector product is accurate and cannot overflow
+    except by rounding at the very edge of the float32 range; that case is redone
+    blockwise in float64.
     """
-    d = x.shape[1]
-    out = np.empty(d, dtype=np.float32)
     rest = 1.0 - float(beta.sum())
+    out = np.asarray(beta.astype(np.float32) @ x, dtype=np.float32)
+    if rest != 0.0:
+        out += np.float32(rest) * own
+    if np.isfinite(out).all():
+        return out
+    d = x.shape[1]
     for s in range(0, d, BLOCK):
         e = min(d, s + BLOCK)
         block = beta @ x[:, s:e].astype(np.float64)

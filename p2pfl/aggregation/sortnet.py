@@ -65,13 +65,28 @@ def selection_network(n: int, needed: tuple[int, ...]) -> tuple[Comparator, ...]
     return tuple(reversed(kept))
 
 
-def _run_block(rows: list[np.ndarray], comps: Iterable[Comparator], spare: np.ndarray) -> None:
-    """Apply comparators in place on a list of equal-length rows (row objects swap)."""
+def _run_block(x: np.ndarray, comps: Iterable[Comparator]) -> list[np.ndarray]:
+    """Apply comparators to the rows of the block `x` (not modified); returns the rows.
+
+    Rows start as views of `x`; a row gets its own buffer the first time a comparator
+    writes it, so the block is never copied up front, and the buffer freed by each
+    comparator's min output is reused for the next one.
+    """
+    rows = list(x)
+    owned = [False] * len(rows)
+    spare: np.ndarray | None = None
     for a, b in comps:
-        lo = np.minimum(rows[a], rows[b], out=spare)
-        np.maximum(rows[a], rows[b], out=rows[b])
-        spare = rows[a]
+        ra, rb = rows[a], rows[b]
+        lo = np.minimum(ra, rb, out=spare) if spare is not None else np.minimum(ra, rb)
+        if owned[b]:
+            np.maximum(ra, rb, out=rb)
+        else:
+            rows[b] = np.maximum(ra, rb)
+            owned[b] = True
+        spare = ra if owned[a] else None
         rows[a] = lo
+        owned[a] = True
+    return rows
 
 
 def median(x: np.ndarray) -> np.ndarray:
@@ -84,10 +99,8 @@ def median(x: np.ndarray) -> np.ndarray:
     comps = selection_network(n, (lo_k, hi_k))
     out = np.empty(d, dtype=np.float32)
     for s in range(0, d, BLOCK):
-        e = min(d, s + BLOCK)
-        rows = [x[i, s:e].copy() for i in range(n)]
-        _run_block(rows, comps, np.empty(e - s, dtype=np.float32))
-        out[s:e] = rows[lo_k] if lo_k == hi_k else _half_sum(rows[lo_k], rows[hi_k])
+        rows = _run_block(x[:, s : s + BLOCK], comps)
+        out[s : s + BLOCK] = rows[lo_k] if lo_k == hi_k else _half_sum(rows[lo_k], rows[hi_k])
     return out
 
 
@@ -107,10 +120,8 @@ def trimmed_sum(x: np.ndarray, b: int) -> np.ndarray:
     comps = selection_network(n, tails)
     out = np.empty(d, dtype=np.float64)
     for s in range(0, d, BLOCK):
-        e = min(d, s + BLOCK)
-        rows = [x[i, s:e].copy() for i in range(n)]
-        _run_block(rows, comps, np.empty(e - s, dtype=np.float32))
-        acc = out[s:e]
+        rows = _run_block(x[:, s : s + BLOCK], comps)
+        acc = out[s : s + BLOCK]
         acc[:] = rows[b]
         for i in range(b + 1, n - b):
             acc += rows[i]

@@ -1,0 +1,133 @@
+"""Aggregation throughput: every rule next to numpy baselines on the same array.
+
+Run: python benchmarks/bench_aggregation.py [--quick]
+
+For n inputs of d float32 coordinates (n in {8, 16, 32}, d in {1e5, 1e6}) it times each
+rule of `p2pfl.aggregation` (f = n // 5 tolerated attackers, default options) and,
+in the same interleaved loop, three baselines: `np.sum(axis=0)` (reading the input
+once: the memory-bandwidth bound), `np.mean(axis=0)` and `np.median(axis=0)`.
+Reported: throughput in inputs x coordinates per second, and each rule's time as a
+multiple of the bound and of np.median. Writes benchmarks/results/bench_aggregation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from p2pfl.aggregation import RULE_NAMES, make_rule
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_aggregation.json"
+BASELINES = ("np.sum (bound)", "np.mean", "np.median")
+BUCKETED = ("median", "self_centered_clipping")
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds per function, each timed once per repetition in turn, so load
+    changes on a shared machine hit the rules and the baselines alike."""
+    for fn in fns.values():
+        fn()  # warm-up: page in, fill allocator pools, build sorting networks
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _inputs(n: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A model plus small per-node deltas (what a node really aggregates)."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(d, dtype=np.float32)
+    x = base + 0.01 * rng.standard_normal((n, d), dtype=np.float32)
+    return np.ascontiguousarray(x), np.full(n, 100.0), x[0].copy()
+
+
+def bench(n: int, d: int, reps: int) -> dict[str, Any]:
+    x, w, own = _inputs(n, d)
+    f = n // 5
+    fns: dict[str, Callable[[], object]] = {
+        "np.sum (bound)": lambda: np.sum(x, axis=0),
+        "np.mean": lambda: np.mean(x, axis=0),
+        "np.median": lambda: np.median(x, axis=0),
+    }
+    rules = [make_rule(name, f=f) for name in RULE_NAMES]
+    rules += [make_rule(name, f=f, options={"bucket_size": 2}) for name in BUCKETED]
+    for rule in rules:
+        fns[rule.name] = functools.partial(rule, x, w, own)
+    secs = _interleaved(fns, reps)
+    bound, med, mean = secs["np.sum (bound)"], secs["np.median"], secs["np.mean"]
+    rows = {
+        name: {
+            "seconds": t,
+            "throughput": n * d / t,
+            "x_bound": t / bound,
+            "x_np_median": t / med,
+            "x_np_mean": t / mean,
+        }
+        for name, t in secs.items()
+    }
+    return {"n": n, "d": d, "f": f, "rows": rows}
+
+
+def _table(result: dict[str, Any]) -> Table:
+    n, d, f = result["n"], result["d"], result["f"]
+    table = Table(title=f"n = {n} inputs, d = {d:.0e} coordinates, f = {f}")
+    for col in ("rule", "ms", "Gcoord/s", "x bound (np.sum)", "x np.median", "x np.mean"):
+        table.add_column(col, justify="right" if col != "rule" else "left")
+    for name, r in result["rows"].items():
+        style = "dim" if name in BASELINES else None
+        table.add_row(
+            name,
+            f"{r['seconds'] * 1e3:.2f}",
+            f"{r['throughput'] / 1e9:.2f}",
+            f"{r['x_bound']:.1f}",
+            f"{r['x_np_median']:.2f}",
+            f"{r['x_np_mean']:.1f}",
+            style=style,
+        )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="d = 1e5 only, 3 repetitions")
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args()
+    console = Console()
+    dims = (100_000,) if args.quick else (100_000, 1_000_000)
+    reps = 3 if args.quick else args.reps
+    results = []
+    for d in dims:
+        for n in (8, 16, 32):
+            result = bench(n, d, reps)
+            results.append(result)
+            console.print(_table(result))
+    doc = {
+        "machine": {"python": platform.python_version(), "numpy": np.__version__,
+                    "cpu": platform.processor() or platform.machine()},
+        "reps": reps,
+        "results": results,
+    }  # fmt: skip
+    if not args.quick:
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+        console.print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
