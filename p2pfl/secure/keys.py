@@ -124,7 +124,8 @@ class SessionKey:
     the round and attempt anyway, so one key serves a whole session.
     """
 
-    __slots__ = ("_private", "announcement", "federation", "peer_id")
+    __slots__ = ("_agreed", "_private", "announcement", "federation", "peer_id")
+    MAX_CACHED = 4096
 
     def __init__(
         self,
@@ -134,6 +135,7 @@ class SessionKey:
         private: X25519PrivateKey | None = None,
     ) -> None:
         self._private = private if private is not None else X25519PrivateKey.generate()
+        self._agreed: dict[bytes, bytes] = {}  # peer key -> shared secret: same every round
         x_pub = self._private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
@@ -150,11 +152,22 @@ class SessionKey:
         return self.announcement.x25519_key
 
     def agree(self, peer_x25519: bytes) -> bytes:
-        """Raw X25519 shared secret; KeyRejected for a low-order (all-zero result) key."""
+        """Raw X25519 shared secret; KeyRejected for a low-order (all-zero result) key.
+
+        Cached per peer key: the secret never changes within a session (HKDF binds each
+        use to its round and attempt), and neighbours meet every round.
+        """
+        cached = self._agreed.get(peer_x25519)
+        if cached is not None:
+            return cached
         try:
-            return self._private.exchange(X25519PublicKey.from_public_bytes(peer_x25519))
+            secret = self._private.exchange(X25519PublicKey.from_public_bytes(peer_x25519))
         except ValueError:
             raise KeyRejected("weak_key", "X25519 agreement gave the all-zero secret") from None
+        if len(self._agreed) >= self.MAX_CACHED:
+            self._agreed.clear()
+        self._agreed[bytes(peer_x25519)] = secret
+        return secret
 
 
 class KeyStore:

@@ -412,6 +412,7 @@ class SecureMember:
         self._sessions: dict[tuple[str, int], _Membership] = {}
         self.bytes_out = 0
         self.refused: dict[str, int] = {}  # refusals inside set_update (others raise)
+        self._verified: dict[bytes, str] = {}  # announcement bytes -> peer id it verified for
 
     @property
     def peer_id(self) -> str:
@@ -481,11 +482,16 @@ class SecureMember:
         for p in members:
             if p == me:
                 continue
-            try:
-                ann = verify_announcement(msg.keys[index[p]], self.federation, expected_peer=p)
-            except KeyRejected as exc:
-                raise Refused("bad_key", f"{p}: {exc}") from None
-            peer_keys[p] = ann.x25519_key
+            relayed = msg.keys[index[p]]
+            if self._verified.get(relayed) != p:
+                try:
+                    verify_announcement(relayed, self.federation, expected_peer=p)
+                except KeyRejected as exc:
+                    raise Refused("bad_key", f"{p}: {exc}") from None
+                if len(self._verified) >= 4096:
+                    self._verified.clear()
+                self._verified[relayed] = p
+            peer_keys[p] = KeyAnnouncement.from_bytes(relayed).x25519_key
         m = _Membership(
             aggregator=msg.sender,
             round=msg.round,
