@@ -43,6 +43,7 @@ from p2pfl.protocol import (
     RoundSettings,
     Train,
 )
+from p2pfl.scenario.attacks import Attack, make_attack
 from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError, Transport
 from p2pfl.wire import codec
@@ -122,6 +123,13 @@ class Node:
             seed=config.data_seed,
         )
         self._x_test, self._y_test = ds.x_test, ds.y_test
+        self.attack = self._make_attack(ds.n_classes)
+        if self.attack is not None:
+            self.role = "malicious"
+            self._y = self.attack.poison_labels(self._y, ds.n_classes)
+            log.warning("this node is MALICIOUS for a study: attack %r", config.attack)
+        self._round_start: tuple[int, np.ndarray] | None = None  # (round, model trained from)
+        self._overheard: np.ndarray | None = None  # neighbours' last deltas (attacks only)
         self.model = build_model(
             config.model, ds.n_features, ds.n_classes, seed=config.model_seed, hidden=config.hidden
         )
@@ -208,6 +216,19 @@ class Node:
             port=port,
             max_frame_size=self.config.max_frame_size,
         )
+
+    def _make_attack(self, n_classes: int) -> Attack | None:
+        if not self.config.attack:
+            return None
+        try:
+            return make_attack(
+                self.config.attack,
+                options=dict(self.config.attack_options),
+                n=self.config.nodes,
+                f=self.config.tolerate,
+            )
+        except ValueError as exc:
+            raise ConfigError("attack", str(exc)) from None
 
     def _make_encoder(self) -> UpdateEncoder | None:
         if not self.config.compression:
@@ -324,12 +345,14 @@ class Node:
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Train):
+                self._round_start = (action.round, action.params)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action.round, action.params)
             elif isinstance(action, Broadcast):
-                payload = self._update_payload(action)
-                for peer in action.to:
-                    self._enqueue(peer, payload)
+                update = self._update_payload(action)
+                if update is not None:
+                    for peer in action.to:
+                        self._enqueue(peer, update)
             elif isinstance(action, Aggregated):
                 self._on_aggregated(action)
             elif isinstance(action, RequestState):
@@ -354,8 +377,24 @@ class Node:
                 self.done.set()
         self._wakeup.set()
 
-    def _update_payload(self, action: Broadcast) -> bytes:
-        """Encode our model for a round once, for all neighbours (compressed if configured)."""
+    def _update_payload(self, action: Broadcast) -> bytes | None:
+        """Encode our model for a round once, for all neighbours (compressed if configured).
+
+        A malicious study node sends its attack's crafted model instead (None = silent).
+        """
+        if self.attack is not None:
+            start = self._round_start[1] if self._round_start else action.params
+            crafted = self.attack.craft(
+                start=start,
+                trained=action.params,
+                overheard=self._overheard,
+                rng=np.random.default_rng([self.config.seed, action.round, 7]),
+            )
+            if crafted is None:
+                return None
+            action = Broadcast(
+                action.round, np.asarray(crafted, np.float32), action.samples, action.to
+            )
         raw = 4 * action.params.size
         if self._encoder is None:
             payload = codec.encode(
@@ -398,6 +437,9 @@ class Node:
 
     def _on_aggregated(self, agg: Aggregated) -> None:
         now = trio.current_time()
+        if self.attack is not None and agg.received and self._round_start is not None:
+            # What an omniscient attacker overheard this round, for next round's attack.
+            self._overheard = np.stack(agg.received) - self._round_start[1]
         self._eval_model.set_params(agg.params)
         loss, acc = self._eval_model.evaluate(self._x_test, self._y_test)
         row = {
