@@ -149,6 +149,12 @@ def test_top_k_keeps_exactly_the_largest_magnitudes(u: np.ndarray, fraction: flo
     assert rest.size == 0 or np.abs(u[idx]).min() >= rest.max()
 
 
+def test_top_k_ties_are_broken_by_position() -> None:
+    u = np.zeros(100, dtype=np.float32)
+    u[[5, 7]] = [1.0, -2.0]
+    np.testing.assert_array_equal(top_k(u, 5), [0, 1, 2, 5, 7])
+
+
 @PROPS
 @given(vectors, st.sampled_from([8, 4]), st.booleans())
 def test_int_quantization_error_is_within_the_block_scale(

