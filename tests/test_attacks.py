@@ -9,10 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import trio
+import trio.testing
 
 from p2pfl.config import NodeConfig
 from p2pfl.scenario import ScenarioError, parse_scenario
 from p2pfl.scenario.attacks import ATTACK_NAMES, Attack, alie_z, make_attack
+from p2pfl.scenario.inprocess import build_nodes
 from p2pfl.scenario.report import build_metrics, summary_table
 
 D = 4000
@@ -260,3 +263,42 @@ def test_report_marks_roles_and_scores_honest_nodes_only() -> None:
     assert m["summary"]["per_round"][0]["accuracy_mean"] == pytest.approx(0.7)
     assert m["summary"]["malicious_nodes"] == ["n2"] and m["summary"]["honest_nodes"] == 2
     assert "malicious" in str(summary_table(m).title)
+
+
+# ---- end to end: real nodes in one process --------------------------------------------
+
+
+async def _honest_accuracy(tmp: Path, rule: str, attack: str | None) -> float:
+    doc: dict[str, Any] = {
+        "nodes": 10,
+        "rounds": 8,
+        "seed": 0,
+        "data": {"dataset": "digits", "partition": "iid"},
+        "training": {"epochs": 1, "lr": 0.05},
+        "aggregation": {"rule": rule, "f": 2},
+    }
+    if attack:
+        doc["attack"] = {"kind": attack, "nodes": [3, 7]}
+    scenario = parse_scenario(doc)
+    nodes = build_nodes(scenario, tmp / f"{rule}-{attack}")
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            await nursery.start(node.run)
+        for node in nodes:
+            await node.done.wait()
+        nursery.cancel_scope.cancel()
+    assert [n.role for n in nodes].count("malicious") == (2 if attack else 0)
+    honest = [n for i, n in enumerate(nodes) if scenario.role(i) == "honest"]
+    assert all(len(n.history) == 8 for n in honest)
+    return float(np.mean([n.history[-1]["accuracy"] for n in honest]))
+
+
+async def test_two_sign_flippers_break_the_mean_but_not_the_trimmed_mean(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    clean = await _honest_accuracy(tmp_path, "mean", None)
+    attacked_mean = await _honest_accuracy(tmp_path, "mean", "sign_flip")
+    attacked_trimmed = await _honest_accuracy(tmp_path, "trimmed_mean", "sign_flip")
+    assert clean >= 0.85, clean
+    assert attacked_trimmed >= clean - 0.03, (clean, attacked_trimmed)
+    assert attacked_mean <= clean - 0.15, (clean, attacked_mean)
