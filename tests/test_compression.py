@@ -666,3 +666,33 @@ def test_five_node_gossip_with_the_strongest_pipeline_converges() -> None:
     assert plain < 0.02
     assert strong < plain + 0.01, (strong, plain)
     assert no_ef > 10 * plain  # without error feedback the dropped 99% never arrives
+
+
+# ---------------------------------------------------------------- scenario [compression]
+
+
+def test_scenario_compression_table_feeds_node_config() -> None:
+    from pathlib import Path
+
+    from p2pfl.scenario.schema import parse_scenario
+
+    s = parse_scenario({"nodes": 3, "compression": {"pipeline": STRONG}})
+    values = s.node_config_values(["mem:a", "mem:b", "mem:c"], [Path("a"), Path("b"), Path("c")])
+    assert all(v["compression"] == tuple(STRONG) for v in values)
+    plain = parse_scenario({"nodes": 3}).node_config_values(["mem:a"] * 3, [Path("a")] * 3)
+    assert "compression" not in plain[0]
+
+
+@pytest.mark.parametrize(
+    ("table", "needle"),
+    [
+        ({"pipeline": ["delta", "topk:2"]}, "compression.pipeline: bad stage 'topk:2'"),
+        ({"pipeline": "zstd:3"}, "compression.pipeline: expected a list"),
+        ({"pipeline": ["zstd:3"], "level": 3}, "compression.level: unknown key"),
+    ],
+)
+def test_scenario_compression_errors_name_the_key(table: dict[str, Any], needle: str) -> None:
+    from p2pfl.scenario.schema import ScenarioError, parse_scenario
+
+    with pytest.raises(ScenarioError, match=needle.replace("(", r"\(")):
+        parse_scenario({"nodes": 3, "compression": table})

@@ -29,7 +29,7 @@ from p2pfl.scenario import topology
 from p2pfl.scenario.topology import Edge, TopologyError
 
 MAX_NODES = 1000
-RESERVED_TABLES = ("faults", "compression", "secure_aggregation")
+RESERVED_TABLES = ("faults", "secure_aggregation")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -106,6 +106,14 @@ class AggregationSpec:
 
 
 @dataclass(frozen=True)
+class CompressionSpec:
+    """`[compression] pipeline = [...]`: every node compresses its updates this way
+    (empty = plain float32 ModelUpdate); validated with p2pfl.compression's parser."""
+
+    pipeline: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     nodes: int
@@ -122,6 +130,7 @@ class Scenario:
     discovery: str = "bootstrap"
     attack: AttackSpec = field(default_factory=AttackSpec)
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
 
     def role(self, index: int) -> str:
         """ "malicious" for the attack's nodes, else "honest"."""
@@ -196,6 +205,7 @@ class Scenario:
                 "round_timeout": self.protocol.round_timeout,
                 "seed": node_seed(self.seed, i),
                 **self._robust_values(i),
+                **({"compression": self.compression.pipeline} if self.compression.pipeline else {}),
             }
             for i in range(self.nodes)
         ]
@@ -269,13 +279,14 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
         )
     attack = _parse_attack(top.table("attack"), nodes, seed)
     aggregation = _parse_aggregation(top.table("aggregation"), len(attack.nodes))
+    compression = _parse_compression(top.table("compression"))
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
     top.finish()
     scenario = Scenario(
         name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
-        attack, aggregation,
+        attack, aggregation, compression,
     )  # fmt: skip
     scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
     _cross_check(scenario)
@@ -434,6 +445,25 @@ def _parse_aggregation(t: _Table, attackers: int) -> AggregationSpec:
     return AggregationSpec(rule, f, options)
 
 
+def _parse_compression(t: _Table) -> CompressionSpec:
+    """`[compression] pipeline = ["delta", "topk:0.01", "quantize:8", "zstd:3"]`."""
+    from p2pfl.compression import parse_pipeline
+
+    raw = t.raw("pipeline")
+    t.finish()
+    if raw is None:
+        return CompressionSpec()
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise ScenarioError(
+            "compression.pipeline", f"expected a list of stage strings, got {raw!r}"
+        )
+    try:
+        parse_pipeline(raw)
+    except ValueError as exc:
+        raise ScenarioError("compression.pipeline", str(exc)) from None
+    return CompressionSpec(tuple(raw))
+
+
 # Where each NodeConfig field comes from, to translate its errors back to the file.
 _CONFIG_FIELD_PATHS = {
     "dataset": "data.dataset", "partition": "data.partition", "alpha": "data.alpha",
@@ -445,7 +475,7 @@ _CONFIG_FIELD_PATHS = {
     "heartbeat_timeout": "protocol.heartbeat_timeout",
     "aggregation": "aggregation.rule", "tolerate": "aggregation.f",
     "aggregation_options": "aggregation", "attack": "attack.kind",
-    "attack_options": "attack",
+    "attack_options": "attack", "compression": "compression.pipeline",
 }  # fmt: skip
 
 
