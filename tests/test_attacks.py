@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from p2pfl.config import NodeConfig
-from p2pfl.scenario import ScenarioError, parse_scenario
+from p2pfl.scenario import ScenarioError, load_scenario, parse_scenario
 from p2pfl.scenario.attacks import ATTACK_NAMES, Attack, alie_z, make_attack
 from p2pfl.scenario.inprocess import build_nodes
 from p2pfl.scenario.report import build_metrics, summary_table
@@ -302,3 +302,14 @@ async def test_two_sign_flippers_break_the_mean_but_not_the_trimmed_mean(
     assert clean >= 0.85, clean
     assert attacked_trimmed >= clean - 0.03, (clean, attacked_trimmed)
     assert attacked_mean <= clean - 0.15, (clean, attacked_mean)
+
+
+def test_byzantine_scenario_files_parse() -> None:
+    files = sorted((Path(__file__).resolve().parent.parent / "scenarios").glob("byzantine-*.toml"))
+    assert len(files) >= 6
+    kinds = set()
+    for path in files:
+        s = load_scenario(path)
+        kinds.add(s.attack.kind)
+        assert s.nodes == 20 and len(s.attack.nodes) in (0, 4)
+    assert {"sign_flip", "gaussian", "label_flip", "ipm", "alie"} <= kinds
