@@ -37,7 +37,10 @@ from p2pfl.discovery.txt import (
     peer_id_of_instance,
 )
 from p2pfl.identity import Identity
+from p2pfl.node import Node
 from p2pfl.scenario.schema import ScenarioError, parse_scenario
+from p2pfl.transport.base import Connection
+from p2pfl.transport.tcp import TcpTransport
 
 A = Identity.from_seed(b"\x01" * 32).peer_id
 B = Identity.from_seed(b"\x02" * 32).peer_id
@@ -314,8 +317,7 @@ async def test_three_nodes_find_each_other_ignore_another_federation_and_see_goo
         assert rec.found[ids[3]] == {}  # the outsider sees nobody of ours either
 
         # A plain DNS client (one legacy unicast query, no zeroconf) reads our records.
-        # Responders may hold back an answer they multicast less than a second ago
-        # (RFC 6762 rate limit), so ask up to a few times and merge what comes back.
+        # UDP on a busy host: ask up to a few times and merge what comes back.
         ours: dict[str | None, probe.Service] = {}
         for _ in range(4):
             seen = await trio.to_thread.run_sync(probe.query, "127.0.0.1", SERVICE_TYPE, 0.7)
@@ -473,3 +475,99 @@ def test_probe_parser_only_raises_dns_format_error(packet: bytes) -> None:
     except probe.DnsFormatError:
         return
     assert all(isinstance(name, str) for name in services)
+
+
+# ---- real nodes (TLS on 127.0.0.1) that only know each other through mDNS ----------------
+
+
+def mdns_node(tmp: Path, i: int, federation: str, **overrides: object) -> Node:
+    fields: dict[str, object] = {
+        "data_dir": tmp / f"n{i}",
+        "listen": "127.0.0.1:0",
+        "peers": (),
+        "mdns": True,
+        "mdns_interfaces": ("127.0.0.1",),
+        "federation": federation,
+        "peer_exchange": False,  # every connection must come from mDNS alone
+        "nodes": 3,
+        "node_index": i,
+        "min_peers": 2,
+        "rounds": 2,
+        "round_timeout": 20.0,
+        **overrides,
+    }
+    config = NodeConfig(**fields).validated()  # type: ignore[arg-type]
+    return Node(config, identity=Identity.generate(), control_socket=False)
+
+
+async def test_three_nodes_with_no_peers_form_a_mesh_by_mdns_and_finish_two_rounds(
+    tmp_path: Path,
+) -> None:
+    fed = "t-" + secrets.token_hex(4)
+    nodes = [mdns_node(tmp_path, i, fed) for i in range(3)]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                await nursery.start(node.run)
+            for node in nodes:
+                await node.done.wait()
+            statuses = [node.status() for node in nodes]
+            nursery.cancel_scope.cancel()
+    ids = {node.id for node in nodes}
+    found_via: dict[frozenset[str], set[str]] = defaultdict(set)
+    for node, status in zip(nodes, statuses, strict=True):
+        assert status["round"]["current"] == 2
+        assert status["history"][-1]["peers_heard"] == 2
+        connected = {p["id"]: p for p in status["peers"] if p["state"] == "connected"}
+        assert set(connected) == ids - {node.id}
+        for peer, p in connected.items():
+            assert p["found_via"] in ("mdns", "inbound")
+            found_via[frozenset((node.id, peer))].add(p["found_via"])
+    # Each of the 3 links was dialed by someone who learnt the address from mDNS.
+    assert len(found_via) == 3 and all("mdns" in v for v in found_via.values())
+    assert len({status["model"]["hash"] for status in statuses}) == 1
+
+
+async def test_a_spoofed_txt_id_never_becomes_a_neighbour(tmp_path: Path) -> None:
+    """A record claims id X at the address of a listener whose key is Y: the dial expects
+    X, the TLS check sees Y, the node counts a handshake failure and holds off."""
+    fed = "t-" + secrets.token_hex(4)
+    claimed = Identity.generate().peer_id
+    decoy = TcpTransport(Identity.generate(), federation=fed, host="127.0.0.1", port=0)
+    node = mdns_node(tmp_path, 0, fed, min_peers=1, rounds=1)
+    accepted: list[str] = []
+
+    async def on_inbound(conn: Connection) -> None:
+        accepted.append(conn.peer_id)
+        await conn.aclose()
+
+    zc = await trio.to_thread.run_sync(
+        lambda: Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    )
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                decoy_addr = (await nursery.start(decoy.listen, on_inbound))[0]
+                port = int(decoy_addr.rpartition(":")[2])
+                fake = fake_service(claimed, claimed, fed, port)
+
+                async def register_fake() -> None:
+                    await trio.to_thread.run_sync(zc.register_service, fake)
+
+                nursery.start_soon(register_fake)
+                await nursery.start(node.run)
+                await wait_until(lambda: node.counters["handshake_failures"] >= 1, 20)
+                await trio.sleep(1.5)  # several dial-loop passes: no redial storm
+                status = node.status()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(zc.close)
+    assert status["counters"]["handshake_failures"] == 1
+    assert [p for p in status["peers"] if p["state"] == "connected"] == []
+    assert claimed not in {p["id"] for p in status["peers"]}
+    assert decoy.identity.peer_id not in {p["id"] for p in status["peers"]}
+    assert node.peers.targets[f"127.0.0.1:{port}"].found_via == "mdns"
+    # The TLS handshake itself worked (same federation CA): it was the id check that
+    # refused, after exactly one dial.
+    assert accepted == [node.id]

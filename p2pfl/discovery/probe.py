@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import secrets
 import socket
 import struct
 import sys
@@ -41,8 +42,15 @@ class Service:
     addresses: list[str] = field(default_factory=list)
 
 
-def build_query(service: str = SERVICE_TYPE, query_id: int = 0x7031) -> bytes:
-    """A standard one-question DNS query (PTR, class IN)."""
+def build_query(service: str = SERVICE_TYPE, query_id: int | None = None) -> bytes:
+    """A standard one-question DNS query (PTR, class IN).
+
+    The id is random by default: zeroconf drops a packet identical to the previous one
+    it received within a second, so two probes (ours, or another process's) with the
+    same bytes would silence each other.
+    """
+    if query_id is None:
+        query_id = secrets.randbelow(0x10000)
     header = struct.pack(">HHHHHH", query_id, 0, 1, 0, 0, 0)
     return header + _encode_name(service) + struct.pack(">HH", _PTR, 1)
 
