@@ -114,12 +114,29 @@ class PeerTable:
         return delay
 
     def dial_succeeded(self, address: str, peer_id: str) -> None:
+        # The failure count is NOT reset here: a peer that accepts and hangs up at once
+        # (allow list, half a partition) would otherwise be redialed in a hot loop.
+        # `connection_ended` resets it once a connection has proved stable.
         t = self.targets[address]
         t.dialing = False
-        t.failures = 0
         t.peer_id = peer_id
         if peer_id == self.local_id:
             t.is_self = True
+
+    def connection_ended(self, address: str, now: float, lasted: float, stable: float) -> float:
+        """A connection we dialed closed after `lasted` seconds; returns the redial delay.
+
+        Stable connections redial promptly; short-lived ones back off like failed dials.
+        """
+        t = self.targets.get(address)
+        if t is None:
+            return 0.0
+        if lasted >= stable:
+            t.failures = 0
+            t.next_attempt = max(t.next_attempt, now + self.backoff_base)
+            return self.backoff_base
+        t.dialing = True  # dial_failed expects an attempt in flight
+        return self.dial_failed(address, now)
 
     def hold_off(self, address: str, now: float, delay: float) -> None:
         t = self.targets.get(address)

@@ -616,7 +616,14 @@ class Node:
             log.debug("dial %s failed (%s); retry in %.1fs", address, exc, delay)
             return
         self.peers.dial_succeeded(address, conn.peer_id)
-        await self._serve(conn, found_via, address)
+        opened = trio.current_time()
+        try:
+            await self._serve(conn, found_via, address)
+        finally:
+            now = trio.current_time()
+            self.peers.connection_ended(
+                address, now, now - opened, stable=self.config.heartbeat_timeout
+            )
 
     async def _on_inbound(self, conn: Connection) -> None:
         target = next((t for t in self.peers.targets.values() if t.peer_id == conn.peer_id), None)

@@ -648,11 +648,6 @@ async def test_a_peer_that_never_reads_cannot_grow_our_memory(
     assert node.counters["send_queue_full"] >= requests - queued_or_sent - 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a dial that connects but is hung up at once resets the backoff "
-    "(PeerTable.dial_succeeded sets failures=0) and the node redials in a hot loop",
-)
 async def test_a_peer_that_hangs_up_at_once_is_redialed_with_backoff(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
