@@ -1,0 +1,165 @@
+"""Discovery across "hosts": three network namespaces on a Linux bridge, no --peer at all.
+
+Runs only as root with `ip netns` working (skips with the reason otherwise). The bridge
+lives in a fourth namespace and every address is a private 10.231.0.x inside the lab,
+so nothing touches this machine's own interfaces (see `p2pfl.discovery.netns`). One
+`p2pfl node` process per namespace; their status is read over the control sockets in
+their data dirs (unix sockets are files, reachable from outside the namespaces). The
+fixture always stops the processes and deletes the namespaces, then checks both.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pfl.control.client import ControlError, query
+from p2pfl.discovery import netns
+
+N = 3
+
+
+@dataclass
+class Mesh:
+    lab: netns.Lab
+    dirs: list[Path]
+    federation: str
+    statuses: list[dict[str, Any]]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    reason = netns.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("netns")
+    federation = "netns-" + secrets.token_hex(4)
+    procs: list[subprocess.Popen[bytes]] = []
+    dirs = [root / f"n{i}" for i in range(N)]
+    with netns.lab(N) as lab:
+        tag = lab.tag
+        try:
+            for i, ip in enumerate(lab.addresses):
+                cmd = [
+                    sys.executable, "-m", "p2pfl", "node",
+                    "--listen", f"{ip}:7470",
+                    "--mdns-interface", ip,
+                    "--federation", federation,
+                    "--no-peer-exchange",  # every link must come from mDNS
+                    "--nodes", str(N), "--node-index", str(i),
+                    "--rounds", "2", "--min-peers", str(N - 1),
+                    "--round-timeout", "20",
+                    "--data-dir", str(dirs[i]),
+                ]  # fmt: skip
+                log = (root / f"n{i}.log").open("w")
+                procs.append(
+                    subprocess.Popen(lab.argv(i, cmd), stdout=log, stderr=subprocess.STDOUT)
+                )
+
+            def status(i: int) -> dict[str, Any] | None:
+                try:
+                    return query(dirs[i] / "control.sock")
+                except ControlError:
+                    return None
+
+            def all_done() -> bool:
+                return all(
+                    (st := status(i)) is not None and st["round"]["phase"] == "done"
+                    for i in range(N)
+                )
+
+            if not wait_for(all_done, 90):
+                tails = [(root / f"n{i}.log").read_text()[-3000:] for i in range(N)]
+                pytest.fail("nodes did not finish 2 rounds:\n" + "\n---\n".join(tails))
+            statuses = [status(i) for i in range(N)]
+            yield Mesh(lab, dirs, federation, [s for s in statuses if s is not None])
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            codes = []
+            for p in procs:
+                try:
+                    codes.append(p.wait(timeout=20))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    codes.append(p.wait())
+    assert netns.leftover_namespaces(tag) == []
+    assert codes == [0] * N, codes
+
+
+def test_three_hosts_find_each_other_by_mdns_and_finish_two_rounds(mesh: Mesh) -> None:
+    ids = {st["node"]["id"] for st in mesh.statuses}
+    assert len(ids) == N
+    links: dict[frozenset[str], set[str]] = {}
+    for st, ip in zip(mesh.statuses, mesh.lab.addresses, strict=True):
+        me = st["node"]["id"]
+        assert st["round"]["current"] == 2
+        assert st["history"][-1]["peers_heard"] == N - 1
+        connected = [p for p in st["peers"] if p["state"] == "connected"]
+        assert {p["id"] for p in connected} == ids - {me}
+        for p in connected:
+            assert p["found_via"] in ("mdns", "inbound")
+            assert p["address"].rpartition(":")[0] in mesh.lab.addresses
+            links.setdefault(frozenset((me, p["id"])), set()).add(p["found_via"])
+        assert st["node"]["listen"] == [f"{ip}:7470"]
+    assert len(links) == 3 and all("mdns" in v for v in links.values())
+    assert len({st["model"]["hash"] for st in mesh.statuses}) == 1
+
+
+def test_a_plain_dns_client_in_a_namespace_reads_our_records(mesh: Mesh) -> None:
+    """Independent of zeroconf: one RFC 6762 legacy unicast query from host 0."""
+    ip = mesh.lab.addresses[0]
+    out = mesh.lab.run(0, [sys.executable, "-m", "p2pfl.discovery.probe", ip], timeout=20)
+    seen = {s["txt"].get("id"): s for s in json.loads(out)}
+    for st, addr in zip(mesh.statuses, mesh.lab.addresses, strict=True):
+        svc = seen[st["node"]["id"]]
+        assert svc["port"] == 7470 and svc["addresses"] == [addr]
+        assert svc["txt"]["fed"] == mesh.federation
+
+
+def test_avahi_browse_in_a_namespace_sees_the_nodes(mesh: Mesh) -> None:
+    if shutil.which("avahi-browse") is None:
+        pytest.skip("avahi-browse (Debian avahi-utils) is not installed")
+    try:
+        out = mesh.lab.run(0, ["avahi-browse", "-rpt", "_p2pfl._tcp"], timeout=20)
+    except netns.NetnsUnavailable as exc:
+        # avahi-browse talks to an avahi-daemon over D-Bus; none runs in our namespace.
+        pytest.skip(f"avahi-browse cannot run in the namespace: {exc}")
+    resolved = [line.split(";") for line in out.splitlines() if line.startswith("=")]
+    ids = {st["node"]["id"] for st in mesh.statuses}
+    names = {fields[3] for fields in resolved if len(fields) > 3}
+    assert {f"p2pfl-{i}" for i in ids} <= names
+
+
+def test_a_lab_is_removed_even_when_its_user_fails() -> None:
+    reason = netns.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    tag = ""
+    with pytest.raises(RuntimeError, match="boom"), netns.lab(2) as lab:
+        tag = lab.tag
+        assert set(netns.leftover_namespaces(tag)) == {lab.bridge, *lab.hosts}
+        assert "10.231.0.2/24" in lab.run(1, ["ip", "-br", "addr"])
+        raise RuntimeError("boom")
+    assert tag and netns.leftover_namespaces(tag) == []
