@@ -16,6 +16,15 @@ import trio.testing
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.node import Node
+from p2pfl.scenario.faults import (
+    FAULTS_FILE,
+    CrashSchedule,
+    FaultEvent,
+    never_restarted,
+    node_fault_plans,
+    timeline,
+)
+from p2pfl.scenario.schema import Scenario, ScenarioError, parse_scenario
 from p2pfl.transport.base import Connection, ConnectionClosed, ConnectionHandler
 from p2pfl.transport.faults import (
     MAX_IN_FLIGHT,
@@ -672,3 +681,129 @@ async def test_a_peer_that_hangs_up_at_once_is_redialed_with_backoff(
         nursery.cancel_scope.cancel()
     # Exponential backoff from 0.5 s (x2, capped at 30 s) allows ~8 dials a minute.
     assert accepted <= 12, accepted
+
+
+# ---- scenario [[faults]] -----------------------------------------------------------------
+
+
+def scenario_with(faults: list[dict[str, object]], nodes: int = 4, rounds: int = 10) -> Scenario:
+    return parse_scenario({"nodes": nodes, "rounds": rounds, "faults": faults})
+
+
+def test_scenario_faults_parse_into_events_plans_and_a_timeline() -> None:
+    s = scenario_with(
+        [
+            {"at_round": 5, "kind": "restart", "nodes": [3]},
+            {"at_round": 3, "kind": "crash", "nodes": [3]},
+            {"at_round": 2, "kind": "partition", "nodes": [0, 1]},
+            {"at_round": 5, "kind": "heal"},
+            {"at_round": 0, "kind": "loss", "probability": 0.1},
+            {"at_round": 1, "kind": "delay", "delay": 0.2, "jitter": 0.05, "until_round": 4},
+            {"at_round": 0, "kind": "corrupt", "nodes": [2], "flips": 2},
+        ]
+    )
+    assert s.faults[1] == FaultEvent(3, "crash", (3,))
+    ids = ["A", "B", "C", "D"]
+    plans = node_fault_plans(s.faults, ids)
+    cut = FaultRule("cut", peers=frozenset({"C", "D"}), from_round=2, to_round=5)
+    assert cut in plans[0].rules and cut in plans[1].rules
+    assert FaultRule("cut", peers=frozenset({"A", "B"}), from_round=2, to_round=5) in plans[3].rules
+    assert FaultRule("drop", probability=0.1) in plans[2].rules
+    assert FaultRule("delay", delay=0.2, jitter=0.05, from_round=1, to_round=4) in plans[0].rules
+    assert [r.kind for r in plans[2].rules].count("corrupt") == 1
+    assert [r.kind for r in plans[0].rules].count("corrupt") == 0
+    values = s.node_config_values(
+        [f"mem:n{i}" for i in range(4)], [Path(f"d{i}") for i in range(4)]
+    )
+    assert [v.get("faults") for v in values] == [Path(f"d{i}") / FAULTS_FILE for i in range(4)]
+    rows = timeline(s.faults)
+    assert [(r["round"], r["kind"]) for r in rows][:3] == [
+        (0, "loss"),
+        (0, "corrupt"),
+        (1, "delay"),
+    ]
+    assert {"round": 2, "kind": "partition", "label": "partition n0,n1 | rest", "nodes": [0, 1],
+            "until_round": 5} in rows  # fmt: skip
+
+
+def test_scenario_without_network_faults_passes_no_plan() -> None:
+    s = scenario_with([{"at_round": 3, "kind": "crash", "nodes": [1]}])
+    values = s.node_config_values(
+        [f"mem:n{i}" for i in range(4)], [Path(f"d{i}") for i in range(4)]
+    )
+    assert all("faults" not in v for v in values)
+    assert never_restarted(s.faults) == {1}
+
+
+@pytest.mark.parametrize(
+    ("faults", "expected"),
+    [
+        ([{"kind": "crash", "nodes": [1]}], "faults[0].at_round: is required"),
+        ([{"at_round": 1, "kind": "meteor"}], "faults[0].kind: unknown value 'meteor'"),
+        ([{"at_round": 10, "kind": "crash", "nodes": [1]}], "faults[0].at_round: must be in 0..9"),
+        ([{"at_round": 1, "kind": "crash"}], "faults[0].nodes: is required"),
+        ([{"at_round": 1, "kind": "crash", "nodes": [4]}], "faults[0].nodes: 4 is not a node"),
+        (
+            [{"at_round": 1, "kind": "crash", "nodes": [1, 1]}],
+            "faults[0].nodes: lists a node twice",
+        ),
+        (
+            [{"at_round": 1, "kind": "crash", "nodes": [1], "delay": 1}],
+            "faults[0].delay: unknown key",
+        ),
+        ([{"at_round": 1, "kind": "restart", "nodes": [1]}], "faults[0].nodes: node 1 is not down"),
+        (
+            [
+                {"at_round": 3, "kind": "crash", "nodes": [1]},
+                {"at_round": 3, "kind": "restart", "nodes": [1]},
+            ],
+            "faults[1].at_round: must be after the crash",
+        ),
+        (
+            [{"at_round": 1, "kind": "crash", "nodes": [0, 1, 2, 3]}],
+            "faults[0].nodes: would crash every",
+        ),
+        ([{"at_round": 1, "kind": "heal"}], "faults[0].kind: nothing to heal"),
+        (
+            [{"at_round": 1, "kind": "partition", "nodes": [0, 1, 2, 3]}],
+            "faults[0].nodes: one side",
+        ),
+        ([{"at_round": 1, "kind": "loss"}], "faults[0].probability: is required"),
+        (
+            [{"at_round": 1, "kind": "loss", "probability": 2}],
+            "faults[0].probability: must be a fraction",
+        ),
+        ([{"at_round": 1, "kind": "delay"}], "faults[0].delay: is required"),
+        ([{"at_round": 1, "kind": "delay", "delay": "1s"}], "faults[0].delay: expected a number"),
+        (
+            [{"at_round": 4, "kind": "stall", "until_round": 4}],
+            "faults[0].until_round: must be in 5..10",
+        ),
+        ([{"at_round": 1, "kind": "corrupt", "flips": 0}], "faults[0].flips: must be >= 1"),
+        ({"at_round": 1}, "faults: expected an array of tables"),
+        (["crash"], "faults[0]: expected a table"),
+    ],
+)
+def test_scenario_fault_errors_name_the_field(faults: object, expected: str) -> None:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario({"nodes": 4, "rounds": 10, "faults": faults})
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_crash_schedule_waits_for_the_victims_round_then_the_restart_round() -> None:
+    s = scenario_with(
+        [
+            {"at_round": 3, "kind": "crash", "nodes": [2]},
+            {"at_round": 5, "kind": "restart", "nodes": [2]},
+        ]
+    )
+    sched = CrashSchedule.of(s.faults)
+    assert sched.due({0: 9, 1: 9, 2: None, 3: 9}, set()) == []  # victim never reported
+    assert sched.due({0: 4, 1: 4, 2: 2, 3: 4}, set()) == []
+    assert sched.due({0: 4, 1: 4, 2: 3, 3: 4}, set()) == [s.faults[0]]
+    assert sched.due({0: 4, 1: 4, 3: 4}, {2}) == []
+    assert sched.due({0: 5, 1: 4, 3: 4}, {2}) == [s.faults[1]]
+    assert sched.pending == []
+    # Both at once when the runner polls late: crash first, then restart.
+    late = CrashSchedule.of(s.faults)
+    assert late.due({0: 6, 1: 6, 2: 6, 3: 6}, set()) == list(s.faults)

@@ -53,7 +53,7 @@ def _err(doc: dict[str, Any]) -> str:
         ({"nodes": 4, "name": "a b"}, "name: must be"),
         ({"nodes": 4, "topology": "ring"}, "topology: expected a table"),
         ({"nodes": 4, "attack": {"kind": "sign_flip"}}, "attack: give exactly one of nodes"),
-        ({"nodes": 4, "faults": [{"kind": "crash"}]}, "faults: not supported yet"),
+        ({"nodes": 4, "faults": [{"kind": "crash"}]}, "faults[0].at_round: is required"),
     ],
 )
 def test_schema_errors_name_the_field(doc: dict[str, Any], expected: str) -> None:

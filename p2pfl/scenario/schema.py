@@ -26,10 +26,11 @@ from typing import Any
 
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.scenario import topology
+from p2pfl.scenario.faults import FaultEvent, fault_plan_nodes, parse_faults, plan_path
 from p2pfl.scenario.topology import Edge, TopologyError
 
 MAX_NODES = 1000
-RESERVED_TABLES = ("faults", "secure_aggregation")
+RESERVED_TABLES = ("secure_aggregation",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -131,6 +132,8 @@ class Scenario:
     attack: AttackSpec = field(default_factory=AttackSpec)
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     compression: CompressionSpec = field(default_factory=CompressionSpec)
+    # [[faults]]: crashes/restarts (process runner) and network faults (plan files).
+    faults: tuple[FaultEvent, ...] = ()
 
     def role(self, index: int) -> str:
         """ "malicious" for the attack's nodes, else "honest"."""
@@ -171,6 +174,7 @@ class Scenario:
         if len(addresses) != self.nodes or len(data_dirs) != self.nodes:
             raise ValueError("need one address and one data dir per node")
         adj = topology.adjacency(self.nodes, self.edges())
+        faulty = set(fault_plan_nodes(self.faults, self.nodes))
         full = self.topology.kind == "full"
         mdns = self.discovery == "mdns" and not any(a.startswith("mem:") for a in addresses)
         return [
@@ -206,13 +210,15 @@ class Scenario:
                 "seed": node_seed(self.seed, i),
                 **self._robust_values(i),
                 **({"compression": self.compression.pipeline} if self.compression.pipeline else {}),
+                **({"faults": plan_path(data_dirs[i])} if i in faulty else {}),
             }
             for i in range(self.nodes)
         ]
 
     def deadline_seconds(self) -> float:
         """Generous bound on a whole run: every round may time out, plus start-up slack."""
-        return self.rounds * (self.protocol.round_timeout + 15.0) + 60.0 + self.nodes * 0.5
+        faults = len(self.faults) * (self.protocol.round_timeout + 30.0)  # restarts, heals
+        return self.rounds * (self.protocol.round_timeout + 15.0) + 60.0 + self.nodes * 0.5 + faults
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -280,13 +286,14 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
     attack = _parse_attack(top.table("attack"), nodes, seed)
     aggregation = _parse_aggregation(top.table("aggregation"), len(attack.nodes))
     compression = _parse_compression(top.table("compression"))
+    faults = parse_faults(top.raw("faults"), nodes, rounds)
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
     top.finish()
     scenario = Scenario(
         name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
-        attack, aggregation, compression,
+        attack, aggregation, compression, faults,
     )  # fmt: skip
     scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
     _cross_check(scenario)
