@@ -108,13 +108,13 @@ class FixedPoint:
         """uint32 ring sum of `count` encodings -> float32 mean; SumRejected if impossible."""
         if not 1 <= count <= self.summands:
             raise ValueError(f"count {count} outside 1..{self.summands}")
-        total = np.asarray(total, dtype=np.uint32)
-        shifted = total + np.uint32(LIMIT)  # valid sums map into [0, 2 * LIMIT]
-        if shifted.size and int(shifted.max()) > 2 * LIMIT:
+        signed = np.ascontiguousarray(total, dtype=np.uint32).view(np.int32)
+        if signed.size and (int(signed.min()) < -LIMIT or int(signed.max()) > LIMIT):
             raise SumRejected("group sum out of range: masks did not cancel or a vector is bad")
-        signed = total.view(np.int32).astype(np.float64)
-        signed *= 1.0 / (self.scale * count)
-        return signed.astype(np.float32)
+        out = np.empty(signed.shape, dtype=np.float32)
+        # One buffered pass: int32 * float64 computed in float64, rounded once to float32.
+        np.multiply(signed, np.float64(1.0 / (self.scale * count)), out=out, casting="unsafe")
+        return out
 
 
 @lru_cache(maxsize=64)
@@ -225,10 +225,16 @@ def mask_encoded(
     me: str,
     pair_seeds: dict[str, bytes],
     self_seed: bytes | None = None,
+    *,
+    copy: bool = True,
 ) -> np.ndarray:
-    """encoded + self mask + sum_{k > me} m_k - sum_{k < me} m_k (a new uint32 array)."""
+    """encoded + self mask + sum_{k > me} m_k - sum_{k < me} m_k, mod 2^32.
+
+    A new array, or `encoded` itself masked in place with copy=False (saves a d-sized
+    copy when the encoding is a temporary, as in the member's send path).
+    """
     plus, minus = mask_signs(me, sorted(pair_seeds))
-    out = np.array(encoded, dtype=np.uint32, copy=True)
+    out = np.array(encoded, dtype=np.uint32, copy=True) if copy else encoded
     plus_seeds = [pair_seeds[p] for p in plus]
     if self_seed is not None:
         plus_seeds.append(self_seed)

@@ -546,7 +546,7 @@ class SecureMember:
             raise Refused("bad_key", str(exc)) from None
         self_seed = secrets.token_bytes(32)
         encoded = fixed_point(m.clip, len(members)).encode(update)
-        masked = mask_encoded(encoded, me, seeds, self_seed)
+        masked = mask_encoded(encoded, me, seeds, self_seed, copy=False)
         m.attempt, m.members, m.self_seed = attempt, members, self_seed
         msg = MaskedUpdate(
             sender=me,
