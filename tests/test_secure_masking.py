@@ -14,6 +14,8 @@ from p2pfl.secure.keys import SessionKey
 from p2pfl.secure.masking import (
     BLOCK_WORDS,
     LIMIT,
+    MAX_CLIP,
+    MIN_CLIP,
     FixedPoint,
     MaskContext,
     SumRejected,
@@ -98,6 +100,19 @@ def test_fixed_point_bound_makes_overflow_impossible() -> None:
         assert codec.decode_mean(total, n)[0] == pytest.approx(-clip, rel=1e-6)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    clip=st.floats(MIN_CLIP, MAX_CLIP, allow_nan=False),
+    n=st.integers(1, 1024),
+)
+def test_scale_never_lets_n_clipped_values_overflow(clip: float, n: int) -> None:
+    codec = FixedPoint(clip, n)
+    extreme = np.array([clip, -clip, np.float32(clip), 3 * clip], dtype=np.float32)
+    q = codec.encode(extreme).view(np.int32).astype(np.int64)
+    assert np.all(np.abs(q) <= codec.bound) and codec.bound * n <= LIMIT
+    assert codec.scale > 0 and np.isfinite(codec.scale)
+
+
 def test_uncancelled_masks_are_detected() -> None:
     codec = fixed_point(4.0, 4)
     garbage = expand(b"\x07" * 32, 1000)
@@ -118,7 +133,7 @@ def test_encode_refuses_non_finite_and_non_vectors() -> None:
         codec.encode(np.array([0.0, np.nan], dtype=np.float32))
     with pytest.raises(ValueError):
         codec.encode(np.zeros((2, 2), dtype=np.float32))
-    for clip, n in [(0.0, 3), (float("inf"), 3), (1.0, 0)]:
+    for clip, n in [(0.0, 3), (float("inf"), 3), (1.0, 0), (1e-30, 3), (2e6, 3)]:
         with pytest.raises(ValueError):
             FixedPoint(clip, n)
 

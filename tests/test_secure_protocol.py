@@ -398,3 +398,21 @@ def test_stats_merge() -> None:
     total.merge(SecureStats(groups_formed=2, retries=1, bytes_in=10))
     total.merge(SecureStats(groups_formed=1, bytes_in=5))
     assert total.as_dict()["groups_formed"] == 3 and total.bytes_in == 15 and total.retries == 1
+
+
+def test_announcement_with_unusable_parameters_cannot_even_be_built(
+    nodes: list[SimNode],
+) -> None:
+    msg, _ = _announce(nodes)
+    bad_changes: list[dict[str, object]] = [
+        {"clip": 1e-30},  # would make the fixed-point scale overflow float32
+        {"clip": float("nan")},
+        {"group_size": 2},
+        {"keys": msg.keys[:-1]},
+        {"groups": ((0, 1),)},
+        {"participants": tuple(reversed(msg.participants))},
+        {"session": b"short"},
+    ]
+    for change in bad_changes:
+        with pytest.raises(ValueError):
+            dataclasses.replace(msg, **change)  # type: ignore[arg-type]

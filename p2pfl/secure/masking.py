@@ -9,8 +9,9 @@ vector whose masks did not cancel (wrong key, missing or corrupted member) is un
 on the ring, and each coordinate lands in the valid range with probability 1/2, so
 `decode_mean` rejects it with probability 1 - 2^-d.
 Scale s = Q / R (as float32, nudged down so fl(R * s) <= Q). Per coordinate, the
-decoded mean differs from the mean of the clipped inputs by at most 0.5 / s plus the
-float32 rounding of x * s (2^-24 |x|). With R = 16 and n = 5: s ~ 1.3e7, step 7.5e-8.
+decoded mean differs from the mean of the clipped inputs by at most 0.5 / s plus float32
+roundings (of x * s on the way in, of the mean on the way out): 0.5 / s + 2^-23 R.
+With R = 16 and n = 5: s ~ 1.3e7, step 7.5e-8.
 A Byzantine member can move its group's mean by at most about R: the decoded mean is
 bounded by LIMIT / (s n) ~= R whatever it sends.
 
@@ -43,6 +44,7 @@ from p2pfl.secure.keys import SessionKey
 
 LIMIT = 2**30 - 1
 """Bound on |group sum| in ring units; one spare bit below int32 detects bad sums."""
+MIN_CLIP = 1e-6  # keeps the scale a finite float32 (a peer-chosen clip must not hang us)
 MAX_CLIP = 1e6
 SEED_LEN = 32
 BLOCK_WORDS = 1 << 16  # 256 KiB of keystream per step
@@ -68,16 +70,20 @@ class FixedPoint:
     bound: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.clip) and 0 < self.clip <= MAX_CLIP):
-            raise ValueError(f"clip must be in (0, {MAX_CLIP}], got {self.clip}")
+        if not (math.isfinite(self.clip) and MIN_CLIP <= self.clip <= MAX_CLIP):
+            raise ValueError(f"clip must be in [{MIN_CLIP}, {MAX_CLIP}], got {self.clip}")
         if not 1 <= self.summands <= 1024:
             raise ValueError(f"summands must be in 1..1024, got {self.summands}")
         bound = LIMIT // self.summands
         clip32 = np.float32(self.clip)
         scale = np.float32(bound / float(clip32))
         # float32 rounding is monotone, so fl(x * s) <= fl(R * s) <= bound for |x| <= R.
-        while float(clip32 * scale) > bound:
+        for _ in range(16):  # one or two steps in practice
+            if float(clip32 * scale) <= bound:
+                break
             scale = np.nextafter(scale, np.float32(0))
+        else:
+            raise ValueError(f"no float32 scale for clip {self.clip}, summands {self.summands}")
         object.__setattr__(self, "bound", bound)
         object.__setattr__(self, "scale", float(scale))
 

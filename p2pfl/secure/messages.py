@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from p2pfl.secure.keys import ANNOUNCEMENT_LEN
-from p2pfl.secure.masking import MAX_CLIP, SEED_LEN
+from p2pfl.secure.masking import MAX_CLIP, MIN_CLIP, SEED_LEN
 
 SESSION_LEN = 16
 MAX_PARTICIPANTS = 1024
@@ -119,8 +119,8 @@ class GroupAnnounce:
         _check_int("group_size", self.group_size, 3, MAX_PARTICIPANTS + 1)
         if type(self.clip) is not float or not (math.isfinite(self.clip) and self.clip > 0):
             raise ValueError("clip: expected a positive finite float")
-        if self.clip > MAX_CLIP:
-            raise ValueError(f"clip: at most {MAX_CLIP}")
+        if not MIN_CLIP <= self.clip <= MAX_CLIP:
+            raise ValueError(f"clip: must be in [{MIN_CLIP}, {MAX_CLIP}]")
         _check_int("dim", self.dim, 1, MAX_DIM + 1)
         _check_members("participants", self.participants)
         if type(self.keys) is not tuple or len(self.keys) != len(self.participants):

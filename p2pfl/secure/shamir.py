@@ -118,8 +118,9 @@ def reconstruct_robust(shares: Sequence[Share]) -> tuple[bytes, tuple[int, ...]]
     """Recover the secret despite corrupted shares: (secret, indices of bad shares).
 
     Tries t-subsets until one interpolates to the committed secret (bounded by
-    MAX_COMBINATIONS); the bad shares are those off that subset's polynomial. Needs at
-    least t good shares; the commitment makes a wrong pick impossible, not just unlikely.
+    MAX_COMBINATIONS). Needs at least t good shares. The commitment guarantees the
+    secret; the bad indices (shares off that subset's polynomial) are a diagnosis,
+    exact when the matching subset is all good, which is the common case.
     """
     threshold, commit = _common(shares)
     if len(shares) < threshold:
