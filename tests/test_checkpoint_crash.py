@@ -61,12 +61,13 @@ async def until(cond: Callable[[], bool]) -> None:
         await trio.sleep(0.05)
 
 
-async def test_killed_mid_round_resumes_at_checkpoint_and_catches_up(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    rounds, crash_round = 10, 3
+async def crash_and_restart(tmp_path: Path) -> tuple[list[Node], Node, np.ndarray, list[object]]:
+    """3 nodes; node 2 is killed mid-round 3 and restarted once the others reach round 5.
+
+    Returns (the first nodes, the restarted node, its model at the crash, its history).
+    """
     network = MemoryNetwork()
-    nodes = [build(tmp_path, i, 3, network, rounds=rounds) for i in range(3)]
+    nodes = [build(tmp_path, i, 3, network, rounds=ROUNDS) for i in range(3)]
     victim = nodes[2]
     async with trio.open_nursery() as nursery:
         for node in nodes[:2]:
@@ -81,39 +82,60 @@ async def test_killed_mid_round_resumes_at_checkpoint_and_catches_up(
 
         # Kill it while it waits for its neighbours' round-3 models: no goodbye, the
         # "OS" closes its connections (the peers see EOF, as after SIGKILL).
-        await until(
-            lambda: victim.machine.round == crash_round and victim.phase is Phase.COLLECTING
-        )
+        await until(lambda: victim.machine.round == CRASH and victim.phase is Phase.COLLECTING)
         at_crash = victim.machine.params.copy()
-        history = list(victim.history)
+        history: list[object] = list(victim.history)
         assert isinstance(victim.transport, FaultyTransport)
         victim.transport.crash()
         victim_scope.cancel()
 
         ckpt = load_checkpoint(tmp_path / "n2" / CHECKPOINT_FILE)
-        assert ckpt is not None and ckpt.round == crash_round
+        assert ckpt is not None and ckpt.round == CRASH
         np.testing.assert_array_equal(ckpt.params, at_crash)
 
         # The others carry on without it; restart it two rounds later.
-        await until(lambda: nodes[0].machine.round >= crash_round + 2)
-        assert nodes[0].counters["timeouts"] <= 1  # they noticed the EOF, not a timeout
-        again = build(tmp_path, 2, 3, network, rounds=rounds)
-        assert again.machine.round == crash_round  # resumed at the checkpointed round...
+        await until(lambda: nodes[0].machine.round >= CRASH + 2)
+        assert nodes[0].counters["timeouts"] == 0  # they noticed the EOF, not a timeout
+        again = build(tmp_path, 2, 3, network, rounds=ROUNDS)
+        assert again.machine.round == CRASH  # resumed at the checkpointed round...
         np.testing.assert_array_equal(again.machine.params, at_crash)  # ...same model
         assert again.history == history
         await nursery.start(again.run)
         for node in [*nodes[:2], again]:
             await node.done.wait()
         nursery.cancel_scope.cancel()
+    return nodes[:2], again, at_crash, history
 
+
+ROUNDS, CRASH = 10, 3
+
+
+async def test_killed_mid_round_resumes_at_checkpoint_and_catches_up(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    first, again, _, _ = await crash_and_restart(tmp_path)
     assert again.counters["catch_ups"] >= 1
     done = [row["round"] for row in again.history]
-    assert done[:crash_round] == list(range(crash_round))
-    assert done == sorted(set(done)) and done[-1] == rounds - 1
-    finals = np.stack([nodes[0].machine.params, nodes[1].machine.params, again.machine.params])
+    assert done[:CRASH] == list(range(CRASH))
+    assert done == sorted(set(done)) and done[-1] == ROUNDS - 1
+    finals = np.stack([first[0].machine.params, first[1].machine.params, again.machine.params])
     assert np.array_equal(finals[0], finals[1]) and np.array_equal(finals[0], finals[2])
     assert again.history[-1]["peers_heard"] == 2
     assert again.history[-1]["accuracy"] >= 0.9
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: updates for rounds beyond max_rounds_ahead are dropped (too_far_ahead), so "
+    "a node that catches up to round R has already thrown away its peers' round-R models "
+    "and times out; its peers then time out the next round waiting for it",
+)
+async def test_a_restarted_node_rejoins_without_costing_anyone_a_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    first, again, _, _ = await crash_and_restart(tmp_path)
+    assert again.counters["timeouts"] == 0
+    assert all(n.counters["timeouts"] == 0 for n in first)
 
 
 # ---- interrupted checkpoint writes ----------------------------------------------------

@@ -29,6 +29,13 @@ from types import FrameType
 from typing import IO, Any
 
 from p2pfl.config import to_flags
+from p2pfl.scenario.faults import (
+    PROCESS_KINDS,
+    CrashSchedule,
+    FaultEvent,
+    never_restarted,
+    write_fault_plans,
+)
 from p2pfl.scenario.report import RoundProgress
 from p2pfl.scenario.schema import RunFailed, Scenario
 
@@ -97,13 +104,16 @@ def run_processes(
     addresses = [f"127.0.0.1:{port}" for port in free_ports(n)]
     dirs = [out / "nodes" / f"n{i}" for i in range(n)]
     values = scenario.node_config_values(addresses, dirs)
+    if scenario.faults:
+        _prepare_fault_plans(scenario.faults, dirs)
     deadline_s = timeout if timeout is not None else scenario.deadline_seconds()
     procs: list[NodeProcess] = []
     started = time.monotonic()
     with _signals_raise():
         try:
             _spawn_all(procs, values, dirs, out)
-            _watch(procs, scenario, started + deadline_s, deadline_s, progress)
+            chaos = _Chaos(scenario.faults, procs, out, started)
+            _watch(procs, scenario, started + deadline_s, deadline_s, progress, chaos)
             for p in procs:
                 p.peak_rss_bytes = _peak_rss(p.proc.pid)
         finally:
@@ -223,11 +233,12 @@ def _watch(
     deadline: float,
     deadline_s: float,
     progress: RoundProgress | None,
+    chaos: _Chaos | None = None,
 ) -> None:
     """Poll until every node is done; raise RunFailed on an early death or the deadline."""
     while True:
-        for p in procs:
-            if _exited(p.proc.pid):
+        for i, p in enumerate(procs):
+            if _exited(p.proc.pid) and not (chaos is not None and chaos.killed(i)):
                 code = _exit_status(p)
                 raise RunFailed(
                     f"node {p.name} exited early (exit code {code}); "
@@ -245,7 +256,12 @@ def _watch(
                 accs.append(float(history[-1]["accuracy"]))
         if progress is not None:
             progress.update(min(completed), accs)
-        if all(_is_done(p, scenario.rounds) for p in procs):
+        if chaos is not None:
+            chaos.step()
+        if all(
+            _is_done(p, scenario.rounds) or (chaos is not None and chaos.excused(i))
+            for i, p in enumerate(procs)
+        ):
             return
         if time.monotonic() > deadline:
             behind = ", ".join(
@@ -329,7 +345,96 @@ def _record(p: NodeProcess) -> dict[str, Any]:
         rec["killed"] = True
     if p.peak_rss_bytes is not None:
         rec["peak_rss_bytes"] = p.peak_rss_bytes
+    rec.update(p.extra)  # e.g. "events": crashes and restarts the runner injected
     return rec
+
+
+# ---- fault injection: per-node plans, crash (SIGKILL) and restart ----------------------
+
+
+def _prepare_fault_plans(events: Sequence[FaultEvent], dirs: Sequence[Path]) -> None:
+    """Create each node's identity now (the node loads it) so that the fault plans can
+    name peers by id, then write the plans the `faults` config values point at."""
+    from p2pfl.identity import Identity
+
+    ids = []
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ids.append(Identity.load_or_create(d).peer_id)
+    write_fault_plans(events, dirs, ids)
+
+
+class _Chaos:
+    """Carries out `crash` (SIGKILL of the node's process group: no goodbye, no flush)
+    and `restart` (the same command on the same data dir) when the control sockets
+    report the rounds the schedule names. A killed node is left unreaped until it is
+    restarted or the run ends, so its pid (the group id) cannot be reused meanwhile."""
+
+    def __init__(
+        self, events: Sequence[FaultEvent], procs: list[NodeProcess], out: Path, started: float
+    ) -> None:
+        self.schedule = CrashSchedule.of(events)
+        self.procs = procs
+        self.out = out
+        self.started = started
+        self.down: set[int] = set()
+        self.forever = never_restarted(events)
+        self.active = any(e.kind in PROCESS_KINDS for e in events)
+
+    def killed(self, index: int) -> bool:
+        return index in self.down
+
+    def excused(self, index: int) -> bool:
+        """A node crashed for good is not expected to finish its rounds."""
+        return index in self.down and index in self.forever
+
+    def step(self) -> None:
+        if not self.active:
+            return
+        rounds = {i: _current_round(p) for i, p in enumerate(self.procs) if i not in self.down}
+        for ev in self.schedule.due(rounds, set(self.down)):
+            for i in ev.nodes:
+                if ev.kind == "crash":
+                    self._crash(i, ev)
+                else:
+                    self._restart(
+                        i, ev, max((r for r in rounds.values() if r is not None), default=0)
+                    )
+
+    def _note(self, p: NodeProcess, event: dict[str, Any]) -> None:
+        event["t"] = round(time.monotonic() - self.started, 3)
+        p.extra.setdefault("events", []).append(event)
+
+    def _crash(self, i: int, ev: FaultEvent) -> None:
+        p = self.procs[i]
+        status = (p.status or {}).get("round", {})
+        _killpg(p.proc.pid, signal.SIGKILL)
+        self.down.add(i)
+        self._note(
+            p,
+            {
+                "kind": "crash",
+                "at_round": ev.at_round,
+                "round": status.get("current"),
+                "phase": status.get("phase"),
+            },
+        )
+
+    def _restart(self, i: int, ev: FaultEvent, federation_round: int) -> None:
+        old = self.procs[i]
+        old.exit_code = old.proc.wait()  # reap: the old group is dead and forgotten now
+        old.log.close()
+        new = _spawn(old.name, old.data_dir, old.argv)
+        new.extra = old.extra
+        self.procs[i] = new
+        self.down.discard(i)
+        self._note(new, {"kind": "restart", "at_round": ev.at_round, "round": federation_round})
+        _write_pids(self.out, self.procs)
+
+
+def _current_round(p: NodeProcess) -> int | None:
+    value = (p.status or {}).get("round", {}).get("current")
+    return value if isinstance(value, int) else None
 
 
 @contextlib.contextmanager
