@@ -192,6 +192,46 @@ def test_peer_gone_retries_without_waiting_for_the_deadline(nodes: list[SimNode]
     (retry,) = agg.peer_gone(members[0].peer_id, 2.0)
     assert isinstance(retry.message, GroupRetry) and retry.message.attempt == 1
     assert agg.next_deadline() == 2.0 + s.retry_timeout
+    assert agg.peer_gone(members[0].peer_id, 2.5) == []  # no longer a member
+
+
+def test_peer_gone_after_sending_or_before_revealing(nodes: list[SimNode]) -> None:
+    a, members = nodes[0], _fresh(nodes[1:6])  # one group of 5
+    s = SecureSettings(FED, group_size=5, clip=CLIP)
+    agg = AggregatorRound(
+        s,
+        aggregator=a.peer_id,
+        round=1,
+        dim=16,
+        keys={m.peer_id: m.key.announcement for m in members},
+    )
+    (announce,) = agg.start(0.0)
+    outs = []
+    for m in members:
+        m.member.on_message(a.peer_id, announce.message)  # type: ignore[arg-type]
+        (out,) = m.member.set_update(1, np.ones(16, np.float32))
+        outs.append(out)
+    assert agg.on_message(members[0].peer_id, outs[0].message, 1.0) == []  # type: ignore[arg-type]
+    assert agg.peer_gone(members[0].peer_id, 1.5) == []  # sent, then lost: keep waiting
+    for m, out in zip(members[1:-1], outs[1:-1], strict=True):
+        assert agg.on_message(m.peer_id, out.message, 2.0) == []  # type: ignore[arg-type]
+    # The last vector completes the attempt, but the lost member could never reveal:
+    # retry right away without it instead of unmasking.
+    (retry,) = agg.on_message(members[-1].peer_id, outs[-1].message, 3.0)  # type: ignore[arg-type]
+    assert isinstance(retry.message, GroupRetry)
+    assert retry.to == tuple(sorted(m.peer_id for m in members[1:]))
+    survivors = members[1:]
+    unmask = None
+    for m in survivors:
+        (out,) = m.member.on_message(a.peer_id, retry.message)  # type: ignore[arg-type]
+        sends = agg.on_message(m.peer_id, out.message, 4.0)  # type: ignore[arg-type]
+        unmask = sends[0] if sends else unmask
+    assert unmask is not None and isinstance(unmask.message, UnmaskRequest)
+    (rev,) = survivors[0].member.on_message(a.peer_id, unmask.message)  # type: ignore[arg-type]
+    agg.on_message(survivors[0].peer_id, rev.message, 5.0)  # type: ignore[arg-type]
+    assert agg.peer_gone(survivors[0].peer_id, 5.5) == []  # already revealed: harmless
+    assert agg.peer_gone(survivors[1].peer_id, 6.0) == []  # cannot reveal any more
+    assert agg.done and agg.result().dropped == ((0, "reveal_timeout"),)
 
 
 # ---------------------------------------------------------------- Byzantine members

@@ -245,9 +245,10 @@ class AggregatorRound:
         if peer not in g.members or g.phase not in ("collect", "reveal"):
             return []
         g.gone.add(peer)
-        waiting = g.sent if g.phase == "collect" else set(g.seeds)
-        if set(g.members) - waiting <= g.gone:
-            return self._expire(g, now)
+        if g.phase == "reveal":
+            return [] if peer in g.seeds else self._expire(g, now)  # can never complete
+        if not set(g.members) - g.sent - g.gone:
+            return self._expire(g, now)  # everyone still there has sent: retry now
         return []
 
     def result(self) -> SecureResult:
@@ -305,8 +306,10 @@ class AggregatorRound:
         else:
             np.add(g.total, msg.masked, out=g.total)
         g.sent.add(sender)
-        if g.sent != set(g.members):
+        if set(g.members) - g.sent - g.gone:
             return []
+        if g.gone.intersection(g.members):
+            return self._expire(g, now)  # a sender is gone and could not reveal: retry
         g.phase = "reveal"
         g.deadline = now + self.settings.retry_timeout
         req = UnmaskRequest(
