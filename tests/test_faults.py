@@ -604,7 +604,7 @@ async def test_corrupt_and_truncated_frames_are_counted_and_never_crash(
         spies.append(spy)
     await run_all(nodes)
     injected = nodes[2].transport.counts()  # type: ignore[attr-defined]
-    assert injected["truncated"] > 10 and injected["corrupted"] > 10, injected
+    assert injected["truncated"] > 3 and injected["corrupted"] > 3, injected
     total = 0
     for n, spy in zip(nodes[:2], spies, strict=True):
         undecodable = 0

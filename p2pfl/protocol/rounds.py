@@ -109,6 +109,9 @@ class RoundSettings:
     catch_up_peers: int = 3  # ask up to this many peers; combine by median
     catch_up_timeout: float = 10.0
     rule_name: str = "mean"
+    adaptive_timeout: bool = True
+    min_round_timeout: float = 2.0
+    adaptive_window: int = 5  # rounds of wait times the adaptive timeout looks at
 
 
 @dataclass
@@ -138,6 +141,8 @@ class RoundMachine:
     _states: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
     _asked: tuple[str, ...] = ()
     _waiting_for: set[str] = field(default_factory=set)
+    _waits: list[float] = field(default_factory=list)
+    _collect_started: float = 0.0
 
     def __post_init__(self) -> None:
         self.params = np.ascontiguousarray(self.params, dtype=np.float32)
@@ -169,7 +174,8 @@ class RoundMachine:
         self._waiting_for = set(to)
         self._expected = len(to)
         self.phase = Phase.COLLECTING
-        self.deadline = now + self.settings.round_timeout
+        self._collect_started = now
+        self.deadline = now + self._collect_timeout()
         actions: list[Action] = [Broadcast(self.round, self._own.params, samples, to)]
         actions += self._maybe_aggregate(now, timed_out=False)
         return actions
@@ -315,6 +321,9 @@ class RoundMachine:
             # With nobody to hear from we wait for the timeout: a peer may (re)connect,
             # and racing through rounds alone would leave the federation behind.
             return []
+        if not timed_out:
+            self._waits.append(now - self._collect_started)
+            del self._waits[: -self.settings.adaptive_window]
         senders = tuple(sorted(received))
         # Inputs in one canonical order (by peer id, ours included) so that nodes that
         # aggregate the same inputs get bit-identical models.
@@ -342,6 +351,18 @@ class RoundMachine:
         ]
         actions += self._next_round(now)
         return actions
+
+    def _collect_timeout(self) -> float:
+        """How long to wait for neighbours this round.
+
+        Adapts to the federation: a few times the slowest wait of recent rounds that
+        completed, never below `min_round_timeout` nor above `round_timeout`. A crashed
+        neighbour then costs seconds, not the full configured timeout, every round.
+        """
+        s = self.settings
+        if not s.adaptive_timeout or len(self._waits) < 3:
+            return s.round_timeout
+        return min(s.round_timeout, max(s.min_round_timeout, 4.0 * max(self._waits)))
 
     def _advance_to(self, round: int) -> None:
         self.round = round
