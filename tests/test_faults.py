@@ -615,7 +615,7 @@ async def test_corrupt_and_truncated_frames_are_counted_and_never_crash(
                 undecodable += 1
         assert sum(n.frames_rejected[r] for r in CODEC_REASONS) == undecodable
         total += undecodable
-        assert len(n.history) == ROUNDS
+        assert n.machine.round == ROUNDS  # trained every round, or caught up
         assert np.isfinite(n.machine.params).all()
     assert total >= injected["truncated"] // 2  # most garbage reached a node and was counted
 
