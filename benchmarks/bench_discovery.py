@@ -3,17 +3,25 @@ stopped peer disappears from the others' tables.
 
 Run: python benchmarks/bench_discovery.py [--quick] [--loopback] [--sizes 2 5 10]
 
-Each node is its own process running `run_mdns` (the real zeroconf code path), in its
-own network namespace on a bridge when this machine allows it (root + `ip netns`),
-otherwise all on 127.0.0.1. Times are wall clock across processes (time.time()):
-- registered: launch -> the slowest node's `register_service` returned (Python start,
+Every node is its own process, in its own network namespace on a bridge when this
+machine allows it (root + `ip netns`), otherwise all on 127.0.0.1. Two levels:
+
+mDNS alone (`run_mdns` per process, the real zeroconf path), wall clock across processes:
+- registered: launch -> the slowest `register_service` returned (interpreter start,
   zeroconf start, three ~250 ms probes, then announcements);
-- full mesh: launch -> every node has found every other one (the number that matters);
-- mesh after start: full mesh minus the slowest interpreter start-up (mDNS alone);
-  peers are found from the first announcement, before `register_service` returns;
-- goodbye seen: SIGINT to one node -> every other node has it removed.
+- full mesh: launch -> every node has found every other one;
+- mesh after start: full mesh minus the slowest interpreter start (mDNS proper); peers
+  are found from the first announcement, before `register_service` returns;
+- goodbye seen: SIGINT to one node -> every other one has it removed (goodbye packets).
+
+Real `p2pfl node` processes, read through their control sockets:
+- connected mesh: launch -> every node has a TLS connection to every other one, with
+  mDNS (no --peer) and, as the baseline in the same run, with bootstrap (every
+  address given as --peer, mDNS off);
+- gone: SIGTERM to one node -> no other node lists it as connected (its Bye message).
+
 Never binds anything but 127.0.0.1 or addresses inside its own namespaces.
-Prints a rich table and writes benchmarks/results/bench_discovery.json.
+Prints rich tables and writes benchmarks/results/bench_discovery.json.
 """
 
 from __future__ import annotations
@@ -24,9 +32,11 @@ import os
 import platform
 import secrets
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +48,7 @@ RESULTS = Path(__file__).parent / "results" / "bench_discovery.json"
 BASE_PORT = 47000
 
 
-# ---- worker (one node) ------------------------------------------------------------------
+# ---- worker: one run_mdns node ----------------------------------------------------------
 
 
 def worker(ip: str, port: int, federation: str) -> None:
@@ -59,7 +69,6 @@ def worker(ip: str, port: int, federation: str) -> None:
 
                 async def watch() -> None:
                     async for _ in signals:
-                        emit("stopping")
                         nursery.cancel_scope.cancel()
                         return
 
@@ -77,7 +86,6 @@ def worker(ip: str, port: int, federation: str) -> None:
                     )
                 )
                 emit("ready", id=peer_id)
-        emit("closed")
 
     trio.run(main)
 
@@ -86,6 +94,8 @@ def worker(ip: str, port: int, federation: str) -> None:
 
 
 class Proc:
+    """A worker process whose JSON-lines events are collected by a reader thread."""
+
     def __init__(self, argv: list[str]) -> None:
         self.events: list[dict[str, Any]] = []
         self.proc = subprocess.Popen(
@@ -105,55 +115,56 @@ class Proc:
             with self._lock:
                 self.events.append(event)
 
-    def first(self, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    def when(self, event: str, **match: Any) -> float | None:
+        """Time of the first `event` whose fields match, or None."""
         with self._lock:
-            return next((e for e in self.events if pred(e)), None)
-
-    def peer_id(self) -> str | None:
-        ready = self.first(lambda e: e["event"] == "ready")
-        return None if ready is None else str(ready["id"])
-
-    def found_time(self, peers: set[str]) -> float | None:
-        """When this node had found all of `peers` (None if not yet)."""
-        with self._lock:
-            seen: set[str] = set()
             for e in self.events:
-                if e["event"] == "found" and e["peer"] in peers:
-                    seen.add(e["peer"])
-                    if seen == peers:
-                        return float(e["t"])
+                if e["event"] == event and all(e.get(k) == v for k, v in match.items()):
+                    return float(e["t"])
         return None
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def peer_id(self) -> str | None:
+        with self._lock:
+            return next((str(e["id"]) for e in self.events if e["event"] == "ready"), None)
+
+    def found_all(self, peers: set[str]) -> float | None:
+        """When this node had found every one of `peers` (None if not yet)."""
+        times = [self.when("found", peer=p) for p in peers]
+        return None if any(t is None for t in times) else max(t or 0.0 for t in times)
 
 
-def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return True
-        time.sleep(0.01)
+        time.sleep(step)
     return pred()
 
 
-def one_run(n: int, use_netns: bool) -> dict[str, Any]:
+def lab_or_loopback(n: int, use_netns: bool) -> AbstractContextManager[Any]:
+    if not use_netns:
+        return nullcontext(None)
+    from p2pfl.discovery import netns
+
+    return netns.lab(n)
+
+
+def mdns_run(n: int, use_netns: bool) -> dict[str, Any]:
+    """run_mdns alone, one process per node: discovery tables, not connections."""
     federation = "bench-" + secrets.token_hex(4)
     script = str(Path(__file__).resolve())
-    ctx: AbstractContextManager[Any]
-    if use_netns:
-        from p2pfl.discovery import netns
-
-        ctx = netns.lab(n)
-    else:
-        ctx = nullcontext(None)
-    with ctx as net:
+    with lab_or_loopback(n, use_netns) as net:
         procs: list[Proc] = []
         try:
             t0 = time.time()
@@ -164,71 +175,124 @@ def one_run(n: int, use_netns: bool) -> dict[str, Any]:
             if not wait_for(lambda: all(p.peer_id() for p in procs), 60):
                 raise RuntimeError("workers did not start")
             ids = [p.peer_id() or "" for p in procs]
-            ready = [float((p.first(lambda e: e["event"] == "ready") or {})["t"]) for p in procs]
-            start = [float((p.first(lambda e: e["event"] == "start") or {})["t"]) for p in procs]
-            wanted = [set(ids) - {ids[i]} for i in range(n)]
-            if not wait_for(
-                lambda: all(p.found_time(w) for p, w in zip(procs, wanted, strict=True)), 60
-            ):
+            ready = max(p.when("ready") or 0.0 for p in procs)
+            start = max(p.when("start") or 0.0 for p in procs)
+            pairs = [(p, set(ids) - {ids[i]}) for i, p in enumerate(procs)]
+            if not wait_for(lambda: all(p.found_all(w) for p, w in pairs), 60):
                 raise RuntimeError("no full mesh within 60 s")
-            mesh = max(p.found_time(w) or 0.0 for p, w in zip(procs, wanted, strict=True))
+            mesh = max(p.found_all(w) or 0.0 for p, w in pairs)
+            t_stop = time.time()
+            procs[0].proc.send_signal(signal.SIGINT)
             goodbye = None
-            if n >= 2:
-                stopped = ids[0]
-                t_stop = time.time()
-                procs[0].proc.send_signal(signal.SIGINT)
-
-                def gone(p: Proc) -> bool:
-                    return (
-                        p.first(lambda e: e["event"] == "removed" and e["peer"] == stopped)
-                        is not None
-                    )
-
-                if wait_for(lambda: all(gone(p) for p in procs[1:]), 30):
-                    goodbye = (
-                        max(
-                            float(
-                                (
-                                    p.first(
-                                        lambda e: e["event"] == "removed" and e["peer"] == stopped
-                                    )
-                                    or {}
-                                )["t"]
-                            )
-                            for p in procs[1:]
-                        )
-                        - t_stop
-                    )
+            if wait_for(lambda: all(p.when("removed", peer=ids[0]) for p in procs[1:]), 30):
+                goodbye = max(p.when("removed", peer=ids[0]) or 0.0 for p in procs[1:]) - t_stop
         finally:
             for p in procs:
-                p.stop()
+                stop_process(p.proc)
     return {
-        "ready_s": max(ready) - t0,
+        "ready_s": ready - t0,
         "mesh_s": mesh - t0,
-        "mdns_mesh_s": mesh - max(start),
+        "mdns_mesh_s": mesh - start,
         "goodbye_s": goodbye,
     }
 
 
+def node_run(n: int, use_netns: bool, discovery: str, root: Path) -> dict[str, Any]:
+    """Real `p2pfl node` processes with `discovery` = "mdns" (no --peer) or "bootstrap"
+    (every address as --peer, mDNS off): time to a connected full mesh, and time until
+    a SIGTERMed node is no longer connected anywhere."""
+    from p2pfl.control.client import ControlError, query
+
+    federation = "bench-" + secrets.token_hex(4)
+    with lab_or_loopback(n, use_netns) as net:
+        hosts = net.addresses if net is not None else ["127.0.0.1"] * n
+        ports = [7470] * n if net is not None else free_ports(n)
+        listen = [f"{h}:{p}" for h, p in zip(hosts, ports, strict=True)]
+        dirs = [root / f"{discovery}{n}-{secrets.token_hex(3)}-{i}" for i in range(n)]
+        procs: list[subprocess.Popen[Any]] = []
+
+        def connected(i: int) -> set[str] | None:
+            try:
+                st = query(dirs[i] / "control.sock", timeout=2.0)
+            except ControlError:
+                return None
+            return {p["id"] for p in st["peers"] if p["state"] == "connected"}
+
+        try:
+            t0 = time.time()
+            for i in range(n):
+                cmd = [
+                    sys.executable, "-m", "p2pfl", "node",
+                    "--listen", listen[i], "--federation", federation,
+                    "--data-dir", str(dirs[i]), "--nodes", str(n), "--node-index", str(i),
+                    "--rounds", "1", "--min-peers", str(n - 1), "--no-peer-exchange",
+                    "--log-level", "warning",
+                ]  # fmt: skip
+                if discovery == "mdns":
+                    cmd += ["--mdns-interface", hosts[i]]
+                else:
+                    cmd += ["--no-mdns", *(f"--peer={a}" for a in listen if a != listen[i])]
+                argv = net.argv(i, cmd) if net is not None else cmd
+                procs.append(
+                    subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                )
+            full = lambda: all(len(connected(i) or ()) == n - 1 for i in range(n))  # noqa: E731
+            if not wait_for(full, 90, 0.02):
+                raise RuntimeError(f"{discovery}: no connected mesh of {n} nodes within 90 s")
+            mesh = time.time() - t0
+            first = query(dirs[0] / "control.sock")["node"]["id"]
+            t_stop = time.time()
+            procs[0].send_signal(signal.SIGTERM)
+            gone = None
+
+            def left() -> bool:
+                tables = [connected(i) for i in range(1, n)]
+                return all(t is not None and first not in t for t in tables)
+
+            if wait_for(left, 30, 0.02):
+                gone = time.time() - t_stop
+        finally:
+            for p in procs:
+                stop_process(p)
+    return {"mesh_s": mesh, "gone_s": gone}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"repetitions": len(runs)}
-    for key in ("ready_s", "mesh_s", "mdns_mesh_s", "goodbye_s"):
+    for key in runs[0]:
         values = [r[key] for r in runs if r[key] is not None]
         out[key] = round(statistics.median(values), 3) if values else None
-        out[key.replace("_s", "_max_s")] = round(max(values), 3) if values else None
+        out[key.removesuffix("_s") + "_max_s"] = round(max(values), 3) if values else None
     return out
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
         worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one repetition per size")
     parser.add_argument("--loopback", action="store_true", help="never use namespaces")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 5, 10])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--skip-nodes", action="store_true", help="mDNS level only")
     args = parser.parse_args()
+    if min(args.sizes) < 2:
+        parser.error("sizes must be >= 2")
 
     from rich.console import Console
     from rich.table import Table
@@ -239,33 +303,57 @@ def main() -> None:
     use_netns = reason is None
     mode = "network namespaces on a bridge" if use_netns else f"127.0.0.1 ({reason})"
     reps = 1 if args.quick else args.reps
-    results = []
-    for n in args.sizes:
-        runs = []
-        for _ in range(reps):
-            runs.append(one_run(n, use_netns))
-        results.append({"nodes": n, **summarize(runs), "runs": runs})
+    mdns_results = []
+    node_results = []
+    with tempfile.TemporaryDirectory(prefix="p2pfl-bench-") as tmp:
+        for n in args.sizes:
+            runs = [mdns_run(n, use_netns) for _ in range(reps)]
+            mdns_results.append({"nodes": n, **summarize(runs), "runs": runs})
+            if args.skip_nodes:
+                continue
+            row: dict[str, Any] = {"nodes": n}
+            for discovery in ("mdns", "bootstrap"):
+                runs = [node_run(n, use_netns, discovery, Path(tmp)) for _ in range(reps)]
+                row[discovery] = {**summarize(runs), "runs": runs}
+            node_results.append(row)
 
-    table = Table(title=f"mDNS discovery ({mode}), median of {reps}")
+    console = Console()
+    table = Table(title=f"mDNS alone ({mode}), median of {reps}")
     for col in ("nodes", "registered s", "full mesh s", "mesh after start s", "goodbye seen s"):
         table.add_column(col, justify="right")
-    for r in results:
+    for r in mdns_results:
         table.add_row(
             str(r["nodes"]),
-            f"{r['ready_s']:.2f}",
-            f"{r['mesh_s']:.2f}",
-            f"{r['mdns_mesh_s']:.2f}",
-            "-" if r["goodbye_s"] is None else f"{r['goodbye_s']:.2f}",
+            fmt(r["ready_s"]),
+            fmt(r["mesh_s"]),
+            fmt(r["mdns_mesh_s"]),
+            fmt(r["goodbye_s"]),
         )
-    Console().print(table)
+    console.print(table)
+    if node_results:
+        table = Table(title=f"p2pfl node processes ({mode}), median of {reps}")
+        for col in ("nodes", "mesh mdns s", "mesh bootstrap s", "gone mdns s", "gone boot s"):
+            table.add_column(col, justify="right")
+        for r in node_results:
+            table.add_row(
+                str(r["nodes"]),
+                fmt(r["mdns"]["mesh_s"]),
+                fmt(r["bootstrap"]["mesh_s"]),
+                fmt(r["mdns"]["gone_s"]),
+                fmt(r["bootstrap"]["gone_s"]),
+            )
+        console.print(table)
+
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "bench_discovery",
         "mode": "netns" if use_netns else "loopback",
         "why_not_netns": reason,
+        "repetitions": reps,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "results": results,
+        "mdns_only": mdns_results,
+        "nodes": node_results,
     }
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {RESULTS}")
