@@ -22,7 +22,7 @@ from p2pfl.compression.pipeline import QUANT_BLOCK, Quantize, TopK
 from p2pfl.compression.quantize import decode_values, encode_values
 from p2pfl.compression.sparse import decode_indices, encode_indices, top_k
 from p2pfl.wire import WireError
-from p2pfl.wire.codec import decode, encode
+from p2pfl.wire.codec import MAX_BLOB_KEYS, decode, encode
 from p2pfl.wire.messages import CompressedModelUpdate
 from p2pfl.wire.tensors import decode_tensor, encode_tensor
 
@@ -621,7 +621,7 @@ def test_fuzz_corrupted_data(stages: list[str], data: st.DataObject) -> None:
 def test_codec_accepts_only_small_string_keyed_maps() -> None:
     msg = CompressedModelUpdate("s", 1, {"stages": []}, 3)
     assert decode(encode(msg)) == msg
-    for blob in ({}, {1: 2}, [1], {str(i): i for i in range(9)}):
+    for blob in ({}, {1: 2}, [1], {str(i): i for i in range(MAX_BLOB_KEYS + 1)}):
         with pytest.raises(ValueError, match="blob"):
             encode(CompressedModelUpdate("s", 1, blob, 3))  # type: ignore[arg-type]
 
