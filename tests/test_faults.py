@@ -24,6 +24,7 @@ from p2pfl.scenario.faults import (
     node_fault_plans,
     timeline,
 )
+from p2pfl.scenario.report import write_report
 from p2pfl.scenario.schema import Scenario, ScenarioError, parse_scenario
 from p2pfl.transport.base import Connection, ConnectionClosed, ConnectionHandler
 from p2pfl.transport.faults import (
@@ -807,3 +808,36 @@ def test_crash_schedule_waits_for_the_victims_round_then_the_restart_round() -> 
     # Both at once when the runner polls late: crash first, then restart.
     late = CrashSchedule.of(s.faults)
     assert late.due({0: 6, 1: 6, 2: 6, 3: 6}, set()) == list(s.faults)
+
+
+def test_report_has_a_fault_timeline_and_marks_the_plot(tmp_path: Path) -> None:
+    s = scenario_with(
+        [
+            {"at_round": 2, "kind": "crash", "nodes": [1]},
+            {"at_round": 4, "kind": "restart", "nodes": [1]},
+            {"at_round": 1, "kind": "partition", "nodes": [0, 1], "until_round": 3},
+        ],
+        rounds=6,
+    )
+    rows = [{"round": r, "accuracy": 0.5 + r / 20} for r in range(6)]
+    events = [
+        {"kind": "crash", "at_round": 2, "round": 3, "phase": "collecting", "t": 1.5},
+        {"kind": "restart", "at_round": 4, "round": 4, "t": 2.5},
+    ]
+    records = {
+        f"n{i}": {"rounds": rows[:3] if i == 1 else rows, **({"events": events} if i == 1 else {})}
+        for i in range(4)
+    }
+    metrics = write_report(tmp_path, s, records, wall_seconds=3.0, mode="processes", console=None)
+    assert [(f["round"], f["kind"]) for f in metrics["faults"]] == [
+        (1, "partition"),
+        (2, "crash"),
+        (4, "restart"),
+    ]
+    assert metrics["faults"][1]["injected"] == [{"node": 1, "round": 3, "t": 1.5}]
+    assert metrics["faults"][0]["until_round"] == 3
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    plain = write_report(
+        tmp_path, scenario_with([]), records, wall_seconds=1, mode="x", console=None
+    )
+    assert "faults" not in plain

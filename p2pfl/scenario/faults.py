@@ -30,9 +30,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from p2pfl.transport.faults import FaultPlan, FaultRule, dump_fault_plan
+if TYPE_CHECKING:  # the transport pulls in trio and numpy: only needed to write plans
+    from p2pfl.transport.faults import FaultPlan, FaultRule
 
 KINDS = (
     "crash",
@@ -250,6 +251,8 @@ def fault_plan_nodes(events: Sequence[FaultEvent], nodes: int) -> list[int]:
 
 def node_fault_plans(events: Sequence[FaultEvent], peer_ids: Sequence[str]) -> list[FaultPlan]:
     """Each node's own part of the schedule, with peers named by their ids."""
+    from p2pfl.transport.faults import FaultPlan, FaultRule
+
     n = len(peer_ids)
     rules: list[list[FaultRule]] = [[] for _ in range(n)]
     for ev in events:
@@ -293,6 +296,8 @@ def write_fault_plans(
     Runners call this before starting nodes; `Scenario.node_config_values` already
     points those nodes' `faults` field at these paths.
     """
+    from p2pfl.transport.faults import dump_fault_plan
+
     plans = node_fault_plans(events, peer_ids)
     for i in fault_plan_nodes(events, len(peer_ids)):
         Path(data_dirs[i]).mkdir(parents=True, exist_ok=True)
@@ -360,3 +365,76 @@ def timeline(events: Sequence[FaultEvent]) -> list[dict[str, Any]]:
             row["until_round"] = end
         rows.append(row)
     return rows
+
+
+# ---- report: timeline, table, plot marks ---------------------------------------------
+
+
+def report_timeline(
+    events: Sequence[FaultEvent], records: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The planned faults, each crash/restart completed with when the runner actually
+    did it (from the node records' "events": round seen and seconds into the run)."""
+    rows = timeline(events)
+    for row in rows:
+        if row["kind"] not in PROCESS_KINDS:
+            continue
+        done = []
+        for node in row.get("nodes", []):
+            for ev in records.get(f"n{node}", {}).get("events", []):
+                if ev.get("kind") == row["kind"] and ev.get("at_round") == row["round"]:
+                    done.append({"node": node, "round": ev.get("round"), "t": ev.get("t")})
+        row["injected"] = done
+    return rows
+
+
+def fault_table(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """A rich Table of the timeline (rich is imported here, only for the console)."""
+    from rich.table import Table
+
+    table = Table(title="injected faults")
+    for col in ("round", "fault", "until", "done at"):
+        table.add_column(col, justify="left" if col == "fault" else "right")
+    for row in rows:
+        injected = row.get("injected")
+        when = "-"
+        if injected:
+            when = ", ".join(f"n{d['node']}: round {d['round']}, {d['t']:.1f} s" for d in injected)
+        elif injected is not None:
+            when = "not reached"
+        until = row.get("until_round")
+        table.add_row(
+            str(row["round"]), str(row["label"]), "-" if until is None else str(until), when
+        )
+    return table
+
+
+_COLORS = {"crash": "black", "restart": "tab:green", "partition": "tab:orange", "heal": "tab:green"}
+
+
+def mark_faults(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Vertical lines (and shaded spans for faults with an end) on a matplotlib Axes."""
+    from matplotlib.transforms import blended_transform_factory
+
+    text_at = blended_transform_factory(ax.transData, ax.transAxes)
+    for k, row in enumerate(rows):
+        x = float(row["round"])
+        injected = row.get("injected") or []
+        seen = [d["round"] for d in injected if isinstance(d.get("round"), int)]
+        if seen:
+            x = float(min(seen))  # where it really happened
+        color = _COLORS.get(str(row["kind"]), "tab:purple")
+        ax.axvline(x, color=color, linestyle="--", linewidth=1.0, alpha=0.8)
+        until = row.get("until_round")
+        if until is not None and row["kind"] != "heal":
+            ax.axvspan(x, float(until), color=color, alpha=0.08, linewidth=0)
+        ax.text(
+            x,
+            0.02 + 0.07 * (k % 4),
+            f" {row['label']}",
+            transform=text_at,
+            fontsize=7,
+            color=color,
+            rotation=0,
+            va="bottom",
+        )

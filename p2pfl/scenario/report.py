@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from p2pfl.scenario.faults import fault_table, mark_faults, report_timeline
 from p2pfl.scenario.schema import Scenario
 
 MAX_TABLE_ROWS = 25
@@ -51,12 +52,14 @@ def build_metrics(
     honest = [n for n, rec in clean.items() if rec["role"] == "honest"]
     summary = summarize({n: rec["rounds"] for n, rec in clean.items()}, wall_seconds, honest)
     summary["malicious_nodes"] = [n for n in clean if n not in honest]
+    faults = {"faults": report_timeline(scenario.faults, clean)} if scenario.faults else {}
     return {
         "scenario": scenario.to_dict(),
         "mode": mode,
         "complete": complete,
         "nodes": clean,
         "summary": summary,
+        **faults,
         "wall_seconds": round(wall_seconds, 3),
     }
 
@@ -289,6 +292,8 @@ def plot_accuracy(metrics: Mapping[str, Any], path: Path) -> Path | None:
         label = "honest mean" if metrics["summary"].get("malicious_nodes") else "mean"
         ax.plot(xs, ys, color="tab:red", linewidth=2.5, label=label, marker="o", markersize=3)
         ax.legend(loc="lower right")
+    if metrics.get("faults"):
+        mark_faults(ax, metrics["faults"])  # vertical lines and labels at the fault rounds
     ax.autoscale_view()
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("round")
@@ -318,6 +323,8 @@ def write_report(
     png = plot_accuracy(metrics, out / "accuracy.png")
     if console is not None:
         console.print(summary_table(metrics))
+        if metrics.get("faults"):
+            console.print(fault_table(metrics["faults"]))
         if png is None:
             console.print("[yellow]matplotlib is not installed: accuracy.png skipped[/]")
         console.print(f"outputs in {out}/ (metrics.json{', accuracy.png' if png else ''})")
