@@ -3,6 +3,7 @@ interrupted at any point leaves the previous checkpoint loadable."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -270,3 +271,19 @@ def test_atomic_write_never_exposes_a_partial_file(
     atomic_write(path, b"new" * 1000)
     assert seen and all(s == b"old" * 1000 for s in seen)
     assert path.read_bytes() == b"new" * 1000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: catch-up asks only the peers whose round it already knows; right after a "
+    "restart that is the first peer whose Hello arrived, so the node adopts one peer's model "
+    "(the brief: a robust combination of several neighbours, never one peer's word)",
+)
+async def test_a_restarted_node_catches_up_from_several_peers(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="p2pfl.node")
+    await crash_and_restart(tmp_path)
+    caught = [r.getMessage() for r in caplog.records if "caught up from" in r.getMessage()]
+    assert caught
+    assert all("median of 1 peers" not in m for m in caught), caught
