@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from zeroconf import IPVersion, NonUniqueNameException, ServiceInfo, Zeroconf
 
@@ -121,6 +121,7 @@ def test_we_never_publish_a_record_we_would_refuse() -> None:
         encode_txt(A, "lab", 0)
 
 
+@settings(max_examples=60)
 @given(
     st.dictionaries(
         st.binary(max_size=12),
@@ -352,32 +353,6 @@ def fake_service(name_id: str, claimed_id: str, federation: str, port: int) -> S
     )
 
 
-async def test_a_record_whose_name_and_txt_id_disagree_is_ignored() -> None:
-    fed = "t-" + secrets.token_hex(4)
-    me = Identity.generate().peer_id
-    victim, liar = Identity.generate().peer_id, Identity.generate().peer_id
-    rec = Recorder()
-    zc = await trio.to_thread.run_sync(
-        lambda: Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
-    )
-    try:
-        async with trio.open_nursery() as nursery:
-
-            async def register_liar() -> None:
-                # Named after `liar` but claiming `victim`'s id in TXT.
-                liar_info = fake_service(liar, victim, fed, 41010)
-                await trio.to_thread.run_sync(zc.register_service, liar_info)
-
-            nursery.start_soon(register_liar)
-            await start_mdns(nursery, rec, me, fed, 41011)
-            await wait_until(lambda: any(r == "name_mismatch" for _, r in rec.ignored[me]))
-            assert rec.found[me] == {}
-            nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(zc.close)
-
-
 def test_a_squatted_instance_name_stops_announcing_not_the_node() -> None:
     class Conflicting:
         def register_service(self, info: ServiceInfo) -> None:
@@ -466,6 +441,7 @@ def test_probe_parser_reads_names_with_compression_and_refuses_loops() -> None:
         probe.read_name(b"\x3f" + b"a" * 63 + (b"\x3f" + b"a" * 63) * 4 + b"\x00", 0)
 
 
+@settings(max_examples=60)
 @given(st.binary(max_size=200))
 def test_probe_parser_only_raises_dns_format_error(packet: bytes) -> None:
     response = b"\x12\x34\x84\x00" + packet
@@ -557,7 +533,7 @@ async def test_a_spoofed_txt_id_never_becomes_a_neighbour(tmp_path: Path) -> Non
                 nursery.start_soon(register_fake)
                 await nursery.start(node.run)
                 await wait_until(lambda: node.counters["handshake_failures"] >= 1, 20)
-                await trio.sleep(1.5)  # several dial-loop passes: no redial storm
+                await trio.sleep(1.0)  # four dial-loop passes: no redial storm
                 status = node.status()
                 nursery.cancel_scope.cancel()
     finally:

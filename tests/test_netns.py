@@ -130,7 +130,7 @@ def test_three_hosts_find_each_other_by_mdns_and_finish_two_rounds(mesh: Mesh) -
 def test_a_plain_dns_client_in_a_namespace_reads_our_records(mesh: Mesh) -> None:
     """Independent of zeroconf: one RFC 6762 legacy unicast query from host 0."""
     ip = mesh.lab.addresses[0]
-    out = mesh.lab.run(0, [sys.executable, "-m", "p2pfl.discovery.probe", ip], timeout=20)
+    out = mesh.lab.run(0, [sys.executable, "-m", "p2pfl.discovery.probe", ip, "1"], timeout=20)
     seen = {s["txt"].get("id"): s for s in json.loads(out)}
     for st, addr in zip(mesh.statuses, mesh.lab.addresses, strict=True):
         svc = seen[st["node"]["id"]]

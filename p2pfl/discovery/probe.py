@@ -4,7 +4,7 @@ It sends a plain DNS PTR question for `_p2pfl._tcp.local` to 224.0.0.251:5353 fr
 ephemeral port on one interface; responders answer by unicast with the PTR, SRV, TXT
 and A records (what `dig -p 5353 @224.0.0.251` would show). Tests use it to check that
 what we publish is readable by a standard DNS parser, not just by zeroconf; it is also
-a handy diagnostic: `python -m p2pfl.discovery.probe 127.0.0.1`.
+a handy diagnostic: `python -m p2pfl.discovery.probe 127.0.0.1 [SECONDS]`.
 
 The parser is strict and bounded (responses are untrusted): compression pointers must
 point backwards, names are limited to 255 bytes, a malformed packet is skipped.
@@ -203,7 +203,8 @@ def _encode_name(name: str) -> bytes:
 
 def main() -> None:
     interface = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1"
-    found = query(interface)
+    timeout = float(sys.argv[2]) if len(sys.argv) > 2 else 2.0
+    found = query(interface, timeout=timeout)
     print(json.dumps([s.__dict__ for s in found], indent=2))
 
 
