@@ -44,6 +44,9 @@ from p2pfl.protocol import (
     Train,
 )
 from p2pfl.scenario.attacks import Attack, make_attack
+from p2pfl.secure.driver import SecureDriver
+from p2pfl.secure.protocol import SecureSettings, Send
+from p2pfl.secure.wire import from_envelope, to_envelope
 from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError, Transport
 from p2pfl.wire import codec
@@ -57,6 +60,7 @@ from p2pfl.wire.messages import (
     PeerList,
     Ping,
     Pong,
+    SecureEnvelope,
     StateReply,
     StateRequest,
 )
@@ -156,6 +160,20 @@ class Node:
         # Always able to decode compressed updates: the sender's pipeline is self-described.
         self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=config.max_frame_size)
         self.last_update_bytes: tuple[int, int] = (0, 0)  # (float32 size, wire size)
+        self.secure: SecureDriver | None = None
+        if config.secure_aggregation:
+            rt = config.round_timeout
+            self.secure = SecureDriver(
+                self.identity,
+                SecureSettings(
+                    config.federation,
+                    group_size=config.group_size,
+                    collect_timeout=0.6 * rt,
+                    retry_timeout=0.1 * rt,
+                    max_attempts=3,
+                ),
+                self.model.num_params,
+            )
         try:
             rule = make_rule(
                 config.aggregation, f=config.tolerate, options=dict(config.aggregation_options)
@@ -171,6 +189,8 @@ class Node:
                 round_timeout=config.round_timeout,
                 neighbour_count=config.neighbour_count,
                 catch_up_timeout=max(2.0, config.round_timeout / 2),
+                # Secure rounds end on the secure protocol's own timeouts.
+                adaptive_timeout=not config.secure_aggregation,
                 rule_name=config.aggregation,
             ),
             round=start_round,
@@ -329,10 +349,17 @@ class Node:
         with trio.move_on_after(0.5):
             await link.conn.aclose()
 
+    def _ready_peers(self) -> int:
+        """Connected peers we can run a round with (with secure aggregation: keyed ones)."""
+        connected = self.peers.connected_ids()
+        if self.secure is None:
+            return len(connected)
+        return sum(1 for p in connected if p in self.secure.store)
+
     async def _start_rounds(self) -> None:
         need = min(self.config.min_peers, self.config.max_peers)
         last_note = trio.current_time()
-        while self.peers.connected_count() < need:
+        while self._ready_peers() < need:
             await self._peers_changed.wait()
             if trio.current_time() - last_note > 10:
                 log.info("waiting for peers (%d/%d connected)", self.peers.connected_count(), need)
@@ -349,10 +376,7 @@ class Node:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action.round, action.params)
             elif isinstance(action, Broadcast):
-                update = self._update_payload(action)
-                if update is not None:
-                    for peer in action.to:
-                        self._enqueue(peer, update)
+                self._broadcast(action)
             elif isinstance(action, Aggregated):
                 self._on_aggregated(action)
             elif isinstance(action, RequestState):
@@ -377,24 +401,60 @@ class Node:
                 self.done.set()
         self._wakeup.set()
 
-    def _update_payload(self, action: Broadcast) -> bytes | None:
-        """Encode our model for a round once, for all neighbours (compressed if configured).
+    def _broadcast(self, action: Broadcast) -> None:
+        """Our model for a round goes to the neighbours: masked inside the neighbours'
+        groups with secure aggregation, otherwise one (maybe compressed) payload for all."""
+        params = self._outgoing_params(action)
+        if params is None:
+            return  # a silent attacker
+        if self.secure is not None:
+            now = trio.current_time()
+            self._send_secure(self.secure.start_round(action.round, action.to, params, now))
+            self._secure_progress(now)
+            return
+        payload = self._update_payload(Broadcast(action.round, params, action.samples, action.to))
+        for peer in action.to:
+            self._enqueue(peer, payload)
 
-        A malicious study node sends its attack's crafted model instead (None = silent).
-        """
-        if self.attack is not None:
-            start = self._round_start[1] if self._round_start else action.params
-            crafted = self.attack.craft(
-                start=start,
-                trained=action.params,
-                overheard=self._overheard,
-                rng=np.random.default_rng([self.config.seed, action.round, 7]),
+    def _send_secure(self, sends: list[Send]) -> None:
+        for send in sends:
+            payload = codec.encode(to_envelope(send.message))
+            for peer in send.to:
+                self._enqueue(peer, payload)
+
+    def _secure_progress(self, now: float) -> None:
+        """Hand finished group means to the round machine."""
+        assert self.secure is not None
+        result = self.secure.take_result()
+        if result is None:
+            return
+        if result.dropped:
+            log.info(
+                "secure round %d: %d groups dropped (%s)",
+                result.round,
+                len(result.dropped),
+                ", ".join(r for _, r in result.dropped),
             )
-            if crafted is None:
-                return None
-            action = Broadcast(
-                action.round, np.asarray(crafted, np.float32), action.samples, action.to
-            )
+        self._apply(
+            self.machine.receive_group_means(now, result.round, result.means, result.counts)
+        )
+        self._wakeup.set()
+
+    def _outgoing_params(self, action: Broadcast) -> np.ndarray | None:
+        """What we send: our model, or a malicious study node's crafted one (None = silent)."""
+        if self.attack is None:
+            return action.params
+        start = self._round_start[1] if self._round_start else action.params
+        crafted = self.attack.craft(
+            start=start,
+            trained=action.params,
+            overheard=self._overheard,
+            rng=np.random.default_rng([self.config.seed, action.round, 7]),
+        )
+        return None if crafted is None else np.asarray(crafted, np.float32)
+
+    def _update_payload(self, action: Broadcast) -> bytes:
+        """Encode our model for a round once, for all neighbours (compressed if configured)."""
         raw = 4 * action.params.size
         if self._encoder is None:
             payload = codec.encode(
@@ -508,11 +568,18 @@ class Node:
     async def _timer_loop(self) -> None:
         while True:
             self._wakeup = trio.Event()
-            deadline = self.machine.deadline
-            with trio.move_on_at(math.inf if deadline is None else deadline):
+            deadlines = [self.machine.deadline]
+            if self.secure is not None:
+                deadlines.append(self.secure.next_deadline())
+            deadline = min((d for d in deadlines if d is not None), default=math.inf)
+            with trio.move_on_at(deadline):
                 await self._wakeup.wait()
-            if deadline is not None and trio.current_time() >= deadline:
-                self._apply(self.machine.tick(trio.current_time()))
+            now = trio.current_time()
+            if now >= deadline:
+                if self.secure is not None:
+                    self._send_secure(self.secure.on_timeout(now))
+                    self._secure_progress(now)
+                self._apply(self.machine.tick(now))
 
     async def _heartbeat_loop(self) -> None:
         beats = 0
@@ -679,6 +746,10 @@ class Node:
                 del self._links[peer]
                 self.peers.disconnected(peer, link.closed_state)
                 self._decoder.forget(peer)
+                if self.secure is not None:
+                    now = trio.current_time()
+                    self._send_secure(self.secure.peer_gone(peer, now))
+                    self._secure_progress(now)
                 self._notify_peers_changed()
                 self._apply(self.machine.peer_lost(trio.current_time(), peer))
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -693,6 +764,9 @@ class Node:
             __version__,
         )
         self._enqueue(peer, codec.encode(hello))
+        if self.secure is not None:
+            key = self.secure.key_message(self.machine.round)
+            self._enqueue(peer, codec.encode(to_envelope(key)))
         if self.config.peer_exchange:
             self._enqueue(peer, self._peer_list_payload())
 
@@ -800,6 +874,22 @@ class Node:
         peer = link.peer_id
         rec = self.peers.peers[peer]
         match msg:
+            case SecureEnvelope():
+                if self.secure is None:
+                    self._count_rejection(peer, "secure_not_enabled", msg.kind)
+                    return True
+                try:
+                    secure_msg = from_envelope(msg, max_dim=self.model.num_params)
+                except WireError as exc:
+                    self._count_rejection(peer, exc.reason, exc.detail)
+                    return True
+                self._send_secure(self.secure.on_message(peer, secure_msg, now))
+                self._secure_progress(now)
+                if secure_msg.TYPE == "sa_key":
+                    self._notify_peers_changed()  # a peer became ready for secure rounds
+            case ModelUpdate() | CompressedModelUpdate() if self.secure is not None:
+                # Plain updates would defeat the point: every neighbour must mask.
+                self._count_rejection(peer, "plain_update_in_secure_mode", f"round {msg.round}")
             case CompressedModelUpdate():
                 try:
                     params = self._decoder.decode(peer, msg.round, msg.blob)
@@ -891,6 +981,9 @@ class Node:
                 "params": int(params.size),
             },
             "last_aggregation": self.last_aggregation,
+            "secure": None
+            if self.secure is None
+            else {**self.secure.stats.as_dict(), "rejected": dict(self.secure.rejected)},
             "history": self.history[-1000:],
             "peers": self.peers.snapshot(now),
             "counters": {

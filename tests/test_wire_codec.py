@@ -23,6 +23,7 @@ from p2pfl.wire.messages import (
     PeerList,
     Ping,
     Pong,
+    SecureEnvelope,
     StateReply,
     StateRequest,
 )
@@ -46,6 +47,7 @@ SAMPLES: list[Message] = [
     StateReply("peer-h", 4, PARAMS[::-1].copy(), 64),
     Bye("peer-i", 5, "shutting down"),
     Bye("peer-i", 5),
+    SecureEnvelope("peer-j", 3, "sa_reveal", {"session": b"\x01" * 16, "group": 0}),
 ]
 
 

@@ -13,6 +13,7 @@ and future messages, duplicates, quorum, timeouts, catch-up) testable without so
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -202,6 +203,23 @@ class RoundMachine:
             actions += self._maybe_aggregate(now, timed_out=False)
         return actions
 
+    def receive_group_means(
+        self, now: float, round: int, means: np.ndarray, weights: Sequence[int]
+    ) -> list[Action]:
+        """Secure aggregation finished for `round`: one mean per neighbour group.
+
+        The group means replace individual updates as the rule's inputs (the rule never
+        sees one neighbour's model), and the round ends now: the secure protocol has
+        its own quorum and timeouts.
+        """
+        if self.phase is not Phase.COLLECTING or round != self.round:
+            return []
+        self._received[round] = {
+            f"~group{i}": _Pending(np.ascontiguousarray(means[i], dtype=np.float32), int(w))
+            for i, w in enumerate(weights)
+        }
+        return self._maybe_aggregate(now, timed_out=False, force=True)
+
     def observe_peer_round(self, now: float, peer: str, round: int) -> list[Action]:
         """A peer told us its round (hello, heartbeat). Catch up if it is far ahead."""
         self._note_peer_round(peer, round)
@@ -313,11 +331,11 @@ class RoundMachine:
         ahead.sort(reverse=True)
         return [p for _, p in ahead]
 
-    def _maybe_aggregate(self, now: float, *, timed_out: bool) -> list[Action]:
+    def _maybe_aggregate(self, now: float, *, timed_out: bool, force: bool = False) -> list[Action]:
         assert self._own is not None
         received = self._received.get(self.round, {})
         need = math.ceil(self.settings.quorum * self._expected - 1e-9)
-        if not timed_out and (self._expected == 0 or len(received) < need):
+        if not (timed_out or force) and (self._expected == 0 or len(received) < need):
             # With nobody to hear from we wait for the timeout: a peer may (re)connect,
             # and racing through rounds alone would leave the federation behind.
             return []

@@ -48,6 +48,7 @@ from p2pfl.wire.messages import (
     PeerList,
     Ping,
     Pong,
+    SecureEnvelope,
     StateReply,
     StateRequest,
 )
@@ -181,7 +182,7 @@ def _params(name: str, value: object, limits: Limits) -> np.ndarray:
     return _check_params(name, array)
 
 
-MAX_BLOB_KEYS = 8
+MAX_BLOB_KEYS = 16
 
 
 def _blob(name: str, value: object, limits: Limits) -> dict[str, Any]:
@@ -209,6 +210,7 @@ SCHEMAS: dict[type[Any], dict[str, Validator]] = {
     StateRequest: dict(_COMMON),
     StateReply: {**_COMMON, "params": _params, "samples": _round},
     Bye: {**_COMMON, "reason": _text},
+    SecureEnvelope: {**_COMMON, "kind": _name, "body": _blob},
 }
 _TENSOR_FIELDS = frozenset({"params"})
 

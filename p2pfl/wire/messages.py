@@ -112,6 +112,21 @@ class Bye:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class SecureEnvelope:
+    """One secure-aggregation message (see `p2pfl.secure.messages`), `kind` naming it.
+
+    The codec checks only the envelope; `p2pfl.secure.wire` validates the body into the
+    typed secure message, as `UpdateDecoder` does for compressed blobs.
+    """
+
+    TYPE = "sa"
+    sender: str
+    round: int
+    kind: str
+    body: dict[str, Any] = field(repr=False)
+
+
 Message = (
     Hello
     | Ping
@@ -122,6 +137,7 @@ Message = (
     | StateRequest
     | StateReply
     | Bye
+    | SecureEnvelope
 )
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -136,5 +152,6 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         StateRequest,
         StateReply,
         Bye,
+        SecureEnvelope,
     )
 }

@@ -1,0 +1,70 @@
+"""Secure-aggregation messages <-> the wire's `SecureEnvelope` (kind + msgpack body).
+
+The body is hostile input: every key must be exactly the message's fields, lists become
+tuples, the masked vector must be a 1-D uint32 tensor, and the message's own
+`__post_init__` checks ranges. Anything wrong raises the wire's one typed error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from p2pfl.secure.messages import SECURE_MESSAGE_TYPES, MaskedUpdate, SecureMessage
+from p2pfl.wire.errors import WireError
+from p2pfl.wire.messages import SecureEnvelope
+from p2pfl.wire.tensors import decode_tensor, encode_tensor
+
+_HEADER = ("sender", "round")
+
+
+def to_envelope(msg: SecureMessage) -> SecureEnvelope:
+    body: dict[str, Any] = {}
+    for f in dataclasses.fields(msg):
+        if f.name in _HEADER:
+            continue
+        value = getattr(msg, f.name)
+        body[f.name] = encode_tensor(value) if isinstance(value, np.ndarray) else _listify(value)
+    return SecureEnvelope(msg.sender, msg.round, msg.TYPE, body)
+
+
+def from_envelope(env: SecureEnvelope, *, max_dim: int) -> SecureMessage:
+    cls = SECURE_MESSAGE_TYPES.get(env.kind)
+    if cls is None:
+        raise WireError("unknown_type", f"secure message kind {env.kind!r}")
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in _HEADER]
+    if set(env.body) != set(names):
+        missing = sorted(set(names) - set(env.body))
+        extra = sorted(set(env.body) - set(names))
+        raise WireError("bad_field", f"{env.kind}: missing {missing}, unexpected {extra}")
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        value = env.body[name]
+        if cls is MaskedUpdate and name == "masked":
+            arr = decode_tensor(value, max_elements=max_dim)
+            if arr.dtype != np.uint32 or arr.ndim != 1:
+                raise WireError("bad_tensor", f"{env.kind}.masked: expected a 1-D uint32 tensor")
+            kwargs[name] = arr
+        else:
+            kwargs[name] = _tuplify(value)
+    try:
+        msg: SecureMessage = cls(sender=env.sender, round=env.round, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise WireError("bad_field", f"{env.kind}: {exc}") from None
+    return msg
+
+
+def _listify(value: object) -> object:
+    if isinstance(value, tuple):
+        return [_listify(v) for v in value]
+    return value
+
+
+def _tuplify(value: object, depth: int = 0) -> object:
+    if isinstance(value, list):
+        if depth > 2:
+            raise WireError("bad_field", "secure message nested too deeply")
+        return tuple(_tuplify(v, depth + 1) for v in value)
+    return value
