@@ -30,7 +30,7 @@ from p2pfl.scenario.faults import FaultEvent, fault_plan_nodes, parse_faults, pl
 from p2pfl.scenario.topology import Edge, TopologyError
 
 MAX_NODES = 1000
-RESERVED_TABLES = ("secure_aggregation",)
+RESERVED_TABLES: tuple[str, ...] = ()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -115,6 +115,15 @@ class CompressionSpec:
 
 
 @dataclass(frozen=True)
+class SecureSpec:
+    """`[secure_aggregation] enabled = true, group_size = 4`: pairwise masks inside
+    groups of each node's neighbours; the aggregation rule runs across group means."""
+
+    enabled: bool = False
+    group_size: int = 4
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     nodes: int
@@ -134,6 +143,7 @@ class Scenario:
     compression: CompressionSpec = field(default_factory=CompressionSpec)
     # [[faults]]: crashes/restarts (process runner) and network faults (plan files).
     faults: tuple[FaultEvent, ...] = ()
+    secure: SecureSpec = field(default_factory=SecureSpec)
 
     def role(self, index: int) -> str:
         """ "malicious" for the attack's nodes, else "honest"."""
@@ -210,6 +220,11 @@ class Scenario:
                 "seed": node_seed(self.seed, i),
                 **self._robust_values(i),
                 **({"compression": self.compression.pipeline} if self.compression.pipeline else {}),
+                **(
+                    {"secure_aggregation": True, "group_size": self.secure.group_size}
+                    if self.secure.enabled
+                    else {}
+                ),
                 **({"faults": plan_path(data_dirs[i])} if i in faulty else {}),
             }
             for i in range(self.nodes)
@@ -287,13 +302,14 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
     aggregation = _parse_aggregation(top.table("aggregation"), len(attack.nodes))
     compression = _parse_compression(top.table("compression"))
     faults = parse_faults(top.raw("faults"), nodes, rounds)
+    secure = _parse_secure(top.table("secure_aggregation"))
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
     top.finish()
     scenario = Scenario(
         name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
-        attack, aggregation, compression, faults,
+        attack, aggregation, compression, faults, secure,
     )  # fmt: skip
     scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
     _cross_check(scenario)
@@ -450,6 +466,19 @@ def _parse_aggregation(t: _Table, attackers: int) -> AggregationSpec:
             raise ScenarioError(f"aggregation.{key}", str(exc)) from None
     t.finish()
     return AggregationSpec(rule, f, options)
+
+
+def _parse_secure(t: _Table) -> SecureSpec:
+    enabled = t.raw("enabled")
+    if enabled is None:
+        enabled = False
+    if not isinstance(enabled, bool):
+        raise ScenarioError(
+            "secure_aggregation.enabled", f"expected true or false, got {enabled!r}"
+        )
+    group_size = t.get_int("group_size", 4, minimum=3)
+    t.finish()
+    return SecureSpec(enabled, group_size)
 
 
 def _parse_compression(t: _Table) -> CompressionSpec:
