@@ -42,7 +42,7 @@ from p2pfl.transport.faults import (
 from p2pfl.transport.memory import CHANNEL_CAPACITY, MemoryNetwork, MemoryTransport
 from p2pfl.wire import codec
 from p2pfl.wire.errors import WireError
-from p2pfl.wire.messages import StateReply, StateRequest
+from p2pfl.wire.messages import ModelUpdate, StateReply, StateRequest
 
 # ---- plans ---------------------------------------------------------------------------
 
@@ -841,3 +841,51 @@ def test_report_has_a_fault_timeline_and_marks_the_plot(tmp_path: Path) -> None:
         tmp_path, scenario_with([]), records, wall_seconds=1, mode="x", console=None
     )
     assert "faults" not in plain
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow, the point here
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a peer's huge but finite model passes every check, the mean makes the "
+    "aggregate huge, local training then diverges to NaN, nothing rejects the NaN model "
+    "(RoundMachine.trained / _maybe_aggregate) and Node._on_aggregated raises in "
+    "set_params: the whole node process exits",
+)
+async def test_a_peer_sending_huge_finite_models_cannot_crash_a_node(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """What a peer garbling float bytes does (corrupt kind, seen in the process runs):
+    values like 1e30 are finite, so they reach the aggregation."""
+    network = MemoryNetwork()
+    nodes = fault_nodes(tmp_path, 3, network, {}, rounds=4, model="mlp", hidden=16)[:2]
+    evil = MemoryTransport(network, Identity.from_seed(bytes([3]) * 32), "mem:n2")
+    huge = np.full(nodes[0].machine.params.size, 1e30, dtype=np.float32)
+
+    async def never_read(conn: Connection) -> None:
+        await trio.sleep_forever()
+
+    crashed: list[BaseException] = []
+
+    async def guarded(node: Node, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await node.run(task_status=task_status)
+        except Exception as exc:  # the point is to record it
+            crashed.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(evil.listen, never_read)
+        for n in nodes:
+            await nursery.start(guarded, n)
+        conns = [await evil.connect(f"mem:n{i}", n.id) for i, n in enumerate(nodes)]
+        sent: set[tuple[int, int]] = set()
+        while not crashed and not all(n.done.is_set() for n in nodes):
+            for i, (n, conn) in enumerate(zip(nodes, conns, strict=True)):
+                if (i, n.machine.round) not in sent:
+                    sent.add((i, n.machine.round))
+                    update = ModelUpdate(evil.local_id, n.machine.round, huge, 100)
+                    await conn.send(codec.encode(update))
+            await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert crashed == []
+    for n in nodes:
+        assert np.isfinite(n.machine.params).all()

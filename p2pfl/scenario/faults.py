@@ -438,3 +438,12 @@ def mark_faults(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
             rotation=0,
             va="bottom",
         )
+
+
+def in_process_problem(events: Sequence[FaultEvent]) -> str | None:
+    """Why the in-process runner cannot run these faults (None if it can): crash and
+    restart kill and start OS processes."""
+    for i, ev in enumerate(events):
+        if ev.kind in PROCESS_KINDS:
+            return f"faults[{i}].kind: {ev.kind!r} needs real processes (run without --in-process)"
+    return None
