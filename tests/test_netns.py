@@ -130,8 +130,14 @@ def test_three_hosts_find_each_other_by_mdns_and_finish_two_rounds(mesh: Mesh) -
 def test_a_plain_dns_client_in_a_namespace_reads_our_records(mesh: Mesh) -> None:
     """Independent of zeroconf: one RFC 6762 legacy unicast query from host 0."""
     ip = mesh.lab.addresses[0]
-    out = mesh.lab.run(0, [sys.executable, "-m", "p2pfl.discovery.probe", ip, "1"], timeout=20)
-    seen = {s["txt"].get("id"): s for s in json.loads(out)}
+    ids = {st["node"]["id"] for st in mesh.statuses}
+    seen: dict[str, Any] = {}
+    for _ in range(3):  # UDP on a loaded 2-core host: ask again rather than wait long
+        out = mesh.lab.run(0, [sys.executable, "-m", "p2pfl.discovery.probe", ip, "1.5"], 30)
+        seen.update({s["txt"].get("id"): s for s in json.loads(out)})
+        if ids <= set(seen):
+            break
+    assert ids <= set(seen)
     for st, addr in zip(mesh.statuses, mesh.lab.addresses, strict=True):
         svc = seen[st["node"]["id"]]
         assert svc["port"] == 7470 and svc["addresses"] == [addr]
