@@ -164,7 +164,11 @@ class NodeConfig:
         _check(self.tolerate >= 0, "tolerate", "must be >= 0")
         _check(self.group_size >= 3, "group_size", "must be >= 3")
         for address in self.mdns_interfaces:
-            _check(_is_ipv4(address), "mdns_interfaces", f"{address!r} is not an IPv4 address")
+            _check(
+                _is_ipv4(address),
+                "mdns_interfaces",
+                f"{address!r} is not a unicast IPv4 interface address",
+            )
         _check(
             self.log_level in ("debug", "info", "warning", "error"),
             "log_level",
@@ -215,8 +219,16 @@ def _check(ok: bool, name: str, message: str) -> None:
 
 
 def _is_ipv4(value: str) -> bool:
-    parts = value.split(".")
-    return len(parts) == 4 and all(p.isdigit() and 0 <= int(p) <= 255 for p in parts)
+    """A unicast IPv4 interface address (not 0.0.0.0, multicast or broadcast)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return not (
+        ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255")
+    )
 
 
 def _check_address(value: str, name: str) -> None:

@@ -74,8 +74,15 @@ class PeerTable:
             return False
         target = self.targets.get(address)
         if target is not None:
-            if target.peer_id is None and peer_id is not None:
+            if peer_id is not None and (
+                target.peer_id is None or (target.peer_id != peer_id and target.failures > 0)
+            ):
+                # A claim that already failed its handshake (e.g. a spoofed mDNS record
+                # that got there first) must not keep the real peer's address held off.
                 target.peer_id = peer_id
+                target.failures = 0
+                target.next_attempt = 0.0
+                return True
             return False
         if len(self.targets) >= 4 * self.max_peers:
             return False  # bounded: a peer cannot flood us with addresses

@@ -489,6 +489,13 @@ class Node:
                 new, _loss = await trio.to_thread.run_sync(work)
             else:
                 new, _loss = work()
+        if not np.isfinite(new).all():
+            # Local training diverged (e.g. from a poisoned aggregate): send the model we
+            # started from rather than NaNs, and restart the optimizer.
+            log.warning("round %d: local training diverged; keeping the round's start model", round)
+            self.counters["training_diverged"] += 1
+            self.model.reset_optimizer()
+            new = params
         self._apply(
             self.machine.trained(
                 trio.current_time(), round, new, len(self._y), self.peers.connected_ids()
@@ -640,8 +647,9 @@ class Node:
                 interfaces=interfaces,
                 on_found=self._on_mdns_found,
                 on_removed=self._on_mdns_removed,
+                on_ignored=self._on_mdns_ignored,
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.warning("mDNS unavailable on %s (%s); using bootstrap peers only", interfaces, exc)
 
     def _on_mdns_found(self, peer_id: str, address: str) -> None:
@@ -650,6 +658,10 @@ class Node:
         ):
             log.info("mDNS: found %s at %s", peer_id[:12], address)
             self._notify_peers_changed()
+
+    def _on_mdns_ignored(self, service: str, reason: str) -> None:
+        self.counters[f"mdns_ignored_{reason}"] += 1
+        log.debug("mDNS: ignored %s (%s)", service, reason)
 
     def _on_mdns_removed(self, peer_id: str) -> None:
         # Its goodbye: don't redial soon. An open connection stays until TCP says otherwise.

@@ -844,13 +844,6 @@ def test_report_has_a_fault_timeline_and_marks_the_plot(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy overflow, the point here
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a peer's huge but finite model passes every check, the mean makes the "
-    "aggregate huge, local training then diverges to NaN, nothing rejects the NaN model "
-    "(RoundMachine.trained / _maybe_aggregate) and Node._on_aggregated raises in "
-    "set_params: the whole node process exits",
-)
 async def test_a_peer_sending_huge_finite_models_cannot_crash_a_node(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -352,6 +352,12 @@ class RoundMachine:
         stacked = np.stack([p.params for _, p in inputs])
         weights = np.array([p.samples for _, p in inputs], dtype=np.float64)
         new = self.rule(stacked, weights, self._own.params)
+        guard: list[Action] = []
+        if new.shape != self.params.shape or not np.isfinite(new).all():
+            # Finite but huge inputs can overflow a weighted sum: never adopt a model
+            # that is not finite; keep our own and say so.
+            guard.append(Rejected(self.node_id, self.round, "non_finite_aggregate"))
+            new = self._own.params
         done_round = self.round
         rejected = tuple(self._rejected)
         self.params = np.ascontiguousarray(new, dtype=np.float32)
@@ -367,6 +373,7 @@ class RoundMachine:
                 tuple(received[s].params for s in senders),
             )
         ]
+        actions += guard
         actions += self._next_round(now)
         return actions
 
