@@ -993,6 +993,14 @@ class Node:
                 "params": int(params.size),
             },
             "last_aggregation": self.last_aggregation,
+            "compression": None
+            if self._encoder is None
+            else {
+                "pipeline": list(self.config.compression),
+                "raw_bytes": self.last_update_bytes[0],
+                "wire_bytes": self.last_update_bytes[1],
+                "ratio": round(self.last_update_bytes[0] / max(1, self.last_update_bytes[1]), 2),
+            },
             "secure": None
             if self.secure is None
             else {**self.secure.stats.as_dict(), "rejected": dict(self.secure.rejected)},

@@ -63,3 +63,30 @@ async def test_secure_federation_learns_without_plain_updates(
         assert node.history[-1]["accuracy"] > 0.88
     params = np.stack([n.machine.params for n in nodes])
     assert np.abs(params - params.mean(axis=0)).max() < 0.1
+
+
+async def test_status_view_shows_secure_and_compression_sections(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from rich.console import Console
+
+    from p2pfl.control.render import render_status
+
+    nodes = make_nodes(
+        tmp_path, 4, MemoryNetwork(), rounds=2, secure_aggregation=True, group_size=3
+    )
+    await run_until_done(nodes)
+    console = Console(width=100, record=True)
+    console.print(render_status(nodes[0].status()))
+    text = console.export_text()
+    assert "secure agg" in text and "groups 2/2 completed" in text
+
+    plain = make_nodes(
+        tmp_path / "z", 3, MemoryNetwork(), rounds=2, compression=("quantize:8", "zstd:1")
+    )
+    await run_until_done(plain)
+    status = plain[0].status()
+    assert status["compression"]["ratio"] > 1.5
+    console = Console(width=100, record=True)
+    console.print(render_status(status))
+    assert "quantize:8 > zstd:1" in console.export_text()

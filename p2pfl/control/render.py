@@ -194,6 +194,27 @@ def status_header(status: Mapping[str, Any]) -> Panel:
         ("last aggregation", _aggregation_text(_section(status, "last_aggregation"))),
         ("last round", _last_metrics_text(_list(status, "history"))),
     ]
+    comp = status.get("compression")
+    if isinstance(comp, Mapping):
+        stages = " > ".join(fmt_text(x) for x in _list(comp, "pipeline")) or MISSING
+        rows.append(
+            (
+                "compression",
+                f"{stages}  last update {fmt_bytes(comp.get('raw_bytes'))} -> "
+                f"{fmt_bytes(comp.get('wire_bytes'))} ({fmt_float(comp.get('ratio'), 1)}x)",
+            )
+        )
+    secure = status.get("secure")
+    if isinstance(secure, Mapping):
+        rows.append(
+            (
+                "secure agg",
+                f"groups {fmt_int(secure.get('groups_completed'))}/"
+                f"{fmt_int(secure.get('groups_formed'))} completed, "
+                f"{fmt_int(secure.get('groups_dropped'))} dropped, "
+                f"{fmt_int(secure.get('retries'))} retries",
+            )
+        )
     for key, value in rows:
         grid.add_row(key, Text(value))
     return Panel(grid, title=f"p2pfl node {short_id(node.get('id'))}", title_align="left")
