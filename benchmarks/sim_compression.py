@@ -44,6 +44,7 @@ ROWS: list[tuple[str, list[str]]] = [
     ("int8+zstd", ["quantize:8", "zstd:3"]),
     ("top-10%+EF", ["delta", "topk:0.1"]),
     ("top-1%+EF+int8+zstd", ["delta", "topk:0.01", "quantize:8", "zstd:3"]),
+    ("top-1%+EF", ["delta", "topk:0.01"]),
     ("top-1% without EF", ["delta", "topk:0.01:noef"]),
     ("delta+int8+zstd", ["delta", "quantize:8", "zstd:3"]),
     ("top-10%+EF+int8+zstd", ["delta", "topk:0.1", "quantize:8", "zstd:3"]),
