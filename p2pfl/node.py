@@ -74,6 +74,7 @@ PEER_EXCHANGE_EVERY = 10  # heartbeats
 RTT_SAMPLE_EVERY = 5  # heartbeats
 MAX_BAD_MESSAGES = 20  # per connection, before we hang up on the peer
 MISMATCH_HOLD_OFF = 60.0  # seconds to ignore an address that proved the wrong id
+HELLO_GRACE = 2.0  # seconds to wait for connected peers' hellos before the first round
 RETIRE_GRACE = 5.0  # seconds a duplicate connection is still read before closing
 
 
@@ -217,6 +218,7 @@ class Node:
         self._started_wall = time.time()
         self._started = trio.current_time() if _in_trio() else 0.0
         self._ping_nonce = 0
+        self._hello_from: set[str] = set()
         self._stopping = False
 
     # ---- construction helpers ----------------------------------------------------------
@@ -364,6 +366,11 @@ class Node:
             if trio.current_time() - last_note > 10:
                 log.info("waiting for peers (%d/%d connected)", self.peers.connected_count(), need)
                 last_note = trio.current_time()
+        # Let the connected peers' hellos (their rounds) arrive first, so a restarted node
+        # catches up from several peers rather than the first one that spoke.
+        with trio.move_on_after(HELLO_GRACE):
+            while not set(self.peers.connected_ids()) <= self._hello_from:
+                await self._peers_changed.wait()
         self._round_started_at = trio.current_time()
         self._apply(self.machine.start(trio.current_time(), self.peers.connected_ids()))
 
@@ -929,6 +936,9 @@ class Node:
                     self._count_rejection(peer, "wrong_federation", msg.federation)
                     return False
                 rec.round = msg.round
+                if peer not in self._hello_from:
+                    self._hello_from.add(peer)
+                    self._notify_peers_changed()
                 host = _host_of(link.conn.remote_address)
                 for address in msg.listen[:8]:
                     self.peers.set_listen_address(peer, _advertised(address, host))

@@ -125,12 +125,6 @@ async def test_killed_mid_round_resumes_at_checkpoint_and_catches_up(
     assert again.history[-1]["accuracy"] >= 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: updates for rounds beyond max_rounds_ahead are dropped (too_far_ahead), so "
-    "a node that catches up to round R has already thrown away its peers' round-R models "
-    "and times out; its peers then time out the next round waiting for it",
-)
 async def test_a_restarted_node_rejoins_without_costing_anyone_a_timeout(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -273,12 +267,6 @@ def test_atomic_write_never_exposes_a_partial_file(
     assert path.read_bytes() == b"new" * 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: catch-up asks only the peers whose round it already knows; right after a "
-    "restart that is the first peer whose Hello arrived, so the node adopts one peer's model "
-    "(the brief: a robust combination of several neighbours, never one peer's word)",
-)
 async def test_a_restarted_node_catches_up_from_several_peers(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:

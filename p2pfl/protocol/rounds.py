@@ -308,8 +308,17 @@ class RoundMachine:
     ) -> str | None:
         if round < self.round or (self.phase is Phase.DONE):
             return "stale"
-        if round > self.round + self.settings.max_rounds_ahead:
-            return "too_far_ahead"
+        horizon = self.round + self.settings.max_rounds_ahead
+        if round > horizon:
+            # Far ahead means we are lagging and will catch up to about that round:
+            # keep the newest such round only (bounded), so after catching up its
+            # models are already here and nobody has to wait for a timeout.
+            far = [r for r in self._received if r > horizon]
+            if round < max(far, default=-1):
+                return "too_far_ahead"
+            for r in far:
+                if r < round:
+                    del self._received[r]
         if sender in self._received.get(round, {}):
             return "duplicate"
         if params.dtype != np.float32 or params.shape != self.params.shape:
