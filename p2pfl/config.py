@@ -71,6 +71,7 @@ class NodeConfig:
     aggregation_options: Mapping[str, Any] = field(default_factory=dict)
     # Compression pipeline for sent updates, e.g. ("delta", "topk:0.01", "quantize:8").
     compression: tuple[str, ...] = ()
+    compression_keyframe_every: int = 10  # rounds between full (non-delta) updates
     # Secure aggregation (pairwise masks inside groups of neighbours).
     secure_aggregation: bool = False
     group_size: int = 4
@@ -163,6 +164,11 @@ class NodeConfig:
         _check(self.aggregation != "", "aggregation", "must name a rule")
         _check(self.tolerate >= 0, "tolerate", "must be >= 0")
         _check(self.group_size >= 3, "group_size", "must be >= 3")
+        _check(
+            self.compression_keyframe_every >= 0,
+            "compression_keyframe_every",
+            "must be >= 0 (0 = only when a peer needs one)",
+        )
         for address in self.mdns_interfaces:
             _check(
                 _is_ipv4(address),

@@ -155,9 +155,16 @@ class Node:
             self.history = ckpt.history
             log.info("resuming from checkpoint at round %d", start_round)
 
+        # One encoder for everyone while every neighbour gets every update ("all"); one
+        # per peer when neighbours vary per round, so nobody misses a delta's base.
         self._encoder = self._make_encoder()
+        self._peer_encoders: dict[str, UpdateEncoder] = {}
         if ckpt is not None and ckpt.compression and self._encoder is not None:
-            self._encoder.load_state(ckpt.compression)
+            try:
+                self._encoder.load_state(ckpt.compression)
+            except ValueError as exc:
+                log.warning("ignoring saved compression state (%s); starting fresh", exc)
+                self._encoder = self._make_encoder()
         # Always able to decode compressed updates: the sender's pipeline is self-described.
         self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=config.max_frame_size)
         self.last_update_bytes: tuple[int, int] = (0, 0)  # (float32 size, wire size)
@@ -259,7 +266,9 @@ class Node:
             pipeline = parse_pipeline(self.config.compression)
         except ValueError as exc:
             raise ConfigError("compression", str(exc)) from None
-        return UpdateEncoder(pipeline, seed=self.config.seed)
+        return UpdateEncoder(
+            pipeline, keyframe_every=self.config.compression_keyframe_every, seed=self.config.seed
+        )
 
     def _faulty(self, inner: Transport, plan_file: Path) -> Transport:
         from p2pfl.transport.faults import FaultyTransport, load_fault_plan
@@ -419,9 +428,19 @@ class Node:
             self._send_secure(self.secure.start_round(action.round, action.to, params, now))
             self._secure_progress(now)
             return
-        payload = self._update_payload(Broadcast(action.round, params, action.samples, action.to))
+        outgoing = Broadcast(action.round, params, action.samples, action.to)
+        if self._encoder is None or self.config.neighbour_count is None:
+            payload = self._update_payload(outgoing, self._encoder)
+            for peer in action.to:
+                if not self._enqueue(peer, payload) and self._encoder is not None:
+                    self._encoder.force_keyframe()  # a receiver lost its base
+            return
         for peer in action.to:
-            self._enqueue(peer, payload)
+            encoder = self._peer_encoders.get(peer) or self._make_encoder()
+            assert encoder is not None
+            self._peer_encoders[peer] = encoder
+            if not self._enqueue(peer, self._update_payload(outgoing, encoder)):
+                encoder.force_keyframe()
 
     def _send_secure(self, sends: list[Send]) -> None:
         for send in sends:
@@ -460,15 +479,15 @@ class Node:
         )
         return None if crafted is None else np.asarray(crafted, np.float32)
 
-    def _update_payload(self, action: Broadcast) -> bytes:
-        """Encode our model for a round once, for all neighbours (compressed if configured)."""
+    def _update_payload(self, action: Broadcast, encoder: UpdateEncoder | None) -> bytes:
+        """Encode our model for a round (compressed if an encoder is given)."""
         raw = 4 * action.params.size
-        if self._encoder is None:
+        if encoder is None:
             payload = codec.encode(
                 ModelUpdate(self.id, action.round, action.params, action.samples)
             )
         else:
-            blob = self._encoder.encode(action.params, action.round)
+            blob = encoder.encode(action.params, action.round)
             payload = codec.encode(
                 CompressedModelUpdate(self.id, action.round, blob, action.samples)
             )
@@ -744,6 +763,7 @@ class Node:
                 self.counters["reconnects"] += 1
             if self._encoder is not None:
                 self._encoder.force_keyframe()  # the new peer has no copy of our model
+            self._peer_encoders.pop(peer, None)
             self._notify_peers_changed()
             self._send_greeting(peer)
         elif self._preferred(conn.outbound, peer) and not self._preferred(
@@ -818,8 +838,8 @@ class Node:
         self._peers_changed.set()
         self._peers_changed = trio.Event()
 
-    def _enqueue(self, peer: str, payload: bytes) -> None:
-        """Queue a message for a peer without ever blocking the caller.
+    def _enqueue(self, peer: str, payload: bytes) -> bool:
+        """Queue a message for a peer without ever blocking the caller; False if dropped.
 
         The queue is bounded in bytes: a peer that stops reading loses messages (and
         the drop is counted) instead of making us hold unbounded memory for it.
@@ -827,16 +847,17 @@ class Node:
         link = self._links.get(peer)
         if link is None:
             self.counters["send_no_connection"] += 1
-            return
+            return False
         limit = max(8 * 1024 * 1024, 3 * 4 * self.machine.params.size)
         if link.queued_bytes + len(payload) > limit:
             self.counters["send_queue_full"] += 1
             log.warning(
                 "peer %s is not reading; dropped a %d-byte message", peer[:12], len(payload)
             )
-            return
+            return False
         link.queued_bytes += len(payload)
         link.send.send_nowait(payload)
+        return True
 
     async def _writer(self, link: _Link) -> None:
         rec = self.peers.peers[link.peer_id]

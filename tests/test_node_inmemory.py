@@ -305,3 +305,23 @@ async def test_compressed_updates_converge_and_shrink_bytes(
     acc = np.mean([n.history[-1]["accuracy"] for n in nodes])
     acc_plain = np.mean([n.history[-1]["accuracy"] for n in plain])
     assert acc >= acc_plain - 0.03, (acc, acc_plain)
+
+
+async def test_compression_with_random_neighbours_never_loses_a_base(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Neighbours vary per round: each peer gets its own delta stream (own x_hat)."""
+    nodes = make_nodes(
+        tmp_path,
+        5,
+        MemoryNetwork(),
+        rounds=8,
+        epochs=2,
+        neighbours="2",
+        round_timeout=3.0,
+        compression=("delta", "topk:0.2", "quantize:8"),
+    )
+    await run_until_done(nodes)
+    assert all(n.machine.round == 8 for n in nodes)
+    assert not any(n.frames_rejected.get("missing_base") for n in nodes)
+    assert all(len(n._peer_encoders) >= 2 for n in nodes)
