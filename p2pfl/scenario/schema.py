@@ -112,6 +112,7 @@ class CompressionSpec:
     (empty = plain float32 ModelUpdate); validated with p2pfl.compression's parser."""
 
     pipeline: tuple[str, ...] = ()
+    keyframe_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,14 @@ class Scenario:
                 "round_timeout": self.protocol.round_timeout,
                 "seed": node_seed(self.seed, i),
                 **self._robust_values(i),
-                **({"compression": self.compression.pipeline} if self.compression.pipeline else {}),
+                **(
+                    {
+                        "compression": self.compression.pipeline,
+                        "compression_keyframe_every": self.compression.keyframe_every,
+                    }
+                    if self.compression.pipeline
+                    else {}
+                ),
                 **(
                     {"secure_aggregation": True, "group_size": self.secure.group_size}
                     if self.secure.enabled
@@ -486,6 +494,7 @@ def _parse_compression(t: _Table) -> CompressionSpec:
     from p2pfl.compression import parse_pipeline
 
     raw = t.raw("pipeline")
+    keyframe_every = t.get_int("keyframe_every", 10, minimum=0)
     t.finish()
     if raw is None:
         return CompressionSpec()
@@ -497,7 +506,7 @@ def _parse_compression(t: _Table) -> CompressionSpec:
         parse_pipeline(raw)
     except ValueError as exc:
         raise ScenarioError("compression.pipeline", str(exc)) from None
-    return CompressionSpec(tuple(raw))
+    return CompressionSpec(tuple(raw), keyframe_every)
 
 
 # Where each NodeConfig field comes from, to translate its errors back to the file.
