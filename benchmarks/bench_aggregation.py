@@ -6,8 +6,9 @@ For n inputs of d float32 coordinates (n in {8, 16, 32}, d in {1e5, 1e6}) it tim
 rule of `p2pfl.aggregation` (f = n // 5 tolerated attackers, default options) and,
 in the same interleaved loop, three baselines: `np.sum(axis=0)` (reading the input
 once: the memory-bandwidth bound), `np.mean(axis=0)` and `np.median(axis=0)`.
-Reported: throughput in inputs x coordinates per second, and each rule's time as a
-multiple of the bound and of np.median. Writes benchmarks/results/bench_aggregation.json.
+Reported: best-of-reps time, throughput in inputs x coordinates per second, and each
+rule's time as a multiple of the bound and of np.median.
+Writes benchmarks/results/bench_aggregation.json.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import functools
 import gc
 import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +35,12 @@ BUCKETED = ("median", "self_centered_clipping")
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median seconds per function, each timed once per repetition in turn, so load
-    changes on a shared machine hit the rules and the baselines alike."""
+    """Best-of-reps seconds per function, each timed once per repetition in turn.
+
+    Interleaving spreads load changes over the rules and the baselines alike, and the
+    minimum is the least disturbed sample on a shared machine (other processes only
+    ever add time to a CPU-bound call).
+    """
     for fn in fns.values():
         fn()  # warm-up: page in, fill allocator pools, build sorting networks
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -46,7 +50,7 @@ def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, f
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def _inputs(n: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,7 +110,7 @@ def _table(result: dict[str, Any]) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d = 1e5 only, 3 repetitions")
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
     console = Console()
     dims = (100_000,) if args.quick else (100_000, 1_000_000)

@@ -65,25 +65,28 @@ def selection_network(n: int, needed: tuple[int, ...]) -> tuple[Comparator, ...]
     return tuple(reversed(kept))
 
 
-def _run_block(x: np.ndarray, comps: Iterable[Comparator]) -> list[np.ndarray]:
+def _run_block(x: np.ndarray, comps: Iterable[Comparator], work: np.ndarray) -> list[np.ndarray]:
     """Apply comparators to the rows of the block `x` (not modified); returns the rows.
 
-    Rows start as views of `x`; a row gets its own buffer the first time a comparator
-    writes it, so the block is never copied up front, and the buffer freed by each
-    comparator's min output is reused for the next one.
+    Rows start as views of `x`; a row moves into a buffer of `work` ((n + 1, >= m)
+    float32, reused across blocks) the first time a comparator writes it, so the block
+    is never copied up front and nothing is allocated per block (fresh 128 KB arrays
+    would cost a page fault per page, every block).
     """
+    m = x.shape[1]
     rows = list(x)
     owned = [False] * len(rows)
-    spare: np.ndarray | None = None
+    free = [work[i, :m] for i in range(len(work))]
     for a, b in comps:
         ra, rb = rows[a], rows[b]
-        lo = np.minimum(ra, rb, out=spare) if spare is not None else np.minimum(ra, rb)
+        lo = np.minimum(ra, rb, out=free.pop())
         if owned[b]:
             np.maximum(ra, rb, out=rb)
         else:
-            rows[b] = np.maximum(ra, rb)
+            rows[b] = np.maximum(ra, rb, out=free.pop())
             owned[b] = True
-        spare = ra if owned[a] else None
+        if owned[a]:
+            free.append(ra)
         rows[a] = lo
         owned[a] = True
     return rows
@@ -98,8 +101,9 @@ def median(x: np.ndarray) -> np.ndarray:
         return _half_sum(part[lo_k], part[hi_k])
     comps = selection_network(n, (lo_k, hi_k))
     out = np.empty(d, dtype=np.float32)
+    work = np.empty((n + 1, min(d, BLOCK)), dtype=np.float32)
     for s in range(0, d, BLOCK):
-        rows = _run_block(x[:, s : s + BLOCK], comps)
+        rows = _run_block(x[:, s : s + BLOCK], comps, work)
         out[s : s + BLOCK] = rows[lo_k] if lo_k == hi_k else _half_sum(rows[lo_k], rows[hi_k])
     return out
 
@@ -119,8 +123,9 @@ def trimmed_sum(x: np.ndarray, b: int) -> np.ndarray:
         return np.asarray(part[b : n - b].sum(axis=0, dtype=np.float64))
     comps = selection_network(n, tails)
     out = np.empty(d, dtype=np.float64)
+    work = np.empty((n + 1, min(d, BLOCK)), dtype=np.float32)
     for s in range(0, d, BLOCK):
-        rows = _run_block(x[:, s : s + BLOCK], comps)
+        rows = _run_block(x[:, s : s + BLOCK], comps, work)
         acc = out[s : s + BLOCK]
         acc[:] = rows[b]
         for i in range(b + 1, n - b):
