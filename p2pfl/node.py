@@ -558,6 +558,8 @@ class Node:
             "senders": list(agg.senders),
             "rejected": [{"peer": p, "reason": r} for p, r in agg.rejected],
             "timed_out": agg.timed_out,
+            "fallbacks": getattr(self.machine.rule, "fallbacks", 0),
+            "fallback": getattr(self.machine.rule, "last_fallback", None),
         }
         self._checkpoint()
         with (self.data_dir / METRICS_FILE).open("a") as f:

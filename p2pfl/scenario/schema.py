@@ -40,6 +40,11 @@ class ScenarioError(ValueError):
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[ScenarioError], tuple[str, str]]:
+        # Picklable, so a failing worker process reports it instead of hanging a pool.
+        return (type(self), (self.path, self.message))
 
 
 class RunFailed(RuntimeError):
