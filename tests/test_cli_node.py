@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,7 @@ import pytest
 
 from p2pfl.cli import main
 from p2pfl.control.client import ControlError, query
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from p2pfl.scenario.processes import free_ports
 
 
 def wait_for(predicate: object, timeout: float) -> bool:
