@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from p2pfl.scenario.faults import (
 )
 from p2pfl.scenario.report import write_report
 from p2pfl.scenario.schema import Scenario, ScenarioError, parse_scenario
+from p2pfl.storage import load_checkpoint
 from p2pfl.transport.base import Connection, ConnectionClosed, ConnectionHandler
 from p2pfl.transport.faults import (
     MAX_IN_FLIGHT,
@@ -882,3 +884,33 @@ async def test_a_peer_sending_huge_finite_models_cannot_crash_a_node(
     assert crashed == []
     for n in nodes:
         assert np.isfinite(n.machine.params).all()
+
+
+def test_process_runner_kills_and_restarts_a_real_node(tmp_path: Path) -> None:
+    """SIGKILL at the reported round, same command on the same data dir later; the
+    node resumes from its checkpoint and the run completes with every node done."""
+    from p2pfl.scenario.processes import run_processes
+
+    s = parse_scenario(
+        {
+            "nodes": 3,
+            "rounds": 8,
+            "protocol": {"round_timeout": 10.0},
+            "faults": [
+                {"at_round": 0, "kind": "delay", "delay": 0.3},  # rounds take real time
+                {"at_round": 2, "kind": "crash", "nodes": [2]},
+                {"at_round": 4, "kind": "restart", "nodes": [2]},
+            ],
+        }
+    )
+    records, _ = run_processes(s, tmp_path, timeout=120)
+    events = records["n2"]["events"]
+    assert [e["kind"] for e in events] == ["crash", "restart"]
+    assert events[0]["round"] >= 2 and events[1]["round"] >= 4
+    log = (tmp_path / "nodes" / "n2" / "node.log").read_text()
+    resumed = re.search(r"resuming from checkpoint at round (\d+)", log)
+    assert resumed is not None and int(resumed.group(1)) >= events[0]["round"]
+    for i in range(3):
+        ckpt = load_checkpoint(tmp_path / "nodes" / f"n{i}" / "checkpoint.msgpack")
+        assert ckpt is not None and ckpt.round == 8
+    assert (tmp_path / "nodes" / "n0" / "faults.json").exists()
