@@ -1040,6 +1040,9 @@ class Node:
             "history": self.history[-1000:],
             "peers": self.peers.snapshot(now),
             "counters": {
+                "faults_injected": dict(counts())
+                if callable(counts := getattr(self.transport, "counts", None))
+                else None,
                 "frames_rejected": dict(self.frames_rejected),
                 "reconnects": self.counters["reconnects"],
                 "timeouts": self.counters["timeouts"],

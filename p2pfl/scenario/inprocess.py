@@ -69,11 +69,23 @@ def build_nodes(scenario: Scenario, out: Path) -> list[Node]:
     """The scenario's nodes on one fresh MemoryNetwork (addresses `mem:n<i>`)."""
     from p2pfl.identity import Identity
     from p2pfl.node import Node
+    from p2pfl.scenario.faults import in_process_problem, write_fault_plans
     from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 
+    problem = in_process_problem(scenario.faults)
+    if problem is not None:
+        raise RunFailed(problem)
     network = MemoryNetwork()
     addresses = [f"mem:n{i}" for i in range(scenario.nodes)]
     dirs = [out / "nodes" / f"n{i}" for i in range(scenario.nodes)]
+    if scenario.faults:
+        ids = [
+            Identity.from_seed(node_identity_seed(scenario.seed, i)).peer_id
+            for i in range(scenario.nodes)
+        ]
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_fault_plans(scenario.faults, dirs, ids)
     nodes = []
     for i, values in enumerate(scenario.node_config_values(addresses, dirs)):
         config = NodeConfig(**values).validated()
