@@ -5,11 +5,19 @@ Run: python benchmarks/bench_secure.py [--quick]
 For d in {1e5, 1e6} and group size g in {3, 4, 8}, in the same process and interleaved
 (so machine load hits both sides alike), best of the repetitions:
 - member: plain = fixed-point encode; secure = what `SecureMember` does per announcement
-  in steady state (grouping check, g-1 HKDF pair seeds, encode, g-1 pair masks and one
-  self mask, AES-256-CTR in 256 KiB blocks); relayed keys are verified and X25519
-  secrets computed once per session (first contact: `first_contact_ms` extra);
+  in steady state when the update is already there (grouping check, g-1 HKDF pair
+  seeds, encode, g-1 pair masks and one self mask, AES-256-CTR in 256 KiB blocks): its
+  total CPU time. Relayed keys are verified and X25519 secrets computed once per
+  session (first contact: `first_contact_ms` extra);
+- member, precomputed: when the announcement arrives before the update is trained (the
+  mask does not depend on it), `SecureMember` computes the whole mask then
+  (`premask`: seeds + g streams, off the critical path), and answering costs
+  encode + one add (`critical`), compared with plain encode;
 - aggregator, per group: plain = ring sum of g encodings + decode; secure = ring sum of
-  g masked vectors + removal of g self masks + decode;
+  g masked vectors + removal of g self masks (one per reveal, as they arrive) + decode.
+  `after last message`: what is left once the last input arrived: plain = one add +
+  decode; secure = one self-mask stream + decode (the reveal round trip is network
+  latency, not CPU, and not counted);
 - send pipeline, per member: the above plus what every byte pays anyway on its way out:
   msgpack frame and AES-256-GCM sealing (the record protection of TLS 1.3; a lower
   bound of the real channel cost, which bench_transport measures at ~300 MB/s);
@@ -48,6 +56,7 @@ from p2pfl.secure.masking import (
     add_streams,
     fixed_point,
     mask_encoded,
+    member_mask,
     pair_seed,
 )
 from p2pfl.secure.messages import GroupAnnounce, MaskedUpdate, MaskReveal, UnmaskRequest
@@ -74,6 +83,20 @@ def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, l
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _time_inner(
+    fns: dict[str, Callable[[], object]], inner: dict[str, float], reps: int
+) -> dict[str, list[float]]:
+    """Like `_interleaved`, for functions that time their own inner part into `inner`."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            gc.collect()
+            fn()
+            fn()
+            times[name].append(inner[name.removesuffix("_last")])
     return times
 
 
@@ -150,6 +173,21 @@ def bench(d: int, g: int, reps: int) -> dict[str, Any]:
         encoded = codec.encode(updates[me.peer_id])
         return mask_encoded(encoded, me.peer_id, seeds, secrets.token_bytes(32), copy=False)
 
+    def premask() -> np.ndarray:
+        make_groups(FED, 7, aggregator, announce.participants, g)
+        index = {p: i for i, p in enumerate(announce.participants)}
+        seeds = {}
+        for p in group:
+            if p != me.peer_id:
+                x_key = KeyAnnouncement.from_bytes(announce.keys[index[p]]).x25519_key
+                seeds[p] = pair_seed(me, p, x_key, ctx)
+        return member_mask(d, me.peer_id, seeds, secrets.token_bytes(32))
+
+    held = premask()  # re-masked on every call: same cost, contents irrelevant to timing
+
+    def critical_member() -> np.ndarray:
+        return codec.encode_add(updates[me.peer_id], held)
+
     def plain_send() -> bytes:
         return aes.encrypt(bytes(12), _plain_frame(me.peer_id, 7, plain_member()), None)
 
@@ -178,10 +216,47 @@ def bench(d: int, g: int, reps: int) -> dict[str, Any]:
         total = np.array(masked[group[0]], copy=True)
         for p in group[1:]:
             np.add(total, masked[p], out=total)
-        add_streams(total, minus=[self_seeds[p] for p in group])
+        for p in group:  # AggregatorRound removes each self mask as its reveal arrives
+            add_streams(total, minus=[self_seeds[p]])
         return codec.decode_mean(total, g)
 
+    # After the last message: plain adds the last vector, secure removes the last self
+    # mask; both then decode. Timed on scratch copies (contents do not change the cost).
+    plain_rest = np.zeros(d, dtype=np.uint32)
+    for p in group[:-1]:
+        np.add(plain_rest, encoded[p], out=plain_rest)
+    plain_scratch = np.empty(d, dtype=np.uint32)
+
+    def plain_last() -> np.ndarray:
+        np.copyto(plain_scratch, plain_rest)
+        start = time.perf_counter()
+        np.add(plain_scratch, encoded[group[-1]], out=plain_scratch)
+        out = codec.decode_mean(plain_scratch, g)
+        _last["plain"] = time.perf_counter() - start
+        return out
+
+    secure_rest = np.zeros(d, dtype=np.uint32)
+    for p in group:
+        np.add(secure_rest, masked[p], out=secure_rest)
+    add_streams(secure_rest, minus=[self_seeds[p] for p in group[:-1]])
+    secure_scratch = np.empty(d, dtype=np.uint32)
+
+    def secure_last() -> np.ndarray:
+        np.copyto(secure_scratch, secure_rest)
+        start = time.perf_counter()
+        add_streams(secure_scratch, minus=[self_seeds[group[-1]]])
+        out = codec.decode_mean(secure_scratch, g)
+        _last["secure"] = time.perf_counter() - start
+        return out
+
+    _last: dict[str, float] = {}
     assert np.array_equal(plain_aggregate(), secure_aggregate())
+    assert np.array_equal(plain_last(), secure_last())
+    assert np.array_equal(plain_aggregate(), plain_last())
+    fresh = premask()
+    assert np.array_equal(
+        codec.encode_add(updates[me.peer_id], fresh.copy()) - fresh, encoded[me.peer_id]
+    )
 
     def first_contact() -> None:
         fresh = SessionKey(Identity.generate(), FED, 1)
@@ -193,6 +268,8 @@ def bench(d: int, g: int, reps: int) -> dict[str, Any]:
         {
             "plain_member": plain_member,
             "secure_member": secure_member,
+            "premask": premask,
+            "critical_member": critical_member,
             "plain_aggregate": plain_aggregate,
             "secure_aggregate": secure_aggregate,
             "plain_send": plain_send,
@@ -201,6 +278,8 @@ def bench(d: int, g: int, reps: int) -> dict[str, Any]:
         },
         reps,
     )
+    last = _time_inner({"plain_last": plain_last, "secure_last": secure_last}, _last, reps)
+    times.update(last)
     # Best of N, as timeit does: on a shared machine the minimum is the intrinsic cost,
     # medians (kept in the JSON) carry the neighbours' load.
     med = {k: min(v) for k, v in times.items()}
@@ -229,9 +308,15 @@ def bench(d: int, g: int, reps: int) -> dict[str, Any]:
         "member_plain_ms": med["plain_member"] * 1e3,
         "member_secure_ms": med["secure_member"] * 1e3,
         "member_ratio": med["secure_member"] / med["plain_member"],
+        "member_premask_ms": med["premask"] * 1e3,
+        "member_critical_ms": med["critical_member"] * 1e3,
+        "member_critical_ratio": med["critical_member"] / med["plain_member"],
         "aggregate_plain_ms": med["plain_aggregate"] * 1e3,
         "aggregate_secure_ms": med["secure_aggregate"] * 1e3,
         "aggregate_ratio": med["secure_aggregate"] / med["plain_aggregate"],
+        "last_plain_ms": med["plain_last"] * 1e3,
+        "last_secure_ms": med["secure_last"] * 1e3,
+        "last_ratio": med["secure_last"] / med["plain_last"],
         "first_contact_ms": med["first_contact"] * 1e3,
         "send_plain_ms": med["plain_send"] * 1e3,
         "send_secure_ms": med["secure_send"] * 1e3,
@@ -256,7 +341,24 @@ def main() -> None:
     rows = [bench(d, g, reps) for d in dims for g in (3, 4, 8)]
 
     table = Table(title=f"p2pfl secure aggregation vs plain fixed point, best of {reps}")
-    for column in ("d", "g", "member ms", "", "aggregate ms", "", "send ms", "", "bytes", ""):
+    columns = (
+        "d",
+        "g",
+        "member ms",
+        "",
+        "precomputed: critical",
+        "",
+        "ahead",
+        "aggregate ms",
+        "",
+        "after last msg",
+        "",
+        "send ms",
+        "",
+        "bytes",
+        "",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     for r in rows:
         table.add_row(
@@ -264,14 +366,19 @@ def main() -> None:
             str(r["g"]),
             f"{r['member_plain_ms']:.2f} -> {r['member_secure_ms']:.2f}",
             f"{r['member_ratio']:.2f}x",
+            f"{r['member_plain_ms']:.3f} -> {r['member_critical_ms']:.3f}",
+            f"{r['member_critical_ratio']:.2f}x",
+            f"{r['member_premask_ms']:.2f}",
             f"{r['aggregate_plain_ms']:.2f} -> {r['aggregate_secure_ms']:.2f}",
             f"{r['aggregate_ratio']:.2f}x",
+            f"{r['last_plain_ms']:.3f} -> {r['last_secure_ms']:.3f}",
+            f"{r['last_ratio']:.2f}x",
             f"{r['send_plain_ms']:.2f} -> {r['send_secure_ms']:.2f}",
             f"{r['send_ratio']:.2f}x",
             f"{r['bytes_plain']:,} -> {r['bytes_secure']:,}",
             f"{r['bytes_ratio']:.3f}x",
         )
-    Console(width=150).print(table)
+    Console(width=220).print(table)
     print("goals: bytes <= 1.05x, time <= 1.5x")
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

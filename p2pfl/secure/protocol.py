@@ -43,6 +43,7 @@ from p2pfl.secure.masking import (
     add_streams,
     fixed_point,
     mask_encoded,
+    member_mask,
     pair_seed,
 )
 from p2pfl.secure.messages import (
@@ -328,10 +329,12 @@ class AggregatorRound:
             self._reject("duplicate")
             return []
         g.seeds[sender] = msg.seed
+        assert g.total is not None
+        # Each self mask is removed as its seed arrives (the sum is complete in this
+        # phase), so after the last reveal only one stream and the decode remain.
+        add_streams(g.total, minus=[msg.seed])
         if len(g.seeds) < len(g.members):
             return []
-        assert g.total is not None
-        add_streams(g.total, minus=[g.seeds[m] for m in g.members])
         codec = fixed_point(self.settings.clip, len(g.members))
         try:
             g.mean = codec.decode_mean(g.total, len(g.members))
@@ -398,6 +401,8 @@ class _Membership:
     attempt: int = -1  # -1: announced, not answered yet (no update)
     self_seed: bytes = b""
     revealed: bool = False
+    premask: np.ndarray | None = None  # attempt 0's whole mask, computed at announcement
+    premask_seed: bytes = b""  # the self seed inside `premask`
 
 
 class SecureMember:
@@ -407,10 +412,18 @@ class SecureMember:
     trained model); announcements that arrive first wait for it (bounded).
     """
 
-    def __init__(self, federation: str, key: SessionKey, *, max_sessions: int = 256) -> None:
+    def __init__(
+        self,
+        federation: str,
+        key: SessionKey,
+        *,
+        max_sessions: int = 256,
+        max_premasks: int = 8,
+    ) -> None:
         self.federation = federation
         self.key = key
         self.max_sessions = max_sessions
+        self.max_premasks = max_premasks
         self._updates: dict[int, np.ndarray] = {}
         self._sessions: dict[tuple[str, int], _Membership] = {}
         self.bytes_out = 0
@@ -510,8 +523,30 @@ class SecureMember:
             raise Refused("wrong_dim", f"update has {update.size}, announced {msg.dim}")
         self._sessions[key] = m
         if update is None:
+            self._precompute(m)
             return []
         return self._answer(m, 0, members)
+
+    def _precompute(self, m: _Membership) -> None:
+        """Compute attempt 0's mask now, while the update is still being trained.
+
+        The mask does not depend on the update, so answering later costs one encode and
+        one add pass instead of g keystreams. Bounded (memory: max_premasks x 4 dim bytes)
+        and only for rounds up to one past our newest update, so announcements for far
+        rounds cannot make us spend memory or time ahead.
+        """
+        newest = max(self._updates, default=None)
+        if newest is not None and m.round > newest + 1:
+            return
+        if sum(s.premask is not None for s in self._sessions.values()) >= self.max_premasks:
+            return
+        ctx = MaskContext(self.federation, m.round, m.aggregator, m.session, m.group, 0)
+        try:
+            seeds = {p: pair_seed(self.key, p, m.peer_keys[p], ctx) for p in m.peer_keys}
+        except KeyRejected:
+            return  # answering will refuse it, as without precomputation
+        m.premask_seed = secrets.token_bytes(32)
+        m.premask = member_mask(m.dim, self.peer_id, seeds, m.premask_seed)
 
     def _on_retry(self, m: _Membership, msg: GroupRetry) -> list[Send]:
         if m.revealed:
@@ -541,15 +576,20 @@ class SecureMember:
         update = self._updates[m.round]
         if update.shape != (m.dim,):
             raise Refused("wrong_dim", f"update has {update.size}, announced {m.dim}")
-        ctx = MaskContext(self.federation, m.round, m.aggregator, m.session, m.group, attempt)
         me = self.peer_id
-        try:
-            seeds = {p: pair_seed(self.key, p, m.peer_keys[p], ctx) for p in members if p != me}
-        except KeyRejected as exc:
-            raise Refused("bad_key", str(exc)) from None
-        self_seed = secrets.token_bytes(32)
-        encoded = fixed_point(m.clip, len(members)).encode(update)
-        masked = mask_encoded(encoded, me, seeds, self_seed, copy=False)
+        codec = fixed_point(m.clip, len(members))
+        premask, m.premask = m.premask, None  # used once at most
+        if premask is not None and attempt == 0 and members == m.members:
+            self_seed = m.premask_seed
+            masked = codec.encode_add(update, premask)
+        else:
+            ctx = MaskContext(self.federation, m.round, m.aggregator, m.session, m.group, attempt)
+            try:
+                seeds = {p: pair_seed(self.key, p, m.peer_keys[p], ctx) for p in members if p != me}
+            except KeyRejected as exc:
+                raise Refused("bad_key", str(exc)) from None
+            self_seed = secrets.token_bytes(32)
+            masked = mask_encoded(codec.encode(update), me, seeds, self_seed, copy=False)
         m.attempt, m.members, m.self_seed = attempt, members, self_seed
         msg = MaskedUpdate(
             sender=me,
