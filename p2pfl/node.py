@@ -39,6 +39,7 @@ from p2pfl.protocol import (
     Phase,
     Rejected,
     RequestState,
+    RequestUpdates,
     RoundMachine,
     RoundSettings,
     Train,
@@ -63,6 +64,7 @@ from p2pfl.wire.messages import (
     SecureEnvelope,
     StateReply,
     StateRequest,
+    UpdateRequest,
 )
 
 log = logging.getLogger("p2pfl.node")
@@ -74,6 +76,7 @@ PEER_EXCHANGE_EVERY = 10  # heartbeats
 RTT_SAMPLE_EVERY = 5  # heartbeats
 MAX_BAD_MESSAGES = 20  # per connection, before we hang up on the peer
 MISMATCH_HOLD_OFF = 60.0  # seconds to ignore an address that proved the wrong id
+RESEND_ROUNDS = 2  # past rounds whose sent updates we keep for resend requests
 HELLO_GRACE = 2.0  # seconds to wait for connected peers' hellos before the first round
 RETIRE_GRACE = 5.0  # seconds a duplicate connection is still read before closing
 
@@ -199,6 +202,7 @@ class Node:
                 catch_up_timeout=max(2.0, config.round_timeout / 2),
                 # Secure rounds end on the secure protocol's own timeouts.
                 adaptive_timeout=not config.secure_aggregation,
+                nudge_fraction=None if config.secure_aggregation else 0.2,
                 rule_name=config.aggregation,
             ),
             round=start_round,
@@ -226,6 +230,7 @@ class Node:
         self._started = trio.current_time() if _in_trio() else 0.0
         self._ping_nonce = 0
         self._hello_from: set[str] = set()
+        self._sent_updates: dict[int, dict[str, bytes]] = {}
         self._stopping = False
 
     # ---- construction helpers ----------------------------------------------------------
@@ -395,6 +400,11 @@ class Node:
                 self._broadcast(action)
             elif isinstance(action, Aggregated):
                 self._on_aggregated(action)
+            elif isinstance(action, RequestUpdates):
+                ask = codec.encode(UpdateRequest(self.id, action.round))
+                for peer in action.to:
+                    self._enqueue(peer, ask)
+                self.counters["update_requests_sent"] += len(action.to)
             elif isinstance(action, RequestState):
                 payload = codec.encode(StateRequest(self.id, self.machine.round))
                 for peer in action.to:
@@ -429,9 +439,16 @@ class Node:
             self._secure_progress(now)
             return
         outgoing = Broadcast(action.round, params, action.samples, action.to)
+        sent: dict[str, bytes] = {}
+        # Kept a few rounds for resend requests: a peer asking for round r may hear from
+        # us only after we moved on (we got our quorum, it did not).
+        self._sent_updates[action.round] = sent
+        for old in [r for r in self._sent_updates if r < action.round - RESEND_ROUNDS]:
+            del self._sent_updates[old]
         if self._encoder is None or self.config.neighbour_count is None:
             payload = self._update_payload(outgoing, self._encoder)
             for peer in action.to:
+                sent[peer] = payload
                 if not self._enqueue(peer, payload) and self._encoder is not None:
                     self._encoder.force_keyframe()  # a receiver lost its base
             return
@@ -439,7 +456,8 @@ class Node:
             encoder = self._peer_encoders.get(peer) or self._make_encoder()
             assert encoder is not None
             self._peer_encoders[peer] = encoder
-            if not self._enqueue(peer, self._update_payload(outgoing, encoder)):
+            sent[peer] = self._update_payload(outgoing, encoder)
+            if not self._enqueue(peer, sent[peer]):
                 encoder.force_keyframe()
 
     def _send_secure(self, sends: list[Send]) -> None:
@@ -603,7 +621,7 @@ class Node:
     async def _timer_loop(self) -> None:
         while True:
             self._wakeup = trio.Event()
-            deadlines = [self.machine.deadline]
+            deadlines = [self.machine.next_wakeup]
             if self.secure is not None:
                 deadlines.append(self.secure.next_deadline())
             deadline = min((d for d in deadlines if d is not None), default=math.inf)
@@ -973,6 +991,11 @@ class Node:
                             address, peer_id=peer_id, found_via="peer-exchange"
                         ):
                             self._notify_peers_changed()
+            case UpdateRequest():
+                payload = self._sent_updates.get(msg.round, {}).get(peer)
+                if payload is not None:
+                    self._enqueue(peer, payload)
+                    self.counters["updates_resent"] += 1
             case StateRequest():
                 self._enqueue(
                     peer,

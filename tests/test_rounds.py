@@ -25,6 +25,7 @@ from p2pfl.protocol import (
     Phase,
     Rejected,
     RequestState,
+    RequestUpdates,
     RoundMachine,
     RoundSettings,
     Train,
@@ -746,3 +747,24 @@ def test_random_interleavings(
         assert m.round >= last_round
         last_round = m.round
         assert m.phase in {Phase.TRAINING, Phase.COLLECTING, Phase.CATCHING_UP}
+
+
+def test_nudges_ask_silent_neighbours_then_back_off_and_never_spin() -> None:
+    m = machine(nudge_fraction=0.2, round_timeout=10.0)
+    m.start(0.0, list(PEERS))
+    m.trained(0.0, 0, full(1.0), 1, list(PEERS))
+    m.receive_update(0.5, PEERS[0], 0, full(2.0), 1)
+    assert m.next_wakeup == 2.0  # 0.2 x 10 s
+    acts = m.tick(2.0)
+    assert acts == [RequestUpdates(0, tuple(sorted(PEERS[1:])))]
+    assert m.next_wakeup == 6.0  # the gap doubles: 2 s -> 4 s
+    # A neighbour seen in a later round is asked at once, and only once.
+    assert m.observe_peer_round(3.0, PEERS[1], 1) == [RequestUpdates(0, (PEERS[1],))]
+    assert m.observe_peer_round(3.5, PEERS[1], 1) == []
+    # Catching up while collecting: no nudge may stay due (the node's timer would spin).
+    m.observe_peer_round(4.0, PEERS[2], 5)
+    assert m.phase is Phase.CATCHING_UP
+    wake = m.next_wakeup
+    assert wake is not None and wake > 4.0
+    m.tick(wake)
+    assert m.next_wakeup is None or m.next_wakeup > wake

@@ -26,6 +26,7 @@ from p2pfl.wire.messages import (
     SecureEnvelope,
     StateReply,
     StateRequest,
+    UpdateRequest,
 )
 from p2pfl.wire.tensors import all_finite, decode_tensor, encode_tensor
 
@@ -47,6 +48,7 @@ SAMPLES: list[Message] = [
     StateReply("peer-h", 4, PARAMS[::-1].copy(), 64),
     Bye("peer-i", 5, "shutting down"),
     Bye("peer-i", 5),
+    UpdateRequest("peer-k", 11),
     SecureEnvelope("peer-j", 3, "sa_reveal", {"session": b"\x01" * 16, "group": 0}),
 ]
 

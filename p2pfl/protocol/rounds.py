@@ -66,6 +66,15 @@ class Aggregated:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestUpdates:
+    """Half the collection timeout has passed: ask these silent neighbours to resend
+    their model for `round` (it may have been lost on the way)."""
+
+    round: int
+    to: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RequestState:
     """Ask these peers for their current model (we are behind)."""
 
@@ -96,7 +105,9 @@ class Finished:
     round: int
 
 
-Action = Train | Broadcast | Aggregated | RequestState | CaughtUp | Rejected | Finished
+Action = (
+    Train | Broadcast | Aggregated | RequestState | RequestUpdates | CaughtUp | Rejected | Finished
+)
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,9 @@ class RoundSettings:
     catch_up_timeout: float = 10.0
     rule_name: str = "mean"
     adaptive_timeout: bool = True
+    # Fraction of the collection timeout after which silent neighbours are asked once
+    # to resend (None: never). Lost messages then cost a fraction of a timeout.
+    nudge_fraction: float | None = None
     min_round_timeout: float = 2.0
     adaptive_window: int = 5  # rounds of wait times the adaptive timeout looks at
 
@@ -144,6 +158,10 @@ class RoundMachine:
     _waiting_for: set[str] = field(default_factory=set)
     _waits: list[float] = field(default_factory=list)
     _collect_started: float = 0.0
+    nudge_at: float | None = None
+    _nudged: bool = False
+    _resend_asked: set[str] = field(default_factory=set)
+    _nudge_gap: float = 0.0
 
     def __post_init__(self) -> None:
         self.params = np.ascontiguousarray(self.params, dtype=np.float32)
@@ -176,7 +194,15 @@ class RoundMachine:
         self._expected = len(to)
         self.phase = Phase.COLLECTING
         self._collect_started = now
-        self.deadline = now + self._collect_timeout()
+        timeout = self._collect_timeout()
+        self.deadline = now + timeout
+        self._nudged = False
+        self._resend_asked = set()
+        if self.settings.nudge_fraction is None:
+            self.nudge_at = None
+        else:
+            self._nudge_gap = self._nudge_after(timeout)
+            self.nudge_at = now + self._nudge_gap
         actions: list[Action] = [Broadcast(self.round, self._own.params, samples, to)]
         actions += self._maybe_aggregate(now, timed_out=False)
         return actions
@@ -194,6 +220,7 @@ class RoundMachine:
             actions.append(Rejected(sender, round, reason))
         else:
             self._received.setdefault(round, {})[sender] = _Pending(params, samples)
+        actions += self._resend_if_moved_on(sender, round)
         if round >= self.round + self.settings.catch_up_lag and self.phase in (
             Phase.TRAINING,
             Phase.COLLECTING,
@@ -228,7 +255,22 @@ class RoundMachine:
             Phase.COLLECTING,
         ):
             return self._begin_catch_up(now, self._lagging_peers())
-        return []
+        return self._resend_if_moved_on(peer, round)
+
+    def _resend_if_moved_on(self, peer: str, round: int) -> list[Action]:
+        """A neighbour we wait for is already in a later round: it has sent us its model
+        for ours, which must have been lost. Ask for it now rather than at a timeout."""
+        if (
+            self.settings.nudge_fraction is None
+            or self.phase is not Phase.COLLECTING
+            or round <= self.round
+            or peer not in self._waiting_for
+            or peer in self._resend_asked
+            or peer in self._received.get(self.round, {})
+        ):
+            return []
+        self._resend_asked.add(peer)
+        return [RequestUpdates(self.round, (peer,))]
 
     def receive_state(
         self, now: float, sender: str, round: int, params: np.ndarray
@@ -262,10 +304,32 @@ class RoundMachine:
                 actions += self._finish_catch_up(now)
         return actions
 
+    @property
+    def next_wakeup(self) -> float | None:
+        """When to call `tick`: the deadline, or earlier to nudge silent neighbours."""
+        nudge = self.nudge_at if self.phase is Phase.COLLECTING else None
+        times = [t for t in (self.deadline, nudge) if t is not None]
+        return min(times, default=None)
+
     def tick(self, now: float) -> list[Action]:
-        """Call when `deadline` has passed."""
+        """Call when `next_wakeup` has passed."""
+        if (
+            self.nudge_at is not None
+            and now >= self.nudge_at
+            and self.phase is Phase.COLLECTING
+            and (self.deadline is None or now < self.deadline)
+        ):
+            # Ask again later (doubling the gap) in case the request or resend is lost too.
+            self._nudge_gap = max(2.0 * self._nudge_gap, 0.05)  # always moves forward
+            self.nudge_at = now + self._nudge_gap
+            self._nudged = True
+            missing = tuple(
+                sorted(p for p in self._waiting_for if p not in self._received.get(self.round, {}))
+            )
+            return [RequestUpdates(self.round, missing)] if missing else []
         if self.deadline is None or now < self.deadline:
             return []
+        self.nudge_at = None
         self.deadline = None
         if self.phase is Phase.COLLECTING:
             return self._maybe_aggregate(now, timed_out=True)
@@ -348,7 +412,9 @@ class RoundMachine:
             # With nobody to hear from we wait for the timeout: a peer may (re)connect,
             # and racing through rounds alone would leave the federation behind.
             return []
-        if not timed_out:
+        if not (timed_out or self._nudged):
+            # Only undisturbed rounds teach us how long neighbours normally take; rounds
+            # that needed a resend would inflate the timeouts under message loss.
             self._waits.append(now - self._collect_started)
             del self._waits[: -self.settings.adaptive_window]
         senders = tuple(sorted(received))
@@ -370,6 +436,7 @@ class RoundMachine:
         done_round = self.round
         rejected = tuple(self._rejected)
         self.params = np.ascontiguousarray(new, dtype=np.float32)
+        self.nudge_at = None
         self._advance_to(self.round + 1)
         actions: list[Action] = [
             Aggregated(
@@ -397,6 +464,12 @@ class RoundMachine:
         if not s.adaptive_timeout or len(self._waits) < 3:
             return s.round_timeout
         return min(s.round_timeout, max(s.min_round_timeout, 4.0 * max(self._waits)))
+
+    def _nudge_after(self, timeout: float) -> float:
+        """When to ask silent neighbours to resend (a backstop: a neighbour seen in a
+        later round is asked at once, see `_resend_if_moved_on`)."""
+        assert self.settings.nudge_fraction is not None
+        return self.settings.nudge_fraction * timeout
 
     def _advance_to(self, round: int) -> None:
         self.round = round

@@ -51,6 +51,7 @@ from p2pfl.wire.messages import (
     SecureEnvelope,
     StateReply,
     StateRequest,
+    UpdateRequest,
 )
 from p2pfl.wire.tensors import decode_tensor, encode_tensor
 
@@ -211,6 +212,7 @@ SCHEMAS: dict[type[Any], dict[str, Validator]] = {
     StateReply: {**_COMMON, "params": _params, "samples": _round},
     Bye: {**_COMMON, "reason": _text},
     SecureEnvelope: {**_COMMON, "kind": _name, "body": _blob},
+    UpdateRequest: dict(_COMMON),
 }
 _TENSOR_FIELDS = frozenset({"params"})
 

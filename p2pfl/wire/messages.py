@@ -103,6 +103,15 @@ class StateReply:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateRequest:
+    """ "Your model for `round` has not reached me": resend it if you still have it."""
+
+    TYPE = "model_req"
+    sender: str
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
 class Bye:
     """Clean shutdown notice: drop me now instead of waiting for heartbeats."""
 
@@ -137,6 +146,7 @@ Message = (
     | StateRequest
     | StateReply
     | Bye
+    | UpdateRequest
     | SecureEnvelope
 )
 
@@ -152,6 +162,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         StateRequest,
         StateReply,
         Bye,
+        UpdateRequest,
         SecureEnvelope,
     )
 }
