@@ -77,6 +77,8 @@ RTT_SAMPLE_EVERY = 5  # heartbeats
 MAX_BAD_MESSAGES = 20  # per connection, before we hang up on the peer
 MISMATCH_HOLD_OFF = 60.0  # seconds to ignore an address that proved the wrong id
 RESEND_ROUNDS = 2  # past rounds whose sent updates we keep for resend requests
+LOG_EVERY = 10.0  # seconds between repeated warnings about one peer
+STATE_REPLY_EVERY = 1.0  # seconds: at most one state reply per peer per this
 HELLO_GRACE = 2.0  # seconds to wait for connected peers' hellos before the first round
 RETIRE_GRACE = 5.0  # seconds a duplicate connection is still read before closing
 
@@ -95,6 +97,8 @@ class _Link:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     closed_state: PeerState = PeerState.DISCONNECTED
     retired: bool = False  # a duplicate being wound down: read, never written
+    last_drop_logged: float = -math.inf
+    last_state_reply: float = -math.inf
 
 
 class Node:
@@ -871,9 +875,14 @@ class Node:
         limit = max(8 * 1024 * 1024, 3 * 4 * self.machine.params.size)
         if link.queued_bytes + len(payload) > limit:
             self.counters["send_queue_full"] += 1
-            log.warning(
-                "peer %s is not reading; dropped a %d-byte message", peer[:12], len(payload)
-            )
+            now = trio.current_time()
+            if now - link.last_drop_logged >= LOG_EVERY:  # one line, not one per message
+                link.last_drop_logged = now
+                log.warning(
+                    "peer %s is not reading; dropping messages (%d so far)",
+                    peer[:12],
+                    self.counters["send_queue_full"],
+                )
             return False
         link.queued_bytes += len(payload)
         link.send.send_nowait(payload)
@@ -996,7 +1005,11 @@ class Node:
                 if payload is not None:
                     self._enqueue(peer, payload)
                     self.counters["updates_resent"] += 1
+            case StateRequest() if now - link.last_state_reply < STATE_REPLY_EVERY:
+                # A 40-byte request must not buy a full model at line rate.
+                self.counters["state_requests_throttled"] += 1
             case StateRequest():
+                link.last_state_reply = now
                 self._enqueue(
                     peer,
                     codec.encode(

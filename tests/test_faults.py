@@ -16,7 +16,7 @@ import trio.testing
 
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
-from p2pfl.node import Node
+from p2pfl.node import STATE_REPLY_EVERY, Node
 from p2pfl.scenario.faults import (
     FAULTS_FILE,
     CrashSchedule,
@@ -643,10 +643,16 @@ async def test_a_peer_that_never_reads_cannot_grow_our_memory(
             await nursery.start(n.run)
         conn = await slow.connect("mem:n0", node.id)
         ask = codec.encode(StateRequest(slow.local_id, 0))
-        for i in range(requests):
+        # A burst buys one reply, not 100: state replies are rate-limited per peer.
+        for _ in range(100):
+            await conn.send(ask)
+        await trio.sleep(0.01)
+        assert node.counters["state_requests_throttled"] == 99
+        # Paced at the allowed rate, the replies pile up in a queue nobody reads.
+        for i in range(requests - 100):
+            await trio.sleep(STATE_REPLY_EVERY)
             await conn.send(ask)  # never a receive()
-            if i % 64 == 0:
-                await trio.sleep(0.01)
+            if i % 16 == 0:
                 peak = max(peak, node._links[slow.local_id].queued_bytes)
         await trio.sleep(1)
         link = node._links[slow.local_id]  # still connected
@@ -657,7 +663,8 @@ async def test_a_peer_that_never_reads_cannot_grow_our_memory(
         nursery.cancel_scope.cancel()
     assert limit - reply < peak <= limit
     queued_or_sent = peak // reply + CHANNEL_CAPACITY + 1
-    assert node.counters["send_queue_full"] >= requests - queued_or_sent - 2
+    answered = requests - node.counters["state_requests_throttled"]
+    assert node.counters["send_queue_full"] >= answered - queued_or_sent - 2
 
 
 async def test_a_peer_that_hangs_up_at_once_is_redialed_with_backoff(
