@@ -25,11 +25,12 @@ import trio
 
 from p2pfl import PROTOCOL_VERSION, __version__
 from p2pfl.aggregation import make_rule
-from p2pfl.compression import UpdateDecoder, UpdateEncoder, parse_pipeline
+from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.learning import build_model, load_dataset, node_shard
 from p2pfl.membership import PeerState, PeerTable
+from p2pfl.outbox import UpdateOutbox
 from p2pfl.protocol import (
     Action,
     Aggregated,
@@ -76,7 +77,6 @@ PEER_EXCHANGE_EVERY = 10  # heartbeats
 RTT_SAMPLE_EVERY = 5  # heartbeats
 MAX_BAD_MESSAGES = 20  # per connection, before we hang up on the peer
 MISMATCH_HOLD_OFF = 60.0  # seconds to ignore an address that proved the wrong id
-RESEND_ROUNDS = 2  # past rounds whose sent updates we keep for resend requests
 LOG_EVERY = 10.0  # seconds between repeated warnings about one peer
 STATE_REPLY_EVERY = 1.0  # seconds: at most one state reply per peer per this
 HELLO_GRACE = 2.0  # seconds to wait for connected peers' hellos before the first round
@@ -162,19 +162,17 @@ class Node:
             self.history = ckpt.history
             log.info("resuming from checkpoint at round %d", start_round)
 
-        # One encoder for everyone while every neighbour gets every update ("all"); one
-        # per peer when neighbours vary per round, so nobody misses a delta's base.
-        self._encoder = self._make_encoder()
-        self._peer_encoders: dict[str, UpdateEncoder] = {}
-        if ckpt is not None and ckpt.compression and self._encoder is not None:
-            try:
-                self._encoder.load_state(ckpt.compression)
-            except ValueError as exc:
-                log.warning("ignoring saved compression state (%s); starting fresh", exc)
-                self._encoder = self._make_encoder()
+        self.outbox = UpdateOutbox(
+            self.id,
+            self._pipeline(),
+            per_peer=config.neighbour_count is not None,
+            keyframe_every=config.compression_keyframe_every,
+            seed=config.seed,
+        )
+        if ckpt is not None:
+            self.outbox.load_state(ckpt.compression)
         # Always able to decode compressed updates: the sender's pipeline is self-described.
         self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=config.max_frame_size)
-        self.last_update_bytes: tuple[int, int] = (0, 0)  # (float32 size, wire size)
         self.secure: SecureDriver | None = None
         if config.secure_aggregation:
             rt = config.round_timeout
@@ -234,7 +232,6 @@ class Node:
         self._started = trio.current_time() if _in_trio() else 0.0
         self._ping_nonce = 0
         self._hello_from: set[str] = set()
-        self._sent_updates: dict[int, dict[str, bytes]] = {}
         self._stopping = False
 
     # ---- construction helpers ----------------------------------------------------------
@@ -268,16 +265,13 @@ class Node:
         except ValueError as exc:
             raise ConfigError("attack", str(exc)) from None
 
-    def _make_encoder(self) -> UpdateEncoder | None:
+    def _pipeline(self) -> Pipeline | None:
         if not self.config.compression:
             return None
         try:
-            pipeline = parse_pipeline(self.config.compression)
+            return parse_pipeline(self.config.compression)
         except ValueError as exc:
             raise ConfigError("compression", str(exc)) from None
-        return UpdateEncoder(
-            pipeline, keyframe_every=self.config.compression_keyframe_every, seed=self.config.seed
-        )
 
     def _faulty(self, inner: Transport, plan_file: Path) -> Transport:
         from p2pfl.transport.faults import FaultyTransport, load_fault_plan
@@ -442,27 +436,10 @@ class Node:
             self._send_secure(self.secure.start_round(action.round, action.to, params, now))
             self._secure_progress(now)
             return
-        outgoing = Broadcast(action.round, params, action.samples, action.to)
-        sent: dict[str, bytes] = {}
-        # Kept a few rounds for resend requests: a peer asking for round r may hear from
-        # us only after we moved on (we got our quorum, it did not).
-        self._sent_updates[action.round] = sent
-        for old in [r for r in self._sent_updates if r < action.round - RESEND_ROUNDS]:
-            del self._sent_updates[old]
-        if self._encoder is None or self.config.neighbour_count is None:
-            payload = self._update_payload(outgoing, self._encoder)
-            for peer in action.to:
-                sent[peer] = payload
-                if not self._enqueue(peer, payload) and self._encoder is not None:
-                    self._encoder.force_keyframe()  # a receiver lost its base
-            return
-        for peer in action.to:
-            encoder = self._peer_encoders.get(peer) or self._make_encoder()
-            assert encoder is not None
-            self._peer_encoders[peer] = encoder
-            sent[peer] = self._update_payload(outgoing, encoder)
-            if not self._enqueue(peer, sent[peer]):
-                encoder.force_keyframe()
+        payloads = self.outbox.payloads(action.round, params, action.samples, action.to)
+        for peer, payload in payloads.items():
+            if not self._enqueue(peer, payload):
+                self.outbox.dropped(peer)
 
     def _send_secure(self, sends: list[Send]) -> None:
         for send in sends:
@@ -500,21 +477,6 @@ class Node:
             rng=np.random.default_rng([self.config.seed, action.round, 7]),
         )
         return None if crafted is None else np.asarray(crafted, np.float32)
-
-    def _update_payload(self, action: Broadcast, encoder: UpdateEncoder | None) -> bytes:
-        """Encode our model for a round (compressed if an encoder is given)."""
-        raw = 4 * action.params.size
-        if encoder is None:
-            payload = codec.encode(
-                ModelUpdate(self.id, action.round, action.params, action.samples)
-            )
-        else:
-            blob = encoder.encode(action.params, action.round)
-            payload = codec.encode(
-                CompressedModelUpdate(self.id, action.round, blob, action.samples)
-            )
-        self.last_update_bytes = (raw, len(payload))
-        return payload
 
     async def _train(self, round: int, params: np.ndarray) -> None:
         seed = [self.config.seed, self.config.node_index, round]
@@ -566,8 +528,8 @@ class Node:
             "seconds": round(now - self._round_started_at, 4),
             "peers_heard": len(agg.senders),
             "timed_out": agg.timed_out,
-            "update_raw_bytes": self.last_update_bytes[0],
-            "update_wire_bytes": self.last_update_bytes[1],
+            "update_raw_bytes": self.outbox.last_sizes[0],
+            "update_wire_bytes": self.outbox.last_sizes[1],
         }
         self._round_started_at = now
         self.history.append(row)
@@ -608,7 +570,7 @@ class Node:
                 self.model.get_optimizer_state(),
                 self.history,
                 self.config.model,
-                self._encoder.state() if self._encoder is not None else {},
+                self.outbox.state(),
             ),
         )
 
@@ -785,9 +747,7 @@ class Node:
             rec = self.peers.connected(peer, now=trio.current_time(), found_via=found_via)
             if rec.connects > 1:
                 self.counters["reconnects"] += 1
-            if self._encoder is not None:
-                self._encoder.force_keyframe()  # the new peer has no copy of our model
-            self._peer_encoders.pop(peer, None)
+            self.outbox.peer_connected(peer)
             self._notify_peers_changed()
             self._send_greeting(peer)
         elif self._preferred(conn.outbound, peer) and not self._preferred(
@@ -1001,7 +961,7 @@ class Node:
                         ):
                             self._notify_peers_changed()
             case UpdateRequest():
-                payload = self._sent_updates.get(msg.round, {}).get(peer)
+                payload = self.outbox.resend(peer, msg.round)
                 if payload is not None:
                     self._enqueue(peer, payload)
                     self.counters["updates_resent"] += 1
@@ -1063,12 +1023,12 @@ class Node:
             },
             "last_aggregation": self.last_aggregation,
             "compression": None
-            if self._encoder is None
+            if not self.outbox.compressing
             else {
                 "pipeline": list(self.config.compression),
-                "raw_bytes": self.last_update_bytes[0],
-                "wire_bytes": self.last_update_bytes[1],
-                "ratio": round(self.last_update_bytes[0] / max(1, self.last_update_bytes[1]), 2),
+                "raw_bytes": self.outbox.last_sizes[0],
+                "wire_bytes": self.outbox.last_sizes[1],
+                "ratio": round(self.outbox.last_sizes[0] / max(1, self.outbox.last_sizes[1]), 2),
             },
             "secure": None
             if self.secure is None

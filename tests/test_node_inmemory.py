@@ -324,4 +324,4 @@ async def test_compression_with_random_neighbours_never_loses_a_base(
     await run_until_done(nodes)
     assert all(n.machine.round == 8 for n in nodes)
     assert not any(n.frames_rejected.get("missing_base") for n in nodes)
-    assert all(n._peer_encoders for n in nodes)  # per-peer delta streams were used
+    assert all(n.outbox.per_peer and n.outbox._peers for n in nodes)  # per-peer streams
