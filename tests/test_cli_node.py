@@ -112,3 +112,17 @@ def test_bad_config_file_names_the_field(
 def test_bad_flag_value_names_the_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["node", "--quorum", "1.5", "--data-dir", "/nonexistent/x"]) == 2
     assert "quorum" in capsys.readouterr().err
+
+
+def test_p2pfl_status_through_the_cli_stays_light(tmp_path: Path) -> None:
+    """`p2pfl status` must start fast: the whole CLI path imports no trio/numpy/zeroconf."""
+    code = (
+        "import sys\n"
+        "from p2pfl.cli import main\n"
+        f"rc = main(['status', '--socket', {str(tmp_path / 'none.sock')!r}, '--json'])\n"
+        "heavy = [m for m in ('trio', 'numpy', 'zeroconf', 'cryptography') if m in sys.modules]\n"
+        "print(rc, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1 []", (out.stdout, out.stderr)
+    assert "no p2pfl node" in out.stderr or "not running" in out.stderr
