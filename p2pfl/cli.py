@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl import __version__
-from p2pfl.config import DEFAULT_DATA_DIR, LIST_FLAGS, ConfigError, NodeConfig
+from p2pfl.config import DEFAULT_DATA_DIR, LIST_FLAGS, ConfigError, NodeConfig, flag_name
 
 # Flags whose names differ from the config field, or that repeat.
 _HELP = {
@@ -49,8 +49,6 @@ def _add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="node TOML file (flags override it)")
     defaults = NodeConfig()
     for f in dataclasses.fields(NodeConfig):
-        if f.name == "extra":
-            continue
         default = getattr(defaults, f.name)
         if isinstance(default, dict):
             default = ()
@@ -65,13 +63,11 @@ def _add_node_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(f"--{LIST_FLAGS[f.name]}", action="append", **kwargs)
         elif isinstance(default, bool):
             p.add_argument(
-                f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, **kwargs
+                f"--{flag_name(f.name)}", action=argparse.BooleanOptionalAction, **kwargs
             )
         else:
             kind = type(default) if isinstance(default, int | float) else str
-            p.add_argument(
-                f"--{f.name.replace('_', '-')}", type=kind, metavar=f.name.upper(), **kwargs
-            )
+            p.add_argument(f"--{flag_name(f.name)}", type=kind, metavar=f.name.upper(), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

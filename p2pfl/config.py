@@ -83,7 +83,6 @@ class NodeConfig:
     faults: Path | None = None
     # Operation.
     log_level: str = "info"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def neighbour_count(self) -> int | None:
@@ -257,8 +256,8 @@ def coerce(values: Mapping[str, Any], *, source: str = "config") -> dict[str, An
     out: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
-        if key not in _FIELDS or key == "extra":
-            known = ", ".join(sorted(k for k in _FIELDS if k != "extra"))
+        if key not in _FIELDS:
+            known = ", ".join(sorted(_FIELDS))
             raise ConfigError(raw_key, f"unknown field in {source}; known fields: {known}")
         default = _FIELDS[key].default
         try:

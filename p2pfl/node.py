@@ -228,8 +228,7 @@ class Node:
         self._wakeup = trio.Event()
         self._peers_changed = trio.Event()
         self._round_started_at = 0.0
-        self._started_wall = time.time()
-        self._started = trio.current_time() if _in_trio() else 0.0
+        self._started = 0.0  # set when run() starts
         self._ping_nonce = 0
         self._hello_from: set[str] = set()
         self._stopping = False
@@ -1051,14 +1050,6 @@ class Node:
     @property
     def phase(self) -> Phase:
         return self.machine.phase
-
-
-def _in_trio() -> bool:
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
 
 
 def _host_of(address: str) -> str:

@@ -221,10 +221,7 @@ class RoundMachine:
         else:
             self._received.setdefault(round, {})[sender] = _Pending(params, samples)
         actions += self._resend_if_moved_on(sender, round)
-        if round >= self.round + self.settings.catch_up_lag and self.phase in (
-            Phase.TRAINING,
-            Phase.COLLECTING,
-        ):
+        if self._falls_behind(round):
             return [*actions, *self._begin_catch_up(now, self._lagging_peers())]
         if reason is None and round == self.round and self.phase is Phase.COLLECTING:
             actions += self._maybe_aggregate(now, timed_out=False)
@@ -250,12 +247,16 @@ class RoundMachine:
     def observe_peer_round(self, now: float, peer: str, round: int) -> list[Action]:
         """A peer told us its round (hello, heartbeat). Catch up if it is far ahead."""
         self._note_peer_round(peer, round)
-        if round >= self.round + self.settings.catch_up_lag and self.phase in (
-            Phase.TRAINING,
-            Phase.COLLECTING,
-        ):
+        if self._falls_behind(round):
             return self._begin_catch_up(now, self._lagging_peers())
         return self._resend_if_moved_on(peer, round)
+
+    def _falls_behind(self, peer_round: int) -> bool:
+        """A peer this far ahead means we lag: catch up (unless already doing so)."""
+        return peer_round >= self.round + self.settings.catch_up_lag and self.phase in (
+            Phase.TRAINING,
+            Phase.COLLECTING,
+        )
 
     def _resend_if_moved_on(self, peer: str, round: int) -> list[Action]:
         """A neighbour we wait for is already in a later round: it has sent us its model
