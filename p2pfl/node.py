@@ -391,6 +391,8 @@ class Node:
         for action in actions:
             if isinstance(action, Train):
                 self._round_start = (action.round, action.params)
+                if self.secure is not None:
+                    self._announce_groups(action.round)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action.round, action.params)
             elif isinstance(action, Broadcast):
@@ -431,14 +433,21 @@ class Node:
         if params is None:
             return  # a silent attacker
         if self.secure is not None:
-            now = trio.current_time()
-            self._send_secure(self.secure.start_round(action.round, action.to, params, now))
-            self._secure_progress(now)
+            self._send_secure(self.secure.contribute(action.round, params))
+            self._secure_progress(trio.current_time())
             return
         payloads = self.outbox.payloads(action.round, params, action.samples, action.to)
         for peer, payload in payloads.items():
             if not self._enqueue(peer, payload):
                 self.outbox.dropped(peer)
+
+    def _announce_groups(self, round: int) -> None:
+        """As our training starts: fix the round's neighbours and announce their groups."""
+        assert self.secure is not None
+        to = self.machine.preselect(round, self.peers.connected_ids())
+        now = trio.current_time()
+        self._send_secure(self.secure.announce(round, to, now))
+        self._secure_progress(now)
 
     def _send_secure(self, sends: list[Send]) -> None:
         for send in sends:
@@ -447,9 +456,12 @@ class Node:
                 self._enqueue(peer, payload)
 
     def _secure_progress(self, now: float) -> None:
-        """Hand finished group means to the round machine."""
+        """Hand finished group means to the round machine once it collects that round
+        (our own training may still run: the means wait in the driver until then)."""
         assert self.secure is not None
-        result = self.secure.take_result()
+        if self.machine.phase is not Phase.COLLECTING:
+            return
+        result = self.secure.take_result(self.machine.round)
         if result is None:
             return
         if result.dropped:
@@ -1031,7 +1043,12 @@ class Node:
             },
             "secure": None
             if self.secure is None
-            else {**self.secure.stats.as_dict(), "rejected": dict(self.secure.rejected)},
+            else {
+                **self.secure.stats.as_dict(),
+                "masked_ahead": self.secure.member.masked_ahead,
+                "masked_on_demand": self.secure.member.masked_on_demand,
+                "rejected": dict(self.secure.rejected),
+            },
             "history": self.history[-1000:],
             "peers": self.peers.snapshot(now),
             "counters": {

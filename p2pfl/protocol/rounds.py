@@ -162,6 +162,7 @@ class RoundMachine:
     _nudged: bool = False
     _resend_asked: set[str] = field(default_factory=set)
     _nudge_gap: float = 0.0
+    _preselected: tuple[int, tuple[str, ...]] | None = None
 
     def __post_init__(self) -> None:
         self.params = np.ascontiguousarray(self.params, dtype=np.float32)
@@ -189,7 +190,12 @@ class RoundMachine:
         if self.phase is not Phase.TRAINING or round != self.round:
             return []  # a training run made obsolete by a catch-up
         self._own = _Pending(np.ascontiguousarray(params, dtype=np.float32), samples)
-        to = self._choose_neighbours(peers)
+        pre, self._preselected = self._preselected, None
+        if pre is not None and pre[0] == round:
+            connected = set(peers)
+            to = tuple(p for p in pre[1] if p in connected)
+        else:
+            to = self._choose_neighbours(peers)
         self._waiting_for = set(to)
         self._expected = len(to)
         self.phase = Phase.COLLECTING
@@ -206,6 +212,19 @@ class RoundMachine:
         actions: list[Action] = [Broadcast(self.round, self._own.params, samples, to)]
         actions += self._maybe_aggregate(now, timed_out=False)
         return actions
+
+    def preselect(self, round: int, peers: list[str]) -> tuple[str, ...]:
+        """Fix `round`'s neighbours now, while training, instead of when it ends.
+
+        Secure aggregation announces its groups as training starts, so that members
+        compute their masks while they train; the neighbours we then wait for must be
+        those groups. `trained()` uses this choice (minus peers gone meanwhile).
+        """
+        if self.phase is not Phase.TRAINING or round != self.round:
+            return ()
+        chosen = self._choose_neighbours(peers)
+        self._preselected = (round, chosen)
+        return chosen
 
     def receive_update(
         self, now: float, sender: str, round: int, params: np.ndarray, samples: int

@@ -154,7 +154,11 @@ def _feed(nodes: Sequence[Node], progress: RoundProgress) -> None:
 
 
 def _record(node: Node) -> dict[str, Any]:
-    return {"peer_id": node.id, "rounds": [dict(row) for row in node.history]}
+    rec: dict[str, Any] = {"peer_id": node.id, "rounds": [dict(row) for row in node.history]}
+    secure = node.status().get("secure")
+    if secure:
+        rec["secure"] = secure
+    return rec
 
 
 @contextlib.contextmanager

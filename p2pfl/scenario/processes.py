@@ -343,6 +343,9 @@ def _record(p: NodeProcess) -> dict[str, Any]:
     }
     if p.killed:
         rec["killed"] = True
+    secure = (p.status or {}).get("secure")
+    if secure:
+        rec["secure"] = secure  # counters as of the last status read
     if p.peak_rss_bytes is not None:
         rec["peak_rss_bytes"] = p.peak_rss_bytes
     rec.update(p.extra)  # e.g. "events": crashes and restarts the runner injected

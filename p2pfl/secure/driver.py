@@ -54,12 +54,16 @@ class SecureDriver:
     def key_message(self, round: int) -> SecureKey:
         return SecureKey(self.peer_id, round, self.key.announcement.to_bytes())
 
-    def start_round(
-        self, round: int, neighbours: Sequence[str], update: np.ndarray, now: float
-    ) -> list[Send]:
-        """Our round `round`: announce groups of our keyed neighbours, contribute our
-        update to the neighbours' groups we are in."""
+    def announce(self, round: int, neighbours: Sequence[str], now: float) -> list[Send]:
+        """Our round `round` begins: announce groups of our keyed neighbours.
+
+        Called when our training starts, not when it ends: the neighbours are then
+        usually still training too, and compute their masks meanwhile (the masks do
+        not depend on the update), so answering costs them one encode and one add.
+        """
         self.member.forget_before(round - 1)
+        if self._result is not None and self._result.round < round:
+            self._result = None  # an earlier round's means nobody took (we caught up)
         keys = {}
         for peer in neighbours:
             ann = self.store.get(peer)
@@ -69,9 +73,13 @@ class SecureDriver:
             self.settings, aggregator=self.peer_id, round=round, dim=self.dim, keys=keys
         )
         sends = self._aggregator.start(now)
-        sends += self.member.set_update(round, update)
         self._check_done()
         return sends
+
+    def contribute(self, round: int, update: np.ndarray) -> list[Send]:
+        """Our update for `round` is trained: answer the neighbours' groups we are in
+        (those announced already; later announcements are answered on arrival)."""
+        return self.member.set_update(round, update)
 
     def on_message(self, sender: str, msg: SecureMessage, now: float) -> list[Send]:
         """Route one verified-shape message. Refusals are counted and logged, never raised."""
@@ -117,9 +125,12 @@ class SecureDriver:
         self._check_done()
         return sends
 
-    def take_result(self) -> SecureResult | None:
-        """The finished round's group means, once."""
-        result, self._result = self._result, None
+    def take_result(self, round: int) -> SecureResult | None:
+        """Round `round`'s group means, once, if that round's protocol is done."""
+        result = self._result
+        if result is None or result.round != round:
+            return None
+        self._result = None
         return result
 
     def _check_done(self) -> None:

@@ -58,6 +58,9 @@ from p2pfl.secure.messages import (
     wire_size,
 )
 
+PREMASK_BUDGET = 64 << 20
+"""Bytes of masks a member computes ahead (16 aggregators' masks at 1e6 parameters)."""
+
 
 @dataclass(frozen=True, slots=True)
 class SecureSettings:
@@ -418,16 +421,19 @@ class SecureMember:
         key: SessionKey,
         *,
         max_sessions: int = 256,
-        max_premasks: int = 8,
+        premask_budget: int = PREMASK_BUDGET,
     ) -> None:
         self.federation = federation
         self.key = key
         self.max_sessions = max_sessions
-        self.max_premasks = max_premasks
+        self.premask_budget = premask_budget
         self._updates: dict[int, np.ndarray] = {}
         self._sessions: dict[tuple[str, int], _Membership] = {}
         self.bytes_out = 0
         self.refused: dict[str, int] = {}  # refusals inside set_update (others raise)
+        # Answers whose mask was computed ahead (announced while we trained) or not.
+        self.masked_ahead = 0
+        self.masked_on_demand = 0
         self._verified: dict[bytes, str] = {}  # announcement bytes -> peer id it verified for
 
     @property
@@ -531,14 +537,16 @@ class SecureMember:
         """Compute attempt 0's mask now, while the update is still being trained.
 
         The mask does not depend on the update, so answering later costs one encode and
-        one add pass instead of g keystreams. Bounded (memory: max_premasks x 4 dim bytes)
-        and only for rounds up to one past our newest update, so announcements for far
-        rounds cannot make us spend memory or time ahead.
+        one add pass instead of g keystreams. Bounded: `premask_budget` bytes in all
+        (4 x dim per aggregator we are a member for), and only for rounds up to one past
+        our newest update, so announcements for far rounds cannot make us spend memory
+        or time ahead.
         """
         newest = max(self._updates, default=None)
         if newest is not None and m.round > newest + 1:
             return
-        if sum(s.premask is not None for s in self._sessions.values()) >= self.max_premasks:
+        held = sum(s.premask.nbytes for s in self._sessions.values() if s.premask is not None)
+        if held + 4 * m.dim > self.premask_budget:
             return
         ctx = MaskContext(self.federation, m.round, m.aggregator, m.session, m.group, 0)
         try:
@@ -582,7 +590,9 @@ class SecureMember:
         if premask is not None and attempt == 0 and members == m.members:
             self_seed = m.premask_seed
             masked = codec.encode_add(update, premask)
+            self.masked_ahead += 1
         else:
+            self.masked_on_demand += 1
             ctx = MaskContext(self.federation, m.round, m.aggregator, m.session, m.group, attempt)
             try:
                 seeds = {p: pair_seed(self.key, p, m.peer_keys[p], ctx) for p in members if p != me}
