@@ -7,7 +7,9 @@ rule of `p2pfl.aggregation` (f = n // 5 tolerated attackers, default options) an
 in the same interleaved loop, three baselines: `np.sum(axis=0)` (reading the input
 once: the memory-bandwidth bound), `np.mean(axis=0)` and `np.median(axis=0)`.
 Reported: best-of-reps time, throughput in inputs x coordinates per second, and each
-rule's time as a multiple of the bound and of np.median.
+rule's time as a multiple of the bound and of np.median. Below the rules, the numpy
+floor of the median and trimmed mean: their sorting networks' pass count times one
+measured in-cache `np.minimum` pass (a lower bound for any numpy-only network).
 Writes benchmarks/results/bench_aggregation.json.
 """
 
@@ -27,7 +29,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from p2pfl.aggregation import RULE_NAMES, make_rule
+from p2pfl.aggregation import RULE_NAMES, make_rule, sortnet
+from p2pfl.aggregation.coordinate import trim_count
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_aggregation.json"
 BASELINES = ("np.sum (bound)", "np.mean", "np.median")
@@ -61,6 +64,33 @@ def _inputs(n: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x), np.full(n, 100.0), x[0].copy()
 
 
+def _pass_seconds_per_coordinate(reps: int = 400) -> float:
+    """Best time of one `np.minimum` pass over a cache-resident block, per coordinate.
+
+    What every comparator of a numpy sorting network costs at least (the call overhead
+    at this block size included, the misses on the streamed input excluded).
+    """
+    a, b = np.random.default_rng(1).standard_normal((2, sortnet.BLOCK), dtype=np.float32)
+    out = np.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            np.minimum(a, b, out=out)
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best / sortnet.BLOCK
+
+
+def network_passes(n: int, f: int) -> dict[str, int]:
+    """Element-wise passes (one ufunc call per block each) of the median and trimmed
+    mean at n inputs: their compiled networks' steps, plus the trimmed mean's adds."""
+    b = trim_count(n, f=f, beta=None)
+    median_steps, _, _ = sortnet.compile_network(n, ((n - 1) // 2, n // 2), False)
+    tails = (*range(b), *range(n - b, n))
+    trim_steps, _, _ = sortnet.compile_network(n, tails, True)
+    return {"median": len(median_steps), "trimmed_mean": len(trim_steps) + n - 2 * b - 1}
+
+
 def bench(n: int, d: int, reps: int) -> dict[str, Any]:
     x, w, own = _inputs(n, d)
     f = n // 5
@@ -85,7 +115,13 @@ def bench(n: int, d: int, reps: int) -> dict[str, Any]:
         }
         for name, t in secs.items()
     }
-    return {"n": n, "d": d, "f": f, "rows": rows}
+    # The numpy floor: no network of ufunc calls can beat (passes x one pass's time).
+    per_coord = _pass_seconds_per_coordinate()
+    floors = {
+        name: {"passes": p, "seconds": p * d * per_coord, "x_bound": p * d * per_coord / bound}
+        for name, p in network_passes(n, f).items()
+    }
+    return {"n": n, "d": d, "f": f, "rows": rows, "numpy_network_floor": floors}
 
 
 def _table(result: dict[str, Any]) -> Table:
@@ -103,6 +139,16 @@ def _table(result: dict[str, Any]) -> Table:
             f"{r['x_np_median']:.2f}",
             f"{r['x_np_mean']:.1f}",
             style=style,
+        )
+    for name, fl in result["numpy_network_floor"].items():
+        table.add_row(
+            f"[dim]floor: {name} ({fl['passes']} passes)[/dim]",
+            f"{fl['seconds'] * 1e3:.2f}",
+            f"{n * d / fl['seconds'] / 1e9:.2f}",
+            f"{fl['x_bound']:.1f}",
+            "",
+            "",
+            style="dim",
         )
     return table
 
