@@ -18,9 +18,8 @@ on the in-memory transport). Reported: the honest nodes' mean final test accurac
 (and their minimum), plus how many aggregations fell back to the median. Results go
 to benchmarks/results/robustness_grid.json and a markdown table on stdout.
 
-The dumbbell's per-clique label split is not expressible in a scenario file (the
-schema has iid/dirichlet partitions only), so this script builds those nodes itself
-and replaces each node's training shard after construction.
+The dumbbell grid is `scenarios/dumbbell.toml` with the rule varied: its per-clique
+label split is the scenario partition `clusters`.
 """
 
 from __future__ import annotations
@@ -34,13 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import trio
-
 from p2pfl.scenario import parse_scenario
-from p2pfl.scenario.inprocess import build_nodes, run_in_process
+from p2pfl.scenario.inprocess import run_in_process
 from p2pfl.scenario.report import build_metrics
-from p2pfl.scenario.schema import Scenario
 
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness_grid.json"
 RULES = (
@@ -60,7 +55,9 @@ NODES = 20
 
 
 def scenario_doc(grid: str, rule: str, bucketed: bool, attack: str, rounds: int) -> dict[str, Any]:
-    partition = "iid" if grid == "iid" else "dirichlet"  # "strong" runs on Dirichlet(0.5)
+    # "strong" runs on Dirichlet(0.5); the dumbbell's cliques (nodes 0-9, 10-19) hold
+    # digits 0-4 and 5-9: the "clusters" partition cuts nodes and labels into 2 blocks.
+    partition = {"iid": "iid", "dumbbell": "clusters"}.get(grid, "dirichlet")
     doc: dict[str, Any] = {
         "name": f"{grid}-{rule}{'-b2' if bucketed else ''}-{attack}".replace(":", "-").replace(
             "=", ""
@@ -68,7 +65,7 @@ def scenario_doc(grid: str, rule: str, bucketed: bool, attack: str, rounds: int)
         "nodes": NODES,
         "rounds": rounds,
         "seed": 0,
-        "data": {"dataset": "digits", "partition": partition, "alpha": 0.5},
+        "data": {"dataset": "digits", "partition": partition, "alpha": 0.5, "clusters": 2},
         "model": {"name": "softmax"},
         "training": {"epochs": 1, "lr": 0.05, "batch_size": 32},
         "protocol": {"round_timeout": 30.0},
@@ -85,14 +82,8 @@ def scenario_doc(grid: str, rule: str, bucketed: bool, attack: str, rounds: int)
     if grid == "ring":
         doc["topology"] = {"kind": "ring"}
     elif grid == "dumbbell":
-        doc["topology"] = {"kind": "edges", "edges": dumbbell_edges()}
+        doc["topology"] = {"kind": "cliques", "cliques": 2}
     return doc
-
-
-def dumbbell_edges() -> list[list[int]]:
-    half = NODES // 2
-    clique = [[i, j] for i in range(half) for j in range(i + 1, half)]
-    return [*clique, *([i + half, j + half] for i, j in clique), [half - 1, half]]
 
 
 class _FallbackCounter(logging.Handler):
@@ -116,10 +107,7 @@ def run_cell(args: tuple[str, str, bool, str, int]) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            if grid == "dumbbell":
-                records = trio.run(_run_dumbbell, scenario, out)
-            else:
-                records, _ = run_in_process(scenario, out)
+            records, _ = run_in_process(scenario, out)
     finally:
         logging.getLogger("p2pfl.aggregation").removeHandler(fallbacks)
     wall = time.monotonic() - started
@@ -137,31 +125,6 @@ def run_cell(args: tuple[str, str, bool, str, int]) -> dict[str, Any]:
         # Nodes (x input counts) whose rule fell back to the median at least once.
         "fallback_nodes": fallbacks.count,
         "wall_seconds": round(wall, 2),
-    }
-
-
-async def _run_dumbbell(scenario: Scenario, out: Path) -> dict[str, dict[str, Any]]:
-    """Like the in-process runner, but clique A trains on digits 0-4 and B on 5-9."""
-    from p2pfl.learning import load_dataset
-
-    out.mkdir(parents=True, exist_ok=True)
-    nodes = build_nodes(scenario, out)
-    ds = load_dataset("digits", seed=scenario.seed)
-    half = NODES // 2
-    for group, classes in ((range(half), range(5)), (range(half, NODES), range(5, 10))):
-        idx = np.flatnonzero(np.isin(ds.y_train, list(classes)))
-        idx = np.random.default_rng(scenario.seed).permutation(idx)
-        for node, part in zip([nodes[i] for i in group], np.array_split(idx, half), strict=True):
-            node._x, node._y = ds.x_train[part], ds.y_train[part]  # script-only override
-    async with trio.open_nursery() as nursery:
-        for node in nodes:
-            nursery.start_soon(node.run)
-        for node in nodes:
-            await node.done.wait()
-        nursery.cancel_scope.cancel()
-    return {
-        f"n{i}": {"peer_id": node.id, "rounds": [dict(r) for r in node.history]}
-        for i, node in enumerate(nodes)
     }
 
 

@@ -54,6 +54,7 @@ class NodeConfig:
     node_index: int = 0
     partition: str = "iid"
     alpha: float = 0.5
+    clusters: int = 2  # partition = "clusters": node blocks x class blocks
     data_seed: int = 0
     model: str = "softmax"
     hidden: int = 32
@@ -132,11 +133,17 @@ class NodeConfig:
             f"must be in 0..{self.nodes - 1} (nodes = {self.nodes})",
         )
         _check(
-            self.partition in ("iid", "dirichlet"),
+            self.partition in ("iid", "dirichlet", "clusters"),
             "partition",
-            f"unknown partition {self.partition!r}; choose 'iid' or 'dirichlet'",
+            f"unknown partition {self.partition!r}; choose 'iid', 'dirichlet' or 'clusters'",
         )
         _check(self.alpha > 0, "alpha", "must be > 0")
+        _check(self.clusters >= 1, "clusters", "must be >= 1")
+        _check(
+            self.partition != "clusters" or self.clusters <= self.nodes,
+            "clusters",
+            f"must be in 1..{self.nodes} (nodes = {self.nodes}) for partition 'clusters'",
+        )
         _check(
             self.model in ("softmax", "mlp"),
             "model",

@@ -133,6 +133,7 @@ class Node:
             scheme=config.partition,
             alpha=config.alpha,
             seed=config.data_seed,
+            clusters=config.clusters,
         )
         self._x_test, self._y_test = ds.x_test, ds.y_test
         self.attack = self._make_attack(ds.n_classes)

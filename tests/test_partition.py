@@ -22,7 +22,7 @@ def _top2_share(y: np.ndarray) -> float:
     return float(counts[:2].sum() / counts.sum())
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "clusters"])
 def test_partition_is_exact_cover_and_deterministic(scheme: str) -> None:
     y = load_dataset("digits").y_train
     parts = partition_indices(y, 8, scheme=scheme, alpha=0.3, seed=5)
@@ -84,6 +84,27 @@ def test_partition_properties(
     assert min(p.size for p in parts) >= min(10, n // nodes)
 
 
+def test_clusters_give_each_block_of_nodes_its_own_labels() -> None:
+    y = load_dataset("digits").y_train
+    parts = partition_indices(y, 20, scheme="clusters", clusters=2, seed=0)
+    _assert_exact_cover(parts, len(y))
+    # Nodes 0-9 see exactly digits 0-4, nodes 10-19 exactly 5-9, IID within the block.
+    for i, p in enumerate(parts):
+        labels = set(np.unique(y[p]).tolist())
+        assert labels == (set(range(5)) if i < 10 else set(range(5, 10))), (i, labels)
+    sizes = [p.size for p in parts[:10]]
+    assert max(sizes) - min(sizes) <= 1
+    # Uneven splits: 7 nodes, 3 clusters -> node blocks 3/2/2, class blocks 4/3/3.
+    parts = partition_indices(y, 7, scheme="clusters", clusters=3, seed=1)
+    assert [sorted(set(np.unique(y[p]).tolist())) for p in parts] == [
+        *[[0, 1, 2, 3]] * 3,
+        *[[4, 5, 6]] * 2,
+        *[[7, 8, 9]] * 2,
+    ]
+    one = partition_indices(y, 4, scheme="clusters", clusters=1, seed=0)
+    assert all(np.unique(y[p]).size == 10 for p in one)  # one cluster = IID
+
+
 def test_partition_rejects_bad_arguments() -> None:
     y = np.arange(10) % 3
     with pytest.raises(ValueError, match="iid, dirichlet"):
@@ -96,9 +117,15 @@ def test_partition_rejects_bad_arguments() -> None:
         partition_indices(y, 2, scheme="dirichlet", alpha=0.0)
     with pytest.raises(ValueError, match="min_samples"):
         partition_indices(y, 2, scheme="dirichlet", min_samples=6)
+    with pytest.raises(ValueError, match="clusters must be in"):
+        partition_indices(y, 4, scheme="clusters", clusters=4)  # only 3 classes
+    with pytest.raises(ValueError, match="clusters must be in"):
+        partition_indices(y, 2, scheme="clusters", clusters=0)
+    with pytest.raises(ValueError, match="fewer samples than nodes"):
+        partition_indices(np.array([0, 0, 0, 1]), 4, scheme="clusters", clusters=2)
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "clusters"])
 def test_node_shards_are_disjoint_and_match_partition(scheme: str) -> None:
     ds = load_dataset("digits")
     parts = partition_indices(ds.y_train, 5, scheme=scheme, alpha=0.5, seed=2)

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from p2pfl.config import NodeConfig
+from p2pfl.learning import partition_indices
 from p2pfl.scenario import ScenarioError, load_scenario, parse_scenario
 from p2pfl.scenario import topology as topo
 from p2pfl.scenario.report import build_metrics, plot_accuracy, write_report
@@ -43,6 +45,11 @@ def _err(doc: dict[str, Any]) -> str:
         ({"nodes": 4, "topology": {"kind": "edges", "edges": [[0, "1"]]}}, "topology.edges[0]"),
         ({"nodes": 4, "data": {"partition": "shards"}}, "data.partition: unknown value"),
         ({"nodes": 4, "data": {"alpha": 0}}, "data.alpha: must be > 0"),
+        ({"nodes": 4, "topology": {"kind": "cliques"}}, "topology.cliques: is required"),
+        ({"nodes": 4, "topology": {"kind": "ring", "cliques": 2}}, "topology.cliques: only"),
+        ({"nodes": 4, "topology": {"kind": "cliques", "cliques": 5}}, "topology.cliques: must"),
+        ({"nodes": 4, "data": {"clusters": 0}}, "data.clusters: must be >= 1"),
+        ({"nodes": 4, "data": {"partition": "clusters", "clusters": 5}}, "data.clusters: must"),
         ({"nodes": 4, "model": {"name": "cnn"}}, "model.name: unknown value 'cnn'"),
         ({"nodes": 4, "training": {"lr": "fast"}}, "training.lr: expected a number"),
         ({"nodes": 4, "training": {"epochs": True}}, "training.epochs: expected an integer"),
@@ -138,6 +145,25 @@ def test_kregular_seeds_differ() -> None:
     assert topo.edges("kregular", 20, degree=3, seed=1) != topo.edges(
         "kregular", 20, degree=3, seed=2
     )
+
+
+def test_cliques_are_the_clusters_blocks_joined_in_a_chain() -> None:
+    dumbbell = topo.edges("cliques", 20, cliques=2)
+    assert len(dumbbell) == 2 * 45 + 1 and (9, 10) in dumbbell  # the one bridge
+    assert _degrees(20, dumbbell) == [9] * 9 + [10, 10] + [9] * 9
+    three = topo.edges("cliques", 7, cliques=3)  # blocks 0-2, 3-4, 5-6
+    assert three == [(0, 1), (0, 2), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+    # A node's community is its label cluster: both cut nodes the same way.
+    y = np.arange(700) % 10
+    parts = partition_indices(y, 7, scheme="clusters", clusters=3)
+    labels = [frozenset(y[p].tolist()) for p in parts]
+    for block in topo.blocks(7, 3):
+        assert len({labels[i] for i in block}) == 1
+    assert topo.edges("cliques", 3, cliques=3) == [(0, 1), (1, 2)]  # singletons: a path
+    with pytest.raises(topo.TopologyError, match="required"):
+        topo.edges("cliques", 4)
+    with pytest.raises(topo.TopologyError, match=r"must be in 1\.\.4"):
+        topo.edges("cliques", 4, cliques=5)
 
 
 def test_explicit_edges_validated() -> None:

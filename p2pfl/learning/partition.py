@@ -1,4 +1,4 @@
-"""Split a training set across nodes, IID or label-skewed (Dirichlet).
+"""Split a training set across nodes: IID, label-skewed (Dirichlet) or label clusters.
 
 Each node computes its own shard from (labels, n_nodes, scheme, alpha, seed) with no
 coordination, so the functions are pure and seeded: every node derives the same
@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from p2pfl.learning.datasets import Dataset
 
-SCHEMES = ("iid", "dirichlet")
+SCHEMES = ("iid", "dirichlet", "clusters")
 DIRICHLET_ATTEMPTS = 20
 """Redraws of the Dirichlet proportions before falling back to topping up small shards."""
 
@@ -29,6 +29,7 @@ def partition_indices(
     alpha: float = 0.5,
     seed: int = 0,
     min_samples: int | None = None,
+    clusters: int = 2,
 ) -> list[I64]:
     """Indices into `y` for each node (sorted int64 arrays; disjoint; together all of y).
 
@@ -38,6 +39,11 @@ def partition_indices(
     least `min_samples` (default: min(10, len(y) // n_nodes)): the proportions are
     redrawn up to DIRICHLET_ATTEMPTS times, and if shards are still too small, random
     samples move from the largest shard to the smallest until all reach the minimum.
+    clusters: nodes 0..n-1 and the sorted classes are each cut into `clusters`
+    contiguous, near-equal blocks; node block j shares (IID) the samples of class
+    block j only. With a topology whose communities are index ranges (two cliques
+    joined by one edge), each community sees different labels: the hardest case for a
+    robust rule, whose honest neighbourhood then disagrees by design.
     """
     labels = np.asarray(y)
     n = labels.shape[0]
@@ -55,6 +61,8 @@ def partition_indices(
         if not 0 <= floor <= n // n_nodes:
             raise ValueError(f"min_samples must be in [0, {n // n_nodes}], got {floor}")
         parts = _dirichlet(labels, n_nodes, alpha, floor, rng)
+    elif scheme == "clusters":
+        parts = _clusters(labels, n_nodes, clusters, rng)
     else:
         raise ValueError(f"unknown scheme {scheme!r}; valid schemes: {', '.join(SCHEMES)}")
     return [np.sort(p).astype(np.int64) for p in parts]
@@ -85,6 +93,23 @@ def _dirichlet_draw(
     return [np.concatenate(p) for p in pieces]
 
 
+def _clusters(y: np.ndarray, n_nodes: int, k: int, rng: np.random.Generator) -> list[I64]:
+    classes = np.unique(y)
+    if not 1 <= k <= min(n_nodes, classes.size):
+        raise ValueError(
+            f"clusters must be in [1, {min(n_nodes, classes.size)}] for {n_nodes} nodes "
+            f"and {classes.size} classes, got {k}"
+        )
+    parts: list[I64] = []
+    node_blocks = np.array_split(np.arange(n_nodes), k)
+    for nodes, block in zip(node_blocks, np.array_split(classes, k), strict=True):
+        members = rng.permutation(np.flatnonzero(np.isin(y, block)))
+        if members.size < nodes.size:
+            raise ValueError(f"classes {block.tolist()} have fewer samples than nodes")
+        parts += np.array_split(members, nodes.size)
+    return parts
+
+
 def _top_up(parts: list[I64], floor: int, rng: np.random.Generator) -> list[I64]:
     """Move random samples from the largest shard to the smallest until all reach floor.
 
@@ -110,6 +135,7 @@ def node_shard(
     scheme: str = "iid",
     alpha: float = 0.5,
     seed: int = 0,
+    clusters: int = 2,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) training shard of node `index` (0-based) out of `n_nodes`.
 
@@ -117,11 +143,15 @@ def node_shard(
     """
     if not 0 <= index < n_nodes:
         raise ValueError(f"node index must be in [0, {n_nodes}), got {index}")
-    idx = _cached_partition(ds, n_nodes, scheme, alpha, seed)[index]
+    idx = _cached_partition(ds, n_nodes, scheme, alpha, seed, clusters)[index]
     return ds.x_train[idx], ds.y_train[idx]
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_partition(ds: Dataset, n_nodes: int, scheme: str, alpha: float, seed: int) -> list[I64]:
+def _cached_partition(
+    ds: Dataset, n_nodes: int, scheme: str, alpha: float, seed: int, clusters: int
+) -> list[I64]:
     """Computed once per process for all in-process nodes (Dataset hashes by identity)."""
-    return partition_indices(ds.y_train, n_nodes, scheme=scheme, alpha=alpha, seed=seed)
+    return partition_indices(
+        ds.y_train, n_nodes, scheme=scheme, alpha=alpha, seed=seed, clusters=clusters
+    )

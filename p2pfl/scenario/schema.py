@@ -56,6 +56,7 @@ class TopologySpec:
     kind: str = "full"
     degree: int | None = None
     edges: tuple[Edge, ...] = ()
+    cliques: int | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class DataSpec:
     dataset: str = "digits"
     partition: str = "iid"
     alpha: float = 0.5
+    clusters: int = 2
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,12 @@ class Scenario:
         t = self.topology
         try:
             return topology.edges(
-                t.kind, self.nodes, degree=t.degree, edges=t.edges, seed=self.seed
+                t.kind,
+                self.nodes,
+                degree=t.degree,
+                edges=t.edges,
+                cliques=t.cliques,
+                seed=self.seed,
             )
         except TopologyError as exc:
             path = "nodes" if exc.field == "nodes" else f"topology.{exc.field}"
@@ -212,6 +219,7 @@ class Scenario:
                 "node_index": i,
                 "partition": self.data.partition,
                 "alpha": self.data.alpha,
+                "clusters": self.data.clusters,
                 "data_seed": self.seed,
                 "model": self.model.name,
                 "hidden": self.model.hidden,
@@ -347,8 +355,17 @@ def _parse_topology(t: _Table, nodes: int) -> TopologySpec:
         pairs = _edge_list(t.raw("edges"))
     elif kind == "edges":
         raise ScenarioError("topology.edges", "is required for kind = 'edges' (a list of [i, j])")
+    cliques: int | None = None
+    if t.has("cliques"):
+        if kind != "cliques":
+            raise ScenarioError("topology.cliques", "only used with kind = 'cliques'")
+        cliques = t.get_int("cliques", None, minimum=1)
+        if cliques > nodes:
+            raise ScenarioError("topology.cliques", f"must be <= nodes ({nodes})")
+    elif kind == "cliques":
+        raise ScenarioError("topology.cliques", "is required for kind = 'cliques'")
     t.finish()
-    return TopologySpec(kind, degree, pairs)
+    return TopologySpec(kind, degree, pairs, cliques)
 
 
 def _edge_list(value: Any) -> tuple[Edge, ...]:
@@ -370,8 +387,9 @@ def _edge_list(value: Any) -> tuple[Edge, ...]:
 def _parse_data(t: _Table) -> DataSpec:
     spec = DataSpec(
         dataset=t.get_str("dataset", "digits", choices=("digits", "synthetic")),
-        partition=t.get_str("partition", "iid", choices=("iid", "dirichlet")),
+        partition=t.get_str("partition", "iid", choices=("iid", "dirichlet", "clusters")),
         alpha=t.get_float("alpha", 0.5, positive=True),
+        clusters=t.get_int("clusters", 2, minimum=1),
     )
     t.finish()
     return spec
@@ -517,6 +535,7 @@ def _parse_compression(t: _Table) -> CompressionSpec:
 # Where each NodeConfig field comes from, to translate its errors back to the file.
 _CONFIG_FIELD_PATHS = {
     "dataset": "data.dataset", "partition": "data.partition", "alpha": "data.alpha",
+    "clusters": "data.clusters",
     "model": "model.name", "hidden": "model.hidden", "epochs": "training.epochs",
     "lr": "training.lr", "batch_size": "training.batch_size", "rounds": "rounds",
     "nodes": "nodes", "neighbours": "protocol.neighbours", "quorum": "protocol.quorum",

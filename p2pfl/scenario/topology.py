@@ -8,10 +8,11 @@ error at load time rather than a mysteriously bad accuracy plot.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Sequence
 
-KINDS = ("full", "ring", "kregular", "edges")
+KINDS = ("full", "ring", "kregular", "cliques", "edges")
 _REGULAR_ATTEMPTS = 200
 
 Edge = tuple[int, int]
@@ -31,6 +32,7 @@ def edges(
     *,
     degree: int | None = None,
     edges: Sequence[Sequence[int]] | None = None,
+    cliques: int | None = None,
     seed: int = 0,
 ) -> list[Edge]:
     """Return the sorted, de-duplicated undirected edges (i < j) of the requested graph."""
@@ -42,6 +44,8 @@ def edges(
         result = _ring(n)
     elif kind == "kregular":
         result = _kregular(n, degree, seed)
+    elif kind == "cliques":
+        result = _cliques(n, cliques)
     elif kind == "edges":
         result = _explicit(n, edges)
     else:
@@ -58,6 +62,33 @@ def _ring(n: int) -> list[Edge]:
     if n == 1:
         return []
     return sorted({_norm(i, (i + 1) % n) for i in range(n)})
+
+
+def blocks(n: int, k: int) -> list[range]:
+    """Nodes 0..n-1 cut into k contiguous blocks, sizes differing by at most one (the
+    first n % k one larger): the same cut as the `clusters` data partition, so a
+    community of the graph is a cluster of labels."""
+    size, extra = divmod(n, k)
+    out, start = [], 0
+    for b in range(k):
+        stop = start + size + (b < extra)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+def _cliques(n: int, k: int | None) -> list[Edge]:
+    """k cliques on contiguous node blocks, each joined to the next by one edge (its
+    last node to the next block's first): k = 2 is the dumbbell, the sparsest honest
+    cut a robust rule can face."""
+    if k is None:
+        raise TopologyError("cliques", "is required for kind = 'cliques'")
+    if not 1 <= k <= n:
+        raise TopologyError("cliques", f"must be in 1..{n} (nodes)")
+    parts = blocks(n, k)
+    result = {_norm(i, j) for part in parts for i in part for j in part if i < j}
+    result |= {_norm(a[-1], b[0]) for a, b in itertools.pairwise(parts)}
+    return sorted(result)
 
 
 def _kregular(n: int, degree: int | None, seed: int) -> list[Edge]:
