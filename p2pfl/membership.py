@@ -29,6 +29,9 @@ class PeerRecord:
     state: PeerState = PeerState.DISCONNECTED
     last_seen: float | None = None
     rtt: float | None = None
+    # Since when our oldest unanswered ping waits (None: all answered). A peer that
+    # stalls still sends, so `last_seen` stays fresh; only its missing pongs show it.
+    ping_pending_since: float | None = None
     round: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -163,6 +166,7 @@ class PeerTable:
             rec = self.peers[peer_id] = PeerRecord(peer_id, None, found_via)
         rec.state = PeerState.CONNECTED
         rec.last_seen = now
+        rec.ping_pending_since = None
         rec.connects += 1
         return rec
 
@@ -181,6 +185,27 @@ class PeerTable:
         rec = self.peers.get(peer_id)
         if rec is not None:
             rec.last_seen = now
+
+    def pinged(self, peer_id: str, now: float) -> None:
+        rec = self.peers.get(peer_id)
+        if rec is not None and rec.ping_pending_since is None:
+            rec.ping_pending_since = now
+
+    def ponged(self, peer_id: str) -> None:
+        rec = self.peers.get(peer_id)
+        if rec is not None:
+            rec.ping_pending_since = None
+
+    def unresponsive_peers(self, now: float, after: float) -> list[str]:
+        """Connected peers with a ping unanswered for more than `after` seconds: alive
+        (they may still send) but not reading what we send, so not worth asking."""
+        return sorted(
+            p
+            for p, r in self.peers.items()
+            if r.state is PeerState.CONNECTED
+            and r.ping_pending_since is not None
+            and now - r.ping_pending_since > after
+        )
 
     def is_connected(self, peer_id: str) -> bool:
         rec = self.peers.get(peer_id)

@@ -632,8 +632,12 @@ class Node:
                 quiet = rec.last_seen is None or now - rec.last_seen >= 0.9 * interval
                 if quiet or beats % RTT_SAMPLE_EVERY == 0:
                     self._enqueue(peer, ping)
+                    self.peers.pinged(peer, now)
                 if exchange is not None:
                     self._enqueue(peer, exchange)
+            self.machine.unresponsive = frozenset(
+                self.peers.unresponsive_peers(now, after=2.0 * interval)
+            )
             for peer in self.peers.silent_peers(now, self.config.heartbeat_timeout):
                 silent = self._links.get(peer)
                 if silent is not None:
@@ -950,6 +954,7 @@ class Node:
                 self._apply(self.machine.observe_peer_round(now, peer, msg.round))
             case Pong():
                 rec.round = msg.round
+                self.peers.ponged(peer)
                 if msg.sent_at <= now:
                     rec.rtt = now - msg.sent_at
                 self._apply(self.machine.observe_peer_round(now, peer, msg.round))

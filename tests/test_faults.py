@@ -472,6 +472,29 @@ def spread(nodes: list[Node]) -> float:
 ROUNDS = 8
 
 
+async def test_a_peer_that_stalls_reading_is_known_unresponsive_while_connected(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # n2 stops reading from round 1 but keeps sending: alive by heartbeat, yet deaf.
+    nodes = fault_nodes(
+        tmp_path,
+        4,
+        MemoryNetwork(),
+        {2: [FaultRule("stall", from_round=1)]},
+        rounds=0,
+        heartbeat_timeout=600.0,
+    )
+    deaf = nodes[2].id
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            await nursery.start(node.run)
+        await trio.sleep(30)
+        for node in (nodes[0], nodes[1], nodes[3]):
+            assert node.machine.unresponsive == {deaf}, node.id
+            assert node.peers.is_connected(deaf)  # still connected: it keeps talking
+        nursery.cancel_scope.cancel()
+
+
 @pytest.fixture(scope="module")
 def fault_free_accuracy(tmp_path_factory: pytest.TempPathFactory) -> float:
     nodes = fault_nodes(tmp_path_factory.mktemp("baseline"), 4, MemoryNetwork(), {}, rounds=ROUNDS)

@@ -94,3 +94,23 @@ def test_failure_detector_and_states() -> None:
     snap = t.snapshot(8.0)
     assert [p["id"] for p in snap] == ["a", "b"]
     assert snap[0]["last_seen_s"] == 3.0 and snap[1]["state"] == "failed"
+
+
+def test_a_peer_that_stops_answering_pings_is_reported_unresponsive() -> None:
+    t = PeerTable("me")
+    t.connected("a", now=0.0, found_via="bootstrap")
+    t.connected("b", now=0.0, found_via="bootstrap")
+    for now in (1.0, 2.0, 3.0, 4.0):
+        t.pinged("a", now)
+        t.pinged("b", now)
+        t.seen("b", now)  # b keeps sending (a stalled reader still talks)
+        t.ponged("a")  # only a answers
+    assert t.unresponsive_peers(4.0, after=2.0) == ["b"]  # pending since 1.0
+    assert t.unresponsive_peers(2.5, after=2.0) == []  # not yet long enough
+    t.ponged("b")
+    assert t.unresponsive_peers(9.0, after=2.0) == []
+    t.pinged("b", 10.0)
+    t.disconnected("b")
+    assert t.unresponsive_peers(20.0, after=2.0) == []  # only connected peers count
+    t.connected("b", now=21.0, found_via="bootstrap")  # a new connection starts afresh
+    assert t.unresponsive_peers(30.0, after=2.0) == []

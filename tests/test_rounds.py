@@ -542,6 +542,22 @@ def test_catch_up_asks_most_advanced_first_and_combines_by_median() -> None:
     assert m.round == 7 and m.phase is Phase.TRAINING and m.deadline is None
 
 
+def test_catch_up_asks_peers_that_answer_pings_before_stalled_ones() -> None:
+    m = machine(catch_up_peers=3)
+    m.unresponsive = frozenset({"b", "d"})  # alive (they send) but never answer a ping
+    for p, r in {"a": 5, "b": 9, "c": 6, "d": 7, "e": 1}.items():
+        m.observe_peer_round(0.0, p, r)
+    req = only(m.start(1.0, ["a", "b", "c", "d", "e"]), RequestState)
+    # Responsive peers first (lagging ones, then the most advanced others), stalled last.
+    assert req.to == ("c", "a", "e")
+    # All asked are stalled: still asked (better than nobody), in the usual order.
+    m2 = machine(catch_up_peers=2)
+    m2.unresponsive = frozenset({"x", "y"})
+    for p, r in {"x": 8, "y": 9}.items():
+        m2.observe_peer_round(0.0, p, r)
+    assert only(m2.start(1.0, ["x", "y"]), RequestState).to == ("y", "x")
+
+
 def test_catch_up_lower_median_of_two_ignores_an_inflated_round() -> None:
     m, req = ahead_machine({"a": 4, "liar": 10_000}, catch_up_peers=3)
     assert set(req.to) == {"a", "liar"}

@@ -163,6 +163,8 @@ class RoundMachine:
     _resend_asked: set[str] = field(default_factory=set)
     _nudge_gap: float = 0.0
     _preselected: tuple[int, tuple[str, ...]] | None = None
+    # Peers known not to answer (stalled readers): asked for state only as a last resort.
+    unresponsive: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.params = np.ascontiguousarray(self.params, dtype=np.float32)
@@ -516,7 +518,10 @@ class RoundMachine:
             (p for p in self._peer_rounds if p not in lagging),
             key=lambda p: (-self._peer_rounds[p], p),
         )
-        self._asked = tuple([*lagging, *others][: self.settings.catch_up_peers])
+        # Peers that stopped answering pings would only make us wait out the timeout:
+        # ask the responsive ones first (stable sort keeps the order above otherwise).
+        ranked = sorted([*lagging, *others], key=lambda p: p in self.unresponsive)
+        self._asked = tuple(ranked[: self.settings.catch_up_peers])
         self._states = {}
         self._own = None
         self.deadline = now + self.settings.catch_up_timeout
