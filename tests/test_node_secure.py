@@ -63,7 +63,6 @@ async def test_secure_federation_learns_without_plain_updates(
         # ahead depends on when each announcement lands, but every answer is counted.
         answers = secure["masked_ahead"] + secure["masked_on_demand"]
         assert answers == 6 * 7, secure  # one answer per neighbour's round
-        print(node.id[:6], secure["masked_ahead"], secure["masked_on_demand"])
         assert all(row["peers_heard"] == 2 for row in node.history)  # two group means
         assert node.history[-1]["accuracy"] > 0.88
     params = np.stack([n.machine.params for n in nodes])
@@ -85,6 +84,7 @@ async def test_status_view_shows_secure_and_compression_sections(
     console.print(render_status(nodes[0].status()))
     text = console.export_text()
     assert "secure agg" in text and "groups 2/2 completed" in text
+    assert "masks computed ahead" in text
 
     plain = make_nodes(
         tmp_path / "z", 3, MemoryNetwork(), rounds=2, compression=("quantize:8", "zstd:1")

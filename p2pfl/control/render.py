@@ -212,7 +212,9 @@ def status_header(status: Mapping[str, Any]) -> Panel:
                 f"groups {fmt_int(secure.get('groups_completed'))}/"
                 f"{fmt_int(secure.get('groups_formed'))} completed, "
                 f"{fmt_int(secure.get('groups_dropped'))} dropped, "
-                f"{fmt_int(secure.get('retries'))} retries",
+                f"{fmt_int(secure.get('retries'))} retries; masks computed ahead "
+                f"{fmt_int(secure.get('masked_ahead'))}, on demand "
+                f"{fmt_int(secure.get('masked_on_demand'))}",
             )
         )
     for key, value in rows:
