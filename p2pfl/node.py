@@ -99,6 +99,11 @@ class _Link:
     retired: bool = False  # a duplicate being wound down: read, never written
     last_drop_logged: float = -math.inf
     last_state_reply: float = -math.inf
+    # Messages queued and written so far, and the queue position of each recent round's
+    # update: a resend request for an update still queued is ignored (it is on its way).
+    enqueued: int = 0
+    written: int = 0
+    update_at: dict[int, int] = field(default_factory=dict)
 
 
 class Node:
@@ -441,6 +446,14 @@ class Node:
         for peer, payload in payloads.items():
             if not self._enqueue(peer, payload):
                 self.outbox.dropped(peer)
+            else:
+                self._note_update_queued(peer, action.round)
+
+    def _note_update_queued(self, peer: str, round: int) -> None:
+        link = self._links[peer]
+        link.update_at[round] = link.enqueued
+        for old in [r for r in link.update_at if r < round - 2]:
+            del link.update_at[old]
 
     def _announce_groups(self, round: int) -> None:
         """As our training starts: fix the round's neighbours and announce their groups."""
@@ -861,6 +874,7 @@ class Node:
                 )
             return False
         link.queued_bytes += len(payload)
+        link.enqueued += 1
         link.send.send_nowait(payload)
         return True
 
@@ -873,6 +887,7 @@ class Node:
             except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 link.scope.cancel()
                 return
+            link.written += 1
             n = len(payload) + 4
             rec.bytes_out += n
             self.bytes_sent += n
@@ -977,10 +992,12 @@ class Node:
                             address, peer_id=peer_id, found_via="peer-exchange"
                         ):
                             self._notify_peers_changed()
+            case UpdateRequest() if link.written < link.update_at.get(msg.round, 0):
+                self.counters["resend_requests_in_flight"] += 1  # still queued: coming
             case UpdateRequest():
                 payload = self.outbox.resend(peer, msg.round)
-                if payload is not None:
-                    self._enqueue(peer, payload)
+                if payload is not None and self._enqueue(peer, payload):
+                    self._note_update_queued(peer, msg.round)
                     self.counters["updates_resent"] += 1
             case StateRequest() if now - link.last_state_reply < STATE_REPLY_EVERY:
                 # A 40-byte request must not buy a full model at line rate.

@@ -30,6 +30,7 @@ from p2pfl.protocol import (
     RoundSettings,
     Train,
 )
+from p2pfl.protocol.rounds import MIN_NUDGE_GAP
 
 D = 4
 PEERS = ["a", "b", "c"]
@@ -806,3 +807,75 @@ def test_nudges_ask_silent_neighbours_then_back_off_and_never_spin() -> None:
     assert wake is not None and wake > 4.0
     m.tick(wake)
     assert m.next_wakeup is None or m.next_wakeup > wake
+
+
+def test_most_updates_in_asks_for_the_rest_early() -> None:
+    m = machine(nudge_fraction=0.2, round_timeout=10.0)
+    m.start(0.0, list(PEERS))
+    m.trained(1.0, 0, full(1.0), 1, list(PEERS))
+    assert m.next_wakeup == 3.0  # 0.2 x 10 s after collecting began
+    m.receive_update(1.2, "a", 0, full(2.0), 1)
+    assert m.next_wakeup == 3.0  # one of three: no majority yet
+    m.receive_update(1.3, "b", 0, full(2.0), 1)
+    # Two of three took 0.3 s: the third is asked for 0.3 s later, not at 3.0.
+    assert m.next_wakeup == pytest.approx(1.6)
+    assert m.tick(1.6) == [RequestUpdates(0, ("c",))]
+    assert m.next_wakeup == pytest.approx(2.2)  # then the usual doubling
+    # Updates that were already in when training ended: ask after MIN_NUDGE_GAP.
+    m2 = machine(nudge_fraction=0.2, round_timeout=10.0)
+    m2.start(0.0, list(PEERS))
+    m2.receive_update(0.5, "a", 0, full(2.0), 1)
+    m2.receive_update(0.5, "b", 0, full(2.0), 1)
+    m2.trained(1.0, 0, full(1.0), 1, list(PEERS))
+    assert m2.next_wakeup == pytest.approx(1.0 + MIN_NUDGE_GAP)
+
+
+def _fast_history(m: RoundMachine, rounds: int = 3) -> float:
+    """Run `rounds` quick rounds (every update 0.1 s after training) so the adaptive
+    timeout settles at its minimum; returns the time the last one ended."""
+    now = 0.0
+    m.start(now, list(PEERS))
+    for r in range(rounds):
+        m.trained(now, r, full(1.0), 1, list(PEERS))
+        for p in PEERS:
+            m.receive_update(now + 0.1, p, r, full(1.0), 1)
+        now += 1.0
+    assert m.round == rounds and m.phase is Phase.TRAINING
+    return now
+
+
+def test_adaptive_timeout_keeps_waiting_for_a_neighbour_that_is_merely_behind() -> None:
+    m = machine(round_timeout=10.0, min_round_timeout=2.0, nudge_fraction=None)
+    t = _fast_history(m)
+    m.trained(t, 3, full(1.0), 1, list(PEERS))
+    m.receive_update(t + 0.1, "a", 3, full(1.0), 1)
+    m.receive_update(t + 0.1, "b", 3, full(1.0), 1)
+    m.observe_peer_round(t + 0.5, "c", 2)  # c is alive, still finishing round 2
+    assert m.deadline == t + 2.0  # the adaptive timeout
+    assert m.tick(t + 2.0) == []  # c is behind, not lost: wait on
+    assert m.deadline == t + 4.0
+    # Once c answers no pings any more, the adaptive timeout applies again.
+    m.unresponsive = frozenset({"c"})
+    agg = only(m.tick(t + 4.0), Aggregated)
+    assert agg.timed_out and agg.senders == ("a", "b")
+
+
+def test_waiting_for_a_neighbour_behind_stops_at_the_round_timeout() -> None:
+    m = machine(round_timeout=10.0, min_round_timeout=2.0, nudge_fraction=None)
+    t = _fast_history(m)
+    m.trained(t, 3, full(1.0), 1, list(PEERS))
+    m.observe_peer_round(t, "c", 2)
+    for p in ("a", "b"):
+        m.receive_update(t + 0.1, p, 3, full(1.0), 1)
+    for step in (2.0, 4.0, 6.0, 8.0):
+        assert m.tick(t + step) == []
+    assert m.deadline == t + 10.0  # capped at the configured round timeout
+    assert only(m.tick(t + 10.0), Aggregated).timed_out
+    # A neighbour in our own round whose update is missing is not waited for longer.
+    m2 = machine(round_timeout=10.0, min_round_timeout=2.0, nudge_fraction=None)
+    t = _fast_history(m2)
+    m2.trained(t, 3, full(1.0), 1, list(PEERS))
+    for p in ("a", "b"):
+        m2.receive_update(t + 0.1, p, 3, full(1.0), 1)
+    m2.observe_peer_round(t, "c", 3)  # in our round: its update is late or lost
+    assert only(m2.tick(t + 2.0), Aggregated).timed_out

@@ -21,6 +21,9 @@ import numpy as np
 
 from p2pfl.aggregation import AggregationRule
 
+MIN_NUDGE_GAP = 0.05
+"""Seconds: the earliest a missing update is asked for again once most have arrived."""
+
 
 class Phase(StrEnum):
     STARTING = "starting"
@@ -213,6 +216,7 @@ class RoundMachine:
             self.nudge_at = now + self._nudge_gap
         actions: list[Action] = [Broadcast(self.round, self._own.params, samples, to)]
         actions += self._maybe_aggregate(now, timed_out=False)
+        self._nudge_early(now)
         return actions
 
     def preselect(self, round: int, peers: list[str]) -> tuple[str, ...]:
@@ -246,6 +250,7 @@ class RoundMachine:
             return [*actions, *self._begin_catch_up(now, self._lagging_peers())]
         if reason is None and round == self.round and self.phase is Phase.COLLECTING:
             actions += self._maybe_aggregate(now, timed_out=False)
+            self._nudge_early(now)
         return actions
 
     def receive_group_means(
@@ -351,6 +356,8 @@ class RoundMachine:
             return [RequestUpdates(self.round, missing)] if missing else []
         if self.deadline is None or now < self.deadline:
             return []
+        if self.phase is Phase.COLLECTING and self._wait_longer(now):
+            return []
         self.nudge_at = None
         self.deadline = None
         if self.phase is Phase.COLLECTING:
@@ -414,6 +421,46 @@ class RoundMachine:
         if not np.isfinite(params).all():
             return "non_finite"
         return None
+
+    def _nudge_early(self, now: float) -> None:
+        """Most neighbours' updates are in but not all: ask for the rest sooner than the
+        timeout-based nudge, after as long again as the majority took (at least
+        MIN_NUDGE_GAP). Neighbours train alike, so a straggler is more likely lost than
+        slow; a request costs a few bytes, and a sender whose update is still queued
+        for us ignores it, so asking early does not duplicate a transfer in progress.
+        """
+        if self.phase is not Phase.COLLECTING or self._nudged or self.nudge_at is None:
+            return
+        got = sum(p in self._waiting_for for p in self._received.get(self.round, {}))
+        if got >= self._expected or 2 * got < self._expected:
+            return
+        gap = max(MIN_NUDGE_GAP, now - self._collect_started)
+        if now + gap < self.nudge_at:
+            self._nudge_gap = gap
+            self.nudge_at = now + gap
+
+    def _wait_longer(self, now: float) -> bool:
+        """The adaptive timeout expired: keep waiting (up to `round_timeout` in all) if a
+        neighbour we miss is merely behind, i.e. still in an earlier round and answering
+        pings. Its update will come once it finishes that round; giving up on it would
+        send us into the next round alone, a round ahead of everyone, and make them
+        catch up: under message loss that cascaded into mostly wasted rounds.
+        """
+        hard = self._collect_started + self.settings.round_timeout
+        if now >= hard:
+            return False
+        received = self._received.get(self.round, {})
+        behind = [
+            p
+            for p in self._waiting_for
+            if p not in received
+            and self._peer_rounds.get(p, self.round) < self.round
+            and p not in self.unresponsive
+        ]
+        if not behind:
+            return False
+        self.deadline = min(hard, now + self._collect_timeout())
+        return True
 
     def _note_peer_round(self, peer: str, round: int) -> None:
         if round > self._peer_rounds.get(peer, -1):
