@@ -796,7 +796,9 @@ def test_nudges_ask_silent_neighbours_then_back_off_and_never_spin() -> None:
     assert m.next_wakeup == 2.0  # 0.2 x 10 s
     acts = m.tick(2.0)
     assert acts == [RequestUpdates(0, tuple(sorted(PEERS[1:])))]
-    assert m.next_wakeup == 6.0  # the gap doubles: 2 s -> 4 s
+    # The gap doubles (2 s -> 4 s) but is capped at a quarter of the timeout (2.5 s),
+    # so a lossy link gets several tries per round.
+    assert m.next_wakeup == 4.5
     # A neighbour seen in a later round is asked at once, and only once.
     assert m.observe_peer_round(3.0, PEERS[1], 1) == [RequestUpdates(0, (PEERS[1],))]
     assert m.observe_peer_round(3.5, PEERS[1], 1) == []
@@ -820,7 +822,15 @@ def test_most_updates_in_asks_for_the_rest_early() -> None:
     # Two of three took 0.3 s: the third is asked for 0.3 s later, not at 3.0.
     assert m.next_wakeup == pytest.approx(1.6)
     assert m.tick(1.6) == [RequestUpdates(0, ("c",))]
-    assert m.next_wakeup == pytest.approx(2.2)  # then the usual doubling
+    # Then the gap doubles, up to a quarter of the (10 s) timeout.
+    last, gaps = 1.6, []
+    for _ in range(5):
+        wake = m.next_wakeup
+        assert wake is not None
+        gaps.append(wake - last)
+        assert m.tick(wake) == [RequestUpdates(0, ("c",))]
+        last = wake
+    assert gaps == pytest.approx([0.6, 1.2, 2.4, 2.5, 2.5])
     # Updates that were already in when training ended: ask after MIN_NUDGE_GAP.
     m2 = machine(nudge_fraction=0.2, round_timeout=10.0)
     m2.start(0.0, list(PEERS))

@@ -346,8 +346,10 @@ class RoundMachine:
             and self.phase is Phase.COLLECTING
             and (self.deadline is None or now < self.deadline)
         ):
-            # Ask again later (doubling the gap) in case the request or resend is lost too.
-            self._nudge_gap = max(2.0 * self._nudge_gap, 0.05)  # always moves forward
+            # Ask again later (doubling the gap) in case the request or resend is lost too,
+            # but at least four times per timeout: on a lossy link each try may fail.
+            cap = max(MIN_NUDGE_GAP, 0.25 * self._collect_timeout())
+            self._nudge_gap = min(max(2.0 * self._nudge_gap, MIN_NUDGE_GAP), cap)
             self.nudge_at = now + self._nudge_gap
             self._nudged = True
             missing = tuple(
