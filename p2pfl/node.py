@@ -16,7 +16,6 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.learning import build_model, load_dataset, node_shard
+from p2pfl.link import Link
 from p2pfl.membership import PeerState, PeerTable
 from p2pfl.outbox import UpdateOutbox
 from p2pfl.protocol import (
@@ -81,29 +81,6 @@ LOG_EVERY = 10.0  # seconds between repeated warnings about one peer
 STATE_REPLY_EVERY = 1.0  # seconds: at most one state reply per peer per this
 HELLO_GRACE = 2.0  # seconds to wait for connected peers' hellos before the first round
 RETIRE_GRACE = 5.0  # seconds a duplicate connection is still read before closing
-
-
-@dataclass(eq=False)
-class _Link:
-    """The one live connection to a peer, with its bounded outbound queue."""
-
-    conn: Connection
-    peer_id: str
-    found_via: str
-    send: trio.MemorySendChannel[bytes]
-    recv: trio.MemoryReceiveChannel[bytes]
-    queued_bytes: int = 0
-    bad_messages: int = 0
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    closed_state: PeerState = PeerState.DISCONNECTED
-    retired: bool = False  # a duplicate being wound down: read, never written
-    last_drop_logged: float = -math.inf
-    last_state_reply: float = -math.inf
-    # Messages queued and written so far, and the queue position of each recent round's
-    # update: a resend request for an update still queued is ignored (it is on its way).
-    enqueued: int = 0
-    written: int = 0
-    update_at: dict[int, int] = field(default_factory=dict)
 
 
 class Node:
@@ -228,7 +205,7 @@ class Node:
         self.listen_addresses: list[str] = []
         self.done = trio.Event()
         self.last_aggregation: dict[str, Any] | None = None
-        self._links: dict[str, _Link] = {}
+        self._links: dict[str, Link] = {}
         self._nursery: trio.Nursery | None = None
         self._train_lock = trio.Lock()
         self._wakeup = trio.Event()
@@ -358,7 +335,7 @@ class Node:
                 for link in links:
                     nursery.start_soon(self._send_bye_and_close, link, payload)
 
-    async def _send_bye_and_close(self, link: _Link, payload: bytes) -> None:
+    async def _send_bye_and_close(self, link: Link, payload: bytes) -> None:
         try:
             with trio.move_on_after(0.5):
                 await link.conn.send(payload)
@@ -447,13 +424,7 @@ class Node:
             if not self._enqueue(peer, payload):
                 self.outbox.dropped(peer)
             else:
-                self._note_update_queued(peer, action.round)
-
-    def _note_update_queued(self, peer: str, round: int) -> None:
-        link = self._links[peer]
-        link.update_at[round] = link.enqueued
-        for old in [r for r in link.update_at if r < round - 2]:
-            del link.update_at[old]
+                self._links[peer].update_queued(action.round)
 
     def _announce_groups(self, round: int) -> None:
         """As our training starts: fix the round's neighbours and announce their groups."""
@@ -768,8 +739,7 @@ class Node:
         if self._stopping:
             await conn.aclose()
             return
-        send, recv = trio.open_memory_channel[bytes](math.inf)
-        link = _Link(conn, peer, found_via, send, recv)
+        link = Link(conn, peer, found_via)
         existing = self._links.get(peer)
         if existing is None:
             self._links[peer] = link
@@ -822,7 +792,7 @@ class Node:
         if self.config.peer_exchange:
             self._enqueue(peer, self._peer_list_payload())
 
-    def _retire(self, link: _Link, *, successor: _Link | None) -> None:
+    def _retire(self, link: Link, *, successor: Link | None) -> None:
         """Stop sending on a duplicate connection, but keep reading it for a grace period.
 
         When both sides dial at once, each keeps the connection the smaller id dialed.
@@ -832,18 +802,12 @@ class Node:
         if link.retired:
             return
         link.retired = True
-        while successor is not None:
-            try:
-                payload = link.recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            link.queued_bytes -= len(payload)
-            successor.queued_bytes += len(payload)
-            successor.send.send_nowait(payload)
+        if successor is not None:
+            link.move_unsent_to(successor)
         assert self._nursery is not None
         self._nursery.start_soon(self._close_later, link)
 
-    async def _close_later(self, link: _Link) -> None:
+    async def _close_later(self, link: Link) -> None:
         await trio.sleep(RETIRE_GRACE)
         link.scope.cancel()
 
@@ -862,7 +826,7 @@ class Node:
             self.counters["send_no_connection"] += 1
             return False
         limit = max(8 * 1024 * 1024, 3 * 4 * self.machine.params.size)
-        if link.queued_bytes + len(payload) > limit:
+        if not link.offer(payload, limit):
             self.counters["send_queue_full"] += 1
             now = trio.current_time()
             if now - link.last_drop_logged >= LOG_EVERY:  # one line, not one per message
@@ -873,26 +837,22 @@ class Node:
                     self.counters["send_queue_full"],
                 )
             return False
-        link.queued_bytes += len(payload)
-        link.enqueued += 1
-        link.send.send_nowait(payload)
         return True
 
-    async def _writer(self, link: _Link) -> None:
+    def _update_in_flight(self, peer: str, round: int) -> bool:
+        current = self._links.get(peer)  # requests may come in on a retiring duplicate
+        return current is not None and current.update_in_flight(round)
+
+    async def _writer(self, link: Link) -> None:
         rec = self.peers.peers[link.peer_id]
-        async for payload in link.recv:
-            link.queued_bytes -= len(payload)
-            try:
-                await link.conn.send(payload)
-            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                link.scope.cancel()
-                return
-            link.written += 1
-            n = len(payload) + 4
+
+        def written(n: int) -> None:
             rec.bytes_out += n
             self.bytes_sent += n
 
-    async def _reader(self, link: _Link) -> None:
+        await link.pump(written)
+
+    async def _reader(self, link: Link) -> None:
         peer = link.peer_id
         rec = self.peers.peers[peer]
         while True:
@@ -928,7 +888,7 @@ class Node:
             if self._dispatch(link, msg) is False:
                 return
 
-    def _dispatch(self, link: _Link, msg: Message) -> bool:
+    def _dispatch(self, link: Link, msg: Message) -> bool:
         """Handle one message. Returns False to close the connection."""
         now = trio.current_time()
         peer = link.peer_id
@@ -992,12 +952,12 @@ class Node:
                             address, peer_id=peer_id, found_via="peer-exchange"
                         ):
                             self._notify_peers_changed()
-            case UpdateRequest() if link.written < link.update_at.get(msg.round, 0):
+            case UpdateRequest() if self._update_in_flight(peer, msg.round):
                 self.counters["resend_requests_in_flight"] += 1  # still queued: coming
             case UpdateRequest():
                 payload = self.outbox.resend(peer, msg.round)
                 if payload is not None and self._enqueue(peer, payload):
-                    self._note_update_queued(peer, msg.round)
+                    self._links[peer].update_queued(msg.round)
                     self.counters["updates_resent"] += 1
             case StateRequest() if now - link.last_state_reply < STATE_REPLY_EVERY:
                 # A 40-byte request must not buy a full model at line rate.

@@ -1,0 +1,87 @@
+"""One live connection to a peer and its outbound queue.
+
+Callers never block on a slow peer: `offer` queues a message or refuses it when the
+queue is over its byte budget (the peer stops reading, we stop holding memory for it),
+and a single writer task (`pump`) drains the queue onto the connection. The link also
+remembers where each recent round's model update sits in that queue, so that a resend
+request for an update still waiting to be written is recognised as such: the update is
+on its way, and resending it would only duplicate the transfer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pfl.membership import PeerState
+from p2pfl.transport.base import Connection, ConnectionClosed
+
+UPDATE_ROUNDS_KEPT = 3
+"""Recent rounds whose update position a link remembers (senders resend the last two)."""
+
+
+@dataclass(eq=False)
+class Link:
+    conn: Connection
+    peer_id: str
+    found_via: str
+    send: trio.MemorySendChannel[bytes] = field(init=False)
+    recv: trio.MemoryReceiveChannel[bytes] = field(init=False)
+    queued_bytes: int = 0
+    bad_messages: int = 0
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    closed_state: PeerState = PeerState.DISCONNECTED
+    retired: bool = False  # a duplicate being wound down: read, never written
+    last_drop_logged: float = -math.inf
+    last_state_reply: float = -math.inf
+    enqueued: int = 0  # messages ever queued on this link
+    written: int = 0  # messages ever handed to the connection
+    _update_at: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.send, self.recv = trio.open_memory_channel[bytes](math.inf)
+
+    def offer(self, payload: bytes, limit: float) -> bool:
+        """Queue `payload` unless the queue would exceed `limit` bytes."""
+        if self.queued_bytes + len(payload) > limit:
+            return False
+        self.queued_bytes += len(payload)
+        self.enqueued += 1
+        self.send.send_nowait(payload)
+        return True
+
+    def update_queued(self, round: int) -> None:
+        """The message just offered is our model update for `round`."""
+        self._update_at[round] = self.enqueued
+        for old in [r for r in self._update_at if r <= round - UPDATE_ROUNDS_KEPT]:
+            del self._update_at[old]
+
+    def update_in_flight(self, round: int) -> bool:
+        """Our update for `round` is queued here and not yet written."""
+        return self.written < self._update_at.get(round, 0)
+
+    def move_unsent_to(self, successor: Link) -> None:
+        """Hand every message not yet written to `successor` (a duplicate connection is
+        being replaced): nothing queued is lost in the swap."""
+        while True:
+            try:
+                payload = self.recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            self.queued_bytes -= len(payload)
+            successor.offer(payload, limit=math.inf)
+
+    async def pump(self, on_written: Callable[[int], None]) -> None:
+        """Write queued messages until the connection fails (then cancel the link)."""
+        async for payload in self.recv:
+            self.queued_bytes -= len(payload)
+            try:
+                await self.conn.send(payload)
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self.scope.cancel()
+                return
+            self.written += 1
+            on_written(len(payload) + 4)

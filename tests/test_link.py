@@ -1,0 +1,106 @@
+"""Link: bounded outbound queue, writer, and which queued update is still in flight."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from p2pfl.link import Link
+from p2pfl.transport.base import ConnectionClosed
+
+
+class FakeConnection:
+    """Records what is written; `gate` lets a test hold the writer mid-queue."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.gate = trio.Semaphore(0)
+        self.broken = False
+
+    @property
+    def peer_id(self) -> str:
+        return "peer"
+
+    @property
+    def remote_address(self) -> str:
+        return "fake"
+
+    @property
+    def outbound(self) -> bool:
+        return True
+
+    async def send(self, payload: bytes) -> None:
+        await self.gate.acquire()
+        if self.broken:
+            raise ConnectionClosed("gone")
+        self.sent.append(payload)
+
+    async def receive(self) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_offer_respects_the_byte_budget() -> None:
+    link = Link(FakeConnection(), "peer", "test")
+    assert link.offer(b"x" * 60, limit=100)
+    assert not link.offer(b"y" * 60, limit=100)  # would exceed: refused, not queued
+    assert link.offer(b"z" * 40, limit=100)
+    assert (link.queued_bytes, link.enqueued) == (100, 2)
+
+
+async def test_an_update_is_in_flight_until_the_writer_has_written_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    conn = FakeConnection()
+    link = Link(conn, "peer", "test")
+    written: list[int] = []
+    link.offer(b"hello", limit=1000)
+    link.offer(b"update-7", limit=1000)
+    link.update_queued(7)
+    link.offer(b"ping", limit=1000)
+    assert link.update_in_flight(7)
+    assert not link.update_in_flight(6)  # never queued here: not in flight
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.pump, written.append)
+        conn.gate.release()  # "hello" goes out
+        await trio.sleep(1)
+        assert link.update_in_flight(7)
+        conn.gate.release()  # the update goes out
+        await trio.sleep(1)
+        assert not link.update_in_flight(7)
+        conn.gate.release()
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert conn.sent == [b"hello", b"update-7", b"ping"]
+    assert written == [9, 12, 8]  # payload + 4-byte frame header
+    assert link.queued_bytes == 0 and link.written == 3
+
+
+def test_only_recent_rounds_are_remembered() -> None:
+    link = Link(FakeConnection(), "peer", "test")
+    for r in range(10):
+        link.offer(b"u", limit=1000)
+        link.update_queued(r)
+    assert link.update_in_flight(9) and link.update_in_flight(7)
+    assert not link.update_in_flight(6)  # forgotten: a request for it is answered
+
+
+async def test_unsent_messages_move_to_the_successor_and_a_broken_link_cancels(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    old, new = Link(FakeConnection(), "peer", "test"), Link(FakeConnection(), "peer", "test")
+    for payload in (b"a", b"bb", b"ccc"):
+        old.offer(payload, limit=1000)
+    old.move_unsent_to(new)
+    assert (old.queued_bytes, new.queued_bytes, new.enqueued) == (0, 6, 3)
+    conn = FakeConnection()
+    conn.broken = True
+    link = Link(conn, "peer", "test")
+    link.offer(b"lost", limit=1000)
+    conn.gate.release()
+    with link.scope:
+        await link.pump(lambda n: None)
+    assert link.scope.cancel_called and link.written == 0
