@@ -30,7 +30,7 @@ from p2pfl.protocol import (
     RoundSettings,
     Train,
 )
-from p2pfl.protocol.rounds import MIN_NUDGE_GAP
+from p2pfl.protocol.rounds import MAJORITY_GRACE, MIN_NUDGE_GAP
 
 D = 4
 PEERS = ["a", "b", "c"]
@@ -589,7 +589,12 @@ def test_state_reply_outside_catch_up_is_ignored() -> None:
 
 def test_catch_up_timeout_without_replies_resumes_at_old_round() -> None:
     m, _ = ahead_machine({"a": 5}, catch_up_timeout=10.0, params=full(4.0))
-    assert m.tick(10.5) == []  # catch-up deadline is 1.0 + 10.0
+    # The request or the reply may be lost: asked again after 2 s, then 4 s later.
+    assert m.next_wakeup == 3.0
+    assert m.tick(3.0) == [RequestState(("a",))]
+    assert m.next_wakeup == 7.0
+    assert m.tick(7.0) == [RequestState(("a",))]
+    assert m.tick(10.5) == []  # the next try would be after the deadline (1.0 + 10.0)
     acts = m.tick(11.0)
     assert kinds(acts) == [Train]
     train = only(acts, Train)
@@ -600,6 +605,18 @@ def test_catch_up_timeout_without_replies_resumes_at_old_round() -> None:
     m.trained(12.0, 0, full(4.0), 1, ["b"])
     acts = m.receive_update(13.0, "b", 0, full(4.0), 1)
     assert kinds(acts) == [Aggregated, Train]
+
+
+def test_catch_up_finishes_soon_after_a_majority_answered() -> None:
+    m, req = ahead_machine({"a": 5, "b": 6, "c": 7}, catch_up_timeout=10.0)
+    assert set(req.to) == {"a", "b", "c"}
+    assert m.receive_state(2.0, "a", 5, full(1.0)) == []
+    assert m.deadline == 11.0  # one of three: wait on
+    assert m.receive_state(2.2, "b", 6, full(3.0)) == []
+    assert m.deadline == pytest.approx(2.2 + MAJORITY_GRACE)  # two of three: a moment more
+    acts = m.tick(2.2 + MAJORITY_GRACE)
+    caught = only(acts, CaughtUp)
+    assert caught.sources == ("a", "b") and caught.round == 5  # lower median of 5 and 6
 
 
 def test_catch_up_timeout_uses_partial_replies() -> None:

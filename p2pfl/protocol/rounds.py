@@ -23,6 +23,11 @@ from p2pfl.aggregation import AggregationRule
 
 MIN_NUDGE_GAP = 0.05
 """Seconds: the earliest a missing update is asked for again once most have arrived."""
+STATE_RETRY_GAP = 2.0
+"""Seconds before peers that did not answer a catch-up are asked again (then doubling):
+above the responders' one-reply-per-second throttle, and a full model may be in flight."""
+MAJORITY_GRACE = 0.5
+"""Seconds a catch-up still waits for the rest once a majority of the asked answered."""
 
 
 class Phase(StrEnum):
@@ -311,6 +316,10 @@ class RoundMachine:
         self._states[sender] = (round, np.ascontiguousarray(params, dtype=np.float32))
         if len(self._states) >= len(self._asked):
             return self._finish_catch_up(now)
+        if 2 * len(self._states) > len(self._asked) and self.deadline is not None:
+            # A majority is in (so no single peer decides): give the rest a moment, not
+            # the whole catch-up timeout (one may be a peer that stopped reading).
+            self.deadline = min(self.deadline, now + MAJORITY_GRACE)
         return []
 
     def peer_lost(self, now: float, peer: str) -> list[Action]:
@@ -334,12 +343,23 @@ class RoundMachine:
     @property
     def next_wakeup(self) -> float | None:
         """When to call `tick`: the deadline, or earlier to nudge silent neighbours."""
-        nudge = self.nudge_at if self.phase is Phase.COLLECTING else None
+        nudge = self.nudge_at if self.phase in (Phase.COLLECTING, Phase.CATCHING_UP) else None
         times = [t for t in (self.deadline, nudge) if t is not None]
         return min(times, default=None)
 
     def tick(self, now: float) -> list[Action]:
         """Call when `next_wakeup` has passed."""
+        if (
+            self.phase is Phase.CATCHING_UP
+            and self.nudge_at is not None
+            and now >= self.nudge_at
+            and (self.deadline is None or now < self.deadline)
+        ):
+            # A request or its reply may have been lost: ask the silent ones again.
+            self._nudge_gap *= 2.0
+            self.nudge_at = now + self._nudge_gap
+            missing = tuple(p for p in self._asked if p not in self._states)
+            return [RequestState(missing)] if missing else []
         if (
             self.nudge_at is not None
             and now >= self.nudge_at
@@ -574,6 +594,8 @@ class RoundMachine:
         self._states = {}
         self._own = None
         self.deadline = now + self.settings.catch_up_timeout
+        self._nudge_gap = STATE_RETRY_GAP
+        self.nudge_at = now + STATE_RETRY_GAP
         return [RequestState(self._asked)]
 
     def _finish_catch_up(self, now: float) -> list[Action]:
@@ -583,6 +605,7 @@ class RoundMachine:
         self._states = {}
         self._asked = ()
         self.deadline = None
+        self.nudge_at = None
         if not states:
             # Nobody answered: carry on from where we are; we may be asked again later.
             self._forget_lagging()
