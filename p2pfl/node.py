@@ -1024,14 +1024,7 @@ class Node:
                 "wire_bytes": self.outbox.last_sizes[1],
                 "ratio": round(self.outbox.last_sizes[0] / max(1, self.outbox.last_sizes[1]), 2),
             },
-            "secure": None
-            if self.secure is None
-            else {
-                **self.secure.stats.as_dict(),
-                "masked_ahead": self.secure.member.masked_ahead,
-                "masked_on_demand": self.secure.member.masked_on_demand,
-                "rejected": dict(self.secure.rejected),
-            },
+            "secure": None if self.secure is None else self.secure.status(),
             "history": self.history[-1000:],
             "peers": self.peers.snapshot(now),
             "counters": {

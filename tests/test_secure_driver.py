@@ -96,3 +96,6 @@ def test_masks_computed_ahead_stay_within_the_memory_budget() -> None:
     sends = member.contribute(1, np.zeros(D, np.float32))
     assert len(sends) == 5
     assert (member.member.masked_ahead, member.member.masked_on_demand) == (2, 3)
+    status = member.status()
+    assert (status["masked_ahead"], status["masked_on_demand"]) == (2, 3)
+    assert status["groups_formed"] == 0  # it aggregated nothing itself

@@ -133,6 +133,16 @@ class SecureDriver:
         self._result = None
         return result
 
+    def status(self) -> dict[str, object]:
+        """Counters for `p2pfl status`: groups, retries and bytes as an aggregator, and
+        how often our masks as a member were computed ahead of the update."""
+        return {
+            **self.stats.as_dict(),
+            "masked_ahead": self.member.masked_ahead,
+            "masked_on_demand": self.member.masked_on_demand,
+            "rejected": dict(self.rejected),
+        }
+
     def _check_done(self) -> None:
         agg = self._aggregator
         if agg is not None and agg.done and self._result is None:
