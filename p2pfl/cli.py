@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl import __version__
-from p2pfl.config import DEFAULT_DATA_DIR, LIST_FLAGS, ConfigError, NodeConfig, flag_name
+from p2pfl.config import (
+    DEFAULT_DATA_DIR,
+    LIST_FLAGS,
+    PARTITIONS,
+    ConfigError,
+    NodeConfig,
+    flag_name,
+)
 
 # Flags whose names differ from the config field, or that repeat.
 _HELP = {
@@ -32,7 +39,7 @@ _HELP = {
     "round_timeout": "seconds to wait for neighbours' models before aggregating anyway",
     "rounds": "rounds to run (0 = forever); the node keeps serving peers afterwards",
     "dataset": "digits | synthetic",
-    "partition": "iid | dirichlet",
+    "partition": " | ".join(PARTITIONS),
     "model": "softmax | mlp",
     "mdns": "discover peers with mDNS on the local network",
     "mdns_interfaces": "IPv4 address of an interface for mDNS (repeatable)",

@@ -26,6 +26,10 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
+PARTITIONS = ("iid", "dirichlet", "clusters")
+"""How a training set can be split across nodes (`p2pfl.learning.partition`)."""
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     # Where identity, checkpoints, metrics and the control socket live.
@@ -133,9 +137,9 @@ class NodeConfig:
             f"must be in 0..{self.nodes - 1} (nodes = {self.nodes})",
         )
         _check(
-            self.partition in ("iid", "dirichlet", "clusters"),
+            self.partition in PARTITIONS,
             "partition",
-            f"unknown partition {self.partition!r}; choose 'iid', 'dirichlet' or 'clusters'",
+            f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}",
         )
         _check(self.alpha > 0, "alpha", "must be > 0")
         _check(self.clusters >= 1, "clusters", "must be >= 1")

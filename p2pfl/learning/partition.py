@@ -12,9 +12,10 @@ import functools
 import numpy as np
 import numpy.typing as npt
 
+from p2pfl.config import PARTITIONS
 from p2pfl.learning.datasets import Dataset
 
-SCHEMES = ("iid", "dirichlet", "clusters")
+SCHEMES = PARTITIONS
 DIRICHLET_ATTEMPTS = 20
 """Redraws of the Dirichlet proportions before falling back to topping up small shards."""
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pfl.config import ConfigError, NodeConfig
+from p2pfl.config import PARTITIONS, ConfigError, NodeConfig
 from p2pfl.scenario import topology
 from p2pfl.scenario.faults import FaultEvent, fault_plan_nodes, parse_faults, plan_path
 from p2pfl.scenario.topology import Edge, TopologyError
@@ -387,7 +387,7 @@ def _edge_list(value: Any) -> tuple[Edge, ...]:
 def _parse_data(t: _Table) -> DataSpec:
     spec = DataSpec(
         dataset=t.get_str("dataset", "digits", choices=("digits", "synthetic")),
-        partition=t.get_str("partition", "iid", choices=("iid", "dirichlet", "clusters")),
+        partition=t.get_str("partition", "iid", choices=PARTITIONS),
         alpha=t.get_float("alpha", 0.5, positive=True),
         clusters=t.get_int("clusters", 2, minimum=1),
     )
