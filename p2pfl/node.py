@@ -430,9 +430,9 @@ class Node:
         """As our training starts: fix the round's neighbours and announce their groups."""
         assert self.secure is not None
         to = self.machine.preselect(round, self.peers.connected_ids())
-        now = trio.current_time()
-        self._send_secure(self.secure.announce(round, to, now))
-        self._secure_progress(now)
+        self._send_secure(self.secure.announce(round, to, trio.current_time()))
+        # No _secure_progress here: we are training, and finished means wait in the
+        # driver until _broadcast moves us to collecting.
 
     def _send_secure(self, sends: list[Send]) -> None:
         for send in sends:

@@ -155,9 +155,8 @@ def _feed(nodes: Sequence[Node], progress: RoundProgress) -> None:
 
 def _record(node: Node) -> dict[str, Any]:
     rec: dict[str, Any] = {"peer_id": node.id, "rounds": [dict(row) for row in node.history]}
-    secure = node.status().get("secure")
-    if secure:
-        rec["secure"] = secure
+    if node.secure is not None:
+        rec["secure"] = node.secure.status()
     return rec
 
 
