@@ -350,32 +350,12 @@ class RoundMachine:
     def tick(self, now: float) -> list[Action]:
         """Call when `next_wakeup` has passed."""
         if (
-            self.phase is Phase.CATCHING_UP
-            and self.nudge_at is not None
-            and now >= self.nudge_at
-            and (self.deadline is None or now < self.deadline)
-        ):
-            # A request or its reply may have been lost: ask the silent ones again.
-            self._nudge_gap *= 2.0
-            self.nudge_at = now + self._nudge_gap
-            missing = tuple(p for p in self._asked if p not in self._states)
-            return [RequestState(missing)] if missing else []
-        if (
             self.nudge_at is not None
             and now >= self.nudge_at
-            and self.phase is Phase.COLLECTING
+            and self.phase in (Phase.COLLECTING, Phase.CATCHING_UP)
             and (self.deadline is None or now < self.deadline)
         ):
-            # Ask again later (doubling the gap) in case the request or resend is lost too,
-            # but at least four times per timeout: on a lossy link each try may fail.
-            cap = max(MIN_NUDGE_GAP, 0.25 * self._collect_timeout())
-            self._nudge_gap = min(max(2.0 * self._nudge_gap, MIN_NUDGE_GAP), cap)
-            self.nudge_at = now + self._nudge_gap
-            self._nudged = True
-            missing = tuple(
-                sorted(p for p in self._waiting_for if p not in self._received.get(self.round, {}))
-            )
-            return [RequestUpdates(self.round, missing)] if missing else []
+            return self._ask_again(now)
         if self.deadline is None or now < self.deadline:
             return []
         if self.phase is Phase.COLLECTING and self._wait_longer(now):
@@ -443,6 +423,23 @@ class RoundMachine:
         if not np.isfinite(params).all():
             return "non_finite"
         return None
+
+    def _ask_again(self, now: float) -> list[Action]:
+        """A request or its answer may have been lost: ask those still silent again,
+        then again after twice the gap. While collecting, the gap is capped at a quarter
+        of the timeout, so a lossy link still gets several tries per round."""
+        if self.phase is Phase.CATCHING_UP:
+            self._nudge_gap *= 2.0
+            self.nudge_at = now + self._nudge_gap
+            silent = tuple(p for p in self._asked if p not in self._states)
+            return [RequestState(silent)] if silent else []
+        cap = max(MIN_NUDGE_GAP, 0.25 * self._collect_timeout())
+        self._nudge_gap = min(max(2.0 * self._nudge_gap, MIN_NUDGE_GAP), cap)
+        self.nudge_at = now + self._nudge_gap
+        self._nudged = True
+        received = self._received.get(self.round, {})
+        missing = tuple(sorted(p for p in self._waiting_for if p not in received))
+        return [RequestUpdates(self.round, missing)] if missing else []
 
     def _nudge_early(self, now: float) -> None:
         """Most neighbours' updates are in but not all: ask for the rest sooner than the
