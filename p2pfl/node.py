@@ -50,6 +50,7 @@ from p2pfl.secure.driver import SecureDriver
 from p2pfl.secure.protocol import SecureSettings, Send
 from p2pfl.secure.wire import from_envelope, to_envelope
 from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from p2pfl.supervision import Supervisor
 from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError, Transport
 from p2pfl.wire import codec
 from p2pfl.wire.errors import WireError
@@ -81,6 +82,7 @@ LOG_EVERY = 10.0  # seconds between repeated warnings about one peer
 STATE_REPLY_EVERY = 1.0  # seconds: at most one state reply per peer per this
 HELLO_GRACE = 2.0  # seconds to wait for connected peers' hellos before the first round
 RETIRE_GRACE = 5.0  # seconds a duplicate connection is still read before closing
+FAILED_TICK_PAUSE = 0.1  # seconds before the timer retries after a contained failure
 
 
 class Node:
@@ -199,6 +201,8 @@ class Node:
             self.peers.add_address(address, peer_id=None, found_via="bootstrap")
 
         self.counters: Counter[str] = Counter()
+        # Per-peer and per-message work runs behind this guard: no peer ends the daemon.
+        self.supervisor = Supervisor(log, trio.current_time, log_every=LOG_EVERY)
         self.frames_rejected: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -491,10 +495,16 @@ class Node:
             return self.model.get_params(), loss
 
         async with self._train_lock:
-            if self.train_in_thread:
-                new, _loss = await trio.to_thread.run_sync(work)
-            else:
-                new, _loss = work()
+            try:
+                if self.train_in_thread:
+                    new, _loss = await trio.to_thread.run_sync(work)
+                else:
+                    new, _loss = work()
+            except Exception as exc:
+                # The model's own code failed: contain it like divergence, so the round
+                # still ends and peers are not left waiting for us.
+                self.supervisor.failed("training", exc)
+                new = np.full_like(params, np.nan)
         if not np.isfinite(new).all():
             # Local training diverged (e.g. from a poisoned aggregate): send the model we
             # started from rather than NaNs, and restart the optimizer.
@@ -591,48 +601,56 @@ class Node:
                 await self._wakeup.wait()
             now = trio.current_time()
             if now >= deadline:
-                if self.secure is not None:
-                    self._send_secure(self.secure.on_timeout(now))
-                    self._secure_progress(now)
-                self._apply(self.machine.tick(now))
+                before = self.supervisor.total
+                with self.supervisor.guard("timer"):
+                    if self.secure is not None:
+                        self._send_secure(self.secure.on_timeout(now))
+                        self._secure_progress(now)
+                    self._apply(self.machine.tick(now))
+                if self.supervisor.total != before:
+                    await trio.sleep(FAILED_TICK_PAUSE)  # never spin on a failing deadline
 
     async def _heartbeat_loop(self) -> None:
         beats = 0
         while True:
             await trio.sleep(self.config.heartbeat_interval)
-            now = trio.current_time()
             beats += 1
-            self._ping_nonce += 1
-            ping = codec.encode(Ping(self.id, self.machine.round, self._ping_nonce, now))
-            exchange = None
-            if self.config.peer_exchange and beats % PEER_EXCHANGE_EVERY == 0:
-                exchange = self._peer_list_payload()
-            interval = self.config.heartbeat_interval
-            for peer in list(self._links):
-                # Any message proves a peer alive: ping only peers that were quiet for
-                # an interval, plus an RTT sample every few beats. In a large mesh this
-                # halves heartbeat traffic, which otherwise swamps in-process runs.
-                rec = self.peers.peers[peer]
-                quiet = rec.last_seen is None or now - rec.last_seen >= 0.9 * interval
-                if quiet or beats % RTT_SAMPLE_EVERY == 0:
-                    self._enqueue(peer, ping)
-                    self.peers.pinged(peer, now)
-                if exchange is not None:
-                    self._enqueue(peer, exchange)
-            self.machine.unresponsive = frozenset(
-                self.peers.unresponsive_peers(now, after=2.0 * interval)
-            )
-            for peer in self.peers.silent_peers(now, self.config.heartbeat_timeout):
-                silent = self._links.get(peer)
-                if silent is not None:
-                    log.warning(
-                        "peer %s silent for %.1fs: closing",
-                        peer[:12],
-                        self.config.heartbeat_timeout,
-                    )
-                    self.counters["heartbeat_failures"] += 1
-                    silent.closed_state = PeerState.FAILED
-                    silent.scope.cancel()
+            with self.supervisor.guard("heartbeat"):
+                self._heartbeat(beats)
+
+    def _heartbeat(self, beats: int) -> None:
+        now = trio.current_time()
+        self._ping_nonce += 1
+        ping = codec.encode(Ping(self.id, self.machine.round, self._ping_nonce, now))
+        exchange = None
+        if self.config.peer_exchange and beats % PEER_EXCHANGE_EVERY == 0:
+            exchange = self._peer_list_payload()
+        interval = self.config.heartbeat_interval
+        for peer in list(self._links):
+            # Any message proves a peer alive: ping only peers that were quiet for
+            # an interval, plus an RTT sample every few beats. In a large mesh this
+            # halves heartbeat traffic, which otherwise swamps in-process runs.
+            rec = self.peers.peers[peer]
+            quiet = rec.last_seen is None or now - rec.last_seen >= 0.9 * interval
+            if quiet or beats % RTT_SAMPLE_EVERY == 0:
+                self._enqueue(peer, ping)
+                self.peers.pinged(peer, now)
+            if exchange is not None:
+                self._enqueue(peer, exchange)
+        self.machine.unresponsive = frozenset(
+            self.peers.unresponsive_peers(now, after=2.0 * interval)
+        )
+        for peer in self.peers.silent_peers(now, self.config.heartbeat_timeout):
+            silent = self._links.get(peer)
+            if silent is not None:
+                log.warning(
+                    "peer %s silent for %.1fs: closing",
+                    peer[:12],
+                    self.config.heartbeat_timeout,
+                )
+                self.counters["heartbeat_failures"] += 1
+                silent.closed_state = PeerState.FAILED
+                silent.scope.cancel()
 
     # ---- connections -------------------------------------------------------------------
 
@@ -665,6 +683,10 @@ class Node:
             log.warning("mDNS unavailable on %s (%s); using bootstrap peers only", interfaces, exc)
 
     def _on_mdns_found(self, peer_id: str, address: str) -> None:
+        with self.supervisor.guard("mdns", peer_id):
+            self._add_mdns_peer(peer_id, address)
+
+    def _add_mdns_peer(self, peer_id: str, address: str) -> None:
         if peer_id != self.id and self.peers.add_address(
             address, peer_id=peer_id, found_via="mdns"
         ):
@@ -692,6 +714,10 @@ class Node:
                 await self._peers_changed.wait()
 
     async def _dial(self, address: str, expected: str | None, found_via: str) -> None:
+        with self.supervisor.guard("dial", expected):
+            await self._dial_unguarded(address, expected, found_via)
+
+    async def _dial_unguarded(self, address: str, expected: str | None, found_via: str) -> None:
         try:
             with trio.fail_after(10):
                 conn = await self.transport.connect(address, expected)
@@ -706,10 +732,17 @@ class Node:
             self.counters["dial_failures"] += 1
             log.debug("dial %s failed (%s); retry in %.1fs", address, exc, delay)
             return
+        except Exception:
+            # Anything else (an address no transport can dial, a bug) backs off like a
+            # failed dial and is contained by the caller's guard.
+            self.peers.dial_failed(address, trio.current_time())
+            self.counters["dial_failures"] += 1
+            raise
         self.peers.dial_succeeded(address, conn.peer_id)
         opened = trio.current_time()
         try:
-            await self._serve(conn, found_via, address)
+            with self.supervisor.guard("connection", conn.peer_id):
+                await self._serve(conn, found_via, address)
         finally:
             now = trio.current_time()
             self.peers.connection_ended(
@@ -717,8 +750,11 @@ class Node:
             )
 
     async def _on_inbound(self, conn: Connection) -> None:
-        target = next((t for t in self.peers.targets.values() if t.peer_id == conn.peer_id), None)
-        await self._serve(conn, target.found_via if target else "inbound", None)
+        with self.supervisor.guard("connection", conn.peer_id):
+            target = next(
+                (t for t in self.peers.targets.values() if t.peer_id == conn.peer_id), None
+            )
+            await self._serve(conn, target.found_via if target else "inbound", None)
 
     def _preferred(self, outbound: bool, peer: str) -> bool:
         """Of two connections between a pair, both sides keep the one the smaller id dialed."""
@@ -766,16 +802,21 @@ class Node:
         finally:
             if self._links.get(peer) is link:
                 del self._links[peer]
-                self.peers.disconnected(peer, link.closed_state)
-                self._decoder.forget(peer)
-                if self.secure is not None:
-                    now = trio.current_time()
-                    self._send_secure(self.secure.peer_gone(peer, now))
-                    self._secure_progress(now)
-                self._notify_peers_changed()
-                self._apply(self.machine.peer_lost(trio.current_time(), peer))
+                with self.supervisor.guard("peer_lost", peer):
+                    self._forget_link(peer, link)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await conn.aclose()
+
+    def _forget_link(self, peer: str, link: Link) -> None:
+        """The peer's only link closed: every component lets go of it."""
+        self.peers.disconnected(peer, link.closed_state)
+        self._decoder.forget(peer)
+        if self.secure is not None:
+            now = trio.current_time()
+            self._send_secure(self.secure.peer_gone(peer, now))
+            self._secure_progress(now)
+        self._notify_peers_changed()
+        self._apply(self.machine.peer_lost(trio.current_time(), peer))
 
     def _send_greeting(self, peer: str) -> None:
         hello = Hello(
@@ -885,7 +926,17 @@ class Node:
                 self._count_rejection(peer, "spoofed_sender", f"claims to be {msg.sender[:12]}")
                 continue
             rec.last_seen = trio.current_time()
-            if self._dispatch(link, msg) is False:
+            before = self.supervisor.total
+            keep = True
+            with self.supervisor.guard(f"message:{msg.TYPE}", peer):
+                keep = self._dispatch(link, msg)
+            if self.supervisor.total != before:
+                # The message was dropped; a peer whose messages keep failing is cut off.
+                link.bad_messages += 1
+                if link.bad_messages > MAX_BAD_MESSAGES:
+                    log.warning("peer %s: too many failed messages; closing", peer[:12])
+                    return
+            if keep is False:
                 return
 
     def _dispatch(self, link: Link, msg: Message) -> bool:
@@ -1032,6 +1083,7 @@ class Node:
                 if callable(counts := getattr(self.transport, "counts", None))
                 else None,
                 "frames_rejected": dict(self.frames_rejected),
+                "contained_errors": dict(self.supervisor.contained),
                 "reconnects": self.counters["reconnects"],
                 "timeouts": self.counters["timeouts"],
                 "bytes_sent": self.bytes_sent,
