@@ -171,6 +171,7 @@ class Node:
                     max_attempts=3,
                 ),
                 self.model.num_params,
+                round=start_round,
             )
         try:
             rule = make_rule(

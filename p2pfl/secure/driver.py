@@ -39,13 +39,15 @@ log = logging.getLogger("p2pfl.secure")
 
 
 class SecureDriver:
-    def __init__(self, identity: Identity, settings: SecureSettings, dim: int) -> None:
+    def __init__(
+        self, identity: Identity, settings: SecureSettings, dim: int, *, round: int = 0
+    ) -> None:
         self.settings = settings
         self.dim = dim
         self.peer_id = identity.peer_id
         self.key = SessionKey(identity, settings.federation, epoch=int(time.time() * 1000))
         self.store = KeyStore(settings.federation)
-        self.member = SecureMember(settings.federation, self.key)
+        self.member = SecureMember(settings.federation, self.key, round=round)
         self.stats = SecureStats()
         self.rejected: dict[str, int] = {}
         self._aggregator: AggregatorRound | None = None
@@ -61,7 +63,7 @@ class SecureDriver:
         usually still training too, and compute their masks meanwhile (the masks do
         not depend on the update), so answering costs them one encode and one add.
         """
-        self.member.forget_before(round - 1)
+        self.member.advance(round)
         if self._result is not None and self._result.round < round:
             self._result = None  # an earlier round's means nobody took (we caught up)
         keys = {}

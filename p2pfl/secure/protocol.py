@@ -59,6 +59,9 @@ from p2pfl.secure.messages import (
 )
 
 PREMASK_BUDGET = 64 << 20
+# A member answers announcements for rounds in [own round - 1, own round + ROUND_WINDOW]:
+# neighbours run a round or two ahead of us; further ahead, we will catch up instead.
+ROUND_WINDOW = 2
 """Bytes of masks a member computes ahead (16 aggregators' masks at 1e6 parameters)."""
 
 
@@ -413,6 +416,12 @@ class SecureMember:
 
     `set_update(round, update)` gives the vector it contributes for that round (its
     trained model); announcements that arrive first wait for it (bounded).
+
+    Its state is bounded per aggregator, not only in total: it accepts announcements
+    only for rounds in [round - 1, round + round_window] around its own `round`
+    (`advance` moves it), and at most round_window + 2 sessions from one aggregator, so
+    one neighbour announcing far-future rounds cannot fill the table and lock out the
+    honest ones.
     """
 
     def __init__(
@@ -420,11 +429,16 @@ class SecureMember:
         federation: str,
         key: SessionKey,
         *,
+        round: int = 0,
+        round_window: int = ROUND_WINDOW,
         max_sessions: int = 256,
         premask_budget: int = PREMASK_BUDGET,
     ) -> None:
         self.federation = federation
         self.key = key
+        self.round = round
+        self.round_window = round_window
+        self.per_aggregator = round_window + 2
         self.max_sessions = max_sessions
         self.premask_budget = premask_budget
         self._updates: dict[int, np.ndarray] = {}
@@ -456,6 +470,11 @@ class SecureMember:
                     self.refused[exc.reason] = self.refused.get(exc.reason, 0) + 1
         return actions
 
+    def advance(self, round: int) -> None:
+        """Our own round is now `round`: move the accepted window, drop older state."""
+        self.round = round
+        self.forget_before(round - 1)
+
     def forget_before(self, round: int) -> None:
         """Drop state of rounds < `round` (call when they can no longer matter)."""
         self._updates = {r: u for r, u in self._updates.items() if r >= round}
@@ -485,6 +504,10 @@ class SecureMember:
             if old.session == msg.session:
                 return []  # duplicate delivery
             raise Refused("second_announcement", "one grouping per aggregator and round")
+        if not self.round - 1 <= msg.round <= self.round + self.round_window:
+            raise Refused("round_outside_window", f"round {msg.round}, ours {self.round}")
+        if sum(agg == msg.sender for agg, _ in self._sessions) >= self.per_aggregator:
+            raise Refused("too_many_sessions", "from this aggregator")
         if len(self._sessions) >= self.max_sessions:
             raise Refused("too_many_sessions")
         me = self.peer_id
