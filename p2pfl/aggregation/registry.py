@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from p2pfl.aggregation import bucketing, clipping, coordinate, geomed, krum
-from p2pfl.aggregation.rules import mean
+from p2pfl.aggregation.rules import bounded_weights, mean
 
 log = logging.getLogger("p2pfl.aggregation")
 
@@ -71,7 +71,7 @@ class Rule:
     def __call__(self, x: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         own = np.ascontiguousarray(own, dtype=np.float32)
-        weights = np.asarray(weights, dtype=np.float64)
+        weights = bounded_weights(weights)
         if x.ndim != 2 or own.shape != (x.shape[1],) or weights.shape != (x.shape[0],):
             raise ValueError(
                 f"aggregation inputs: expected (n, d), (n,), (d,); got "

@@ -13,6 +13,23 @@ _BLOCK = 16384
 AggregationRule = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+# A claimed sample count is only a peer's word: it buys at most this many times the
+# weight of the median claim, so one peer cannot take over a weighted mean by claiming
+# 2**31 samples, while honest nodes with a few times more data still count for more.
+MAX_WEIGHT_RATIO = 4.0
+
+
+def bounded_weights(weights: np.ndarray) -> np.ndarray:
+    """Claimed sample counts made safe to weight by: finite, >= 0, and each at most
+    MAX_WEIGHT_RATIO times the median claim (our own count is one of the claims)."""
+    w = np.nan_to_num(np.asarray(weights, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    np.maximum(w, 0.0, out=w)
+    median = float(np.median(w)) if w.size else 0.0
+    if median > 0:
+        np.minimum(w, MAX_WEIGHT_RATIO * median, out=w)
+    return w
+
+
 def mean(updates: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
     """Sample-weighted average (FedAvg). Falls back to uniform weights if all are zero."""
     w = np.asarray(weights, dtype=np.float64)
