@@ -39,6 +39,10 @@ class MLP(FlatParamModel):
         self._w1[...] = rng.normal(0.0, np.sqrt(2.0 / d), size=(d, h))
         self._w2[...] = rng.normal(0.0, np.sqrt(2.0 / h), size=(h, k))
 
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        d, h, k = self.n_features, self.hidden, self.n_classes
+        return [("w1", (d, h)), ("b1", (h,)), ("w2", (h, k)), ("b2", (k,))]
+
     def _hidden(self, x: F32) -> F32:
         a: F32 = x @ self._w1
         a += self._b1

@@ -111,6 +111,14 @@ class FlatParamModel(ABC):
         self._momentum: F32 = np.zeros(num_params, dtype=np.float32)
         self._step: F32 = np.zeros(num_params, dtype=np.float32)
 
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of the tensors inside the flat vector, in order.
+
+        Two models exchange parameters only if their layouts agree: the count alone
+        would let a (64, 32) and a (32, 64) layer swap values silently.
+        """
+        return [(self.name, (self.num_params,))]
+
     # --- subclass hooks -----------------------------------------------------------------
     @abstractmethod
     def logits(self, x: F32) -> F32:

@@ -30,6 +30,9 @@ class SoftmaxRegression(FlatParamModel):
         rng = np.random.default_rng(seed)
         self._w[...] = rng.normal(0.0, 0.01, size=(d, k))
 
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [("w", (self.n_features, self.n_classes)), ("b", (self.n_classes,))]
+
     def logits(self, x: F32) -> F32:
         z: F32 = x @ self._w
         z += self._b
