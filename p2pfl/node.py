@@ -28,6 +28,7 @@ from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.learning import build_model, load_dataset, node_shard
+from p2pfl.learning.attacks import Attack, make_attack
 from p2pfl.link import Link
 from p2pfl.membership import PeerState, PeerTable
 from p2pfl.outbox import UpdateOutbox
@@ -45,7 +46,6 @@ from p2pfl.protocol import (
     RoundSettings,
     Train,
 )
-from p2pfl.scenario.attacks import Attack, make_attack
 from p2pfl.secure.driver import SecureDriver
 from p2pfl.secure.protocol import SecureSettings, Send
 from p2pfl.secure.wire import from_envelope, to_envelope

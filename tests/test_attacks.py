@@ -13,8 +13,8 @@ import trio
 import trio.testing
 
 from p2pfl.config import NodeConfig
+from p2pfl.learning.attacks import ATTACK_NAMES, Attack, alie_z, make_attack
 from p2pfl.scenario import ScenarioError, load_scenario, parse_scenario
-from p2pfl.scenario.attacks import ATTACK_NAMES, Attack, alie_z, make_attack
 from p2pfl.scenario.inprocess import build_nodes
 from p2pfl.scenario.report import build_metrics, summary_table
 

@@ -444,7 +444,7 @@ def _parse_protocol(t: _Table, nodes: int) -> ProtocolSpec:
 
 def _parse_attack(t: _Table, nodes: int, seed: int) -> AttackSpec:
     """`[attack] kind = "...", nodes = [i, ...] | fraction = 0.2, <attack options>`."""
-    from p2pfl.scenario.attacks import ATTACK_NAMES, alie_z, make_attack
+    from p2pfl.learning.attacks import ATTACK_NAMES, alie_z, make_attack
 
     if not t.present():
         return AttackSpec()
