@@ -37,14 +37,14 @@ SAMPLES: list[Message] = [
     Hello("peer-a", 3, "", (), ""),
     Ping("peer-b", 7, 2**63 + 5, 1234.5),
     Pong("peer-b", 7, 0, 0.0),
-    PeerList("peer-c", 2, (("peer-d", "10.0.0.4:7000"), ("peer-e", "host.lan:7001"))),
+    PeerList("peer-c", 2, (("d" * 32, "10.0.0.4:7000"), ("e" * 32, "host.lan:7001"))),
     PeerList("peer-c", 2, ()),
     ModelUpdate("peer-f", 9, PARAMS, 120),
-    ModelUpdate("peer-f", 0, np.zeros(0, dtype=np.float32), 0),
+    ModelUpdate("peer-f", 0, np.zeros(0, dtype=np.float32), 1),
     CompressedModelUpdate(
         "peer-f", 9, {"stages": ["zstd:3"], "base": -1, "payload": {"data": b"\x00"}}, 120
     ),
-    StateRequest("peer-g", 2**53 - 1),
+    StateRequest("peer-g", 2**31 - 1),
     StateReply("peer-h", 4, PARAMS[::-1].copy(), 64),
     Bye("peer-i", 5, "shutting down"),
     Bye("peer-i", 5),
@@ -105,13 +105,13 @@ def test_wire_layout_is_the_documented_msgpack_map() -> None:
         "samples": 120,
     }
     assert encode(msg) == msgpack.packb(expected, use_bin_type=True)
-    peers = PeerList("p", 1, (("q", "h:1"),))
+    peers = PeerList("p", 1, (("q" * 32, "h:1"),))
     assert msgpack.unpackb(encode(peers)) == {
         "v": PROTOCOL_VERSION,
         "type": "peers",
         "sender": "p",
         "round": 1,
-        "peers": [["q", "h:1"]],
+        "peers": [["q" * 32, "h:1"]],
     }
 
 
@@ -320,7 +320,7 @@ def _reject(obj: object, reason: str, needle: str, limits: Limits | None = None)
 
 HELLO = Hello("peer-a", 1, "lab", ("h:1",), "0.1")
 PING = Ping("peer-a", 1, 5, 1.5)
-PEERS = PeerList("peer-a", 1, (("peer-b", "h:2"),))
+PEERS = PeerList("peer-a", 1, (("b" * 32, "h:2"),))
 MODEL = ModelUpdate("peer-a", 1, PARAMS, 10)
 
 Edit = Callable[[dict[str, Any]], None]
@@ -376,9 +376,9 @@ def _tensor_edit(**changes: object) -> Edit:
         (HELLO, _drop("version"), "bad_field", "version: missing"),
         (PEERS, _set("peers", {}), "bad_field", "peers:"),
         (PEERS, _set("peers", [["a", "h:1", "x"]]), "bad_field", "peers[0]:"),
-        (PEERS, _set("peers", [["a", "h:1"], "b"]), "bad_field", "peers[1]:"),
+        (PEERS, _set("peers", [["a" * 32, "h:1"], "b"]), "bad_field", "peers[1]:"),
         (PEERS, _set("peers", [["", "h:1"]]), "bad_field", "peers[0][0]:"),
-        (PEERS, _set("peers", [["a", 1]]), "bad_field", "peers[0][1]:"),
+        (PEERS, _set("peers", [["a" * 32, 1]]), "bad_field", "peers[0][1]:"),
         (MODEL, _set("samples", -1), "bad_field", "samples:"),
         (MODEL, _set("samples", True), "bad_field", "samples:"),
         (MODEL, _set("samples", 2.5), "bad_field", "samples:"),

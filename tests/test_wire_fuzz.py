@@ -38,21 +38,33 @@ FUZZ = settings(deadline=None, max_examples=300, suppress_health_check=[HealthCh
 
 printable = st.characters(categories=["L", "N", "P", "S"])
 peer_ids = st.text(printable, min_size=1, max_size=128)
+# Ids of other peers (peer exchange) must have the shape of real ones; addresses must parse.
+real_ids = st.text("abcdefghijklmnopqrstuvwxyz234567", min_size=32, max_size=32)
 names = st.text(printable, max_size=128)
-addresses = st.text(printable, min_size=1, max_size=256)
-rounds = st.integers(min_value=0, max_value=2**53 - 1)
+addresses = st.one_of(
+    st.builds("{}.{}.{}.{}:{}".format, *[st.integers(0, 255)] * 4, st.integers(1, 65535)),
+    st.builds("[::{:x}]:{}".format, st.integers(0, 0xFFFF), st.integers(1, 65535)),
+    st.builds(
+        "{}:{}".format,
+        st.from_regex(r"[a-z][a-z0-9-]{0,20}[a-z0-9]", fullmatch=True),
+        st.integers(1, 65535),
+    ),
+    st.from_regex(r"mem:[A-Za-z0-9._-]{1,64}", fullmatch=True),
+)
+rounds = st.integers(min_value=0, max_value=2**31 - 1)
+samples = st.integers(min_value=1, max_value=2**31 - 1)
 nonces = st.integers(min_value=0, max_value=2**64 - 1)
-times = st.floats(allow_nan=False, allow_infinity=False)
+times = st.floats(min_value=0.0, max_value=2.0**53, exclude_max=True)
 params = hnp.arrays(np.float32, st.integers(min_value=0, max_value=40))
 
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, peer_ids, rounds, names, st.lists(addresses, max_size=4).map(tuple), names),
     st.builds(Ping, peer_ids, rounds, nonces, times),
     st.builds(Pong, peer_ids, rounds, nonces, times),
-    st.builds(PeerList, peer_ids, rounds, st.lists(st.tuples(peer_ids, addresses)).map(tuple)),
-    st.builds(ModelUpdate, peer_ids, rounds, params, rounds),
+    st.builds(PeerList, peer_ids, rounds, st.lists(st.tuples(real_ids, addresses)).map(tuple)),
+    st.builds(ModelUpdate, peer_ids, rounds, params, samples),
     st.builds(StateRequest, peer_ids, rounds),
-    st.builds(StateReply, peer_ids, rounds, params, rounds),
+    st.builds(StateReply, peer_ids, rounds, params, samples),
     st.builds(Bye, peer_ids, rounds, st.text(printable, max_size=200)),
 )
 

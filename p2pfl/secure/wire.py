@@ -2,7 +2,11 @@
 
 The body is hostile input: every key must be exactly the message's fields, lists become
 tuples, the masked vector must be a 1-D uint32 tensor, and the message's own
-`__post_init__` checks ranges. Anything wrong raises the wire's one typed error.
+`__post_init__` checks ranges. On top of that, what only the wire can know: ids of
+other peers must have the shape of real peer ids (sans-IO tests use short names, so
+`__post_init__` does not insist), an announced vector length must fit the local model,
+and no participant index may appear twice in a grouping. Anything wrong raises the
+wire's one typed error.
 """
 
 from __future__ import annotations
@@ -12,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from p2pfl.secure.messages import SECURE_MESSAGE_TYPES, MaskedUpdate, SecureMessage
+from p2pfl.identity import is_peer_id
+from p2pfl.secure.messages import (
+    SECURE_MESSAGE_TYPES,
+    GroupAnnounce,
+    GroupRetry,
+    MaskedUpdate,
+    SecureMessage,
+    UnmaskRequest,
+)
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.messages import SecureEnvelope
 from p2pfl.wire.tensors import decode_tensor, encode_tensor
@@ -53,7 +65,35 @@ def from_envelope(env: SecureEnvelope, *, max_dim: int) -> SecureMessage:
         msg: SecureMessage = cls(sender=env.sender, round=env.round, **kwargs)
     except (TypeError, ValueError) as exc:
         raise WireError("bad_field", f"{env.kind}: {exc}") from None
+    _check_wire_only(msg, max_dim)
     return msg
+
+
+def _bad(msg: SecureMessage, message: str) -> WireError:
+    return WireError("bad_field", f"{msg.TYPE}: {message}")
+
+
+def _check_ids(msg: SecureMessage, name: str, ids: tuple[str, ...]) -> None:
+    for i, peer in enumerate(ids):
+        if not is_peer_id(peer):
+            raise _bad(msg, f"{name}[{i}]: not a peer id")
+
+
+def _check_wire_only(msg: SecureMessage, max_dim: int) -> None:
+    """Checks that need the wire's context (real peer ids, the local model size)."""
+    if isinstance(msg, GroupAnnounce):
+        _check_ids(msg, "participants", msg.participants)
+        if msg.dim > max_dim:
+            raise _bad(msg, f"dim: {msg.dim} exceeds the local model size {max_dim}")
+        seen: set[int] = set()
+        for i, group in enumerate(msg.groups):
+            if len(set(group)) != len(group):
+                raise _bad(msg, f"groups[{i}]: a participant index appears twice")
+            if seen.intersection(group):
+                raise _bad(msg, f"groups[{i}]: shares a participant with an earlier group")
+            seen.update(group)
+    elif isinstance(msg, GroupRetry | UnmaskRequest):
+        _check_ids(msg, "members", msg.members)
 
 
 def _listify(value: object) -> object:

@@ -19,6 +19,7 @@ import trio
 from p2pfl.identity import Identity
 from p2pfl.transport.base import Connection, ConnectionClosed, ConnectionHandler, HandshakeError
 from p2pfl.transport.tls import make_ssl_context, peer_id_of
+from p2pfl.wire.address import parse_address as parse_address  # the one parser, re-exported
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame_header
 
@@ -29,26 +30,6 @@ RECEIVE_CHUNK = 256 * 1024
 SMALL_PAYLOAD = 64 * 1024  # below this, header + payload go out as one buffer
 SEND_SLICE = 1024 * 1024  # big payloads are encrypted and sent a slice at a time
 CLOSE_TIMEOUT = 2.0
-
-
-def parse_address(s: str) -> tuple[str, int]:
-    """Split "host:port" or "[ipv6]:port" into (host, port)."""
-    if s.startswith("["):
-        host, sep, rest = s[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"bad address {s!r}: expected [ipv6]:port")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = s.rpartition(":")
-        if not sep:
-            raise ValueError(f"bad address {s!r}: expected host:port")
-        if ":" in host:
-            raise ValueError(f"bad address {s!r}: write IPv6 hosts as [addr]:port")
-    if not host:
-        raise ValueError(f"bad address {s!r}: empty host")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"bad address {s!r}: port must be a number in 0..65535")
-    return host, int(port_text)
 
 
 def format_address(host: str, port: int) -> str:

@@ -6,8 +6,12 @@ ndarrays as tensor maps (see `p2pfl.wire.tensors`).
 
 Decoding treats the payload as hostile: msgpack runs with explicit size limits and no
 ext types, duplicate map keys are refused (two parsers must never disagree about a
-message), and every field of every type is checked for type and range. Whatever the
-input, `decode` raises only WireError, whose `reason` is one of:
+message), the total number of list elements and map entries is capped (tiny nested
+containers would otherwise amplify a frame many times in memory), and every field of
+every type is checked for type and range: addresses must be dialable
+(`p2pfl.wire.address`), ids of other peers must have the shape of real peer ids,
+rounds and sample counts fit in 31 bits (samples >= 1), list lengths are bounded.
+Whatever the input, `decode` raises only WireError, whose `reason` is one of:
 
     malformed     not msgpack, trailing bytes, limits exceeded, duplicate keys, not a map
     bad_version   `v` is not PROTOCOL_VERSION
@@ -36,6 +40,8 @@ import msgpack
 import numpy as np
 
 from p2pfl import PROTOCOL_VERSION
+from p2pfl.identity import is_peer_id
+from p2pfl.wire.address import MAX_ADDR_LEN, check_peer_address
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.framing import DEFAULT_MAX_FRAME_SIZE, frame_header
 from p2pfl.wire.messages import (
@@ -57,11 +63,18 @@ from p2pfl.wire.tensors import decode_tensor, encode_tensor
 
 HEADER_KEYS = ("v", "type", "sender", "round")
 MAX_PEER_ID_LEN = 128
-MAX_ADDR_LEN = 256
 MAX_NAME_LEN = 128
 MAX_TEXT_LEN = 1024
-MAX_ROUND = 2**53  # exclusive; rounds and sample counts must stay exact as floats
-MAX_NONCE = 2**64  # exclusive
+# Exclusive bounds. No federation reaches 2**31 rounds (68 years at one a second), and a
+# round far beyond it is only ever an attack on arithmetic or on tables keyed by round.
+MAX_ROUND = 2**31
+# A real sample count is at least 1 and fits in 31 bits; the aggregator separately caps
+# each peer's weight relative to the others (p2pfl.aggregation).
+MAX_SAMPLES = 2**31
+MAX_NONCE = 2**64
+MAX_TIME = 2.0**53  # seconds on a trio clock; finite and exact as an int
+MAX_LISTEN = 16  # a node listens on a handful of addresses; the node uses at most 8
+MAX_PEERS = 256  # peer exchange sends at most 64; the node reads at most 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +86,10 @@ class Limits:
     max_list_len: int = 4096
     max_map_len: int = 64
     max_bin_len: int = DEFAULT_MAX_FRAME_SIZE
+    # Total list elements + map entries in one message. A byte of msgpack can become
+    # an 8-byte list slot or a 64-byte dict, so without this a 256 MiB frame of nested
+    # tiny lists would cost gigabytes; real messages hold a few thousand at most.
+    max_items: int = 16384
 
 
 DEFAULT_LIMITS = Limits()
@@ -113,7 +130,27 @@ def _check_int(name: str, value: object, low: int, high: int) -> int:
 
 
 def _peer_id(name: str, value: object, limits: Limits) -> str:
+    """A sender: any short printable token. The node compares it with the id the
+    transport proved (TLS certificate) before anything else, which is stricter than
+    any format check; unit tests and simulations may use readable names."""
     return _check_str(name, value, MAX_PEER_ID_LEN, empty=False)
+
+
+def _strict_peer_id(name: str, value: object) -> str:
+    """An id a peer tells us about (peer exchange): only ever dialed with the id pinned,
+    so anything that is not the shape of a real peer id is junk (see identity.py)."""
+    text = _check_str(name, value, MAX_PEER_ID_LEN, empty=False)
+    if not is_peer_id(text):
+        raise _bad_field(name, f"not a peer id (32 lowercase base32 chars): {_short(text)}")
+    return text
+
+
+def _address(name: str, value: object) -> str:
+    text = _check_str(name, value, MAX_ADDR_LEN, empty=False)
+    try:
+        return check_peer_address(text)
+    except ValueError as exc:
+        raise _bad_field(name, str(exc)) from None
 
 
 def _name(name: str, value: object, limits: Limits) -> str:
@@ -128,6 +165,10 @@ def _round(name: str, value: object, limits: Limits) -> int:
     return _check_int(name, value, 0, MAX_ROUND)
 
 
+def _samples(name: str, value: object, limits: Limits) -> int:
+    return _check_int(name, value, 1, MAX_SAMPLES)
+
+
 def _nonce(name: str, value: object, limits: Limits) -> int:
     return _check_int(name, value, 0, MAX_NONCE)
 
@@ -135,34 +176,32 @@ def _nonce(name: str, value: object, limits: Limits) -> int:
 def _time(name: str, value: object, limits: Limits) -> float:
     if type(value) is not float:
         raise _bad_field(name, f"expected float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise _bad_field(name, f"must be finite, got {value}")
+    if not math.isfinite(value) or not 0.0 <= value < MAX_TIME:
+        raise _bad_field(name, f"must be in [0, 2**53), got {value}")
     return value
 
 
-def _check_list(name: str, value: object, limits: Limits) -> list[Any]:
+def _check_list(name: str, value: object, max_len: int) -> list[Any]:
     if type(value) is not list:
         raise _bad_field(name, f"expected list, got {type(value).__name__}")
-    if len(value) > limits.max_list_len:
-        raise _bad_field(name, f"{len(value)} entries, at most {limits.max_list_len} allowed")
+    if len(value) > max_len:
+        raise _bad_field(name, f"{len(value)} entries, at most {max_len} allowed")
     return value
 
 
 def _addresses(name: str, value: object, limits: Limits) -> tuple[str, ...]:
-    items = _check_list(name, value, limits)
-    return tuple(
-        _check_str(f"{name}[{i}]", item, MAX_ADDR_LEN, empty=False) for i, item in enumerate(items)
-    )
+    items = _check_list(name, value, min(MAX_LISTEN, limits.max_list_len))
+    return tuple(_address(f"{name}[{i}]", item) for i, item in enumerate(items))
 
 
 def _peer_pairs(name: str, value: object, limits: Limits) -> tuple[tuple[str, str], ...]:
-    items = _check_list(name, value, limits)
+    items = _check_list(name, value, min(MAX_PEERS, limits.max_list_len))
     pairs = []
     for i, item in enumerate(items):
         if type(item) is not list or len(item) != 2:
             raise _bad_field(f"{name}[{i}]", f"expected [peer_id, address], got {_short(item)}")
-        peer = _check_str(f"{name}[{i}][0]", item[0], MAX_PEER_ID_LEN, empty=False)
-        addr = _check_str(f"{name}[{i}][1]", item[1], MAX_ADDR_LEN, empty=False)
+        peer = _strict_peer_id(f"{name}[{i}][0]", item[0])
+        addr = _address(f"{name}[{i}][1]", item[1])
         pairs.append((peer, addr))
     return tuple(pairs)
 
@@ -206,10 +245,10 @@ SCHEMAS: dict[type[Any], dict[str, Validator]] = {
     Ping: {**_COMMON, "nonce": _nonce, "sent_at": _time},
     Pong: {**_COMMON, "nonce": _nonce, "sent_at": _time},
     PeerList: {**_COMMON, "peers": _peer_pairs},
-    ModelUpdate: {**_COMMON, "params": _params, "samples": _round},
-    CompressedModelUpdate: {**_COMMON, "blob": _blob, "samples": _round},
+    ModelUpdate: {**_COMMON, "params": _params, "samples": _samples},
+    CompressedModelUpdate: {**_COMMON, "blob": _blob, "samples": _samples},
     StateRequest: dict(_COMMON),
-    StateReply: {**_COMMON, "params": _params, "samples": _round},
+    StateReply: {**_COMMON, "params": _params, "samples": _samples},
     Bye: {**_COMMON, "reason": _text},
     SecureEnvelope: {**_COMMON, "kind": _name, "body": _blob},
     UpdateRequest: dict(_COMMON),
@@ -321,16 +360,38 @@ def encode_frame(msg: Message) -> bytes:
 # ---------------------------------------------------------------- decoding
 
 
-def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """object_pairs_hook: refuse duplicate keys instead of silently keeping the last."""
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[Any] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise WireError("malformed", f"duplicate map key {_short(key)}")
-            seen.add(key)
-    return result
+class _ItemBudget:
+    """msgpack hooks that count every list element and map entry of one payload.
+
+    They run as each container is finished, so at most one container beyond the budget
+    (itself capped by max_list_len / max_map_len) is ever built.
+    """
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def _spend(self, n: int) -> None:
+        self.left -= n + 1
+        if self.left < 0:
+            raise WireError("malformed", "too many items (nested lists/maps) in one message")
+
+    def list_hook(self, items: list[Any]) -> list[Any]:
+        self._spend(len(items))
+        return items
+
+    def pairs_hook(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        """Also refuse duplicate keys instead of silently keeping the last."""
+        self._spend(len(pairs))
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen: set[Any] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise WireError("malformed", f"duplicate map key {_short(key)}")
+                seen.add(key)
+        return result
 
 
 def decode(payload: bytes | bytearray | memoryview, *, limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -338,13 +399,15 @@ def decode(payload: bytes | bytearray | memoryview, *, limits: Limits = DEFAULT_
 
     Tensor fields are read-only arrays over the unpacked bin (np.frombuffer, no copy).
     """
+    budget = _ItemBudget(limits.max_items)
     try:
         obj = msgpack.unpackb(
             payload,
             raw=False,
             strict_map_key=True,
             use_list=True,
-            object_pairs_hook=_unique_map,
+            list_hook=budget.list_hook,
+            object_pairs_hook=budget.pairs_hook,
             max_bin_len=limits.max_bin_len,
             max_str_len=limits.max_str_len,
             max_array_len=limits.max_list_len,
