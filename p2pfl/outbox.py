@@ -4,6 +4,11 @@ Plain float32 updates, or compressed ones: one encoder for everyone while every
 neighbour gets every update (neighbours = "all"), one per peer when neighbours vary per
 round, so a peer never gets a delta whose base it missed. The payloads of the last
 rounds are kept so a neighbour whose copy was lost can ask for it again.
+
+A peer that (re)connects after we sent a round's model (a restarted node that caught
+up to that round) can ask for it too: it gets a payload made for it then, a plain
+update or a compressed keyframe, which needs no base. Each round goes out once: a
+second request to send a round already sent returns the same payloads.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ class UpdateOutbox:
         self._shared = self._encoder()
         self._peers: dict[str, UpdateEncoder] = {}
         self._sent: dict[int, dict[str, bytes]] = {}
+        self._models: dict[int, tuple[np.ndarray, int]] = {}  # round -> (params, samples)
+        self._last_round = -1  # the last round sent
+        self._joined: dict[str, int] = {}  # peer -> the last round sent before it connected
         self.last_sizes: tuple[int, int] = (0, 0)  # (float32 bytes, wire bytes)
 
     @property
@@ -49,7 +57,20 @@ class UpdateOutbox:
     def payloads(
         self, round: int, params: np.ndarray, samples: int, peers: Sequence[str]
     ) -> dict[str, bytes]:
-        """Encode our model for `round` for each of `peers` (shared bytes where possible)."""
+        """Encode our model for `round` for each of `peers` (shared bytes where possible).
+
+        A round is encoded once: a compressed stream has one message per round, and a
+        peer must not get two different models for one round. Asked again for a round
+        already sent (a bug upstream), we log it and give what was sent then.
+        """
+        if round <= self._last_round:
+            log.warning(
+                "round %d: our model was already sent (last sent: round %d); not re-encoding",
+                round,
+                self._last_round,
+            )
+            again = {peer: self.resend(peer, round) for peer in peers}
+            return {peer: payload for peer, payload in again.items() if payload is not None}
         out: dict[str, bytes] = {}
         if not self.per_peer:
             payload = self._encode(self._shared, round, params, samples)
@@ -60,13 +81,31 @@ class UpdateOutbox:
                 self._peers[peer] = encoder  # type: ignore[assignment]
                 out[peer] = self._encode(encoder, round, params, samples)
         self._sent[round] = out
+        self._models[round] = (params.copy(), samples)
+        self._last_round = round
         for old in [r for r in self._sent if r < round - RESEND_ROUNDS]:
             del self._sent[old]
+            self._models.pop(old, None)
+        for p in [p for p, r in self._joined.items() if r < round - RESEND_ROUNDS]:
+            del self._joined[p]
         return out
 
     def resend(self, peer: str, round: int) -> bytes | None:
-        """The payload `peer` got (or should have got) for `round`, if still kept."""
-        return self._sent.get(round, {}).get(peer)
+        """The payload `peer` got (or should have got) for `round`, if still kept.
+
+        A peer that connected only after `round` was sent gets one made for it now:
+        it may have caught up to that round, and without it would wait a timeout.
+        A peer left out on purpose (k random neighbours) gets nothing.
+        """
+        sent = self._sent.get(round, {})
+        if peer in sent:
+            return sent[peer]
+        kept = self._models.get(round)
+        if kept is None or round > self._joined.get(peer, -1):
+            return None
+        payload = self._late_payload(peer, round, *kept)
+        sent[peer] = payload
+        return payload
 
     def dropped(self, peer: str) -> None:
         """A payload never left for `peer`: its copy of our model lacks that base."""
@@ -75,10 +114,29 @@ class UpdateOutbox:
             encoder.force_keyframe()
 
     def peer_connected(self, peer: str) -> None:
-        """A (re)connected peer has no copy of our model: start it with a keyframe."""
+        """A (re)connected peer has no copy of our model: start it with a keyframe.
+
+        Payloads made for its previous connection may be deltas on a copy it no longer
+        has: forget them; rounds sent before now are made afresh if it asks.
+        """
         self._peers.pop(peer, None)
         if self._shared is not None:
             self._shared.force_keyframe()
+        for sent in self._sent.values():
+            sent.pop(peer, None)
+        self._joined[peer] = self._last_round
+
+    def _late_payload(self, peer: str, round: int, params: np.ndarray, samples: int) -> bytes:
+        """Our model for `round`, for a peer that was not connected when it went out."""
+        if self.pipeline is None:
+            return codec.encode(ModelUpdate(self.node_id, round, params, samples))
+        # A keyframe of its own: it needs no base and leaves the stream the others
+        # decode untouched (a receiver never rewinds its copy to an older keyframe).
+        late = UpdateEncoder(self.pipeline, keyframe_every=0, seed=self._seed)
+        blob = late.encode(params, round)
+        if peer in self._peers:
+            self._peers[peer].force_keyframe()  # its own stream goes on from a keyframe
+        return codec.encode(CompressedModelUpdate(self.node_id, round, blob, samples))
 
     def state(self) -> dict[str, np.ndarray]:
         return self._shared.state() if self._shared is not None else {}
@@ -91,6 +149,8 @@ class UpdateOutbox:
         except ValueError as exc:
             log.warning("ignoring saved compression state (%s); starting fresh", exc)
             self._shared = self._encoder()
+            return
+        self._last_round = self._shared.last_round
 
     def _encoder(self) -> UpdateEncoder | None:
         if self.pipeline is None:

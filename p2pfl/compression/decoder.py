@@ -7,6 +7,10 @@ WireError("missing_base"), keeps its state, and recovers at the sender's next
 keyframe. State only changes after a message has been fully validated, so a bad
 message never corrupts a copy.
 
+A copy never goes back to an earlier round: a resent or late keyframe for an older
+round (made for a peer that reconnected after the sender had moved on) is decoded but
+not adopted, since the sender's next delta builds on its newer message.
+
 Everything from the network is hostile; whatever the blob, `decode` raises only
 WireError, with reason "bad_compression", "missing_base" or "decompression_bomb".
 """
@@ -81,7 +85,8 @@ class UpdateDecoder:
         if not all_finite(new):
             raise WireError("bad_compression", "the update makes the model overflow float32")
         new.setflags(write=False)
-        self._copies[sender] = _Copy(new, round)
+        if copy is None or round >= copy.round:
+            self._copies[sender] = _Copy(new, round)
         return new
 
     def round_of(self, sender: str) -> int | None:

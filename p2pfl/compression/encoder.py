@@ -149,6 +149,11 @@ class UpdateEncoder:
         return None if self._x_hat is None else self._x_hat.copy()
 
     @property
+    def last_round(self) -> int:
+        """Round of the last message (-1 if none): the next must be for a later round."""
+        return self._base_round
+
+    @property
     def residual(self) -> F32 | None:
         return None if self._residual is None else self._residual.copy()
 

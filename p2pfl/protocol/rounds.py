@@ -166,6 +166,8 @@ class RoundMachine:
     _waiting_for: set[str] = field(default_factory=set)
     _waits: list[float] = field(default_factory=list)
     _collect_started: float = 0.0
+    _collect_deadline: float = 0.0
+    _sent_round: int = -1  # the last round whose own update went out (one per round)
     nudge_at: float | None = None
     _nudged: bool = False
     _resend_asked: set[str] = field(default_factory=set)
@@ -209,9 +211,10 @@ class RoundMachine:
         self._waiting_for = set(to)
         self._expected = len(to)
         self.phase = Phase.COLLECTING
+        self._sent_round = self.round
         self._collect_started = now
         timeout = self._collect_timeout()
-        self.deadline = now + timeout
+        self.deadline = self._collect_deadline = now + timeout
         self._nudged = False
         self._resend_asked = set()
         if self.settings.nudge_fraction is None:
@@ -221,7 +224,9 @@ class RoundMachine:
             self.nudge_at = now + self._nudge_gap
         actions: list[Action] = [Broadcast(self.round, self._own.params, samples, to)]
         actions += self._maybe_aggregate(now, timed_out=False)
-        self._nudge_early(now)
+        if self.phase is Phase.COLLECTING:
+            actions += self._ask_those_moved_on()
+            self._nudge_early(now)
         return actions
 
     def preselect(self, round: int, peers: list[str]) -> tuple[str, ...]:
@@ -289,6 +294,17 @@ class RoundMachine:
             Phase.COLLECTING,
         )
 
+    def _ask_those_moved_on(self) -> list[Action]:
+        """Collecting began: neighbours already seen in a later round sent their model
+        for ours before we heard of them (e.g. before we were back after a restart and
+        caught up to this round), or it was lost: ask them now, not at a nudge."""
+        ask: list[str] = []
+        for peer in sorted(self._waiting_for):
+            for action in self._resend_if_moved_on(peer, self._peer_rounds.get(peer, -1)):
+                assert isinstance(action, RequestUpdates)
+                ask += action.to
+        return [RequestUpdates(self.round, tuple(ask))] if ask else []
+
     def _resend_if_moved_on(self, peer: str, round: int) -> list[Action]:
         """A neighbour we wait for is already in a later round: it has sent us its model
         for ours, which must have been lost. Ask for it now rather than at a timeout."""
@@ -327,14 +343,16 @@ class RoundMachine:
         self._peer_rounds.pop(peer, None)
         actions: list[Action] = []
         if (
-            self.phase is Phase.COLLECTING
+            self.phase in (Phase.COLLECTING, Phase.CATCHING_UP)
             and peer in self._waiting_for
             and peer not in self._received.get(self.round, {})
         ):
+            # Also while catching up: we may resume collecting this round afterwards.
             self._waiting_for.discard(peer)
             self._expected = len(self._waiting_for)
-            actions += self._maybe_aggregate(now, timed_out=False)
-        elif self.phase is Phase.CATCHING_UP and peer in self._asked:
+            if self.phase is Phase.COLLECTING:
+                actions += self._maybe_aggregate(now, timed_out=False)
+        if self.phase is Phase.CATCHING_UP and peer in self._asked:
             self._asked = tuple(p for p in self._asked if p != peer)
             if len(self._states) >= len(self._asked):
                 actions += self._finish_catch_up(now)
@@ -589,7 +607,9 @@ class RoundMachine:
         ranked = sorted([*lagging, *others], key=lambda p: p in self.unresponsive)
         self._asked = tuple(ranked[: self.settings.catch_up_peers])
         self._states = {}
-        self._own = None
+        if self._sent_round != self.round:
+            self._own = None  # a training run in progress is obsolete
+        # else: our model for this round is out; keep it in case we stay in this round
         self.deadline = now + self.settings.catch_up_timeout
         self._nudge_gap = STATE_RETRY_GAP
         self.nudge_at = now + STATE_RETRY_GAP
@@ -630,4 +650,21 @@ class RoundMachine:
         if self._done():
             self.phase = Phase.DONE
             return [*actions, Finished(self.round)]
+        if self._sent_round == self.round and self._own is not None:
+            # Still in the round whose model we already sent: training and sending it
+            # again would give the neighbours a second, different model for one round
+            # (dropped as a duplicate by those that have the first, taken by the rest)
+            # and break compressed streams (one message per round). Collect on.
+            return [*actions, *self._resume_collecting(now)]
         return [*actions, *self._begin_training()]
+
+    def _resume_collecting(self, now: float) -> list[Action]:
+        """Back to collecting the round we were collecting when the catch-up began, with
+        that round's deadline: updates that arrived meanwhile count, the missing ones
+        are asked for at once (the catch-up held back our nudges)."""
+        self.phase = Phase.COLLECTING
+        self.deadline = max(self._collect_deadline, now)
+        if self.settings.nudge_fraction is not None:
+            self._nudge_gap = max(self._nudge_gap, MIN_NUDGE_GAP)
+            self.nudge_at = now
+        return self._maybe_aggregate(now, timed_out=False)
