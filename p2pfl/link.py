@@ -39,6 +39,9 @@ class Link:
     last_state_reply: float = -math.inf
     enqueued: int = 0  # messages ever queued on this link
     written: int = 0  # messages ever handed to the connection
+    # Why the connection ended, when it ended by itself (EOF, reset, bad framing, a
+    # heartbeat timeout); None while open or when we closed it (shutdown, duplicate).
+    close_reason: str | None = None
     _update_at: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,8 +83,27 @@ class Link:
             self.queued_bytes -= len(payload)
             try:
                 await self.conn.send(payload)
-            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except (
+                ConnectionClosed,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+            ) as exc:
+                if self.close_reason is None:
+                    self.close_reason = closed_cause(exc)
                 self.scope.cancel()
                 return
             self.written += 1
             on_written(len(payload) + 4)
+
+
+def closed_cause(exc: BaseException) -> str:
+    """A short cause for the lost-peer log line: "EOF" when the peer closed the stream
+    (a process exit, SIGKILL included), else "connection reset (...)"."""
+    cause = exc.__cause__ if isinstance(exc, ConnectionClosed) else exc
+    if cause is None or isinstance(cause, trio.EndOfChannel):
+        return "EOF"
+    if isinstance(cause, trio.ClosedResourceError):
+        return "connection closed"
+    inner = cause.__cause__ or cause.__context__ or cause
+    return f"connection reset ({type(inner).__name__})"

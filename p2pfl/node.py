@@ -29,7 +29,7 @@ from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.learning import build_model, load_dataset, node_shard
 from p2pfl.learning.attacks import Attack, make_attack
-from p2pfl.link import Link
+from p2pfl.link import Link, closed_cause
 from p2pfl.membership import PeerState, PeerTable
 from p2pfl.outbox import UpdateOutbox
 from p2pfl.protocol import (
@@ -644,10 +644,9 @@ class Node:
         for peer in self.peers.silent_peers(now, self.config.heartbeat_timeout):
             silent = self._links.get(peer)
             if silent is not None:
-                log.warning(
-                    "peer %s silent for %.1fs: closing",
-                    peer[:12],
-                    self.config.heartbeat_timeout,
+                # Logged once, as the link ends (`_serve`).
+                silent.close_reason = (
+                    f"heartbeat timeout (silent for {self.config.heartbeat_timeout:.1f}s)"
                 )
                 self.counters["heartbeat_failures"] += 1
                 silent.closed_state = PeerState.FAILED
@@ -803,6 +802,9 @@ class Node:
         finally:
             if self._links.get(peer) is link:
                 del self._links[peer]
+                if link.close_reason is not None and link.closed_state is not PeerState.LEFT:
+                    # One line per lost peer (a Bye was logged as "left" already).
+                    log.warning("lost peer %s: %s", peer[:12], link.close_reason)
                 with self.supervisor.guard("peer_lost", peer):
                     self._forget_link(peer, link)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -900,13 +902,18 @@ class Node:
         while True:
             try:
                 payload = await link.conn.receive()
-            except ConnectionClosed:
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except (
+                ConnectionClosed,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+            ) as exc:
+                link.close_reason = link.close_reason or closed_cause(exc)
                 return
             except WireError as exc:
                 # A framing error leaves the stream unusable: hang up on this peer only.
                 self._count_rejection(peer, exc.reason, exc.detail)
+                link.close_reason = f"bad framing ({exc.reason})"
                 return
             n = len(payload) + 4
             rec.bytes_in += n
