@@ -21,7 +21,7 @@ from p2pfl.secure.messages import SESSION_LEN, GroupRetry, UnmaskRequest
 from p2pfl.secure.wire import from_envelope
 from p2pfl.transport import tcp
 from p2pfl.wire import address
-from p2pfl.wire.codec import MAX_LISTEN, MAX_PEERS, decode, encode
+from p2pfl.wire.codec import MAX_LISTEN, MAX_PEERS, Limits, decode, encode
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.messages import (
     CompressedModelUpdate,
@@ -129,6 +129,16 @@ def test_one_address_parser_shared_with_the_tcp_transport() -> None:
     for bad in BAD_ADDRESSES:
         with pytest.raises(ValueError, match="bad address"):
             address.check_peer_address(bad)
+
+
+def test_a_tcp_node_can_refuse_memory_addresses() -> None:
+    payload = encode(PeerList(ME, 0, ((IDS[1], "mem:n1"),)))
+    assert decode(payload).peers == ((IDS[1], "mem:n1"),)  # simulations rely on them
+    with pytest.raises(WireError, match=r"peers\[0\]\[1\].*in-memory"):
+        decode(payload, limits=Limits(memory_addresses=False))
+    hello = encode(Hello(ME, 0, "f", ("mem:n1",)))
+    with pytest.raises(WireError, match=r"listen\[0\]"):
+        decode(hello, limits=Limits(memory_addresses=False))
 
 
 def test_peer_list_ids_must_be_peer_ids() -> None:

@@ -94,12 +94,15 @@ def is_memory_address(s: str) -> bool:
     )
 
 
-def check_peer_address(s: str) -> str:
-    """An address a peer may tell us to dial: host:port with port 1..65535, or mem:<name>.
+def check_peer_address(s: str, *, memory: bool = True) -> str:
+    """An address a peer may tell us to dial: host:port with port 1..65535, or (when
+    `memory`) mem:<name>.
 
     Returns `s` unchanged; ValueError says what is wrong.
     """
     if type(s) is str and is_memory_address(s):
+        if not memory:
+            raise _bad(s, "in-memory addresses cannot be dialed here")
         return s
     _, port = parse_address(s)
     if port == 0:

@@ -90,6 +90,9 @@ class Limits:
     # an 8-byte list slot or a 64-byte dict, so without this a 256 MiB frame of nested
     # tiny lists would cost gigabytes; real messages hold a few thousand at most.
     max_items: int = 16384
+    # "mem:<name>" addresses exist only for the in-memory transport; a TCP node should
+    # refuse them (it could never dial one) by passing False.
+    memory_addresses: bool = True
 
 
 DEFAULT_LIMITS = Limits()
@@ -145,10 +148,10 @@ def _strict_peer_id(name: str, value: object) -> str:
     return text
 
 
-def _address(name: str, value: object) -> str:
+def _address(name: str, value: object, limits: Limits) -> str:
     text = _check_str(name, value, MAX_ADDR_LEN, empty=False)
     try:
-        return check_peer_address(text)
+        return check_peer_address(text, memory=limits.memory_addresses)
     except ValueError as exc:
         raise _bad_field(name, str(exc)) from None
 
@@ -191,7 +194,7 @@ def _check_list(name: str, value: object, max_len: int) -> list[Any]:
 
 def _addresses(name: str, value: object, limits: Limits) -> tuple[str, ...]:
     items = _check_list(name, value, min(MAX_LISTEN, limits.max_list_len))
-    return tuple(_address(f"{name}[{i}]", item) for i, item in enumerate(items))
+    return tuple(_address(f"{name}[{i}]", item, limits) for i, item in enumerate(items))
 
 
 def _peer_pairs(name: str, value: object, limits: Limits) -> tuple[tuple[str, str], ...]:
@@ -201,7 +204,7 @@ def _peer_pairs(name: str, value: object, limits: Limits) -> tuple[tuple[str, st
         if type(item) is not list or len(item) != 2:
             raise _bad_field(f"{name}[{i}]", f"expected [peer_id, address], got {_short(item)}")
         peer = _strict_peer_id(f"{name}[{i}][0]", item[0])
-        addr = _address(f"{name}[{i}][1]", item[1])
+        addr = _address(f"{name}[{i}][1]", item[1], limits)
         pairs.append((peer, addr))
     return tuple(pairs)
 
