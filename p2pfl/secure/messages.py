@@ -34,6 +34,7 @@ MAX_ATTEMPTS = 16
 MAX_GROUPS = MAX_PARTICIPANTS // 3
 MAX_DIM = 2**28
 MAX_ID_LEN = 128
+MAX_ROUND = 2**31  # exclusive, as for every round on the wire (p2pfl.wire.codec)
 
 
 def _check_id(name: str, value: object) -> None:
@@ -73,7 +74,7 @@ class _GroupHeader:
 
     def __post_init__(self) -> None:
         _check_id("sender", self.sender)
-        _check_int("round", self.round, 0, 2**53)
+        _check_int("round", self.round, 0, MAX_ROUND)
         _check_bytes("session", self.session, SESSION_LEN)
         _check_int("group", self.group, 0, MAX_GROUPS)
         _check_int("attempt", self.attempt, 0, MAX_ATTEMPTS)
@@ -90,7 +91,7 @@ class SecureKey:
 
     def __post_init__(self) -> None:
         _check_id("sender", self.sender)
-        _check_int("round", self.round, 0, 2**53)
+        _check_int("round", self.round, 0, MAX_ROUND)
         _check_bytes("key", self.key, ANNOUNCEMENT_LEN)
 
 
@@ -114,7 +115,7 @@ class GroupAnnounce:
 
     def __post_init__(self) -> None:
         _check_id("sender", self.sender)
-        _check_int("round", self.round, 0, 2**53)
+        _check_int("round", self.round, 0, MAX_ROUND)
         _check_bytes("session", self.session, SESSION_LEN)
         _check_int("group_size", self.group_size, 3, MAX_PARTICIPANTS + 1)
         if type(self.clip) is not float or not (math.isfinite(self.clip) and self.clip > 0):
