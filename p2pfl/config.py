@@ -45,7 +45,15 @@ class NodeConfig:
     min_peers: int = 1
     peer_exchange: bool = True
     max_peers: int = 64
-    max_frame_size: int = 256 * 1024 * 1024
+    # Resource bounds (docs/security.md): "auto" sizes the frame limit to the model
+    # (twice the dense update plus headers), the receive budget to two frames (>= 16
+    # MiB) and the inbound cap to 2 x max_peers; an integer overrides.
+    max_frame_size: int | str = "auto"
+    receive_budget: int | str = "auto"  # bytes of partial frames across all links
+    max_inbound: int | str = "auto"  # accepted connections open at once
+    handshake_timeout: float = 10.0  # seconds from TCP accept to an admitted peer
+    frame_timeout: float = 10.0  # floor of a frame's deadline once its header arrived
+    frame_min_rate: int = 64 * 1024  # bytes/s a frame must keep up beyond that floor
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 6.0
     # Discovery: mDNS on these IPv4 interface addresses (default: the listen address,
@@ -115,10 +123,31 @@ class NodeConfig:
                 f"{peer_id!r} is not a peer id (see `p2pfl keys show`)",
             )
         _check(
-            1024 <= self.max_frame_size <= 2**32 - 1,
+            self.max_frame_size == "auto"
+            or (type(self.max_frame_size) is int and 1024 <= self.max_frame_size <= 2**32 - 1),
             "max_frame_size",
-            "must be between 1024 and 4294967295 bytes",
+            "must be 'auto' or between 1024 and 4294967295 bytes",
         )
+        _check(
+            self.receive_budget == "auto"
+            or (type(self.receive_budget) is int and self.receive_budget >= 1024),
+            "receive_budget",
+            "must be 'auto' or at least 1024 bytes",
+        )
+        _check(
+            not (type(self.max_frame_size) is int and type(self.receive_budget) is int)
+            or self.receive_budget >= self.max_frame_size,
+            "receive_budget",
+            "must be at least max_frame_size (a frame has to fit)",
+        )
+        _check(
+            self.max_inbound == "auto" or (type(self.max_inbound) is int and self.max_inbound >= 1),
+            "max_inbound",
+            "must be 'auto' (2 x max_peers) or >= 1",
+        )
+        _check(self.handshake_timeout > 0, "handshake_timeout", "must be > 0 seconds")
+        _check(self.frame_timeout > 0, "frame_timeout", "must be > 0 seconds")
+        _check(self.frame_min_rate >= 1, "frame_min_rate", "must be >= 1 byte per second")
         _check(self.heartbeat_interval > 0, "heartbeat_interval", "must be > 0 seconds")
         _check(
             self.heartbeat_timeout > self.heartbeat_interval,
@@ -297,6 +326,8 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise TypeError("expected a list of strings")
         return tuple(value)
+    if key in AUTO_FIELDS:
+        return _auto_int(value)
     if key == "neighbours":
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise TypeError("expected 'all' or an integer")
@@ -317,6 +348,21 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise TypeError(f"expected a string, got {value!r}")
         return value
+    return value
+
+
+AUTO_FIELDS = ("max_frame_size", "receive_budget", "max_inbound")
+"""Integer fields whose default, "auto", is derived when the node starts."""
+
+
+def _auto_int(value: Any) -> int | str:
+    """'auto' or an integer (a TOML integer, or digits from the command line)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected 'auto' or an integer, got {value!r}")
     return value
 
 

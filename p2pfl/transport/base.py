@@ -7,7 +7,25 @@ business. Both ends of a connection know the other's authenticated peer id.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from p2pfl.wire.framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_FRAME_SIZE,
+    frame_deadline,
+    frame_limit_for,
+)
+
+if TYPE_CHECKING:
+    from p2pfl.config import NodeConfig
+
+MiB = 1024 * 1024
+MIN_RECEIVE_BUDGET = 16 * MiB
+DEFAULT_MAX_INBOUND = 128  # 2 x the default max_peers
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_FRAME_TIMEOUT = 10.0
+DEFAULT_FRAME_MIN_RATE = 64 * 1024  # bytes/s: 512 kbit/s, a slow but honest uplink
 
 
 class ConnectionClosed(Exception):
@@ -16,6 +34,83 @@ class ConnectionClosed(Exception):
 
 class HandshakeError(Exception):
     """The peer could not be authenticated, or proved an id other than the one dialed."""
+
+
+def default_receive_budget(max_frame_size: int) -> int:
+    """Two largest frames (four dense updates) at once, and never less than 16 MiB.
+
+    More frames than that wait for their turn (TCP backpressure holds the rest in the
+    peers' send buffers), which costs an honest round little: the link, not the buffer,
+    is what limits how fast updates arrive.
+    """
+    return max(2 * max_frame_size, MIN_RECEIVE_BUDGET)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLimits:
+    """Every bound a transport puts on what its peers can make it hold, and for how long.
+
+    The table in docs/security.md ("Resource bounds") lists them with their config
+    fields; `from_config` is the one place those fields become numbers.
+    """
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE  # bytes of one frame's payload
+    receive_budget: int = 0  # bytes of partial frames across all links; 0 = default
+    max_inbound: int = DEFAULT_MAX_INBOUND  # accepted connections open at once
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # TCP accept -> TLS done
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT  # floor of a frame's deadline
+    frame_min_rate: float = DEFAULT_FRAME_MIN_RATE  # bytes/s a frame must keep up
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_frame_size <= MAX_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be in [1, {MAX_FRAME_SIZE}]")
+        if self.receive_budget == 0:
+            object.__setattr__(self, "receive_budget", default_receive_budget(self.max_frame_size))
+        if self.receive_budget < self.max_frame_size:
+            raise ValueError(
+                f"receive_budget ({self.receive_budget} bytes) cannot hold one frame of "
+                f"max_frame_size ({self.max_frame_size} bytes)"
+            )
+        if self.max_inbound < 1:
+            raise ValueError("max_inbound must be >= 1")
+        if not (self.handshake_timeout > 0 and self.frame_timeout > 0):
+            raise ValueError("handshake_timeout and frame_timeout must be > 0")
+        if not self.frame_min_rate > 0:
+            raise ValueError("frame_min_rate must be > 0")
+
+    def frame_deadline(self, length: int) -> float:
+        """Seconds a frame of `length` bytes may take once its header has arrived."""
+        return frame_deadline(length, floor=self.frame_timeout, min_rate=self.frame_min_rate)
+
+    @classmethod
+    def from_config(cls, config: NodeConfig, num_params: int) -> TransportLimits:
+        """The limits of a node whose model has `num_params` parameters.
+
+        "auto" frame limit: twice the dense update plus headers (`frame_limit_for`);
+        "auto" budget: `default_receive_budget`; "auto" inbound cap: 2 x max_peers.
+        Raises ConfigError when explicit values contradict each other.
+        """
+        from p2pfl.config import ConfigError
+
+        frame = config.max_frame_size
+        frame = frame_limit_for(num_params) if frame == "auto" else int(frame)
+        budget = config.receive_budget
+        budget = default_receive_budget(frame) if budget == "auto" else int(budget)
+        if budget < frame:
+            raise ConfigError(
+                "receive_budget",
+                f"{budget} bytes cannot hold one frame of max_frame_size ({frame} bytes)",
+            )
+        inbound = config.max_inbound
+        inbound = 2 * config.max_peers if inbound == "auto" else int(inbound)
+        return cls(
+            max_frame_size=frame,
+            receive_budget=budget,
+            max_inbound=inbound,
+            handshake_timeout=config.handshake_timeout,
+            frame_timeout=config.frame_timeout,
+            frame_min_rate=float(config.frame_min_rate),
+        )
 
 
 class Connection(Protocol):
@@ -47,6 +142,11 @@ ConnectionHandler = Callable[[Connection], Awaitable[None]]
 class Transport(Protocol):
     @property
     def local_id(self) -> str: ...
+
+    def set_limits(self, limits: TransportLimits) -> None:
+        """Apply `limits` to every connection opened from now on (the node calls this
+        once its model is built, which is what sizes the frame limit)."""
+        ...
 
     async def listen(self, handler: ConnectionHandler, *, task_status: Any = ...) -> None:
         """Accept connections forever, running `handler(conn)` for each in its own task.

@@ -50,7 +50,13 @@ from typing import Any
 import numpy as np
 import trio
 
-from p2pfl.transport.base import Connection, ConnectionClosed, ConnectionHandler, Transport
+from p2pfl.transport.base import (
+    Connection,
+    ConnectionClosed,
+    ConnectionHandler,
+    Transport,
+    TransportLimits,
+)
 
 log = logging.getLogger("p2pfl.faults")
 
@@ -486,6 +492,9 @@ class FaultyTransport:
     @property
     def local_id(self) -> str:
         return self.inner.local_id
+
+    def set_limits(self, limits: TransportLimits) -> None:
+        self.inner.set_limits(limits)
 
     def crash(self) -> None:
         """From now on nothing goes out or comes in, and dials fail: the in-process

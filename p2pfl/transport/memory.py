@@ -5,17 +5,28 @@ payloads (no framing, no copies). The bound gives the same backpressure a TCP wi
 does: a slow reader eventually blocks its sender. Peer ids are taken on trust (there is
 no handshake to prove them); the network only checks `expected_peer_id` against the
 listener's declared id, which is what a test of id pinning needs.
+
+Of the resource bounds (`TransportLimits`) the frame limit and the inbound connection
+cap apply here as over TCP; there are no partial frames, so no receive budget or frame
+deadline (a payload is whole before it is handed over).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+from collections import Counter
 
 import trio
 
 from p2pfl.identity import Identity
-from p2pfl.transport.base import Connection, ConnectionClosed, ConnectionHandler, HandshakeError
+from p2pfl.transport.base import (
+    Connection,
+    ConnectionClosed,
+    ConnectionHandler,
+    HandshakeError,
+    TransportLimits,
+)
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.framing import DEFAULT_MAX_FRAME_SIZE
 
@@ -25,19 +36,19 @@ CHANNEL_CAPACITY = 16
 
 
 class _Listener:
-    __slots__ = ("handler", "max_frame_size", "nursery", "peer_id")
+    __slots__ = ("handler", "nursery", "owner", "peer_id")
 
     def __init__(
         self,
         peer_id: str,
         handler: ConnectionHandler,
         nursery: trio.Nursery,
-        max_frame_size: int,
+        owner: MemoryTransport,
     ) -> None:
         self.peer_id = peer_id
         self.handler = handler
         self.nursery = nursery
-        self.max_frame_size = max_frame_size
+        self.owner = owner  # the listening transport: its limits and inbound count
 
 
 class MemoryNetwork:
@@ -137,10 +148,13 @@ class MemoryTransport:
         address: str,
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        limits: TransportLimits | None = None,
     ) -> None:
         self.network = network
         self.address = address
-        self.max_frame_size = max_frame_size
+        self.limits = limits or TransportLimits(max_frame_size=max_frame_size)
+        self.events: Counter[str] = Counter()
+        self.inbound = 0  # accepted connections open right now
         if isinstance(identity_or_peer_id, Identity):
             self._local_id = identity_or_peer_id.peer_id
         else:
@@ -149,6 +163,13 @@ class MemoryTransport:
     @property
     def local_id(self) -> str:
         return self._local_id
+
+    @property
+    def max_frame_size(self) -> int:
+        return self.limits.max_frame_size
+
+    def set_limits(self, limits: TransportLimits) -> None:
+        self.limits = limits
 
     async def listen(
         self,
@@ -159,7 +180,7 @@ class MemoryTransport:
         if self.network.listening(self.address):  # raise here, not wrapped in a group
             raise OSError(errno.EADDRINUSE, f"{self.address} is already in use")
         async with trio.open_nursery() as nursery:
-            listener = _Listener(self._local_id, handler, nursery, self.max_frame_size)
+            listener = _Listener(self._local_id, handler, nursery, self)
             self.network._register(self.address, listener)
             try:
                 task_status.started([self.address])
@@ -174,6 +195,20 @@ class MemoryTransport:
             raise HandshakeError(
                 f"peer at {address} proved id {listener.peer_id}, expected {expected_peer_id}"
             )
+        server = listener.owner
+        if server.inbound >= server.limits.max_inbound:
+            server.events["inbound_refused"] += 1
+            log.warning(
+                "%s refused inbound connection from %s: %d inbound connections open (max_inbound)",
+                address,
+                self._local_id[:12],
+                server.inbound,
+            )
+            raise HandshakeError(
+                f"peer {listener.peer_id} at {address} refused us: "
+                "it has as many inbound connections as it accepts (max_inbound)"
+            )
+        server.inbound += 1
         out_send, out_receive = trio.open_memory_channel[bytes](self.network.capacity)
         in_send, in_receive = trio.open_memory_channel[bytes](self.network.capacity)
         ours = MemoryConnection(
@@ -190,13 +225,15 @@ class MemoryTransport:
             self._local_id,
             self.address,
             outbound=False,
-            max_frame_size=listener.max_frame_size,
+            max_frame_size=server.max_frame_size,
         )
-        listener.nursery.start_soon(_run_handler, listener.handler, theirs)
+        listener.nursery.start_soon(_run_handler, listener.handler, theirs, server)
         return ours
 
 
-async def _run_handler(handler: ConnectionHandler, conn: MemoryConnection) -> None:
+async def _run_handler(
+    handler: ConnectionHandler, conn: MemoryConnection, server: MemoryTransport
+) -> None:
     """Mirror TcpTransport: a closed or misbehaving peer ends only its own connection."""
     try:
         await handler(conn)
@@ -205,4 +242,5 @@ async def _run_handler(handler: ConnectionHandler, conn: MemoryConnection) -> No
     except WireError as exc:
         log.warning("bad frame from %s, closing: %s", conn.peer_id, exc)
     finally:
+        server.inbound -= 1
         await conn.aclose()

@@ -4,20 +4,38 @@ After the TLS handshake the accepting side writes one byte (ACCEPT) before any f
 Why: in TLS 1.3 the client finishes its handshake before the server has checked the
 client certificate, so without it a refused client would only notice on its first read.
 With it, `connect` returns only once the server has accepted our certificate, and a
-refusal surfaces there as HandshakeError.
+refusal surfaces there as HandshakeError. A server at its inbound connection limit writes
+BUSY instead and closes, so the dialer can say why and back off.
+
+Resource bounds (docs/security.md): the handshake has a deadline; each connection holds
+at most one partial frame, reads exactly up to the end of it, and reserves its announced
+size from the transport's shared `ReceiveBudget` before reading its body; a frame whose
+header has arrived must complete within its deadline (`TransportLimits.frame_deadline`);
+at most `max_inbound` accepted connections are open at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from p2pfl.identity import Identity
-from p2pfl.transport.base import Connection, ConnectionClosed, ConnectionHandler, HandshakeError
+from p2pfl.transport.base import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    Connection,
+    ConnectionClosed,
+    ConnectionHandler,
+    HandshakeError,
+    TransportLimits,
+)
+from p2pfl.transport.budget import ReceiveBudget
 from p2pfl.transport.tls import make_ssl_context, peer_id_of
 from p2pfl.wire.address import parse_address as parse_address  # the one parser, re-exported
 from p2pfl.wire.errors import WireError
@@ -26,10 +44,12 @@ from p2pfl.wire.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame_heade
 log = logging.getLogger("p2pfl.transport")
 
 ACCEPT = b"\x01"
+BUSY = b"\x02"  # instead of ACCEPT: the server is at its inbound connection limit
 RECEIVE_CHUNK = 256 * 1024
 SMALL_PAYLOAD = 64 * 1024  # below this, header + payload go out as one buffer
 SEND_SLICE = 1024 * 1024  # big payloads are encrypted and sent a slice at a time
 CLOSE_TIMEOUT = 2.0
+REFUSAL_LOG_EVERY = 10.0  # seconds between "inbound limit reached" lines
 
 
 def format_address(host: str, port: int) -> str:
@@ -75,16 +95,20 @@ class TcpConnection:
         remote_address: str,
         *,
         outbound: bool,
-        max_frame_size: int,
-        initial: bytes = b"",
+        limits: TransportLimits,
+        budget: ReceiveBudget,
+        on_close: Callable[[TcpConnection], None] | None = None,
     ) -> None:
         self._stream = stream
         self._peer_id = peer_id
         self._remote_address = remote_address
         self._outbound = outbound
-        self._decoder = FrameDecoder(max_frame_size)
-        if initial:
-            self._decoder.feed(initial)
+        self._limits = limits
+        self._budget = budget
+        self._on_close = on_close
+        self._decoder = FrameDecoder(limits.max_frame_size)
+        self._reserved = 0  # bytes of the budget held for the frame in progress
+        self._deadline: float | None = None  # when the frame in progress must be complete
         self._send_lock = trio.Lock()
         self._closed = False
 
@@ -99,6 +123,16 @@ class TcpConnection:
     @property
     def outbound(self) -> bool:
         return self._outbound
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of a partially received frame held right now."""
+        return self._decoder.buffered
+
+    @property
+    def reserved(self) -> int:
+        """Bytes of the transport's receive budget this connection holds."""
+        return self._reserved
 
     def __repr__(self) -> str:
         way = "to" if self._outbound else "from"
@@ -120,23 +154,89 @@ class TcpConnection:
             raise ConnectionClosed(f"connection to {self._peer_id} lost: {exc}") from exc
 
     async def receive(self) -> bytes:
+        """The next payload. Raises ConnectionClosed at EOF, WireError("oversize") for a
+        frame above the limit, WireError("frame_deadline") for a frame that did not
+        complete in time and WireError("receive_budget") when no room for it was freed
+        within that time; after any of them the partial frame is gone."""
+        if self._closed:
+            raise ConnectionClosed(f"connection to {self._peer_id} is closed")
+        try:
+            return await self._receive()
+        except (ConnectionClosed, WireError):
+            self._drop_partial()
+            raise
+
+    async def _receive(self) -> bytes:
+        decoder = self._decoder
         while True:
-            payload = self._decoder.next_frame()  # raises WireError("oversize")
+            payload = decoder.next_frame()  # raises WireError("oversize")
             if payload is not None:
+                self._release()
+                self._deadline = None
                 return payload
-            try:
-                data = await self._stream.receive_some(RECEIVE_CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionClosed(f"connection to {self._peer_id} lost: {exc}") from exc
-            if not data:
-                raise ConnectionClosed(f"{self._peer_id} closed the connection")
-            self._decoder.feed(data)
+            length = decoder.pending_length
+            if length is not None and self._reserved < length:
+                await self._reserve(length)
+            elif self._deadline is None and decoder.buffered:
+                # Part of a header: the header itself is on the clock.
+                self._deadline = trio.current_time() + self._limits.frame_timeout
+            # Never read past the end of this frame: whatever we hold is reserved.
+            data = await self._receive_some(min(RECEIVE_CHUNK, decoder.wants()))
+            decoder.feed(data)
+
+    async def _reserve(self, length: int) -> None:
+        wait = self._limits.frame_deadline(length)
+        with trio.move_on_after(wait) as scope:
+            await self._budget.reserve(length)
+        if scope.cancelled_caught:
+            raise WireError(
+                "receive_budget",
+                f"no room for a {length}-byte frame in the {self._budget.capacity}-byte "
+                f"receive budget within {wait:.0f}s",
+            )
+        self._reserved = length
+        self._deadline = trio.current_time() + wait
+
+    async def _receive_some(self, n: int) -> bytes | bytearray:
+        try:
+            if self._deadline is None:
+                data = await self._stream.receive_some(n)
+            else:
+                with trio.move_on_at(self._deadline) as scope:
+                    data = await self._stream.receive_some(n)
+                if scope.cancelled_caught:
+                    pending = self._decoder.pending_length
+                    size = "its header" if pending is None else f"a {pending}-byte frame"
+                    raise WireError(
+                        "frame_deadline",
+                        f"{self._peer_id} did not complete {size} in time "
+                        f"({self._decoder.buffered} bytes arrived)",
+                    )
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(f"connection to {self._peer_id} lost: {exc}") from exc
+        if not data:
+            raise ConnectionClosed(f"{self._peer_id} closed the connection")
+        return data
+
+    def _release(self) -> None:
+        if self._reserved:
+            reserved, self._reserved = self._reserved, 0
+            self._budget.release(reserved)
+
+    def _drop_partial(self) -> None:
+        """Forget the frame in progress: its bytes and its share of the budget."""
+        self._decoder.clear()
+        self._release()
+        self._deadline = None
 
     async def aclose(self) -> None:
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        self._drop_partial()
+        if self._on_close is not None:
+            self._on_close(self)
         # Graceful close_notify, bounded: a peer that stopped reading must not hold us.
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             with contextlib.suppress(
@@ -159,20 +259,88 @@ class TcpTransport:
         host: str = "127.0.0.1",
         port: int = 0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        handshake_timeout: float = 10.0,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        limits: TransportLimits | None = None,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
+        """`limits` wins over the two shorthand arguments; `on_event` is told the name of
+        every bound that refused something (the node counts them in its status)."""
         self.identity = identity
         self.federation = federation
         self.host = host
         self.port = port
-        self.max_frame_size = max_frame_size
-        self.handshake_timeout = handshake_timeout
+        if limits is None:
+            limits = TransportLimits(
+                max_frame_size=max_frame_size, handshake_timeout=handshake_timeout
+            )
+        self.limits = limits
+        self.budget = ReceiveBudget(limits.receive_budget)
+        self.events: Counter[str] = Counter()
+        self._on_event = on_event
+        self._connections: set[TcpConnection] = set()
+        self._inbound = 0
+        self._last_refusal_log = -math.inf
         self._server_context = make_ssl_context(identity, federation, secret, server=True)
         self._client_context = make_ssl_context(identity, federation, secret, server=False)
 
     @property
     def local_id(self) -> str:
         return self.identity.peer_id
+
+    @property
+    def max_frame_size(self) -> int:
+        return self.limits.max_frame_size
+
+    @property
+    def handshake_timeout(self) -> float:
+        return self.limits.handshake_timeout
+
+    def set_limits(self, limits: TransportLimits) -> None:
+        self.limits = limits
+        self.budget.resize(limits.receive_budget)
+
+    @property
+    def inbound(self) -> int:
+        """Accepted connections open right now."""
+        return self._inbound
+
+    def buffered(self) -> int:
+        """Bytes of partial frames held by all open connections (<= budget.used + 4 each)."""
+        return sum(c.buffered for c in self._connections)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "inbound": self._inbound,
+            "connections": len(self._connections),
+            "buffered": self.buffered(),
+            "receive_budget": self.budget.snapshot(),
+            "refused": dict(self.events),
+        }
+
+    def _event(self, name: str) -> None:
+        self.events[name] += 1
+        if self._on_event is not None:
+            self._on_event(name)
+
+    def _connection(
+        self,
+        stream: trio.SSLStream[trio.SocketStream],
+        peer_id: str,
+        remote: str,
+        *,
+        outbound: bool,
+    ) -> TcpConnection:
+        conn = TcpConnection(
+            stream,
+            peer_id,
+            remote,
+            outbound=outbound,
+            limits=self.limits,
+            budget=self.budget,
+            on_close=self._connections.discard,
+        )
+        self._connections.add(conn)
+        return conn
 
     async def listen(
         self,
@@ -196,11 +364,11 @@ class TcpTransport:
         except OSError:
             remote = "?"
         ssl_stream = trio.SSLStream(stream, self._server_context, server_side=True)
+        deadline = trio.current_time() + self.handshake_timeout  # TLS, then our first byte
         try:
-            with trio.fail_after(self.handshake_timeout):
+            with trio.fail_at(deadline):
                 await ssl_stream.do_handshake()
                 peer_id = peer_id_of(ssl_stream)
-                await ssl_stream.send_all(ACCEPT)
         except trio.TooSlowError:
             log.warning("inbound handshake from %s timed out", remote)
             await trio.aclose_forcefully(stream)
@@ -213,9 +381,26 @@ class TcpTransport:
             log.warning("inbound handshake from %s failed: %s", remote, exc)
             await trio.aclose_forcefully(stream)
             return
-        conn = TcpConnection(
-            ssl_stream, peer_id, remote, outbound=False, max_frame_size=self.max_frame_size
-        )
+        if self._inbound >= self.limits.max_inbound:
+            with trio.move_on_at(deadline):
+                await self._refuse(ssl_stream, peer_id, remote)
+            await trio.aclose_forcefully(stream)
+            return
+        self._inbound += 1  # counted from here, so concurrent accepts cannot overshoot
+        try:
+            with trio.move_on_at(deadline) as accept_scope:
+                await ssl_stream.send_all(ACCEPT)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._inbound -= 1
+            log.warning("inbound handshake from %s failed: %s", remote, _tls_reason(exc))
+            await trio.aclose_forcefully(stream)
+            return
+        if accept_scope.cancelled_caught:
+            self._inbound -= 1
+            log.warning("inbound handshake from %s timed out", remote)
+            await trio.aclose_forcefully(stream)
+            return
+        conn = self._connection(ssl_stream, peer_id, remote, outbound=False)
         log.debug("accepted %r", conn)
         try:
             await handler(conn)
@@ -224,7 +409,27 @@ class TcpTransport:
         except WireError as exc:
             log.warning("bad frame from %s (%s), closing: %s", peer_id, remote, exc)
         finally:
+            self._inbound -= 1
             await conn.aclose()
+
+    async def _refuse(
+        self, ssl_stream: trio.SSLStream[trio.SocketStream], peer_id: str, remote: str
+    ) -> None:
+        """Over the inbound limit: say BUSY and hang up, one log line per interval."""
+        self._event("inbound_refused")
+        now = trio.current_time()
+        if now - self._last_refusal_log >= REFUSAL_LOG_EVERY:
+            self._last_refusal_log = now
+            log.warning(
+                "refused inbound connection from %s at %s: %d inbound connections open "
+                "(max_inbound); %d refused so far",
+                peer_id[:12],
+                remote,
+                self._inbound,
+                self.events["inbound_refused"],
+            )
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await ssl_stream.send_all(BUSY)
 
     async def connect(self, address: str, expected_peer_id: str | None = None) -> Connection:
         host, port = parse_address(address)
@@ -245,7 +450,9 @@ class TcpTransport:
                     raise HandshakeError(
                         f"peer at {address} proved id {peer_id}, expected {expected_peer_id}"
                     )
-                first = await ssl_stream.receive_some(RECEIVE_CHUNK)
+                # Exactly the accept byte: frames after it are read by the connection,
+                # within its receive budget.
+                first = await ssl_stream.receive_some(1)
         except trio.TooSlowError:
             await trio.aclose_forcefully(stream)
             raise HandshakeError(
@@ -261,15 +468,13 @@ class TcpTransport:
         except HandshakeError:
             await trio.aclose_forcefully(stream)
             raise
-        if first[:1] != ACCEPT:
+        if first != ACCEPT:
             await trio.aclose_forcefully(stream)
+            if first == BUSY:
+                raise HandshakeError(
+                    f"peer {peer_id} at {address} refused us: "
+                    "it has as many inbound connections as it accepts (max_inbound)"
+                )
             why = "closed the connection" if not first else "sent an unexpected first byte"
             raise HandshakeError(_refused(peer_id, address, why))
-        return TcpConnection(
-            ssl_stream,
-            peer_id,
-            address,
-            outbound=True,
-            max_frame_size=self.max_frame_size,
-            initial=bytes(first[1:]),
-        )
+        return self._connection(ssl_stream, peer_id, address, outbound=True)

@@ -2,7 +2,8 @@
 
 A frame is a 4-byte big-endian payload length followed by the payload. The limit is
 checked as soon as the 4 header bytes arrive, so an oversized frame is refused before
-a single payload byte is buffered.
+a single payload byte is buffered. The limit a node uses is derived from its model
+(`frame_limit_for`): a peer must not make a node with a 2.6 KB model buffer 256 MiB.
 """
 
 from __future__ import annotations
@@ -14,9 +15,39 @@ from p2pfl.wire.errors import WireError
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
+MAX_FRAME_SIZE = 2**32 - 1  # what a 4-byte header can announce
+# Room for everything in a frame that is not the model vector: message headers, tensor
+# maps, and the largest message with no vector at all. That is a secure-aggregation
+# group announcement at its validated maximum (1024 participants x (32-char id +
+# 137-byte signed key) + groups, ~180 KB); a peer list (256 x (id + 256-char address),
+# ~100 KB) and a hello (16 addresses) are smaller. tests/test_resource_bounds.py encodes
+# each of them at its maximum and checks it fits.
+FRAME_HEADROOM = 512 * 1024
 # Fed chunks below this size are merged into one bytearray, so a peer trickling single
 # bytes cannot make us hold one Python object (~35 bytes of overhead) per byte.
 COALESCE_BELOW = 64 * 1024
+
+
+def frame_limit_for(num_params: int) -> int:
+    """The default frame limit for a model of `num_params` float32 parameters.
+
+    Twice the dense update (4 bytes x num_params x 2) plus FRAME_HEADROOM. The largest
+    legitimate frames carry one vector: a model update or state reply (float32, 4 bytes a
+    parameter), a masked secure update (uint32, 4 bytes) or a compressed update (at most
+    ~5 bytes a parameter: 1-byte gaps + float32 values at top-k 100%). Twice the dense
+    size leaves a margin for all of them without letting a peer announce 100x the model.
+    """
+    if num_params < 0:
+        raise ValueError(f"num_params must be >= 0, got {num_params}")
+    return min(MAX_FRAME_SIZE, 2 * 4 * num_params + FRAME_HEADROOM)
+
+
+def frame_deadline(length: int, *, floor: float, min_rate: float) -> float:
+    """Seconds a frame of `length` bytes may take once its header is in: a floor plus
+    its size at the slowest rate we accept. A peer that announces a frame and then
+    trickles it (slowloris on one frame) loses the connection instead of pinning a
+    buffer and a share of the receive budget for as long as it likes."""
+    return floor + length / min_rate
 
 
 def frame_header(payload_length: int) -> bytes:
@@ -63,6 +94,19 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return self._size
+
+    @property
+    def pending_length(self) -> int | None:
+        """Payload length announced by the header of the frame in progress (None until
+        a header has been parsed by `next_frame`)."""
+        return self._need
+
+    def clear(self) -> None:
+        """Drop everything buffered (the connection is gone): nothing stays pinned."""
+        self._chunks.clear()
+        self._offset = 0
+        self._size = 0
+        self._need = None
 
     def wants(self) -> int:
         """How many more bytes are needed before the next frame can complete."""

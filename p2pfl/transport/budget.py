@@ -1,0 +1,106 @@
+"""One receive budget shared by every connection of a transport.
+
+Why: each link holds at most one partial frame (at most `max_frame_size` bytes), but a
+node accepts many links, and admitted peers (anyone, in an open federation) can each
+announce a frame and send most of it. Before a frame's body is read, its announced size
+is reserved here; while the budget is spent, further frames wait in FIFO order (their
+senders are held back by TCP flow control) and their wait is bounded by the caller.
+The budget never goes above its capacity, and every reservation is returned when its
+frame completes or its connection ends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import trio
+
+
+@dataclass(eq=False)
+class _Waiter:
+    size: int
+    event: trio.Event = field(default_factory=trio.Event)
+    granted: bool = False
+
+
+class ReceiveBudget:
+    """Bytes of partially received frames, across all links, at most `capacity`."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"receive budget must be >= 1 byte, got {capacity}")
+        self.capacity = capacity
+        self.used = 0
+        self.peak = 0  # the most ever reserved at once (tests, status)
+        self.waits = 0  # reservations that had to wait for their turn
+        self._waiters: deque[_Waiter] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def resize(self, capacity: int) -> None:
+        """A new capacity for reservations from now on (the node sizes it to its model)."""
+        if capacity < 1:
+            raise ValueError(f"receive budget must be >= 1 byte, got {capacity}")
+        self.capacity = capacity
+        self._grant()
+
+    def try_reserve(self, size: int) -> bool:
+        """Reserve at once if that fits and nobody is queued ahead; never waits."""
+        self._check(size)
+        if self._waiters or self.used + size > self.capacity:
+            return False
+        self._take(size)
+        return True
+
+    async def reserve(self, size: int) -> None:
+        """Reserve `size` bytes, waiting behind earlier requests (FIFO, so a big frame
+        is not starved by a stream of small ones). Bound the wait with a cancel scope;
+        a cancelled wait leaves nothing reserved."""
+        if self.try_reserve(size):
+            await trio.lowlevel.checkpoint()
+            return
+        waiter = _Waiter(size)
+        self._waiters.append(waiter)
+        self.waits += 1
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.granted:
+                self.release(size)
+            else:
+                self._waiters.remove(waiter)
+                self._grant()  # the head may have left: later ones may fit now
+            raise
+
+    def release(self, size: int) -> None:
+        if not 0 <= size <= self.used:
+            raise ValueError(f"releasing {size} bytes, only {self.used} reserved")
+        self.used -= size
+        self._grant()
+
+    def _check(self, size: int) -> None:
+        if not 0 <= size <= self.capacity:
+            raise ValueError(f"cannot reserve {size} bytes of a {self.capacity}-byte budget")
+
+    def _take(self, size: int) -> None:
+        self.used += size
+        self.peak = max(self.peak, self.used)
+
+    def _grant(self) -> None:
+        while self._waiters and self.used + self._waiters[0].size <= self.capacity:
+            waiter = self._waiters.popleft()
+            self._take(waiter.size)
+            waiter.granted = True
+            waiter.event.set()
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "capacity": self.capacity,
+            "used": self.used,
+            "peak": self.peak,
+            "waiting": self.waiting,
+            "waits": self.waits,
+        }
