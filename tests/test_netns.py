@@ -144,18 +144,132 @@ def test_a_plain_dns_client_in_a_namespace_reads_our_records(mesh: Mesh) -> None
         assert svc["txt"]["fed"] == mesh.federation
 
 
-def test_avahi_browse_in_a_namespace_sees_the_nodes(mesh: Mesh) -> None:
-    if shutil.which("avahi-browse") is None:
-        pytest.skip("avahi-browse (Debian avahi-utils) is not installed")
+AVAHI_TOOLS = ("avahi-daemon", "avahi-browse", "dbus-daemon")
+# Only for the bus we start ourselves: root (the only user in it) may own and call anything.
+AVAHI_BUS_CONFIG = """<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="root"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+AVAHI_DAEMON_CONFIG = """[server]
+use-ipv4=yes
+use-ipv6=no
+allow-interfaces={interface}
+enable-dbus=yes
+[wide-area]
+enable-wide-area=no
+[publish]
+disable-publishing=yes
+"""
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def avahi(mesh: Mesh, tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
+    """A D-Bus system bus and an avahi-daemon of our own, inside host 0's namespace only.
+
+    Why this way: avahi-browse asks a running avahi-daemon over the *system* D-Bus, and
+    neither may touch the machine's own bus or interfaces. So both daemons run under
+    `ip netns exec` (no eth0 exists in there, and `allow-interfaces` names the host's
+    veth anyway); the bus listens on a socket in our tmp dir, found by the
+    DBUS_SYSTEM_BUS_ADDRESS the daemon and the browser are given; avahi's fixed pid
+    directory is a tmpfs mounted in the private mount namespace `ip netns exec` makes,
+    so a system avahi-daemon (if any) is never disturbed. Both are stopped afterwards.
+    Yields the environment for avahi-browse and the daemon's log.
+    """
+    missing = [tool for tool in AVAHI_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (Debian: avahi-daemon avahi-utils dbus)")
+    socket = tmp_path / "system_bus"
+    (tmp_path / "bus.conf").write_text(AVAHI_BUS_CONFIG.format(socket=socket))
+    (tmp_path / "avahi.conf").write_text(AVAHI_DAEMON_CONFIG.format(interface="e0"))
+    env = {"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={socket}"}
+    bus_log = (tmp_path / "dbus.log").open("wb")
+    bus = subprocess.Popen(
+        mesh.lab.argv(0, ["dbus-daemon", f"--config-file={tmp_path / 'bus.conf'}", "--nofork"]),
+        stdout=bus_log,
+        stderr=subprocess.STDOUT,
+    )
+    daemon: subprocess.Popen[bytes] | None = None
+    log_path = tmp_path / "avahi.log"
     try:
-        out = mesh.lab.run(0, ["avahi-browse", "-rpt", "_p2pfl._tcp"], timeout=20)
-    except netns.NetnsUnavailable as exc:
-        # avahi-browse talks to an avahi-daemon over D-Bus; none runs in our namespace.
-        pytest.skip(f"avahi-browse cannot run in the namespace: {exc}")
-    resolved = [line.split(";") for line in out.splitlines() if line.startswith("=")]
+        if not wait_for(lambda: socket.exists() or bus.poll() is not None, 10) or not (
+            socket.exists()
+        ):
+            pytest.fail("dbus-daemon did not start:\n" + (tmp_path / "dbus.log").read_text())
+        script = (
+            "mkdir -p /run/avahi-daemon && mount -t tmpfs p2pfl-avahi /run/avahi-daemon && "
+            'exec avahi-daemon -f "$1" --no-drop-root --no-chroot --no-rlimits'
+        )
+        daemon = subprocess.Popen(
+            mesh.lab.argv(0, ["env", *(f"{k}={v}" for k, v in env.items()), "sh", "-c",
+                              script, "sh", str(tmp_path / "avahi.conf")]),
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        yield {**env}, log_path
+    finally:
+        if daemon is not None:
+            _stop(daemon)
+        _stop(bus)
+        bus_log.close()
+
+
+def test_avahi_browse_in_a_namespace_sees_the_nodes(
+    mesh: Mesh, avahi: tuple[dict[str, str], Path]
+) -> None:
+    """A third-party mDNS stack (avahi) finds and resolves every node's service."""
+    env, log_path = avahi
     ids = {st["node"]["id"] for st in mesh.statuses}
-    names = {fields[3] for fields in resolved if len(fields) > 3}
-    assert {f"p2pfl-{i}" for i in ids} <= names
+    wanted = {f"p2pfl-{i}" for i in ids}
+    by_name: dict[str, list[str]] = {}
+    errors: list[str] = []
+
+    def browse() -> bool:
+        # -t: stop once the cache is listed; retried, since the daemon may still be
+        # starting or waiting for answers on a loaded host.
+        argv = ["env", *(f"{k}={v}" for k, v in env.items())]
+        argv += ["avahi-browse", "-rpt", "_p2pfl._tcp"]
+        try:
+            out = mesh.lab.run(0, argv, timeout=20)
+        except netns.NetnsUnavailable as exc:
+            errors.append(str(exc))
+            return False
+        for line in out.splitlines():
+            fields = line.split(";")
+            if fields[0] == "=" and len(fields) > 9:
+                by_name[fields[3]] = fields
+        return wanted <= set(by_name)
+
+    if not wait_for(browse, 60):
+        pytest.fail(
+            f"avahi saw {sorted(by_name)}, wanted {sorted(wanted)}; last error: "
+            f"{errors[-1:]}\navahi-daemon log:\n{log_path.read_text()[-3000:]}"
+        )
+    for st, address in zip(mesh.statuses, mesh.lab.addresses, strict=True):
+        # =;iface;proto;name;type;domain;host;address;port;txt
+        fields = by_name[f"p2pfl-{st['node']['id']}"]
+        assert fields[1] == "e0" and fields[2] == "IPv4"
+        assert (fields[7], fields[8]) == (address, "7470")
+        assert f'"fed={mesh.federation}"' in fields[9]
+    log = log_path.read_text()
+    assert "on interface e0.IPv4" in log and "eth0" not in log
 
 
 def test_a_lab_is_removed_even_when_its_user_fails() -> None:
