@@ -793,6 +793,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the fault-free run of the same length: before the soak (default), "
         "concurrently (twice the load), or not at all",
     )
+    ap.add_argument(
+        "--code",
+        choices=("head", "worktree"),
+        default="head",
+        help="run the nodes from a snapshot of HEAD (default) or from the work tree",
+    )
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
     ap.add_argument("--keep", action="store_true", help="keep the node dirs (logs) afterwards")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -802,9 +808,11 @@ def main(argv: list[str] | None = None) -> int:
         args.minutes = 1.0
         args.churn_every = 15.0
     args.anchors = [int(x) for x in args.anchors.split(",") if x.strip()]
+    args.out = args.out.resolve()
     args.compression = [x.strip() for x in args.compression.split(",") if x.strip()]
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="p2pfl-soak-"))
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="p2pfl-soak-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    code = use_code(args.code, workdir)
     started = time.time()
     base: dict[str, Any] | None = None
     soak: dict[str, Any] | None = None
@@ -840,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(sys.argv[1:] if argv is None else argv),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "commit": git_commit(),
-            "uncommitted_package_files": git_dirty(),
+            "code": code,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "settings": {
                 "minutes": args.minutes,
@@ -947,6 +955,28 @@ def baseline_only(argv: list[str]) -> int:
             return 130
     out.write_text(json.dumps(res) + "\n")
     return 0
+
+
+def use_code(which: str, workdir: Path) -> dict[str, Any]:
+    """Which p2pfl the nodes run. `head`: a snapshot of the committed tree (git archive)
+    in the work dir, first on the nodes' sys.path, so edits made to the work tree during
+    the run (others' work in progress) cannot change what a restarted node loads.
+    `worktree`: the work tree as it is at each (re)start."""
+    if which == "worktree":
+        return {"from": "worktree", "uncommitted_package_files": git_dirty()}
+    repo = Path(__file__).resolve().parent.parent
+    src = workdir / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", "HEAD", "p2pfl"], cwd=repo, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    # `python -m p2pfl` puts the current directory first on sys.path, then PYTHONPATH,
+    # then the editable install (the work tree): run the nodes from the snapshot.
+    os.environ["PYTHONPATH"] = str(src)
+    os.chdir(src)
+    return {"from": "HEAD snapshot", "commit": git_commit(), "path": str(src)}
 
 
 def git_dirty() -> list[str]:
