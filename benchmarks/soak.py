@@ -765,6 +765,88 @@ def print_tables(soak: dict[str, Any], base: dict[str, Any] | None, checks: dict
     console.print(s)
 
 
+def markdown(soak: dict[str, Any], base: dict[str, Any] | None, checks: dict[str, Any]) -> str:
+    """The same numbers as the console tables, as Markdown for docs/reliability.md."""
+    lines = [
+        "| node | processes | kills | unexpected exits | RSS start -> end (MiB) "
+        "| end round (vs median) | rounds trained | final accuracy | timed-out rounds "
+        "| full-timeout rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    median = soak["median_end_round"]
+    for name, nd in soak["nodes"].items():
+        end = nd["end_round"]
+        vs = "" if end is None or median is None else f" ({end - median:+g})"
+        acc = nd["final_accuracy"]
+        lines.append(
+            f"| {name} | {nd['processes']} | {nd['kills']} | {nd['unexpected_exits']} "
+            f"| {mib(nd['rss_start_bytes'])} -> {mib(nd['rss_end_bytes'])} "
+            f"| {end}{vs} | {nd['rounds_trained']} | {'-' if acc is None else f'{acc:.3f}'} "
+            f"| {nd['timed_out_rounds']} | {nd['full_timeout_rounds']} |"
+        )
+    lines += ["", "| check | soak | fault-free | limit | result |", "|---|---|---|---|---|"]
+
+    def res(ok: bool | None) -> str:
+        return "-" if ok is None else ("**pass**" if ok else "**FAIL**")
+
+    b = base or {}
+    growth = ", ".join(
+        f"{k} x{v['ratio']:.2f} ({(v['bytes_per_round'] or 0) / 1024:.1f} KiB/round)"
+        for k, v in soak["rss_whole_run"].items()
+    )
+    rows = [
+        (
+            "unexpected exits",
+            soak["unexpected_exits"],
+            b.get("unexpected_exits"),
+            "0",
+            checks["unexpected_exits"]["ok"],
+        ),
+        (
+            "RSS of the processes that lived the whole run",
+            growth or "none",
+            "-",
+            f"<= x{RSS_FLAT_RATIO:.2f} + {RSS_FLAT_SLACK // 2**20} MiB",
+            checks["rss_flat"]["ok"],
+        ),
+        (
+            "max \\|end round - median\\|",
+            soak["max_abs_spread"],
+            b.get("max_abs_spread"),
+            f"<= {SPREAD_LIMIT}",
+            checks["round_spread"]["ok"],
+        ),
+        (
+            "final mean accuracy",
+            soak["final_mean_accuracy"],
+            b.get("final_mean_accuracy"),
+            f">= fault-free - {ACCURACY_POINTS:.2f}",
+            checks["accuracy_vs_fault_free"]["ok"],
+        ),
+        ("median end round", soak["median_end_round"], b.get("median_end_round"), "", None),
+        (
+            "timed-out rounds, all nodes",
+            soak["timed_out_rounds"],
+            b.get("timed_out_rounds"),
+            "",
+            None,
+        ),
+        (
+            "rounds that waited a full round_timeout",
+            soak["full_timeout_rounds"],
+            b.get("full_timeout_rounds"),
+            "",
+            None,
+        ),
+        ("SIGKILL + restart", soak["kills"], "-", "", None),
+    ]
+    for name, v_soak, v_base, limit, ok in rows:
+        lines.append(
+            f"| {name} | {v_soak} | {'-' if v_base is None else v_base} | {limit} | {res(ok)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="length of each run (default 10)")
@@ -874,6 +956,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, args.out)
+        md = markdown(soak, base, checks)
+        (workdir / "soak.md").write_text(md)
+        console.print(md, highlight=False, markup=False)
         console.print(
             f"wrote {args.out}; node dirs in {workdir}"
             + ("" if args.keep or failed else " (removed)")
