@@ -879,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         "--code",
         choices=("head", "worktree"),
         default="head",
-        help="run the nodes from a snapshot of HEAD (default) or from the work tree",
+        help="run the nodes from a copy of HEAD (default) or of the work tree, made at start",
     )
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temp dir")
     ap.add_argument("--keep", action="store_true", help="keep the node dirs (logs) afterwards")
@@ -958,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.out)
         md = markdown(soak, base, checks)
         (workdir / "soak.md").write_text(md)
-        console.print(md, highlight=False, markup=False)
+        print(md, flush=True)
         console.print(
             f"wrote {args.out}; node dirs in {workdir}"
             + ("" if args.keep or failed else " (removed)")
@@ -1043,25 +1043,31 @@ def baseline_only(argv: list[str]) -> int:
 
 
 def use_code(which: str, workdir: Path) -> dict[str, Any]:
-    """Which p2pfl the nodes run. `head`: a snapshot of the committed tree (git archive)
-    in the work dir, first on the nodes' sys.path, so edits made to the work tree during
-    the run (others' work in progress) cannot change what a restarted node loads.
-    `worktree`: the work tree as it is at each (re)start."""
-    if which == "worktree":
-        return {"from": "worktree", "uncommitted_package_files": git_dirty()}
+    """Which p2pfl the nodes run: a copy made now in the work dir, first on the nodes'
+    sys.path, so edits made to the work tree during the run (others' work in progress)
+    cannot change what a restarted node loads. `head`: the committed tree (git archive);
+    `worktree`: the work tree as it is at the start, uncommitted edits included."""
     repo = Path(__file__).resolve().parent.parent
     src = workdir / "src"
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "archive", "HEAD", "p2pfl"], cwd=repo, capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    if which == "worktree":
+        shutil.copytree(repo / "p2pfl", src / "p2pfl", ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        archive = subprocess.run(
+            ["git", "archive", "HEAD", "p2pfl"], cwd=repo, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     # `python -m p2pfl` puts the current directory first on sys.path, then PYTHONPATH,
     # then the editable install (the work tree): run the nodes from the snapshot.
     os.environ["PYTHONPATH"] = str(src)
     os.chdir(src)
-    return {"from": "HEAD snapshot", "commit": git_commit(), "path": str(src)}
+    return {
+        "from": "HEAD" if which == "head" else "work tree",
+        "commit": git_commit(),
+        "uncommitted_package_files": git_dirty() if which == "worktree" else [],
+        "path": str(src),
+    }
 
 
 def git_dirty() -> list[str]:
