@@ -11,6 +11,7 @@ on its way, and resending it would only duplicate the transfer.
 from __future__ import annotations
 
 import math
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -106,4 +107,6 @@ def closed_cause(exc: BaseException) -> str:
     if isinstance(cause, trio.ClosedResourceError):
         return "connection closed"
     inner = cause.__cause__ or cause.__context__ or cause
+    if isinstance(inner, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "EOF"  # TLS closed, with or without close_notify (a killed process sends none)
     return f"connection reset ({type(inner).__name__})"

@@ -13,6 +13,7 @@ waiting for node 2 in the next round, timed out as well.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +24,10 @@ import trio.testing
 
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
+from p2pfl.link import closed_cause
 from p2pfl.node import Node
 from p2pfl.protocol import Phase
+from p2pfl.transport.base import ConnectionClosed
 from p2pfl.transport.faults import FaultPlan, FaultRule, FaultyTransport, dump_fault_plan
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 
@@ -150,3 +153,28 @@ async def test_surviving_peers_log_a_lost_peer_once(
     # Two survivors, one line each, naming the victim and the cause.
     assert len(lines) == 2, lines
     assert all(victim in m and "EOF" in m for m in lines), lines
+
+
+def _closed(inner: BaseException | None) -> ConnectionClosed:
+    """A ConnectionClosed as the TCP transport raises it, wrapping `inner` (None: EOF)."""
+    try:
+        if inner is None:
+            raise ConnectionClosed("the peer closed the connection")
+        try:
+            try:
+                raise inner
+            except Exception as exc:
+                raise trio.BrokenResourceError("stream broken") from exc
+        except trio.BrokenResourceError as exc:
+            raise ConnectionClosed("connection lost") from exc
+    except ConnectionClosed as closed:
+        return closed
+
+
+def test_the_lost_peer_line_names_the_cause() -> None:
+    assert closed_cause(_closed(None)) == "EOF"
+    # A SIGKILLed peer's kernel closes its TLS socket without close_notify.
+    assert closed_cause(_closed(ssl.SSLEOFError(8, "EOF in violation of protocol"))) == "EOF"
+    assert closed_cause(_closed(ConnectionResetError())) == (
+        "connection reset (ConnectionResetError)"
+    )
