@@ -402,3 +402,24 @@ def test_small_cnn_learns_the_digits(digits: Any) -> None:
     assert losses[-1] < losses[0]
     metrics = model.evaluate(digits.x_test, digits.y_test)
     assert metrics["accuracy"] > 0.9, metrics
+
+
+# --- the example ----------------------------------------------------------------------------------
+def test_example_builds_through_the_plugin_resolver() -> None:
+    from p2pfl.config import NodeConfig
+    from p2pfl.learning.plugins import resolve_data, resolve_model
+
+    root = Path(__file__).resolve().parents[1]
+    spec = f"{root / 'examples' / 'torch_cnn' / 'model.py'}:build"
+    config = NodeConfig(node_index=1, nodes=4)
+    data = resolve_data("digits", config)
+    trains, evaluates = (resolve_model(spec, config, data) for _ in range(2))
+    assert isinstance(trains, TorchModel)
+    # Every build on every node starts from the same weights (seeded by model_seed).
+    np.testing.assert_array_equal(trains.get_params(), evaluates.get_params())
+    other = resolve_model(spec, NodeConfig(node_index=1, nodes=4, model_seed=1), data)
+    assert not np.array_equal(trains.get_params(), other.get_params())
+
+    fit(trains, data.x_train, data.y_train, seed=0)
+    evaluates.set_params(trains.get_params())
+    assert evaluates.evaluate(data.x_test, data.y_test) == trains.evaluate(data.x_test, data.y_test)
