@@ -84,7 +84,7 @@ RSS_FLAT_RATIO = 1.10
 RSS_FLAT_SLACK = 8 * 2**20
 SPREAD_LIMIT = 2
 ACCURACY_POINTS = 0.01
-FULL_TIMEOUT_FRACTION = 0.95  # a timed-out round this long waited out round_timeout
+FULL_TIMEOUT_FRACTION = 0.95  # a round this long waited out round_timeout
 SOAK_SLOWDOWN = 0.45  # soak round rate / fault-free rate (measured 0.4-0.5), to place the cut
 LOG_PATTERNS = ("Traceback", "Error", "ERROR", "CRITICAL", "exit", "contained")
 
@@ -482,10 +482,10 @@ def summarize(run: Run, round_timeout: float) -> dict[str, Any]:
     for nd in run.nodes:
         rows = read_rows(nd.proc.data_dir / "metrics.jsonl")
         timed_out = [r for r in rows if r.get("timed_out")]
+        # Whether or not the round ended on its timeout: a round that took round_timeout
+        # waited it out (e.g. the last update arrived only as the deadline passed).
         full = [
-            r
-            for r in timed_out
-            if float(r.get("seconds", 0.0)) >= FULL_TIMEOUT_FRACTION * round_timeout
+            r for r in rows if float(r.get("seconds", 0.0)) >= FULL_TIMEOUT_FRACTION * round_timeout
         ]
         status = run.final_status.get(nd.name)
         end_round = current_round(status)
@@ -512,7 +512,12 @@ def summarize(run: Run, round_timeout: float) -> dict[str, Any]:
             "timed_out_rounds": len(timed_out),
             "full_timeout_rounds": len(full),
             "full_timeouts_at": [
-                {"round": r["round"], "seconds": r.get("seconds"), "heard": r.get("peers_heard")}
+                {
+                    "round": r["round"],
+                    "seconds": r.get("seconds"),
+                    "heard": r.get("peers_heard"),
+                    "timed_out": r.get("timed_out"),
+                }
                 for r in full
             ][:20],
             "counters": {
@@ -567,6 +572,9 @@ def summarize(run: Run, round_timeout: float) -> dict[str, Any]:
         "kills": sum(v["kills"] for v in nodes.values()),
         "timed_out_rounds": sum(v["timed_out_rounds"] for v in nodes.values()),
         "full_timeout_rounds": sum(v["full_timeout_rounds"] for v in nodes.values()),
+        "full_timeout_distinct_rounds": sorted(
+            {f["round"] for v in nodes.values() for f in v["full_timeouts_at"]}
+        ),
         "rounds_trained": total_rows,
         "rss_whole_run": growth,
         "clean_stop": {
@@ -657,6 +665,11 @@ def verdict(soak: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]
         "full_timeout_rounds": {"value": soak["full_timeout_rounds"], "ok": None},
     }
     return out
+
+
+def full_text(res: dict[str, Any]) -> str:
+    distinct = res.get("full_timeout_distinct_rounds") or []
+    return f"{res['full_timeout_rounds']} ({len(distinct)})"
 
 
 def mib(x: int | None) -> str:
@@ -755,9 +768,9 @@ def print_tables(soak: dict[str, Any], base: dict[str, Any] | None, checks: dict
         "-",
     )
     s.add_row(
-        "rounds that waited a full round_timeout",
-        str(soak["full_timeout_rounds"]),
-        "-" if base is None else str(base["full_timeout_rounds"]),
+        "node-rounds that lasted a full round_timeout (distinct rounds)",
+        full_text(soak),
+        "-" if base is None else full_text(base),
         "(reported)",
         "-",
     )
@@ -832,9 +845,9 @@ def markdown(soak: dict[str, Any], base: dict[str, Any] | None, checks: dict[str
             None,
         ),
         (
-            "rounds that waited a full round_timeout",
-            soak["full_timeout_rounds"],
-            b.get("full_timeout_rounds"),
+            "node-rounds that lasted a full round_timeout (distinct rounds)",
+            full_text(soak),
+            None if base is None else full_text(base),
             "",
             None,
         ),
