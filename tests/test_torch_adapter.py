@@ -338,6 +338,19 @@ def test_shared_buffers_travel_in_the_vector(digits: Any) -> None:
     assert twin.evaluate(x, y) == model.evaluate(x, y)
 
 
+def test_negative_shared_running_variance_is_clamped(digits: Any) -> None:
+    x, y = small_xy(digits)
+    model = TorchModel(mlp())
+    fit(model, x, y, seed=0)
+    params = model.get_params()
+    var = slice(model.num_params - 16, model.num_params)  # running_var is the last slot
+    params[var] = -1.0  # e.g. from a Byzantine peer
+    model.set_params(params)
+    np.testing.assert_array_equal(model.module[1].running_var.numpy(), np.zeros(16, np.float32))
+    np.testing.assert_array_equal(model.get_params()[var], np.zeros(16, np.float32))
+    assert np.isfinite(model.evaluate(x, y)["loss"])
+
+
 def test_local_buffers_stay_out_of_the_vector_but_in_the_checkpoint(digits: Any) -> None:
     x, y = small_xy(digits)
     model = TorchModel(mlp(), buffers="local")

@@ -20,6 +20,8 @@ is fine.
   the aggregate a node evaluates (on a second instance that only receives
   `set_params`), a checkpoint and a late joiner all get statistics that match the
   weights. It is also what FedAvg over a `state_dict` does in most frameworks.
+  `set_params` clamps shared BatchNorm running variances at 0, so a bad aggregate
+  cannot turn evaluation into NaN.
 * `"local"`: buffers stay out of the vector and each node keeps the statistics of its
   own data (FedBN, Li et al. 2021), which helps when the nodes' feature distributions
   differ. The vector then no longer describes the whole model: an instance that only
@@ -166,6 +168,12 @@ class TorchModel:
         self._names = {id(s.current()): s.name for s in self._slots[: self._n_params_tensors]}
         self.optimizer = self._make_optimizer(optimizer or default_optimizer)
         self._local_buffers = self._find_local_buffers()
+        # Shared running variances, which a vector from peers could make negative.
+        self._variances = [
+            (s.offset, s.offset + s.numel)
+            for s in self._slots[self._n_params_tensors :]
+            if s.attr == "running_var" and isinstance(s.owner, torch.nn.modules.batchnorm._NormBase)
+        ]
         self._data = _as_source(data, "data")
         self._test_data = _as_source(test_data, "test_data")
         self._array_cache: tuple[Any, ...] | None = None
@@ -263,12 +271,20 @@ class TorchModel:
         return out
 
     def set_params(self, params: np.ndarray) -> None:
+        """Overwrite the vector; shared BatchNorm running variances are clamped at 0.
+
+        A variance below 0 (a Byzantine or badly quantized aggregate) would turn every
+        evaluation into NaN until training had moved the statistics back; 0 is the
+        nearest valid value.
+        """
         self._check_vector(params, "params")
-        if self._flat.device.type == "cpu":
-            self._flat.detach().numpy()[...] = params  # one copy, read-only input is fine
-        else:
-            with torch.no_grad():
-                self._flat.copy_(torch.from_numpy(np.array(params)), non_blocking=False)
+        with torch.no_grad():
+            if self._flat.device.type == "cpu":
+                self._flat.numpy()[...] = params  # one copy; read-only input is fine
+            else:
+                self._flat.copy_(torch.from_numpy(np.array(params)))
+            for start, stop in self._variances:
+                self._flat[start:stop].clamp_(min=0.0)
 
     def _check_vector(self, vec: np.ndarray, what: str) -> None:
         if not isinstance(vec, np.ndarray):
