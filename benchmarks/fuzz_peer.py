@@ -9,7 +9,8 @@ messages or M minutes, whichever comes first; after the last batch the honest no
 must still complete two rounds. Prints messages sent per type, the victim's rejection
 counters (`status()["counters"]["frames_rejected"]`), contained errors (the supervision
 guard) and rounds completed, and writes benchmarks/results/fuzz_peer.json.
-Exit status 1 if the victim went down or the rounds stopped.
+Exit status 1 if the victim went down, the rounds stopped, or any hostile message caused
+an error the supervision guard had to contain (a bug behind the codec).
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_fuzz_peer import LiveFederation, fuzz, report  # noqa: E402
 
+
+class _Capture(logging.Handler):
+    """Keeps the supervision guard's 'contained an error' lines, drops the rest."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("contained") and len(self.into) < 20:
+            self.into.append(text)
+
+
 RESULTS = ROOT / "benchmarks" / "results" / "fuzz_peer.json"
 BATCH = 2000
 
@@ -40,8 +55,11 @@ def main() -> int:
     parser.add_argument("--random", action="store_true", help="fresh seeds (default: 0, 1, ...)")
     parser.add_argument("--verbose", action="store_true", help="the nodes' warning lines")
     args = parser.parse_args()
+    contained_lines: list[str] = []
     if not args.verbose:  # one warning per rejected message would drown the table
-        logging.getLogger("p2pfl").setLevel(logging.ERROR)
+        logger = logging.getLogger("p2pfl")
+        logger.setLevel(logging.WARNING)
+        logger.addHandler(_Capture(contained_lines))
 
     started = time.monotonic()
     deadline = started + 60 * args.minutes
@@ -92,6 +110,7 @@ def main() -> int:
             "rounds_completed_total": rounds_total,
             "rounds_completed_before_fuzz": rounds_before,
             "rounds_after_fuzz": after,
+            "contained_log_lines": contained_lines,
             "victim_alive": alive,
             "failure": failure,
         }
@@ -105,6 +124,8 @@ def main() -> int:
     for reason, count in rejected.items():
         print(f"{reason:<40}{count:>10}")
     print(f"contained errors (supervision guard): {contained or 'none'}")
+    for line in contained_lines[:5]:
+        print(f"  {line}")
     if status["secure"] is not None:
         sec = status["secure"]
         print(f"secure protocol rejections: {sec['rejected'] or 'none'}")
@@ -117,8 +138,11 @@ def main() -> int:
         f"rounds completed per honest node: before fuzz {rounds_before}, "
         f"total {rounds_total}, after fuzz +{after}"
     )
-    ok = alive and all(n >= 2 for n in after) and failure is None
-    print("PASS" if ok else f"FAIL: {failure}")
+    # As in the test: a hostile message must be refused cleanly, never reach a component
+    # that fails and has to be contained by the guard.
+    ok = alive and all(n >= 2 for n in after) and failure is None and not contained
+    why = failure or (f"contained errors {contained}" if contained else "rounds stopped")
+    print("PASS" if ok else f"FAIL: {why}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")
