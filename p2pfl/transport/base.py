@@ -82,6 +82,14 @@ class TransportLimits:
         """Seconds a frame of `length` bytes may take once its header has arrived."""
         return frame_deadline(length, floor=self.frame_timeout, min_rate=self.frame_min_rate)
 
+    def budget_wait(self) -> float:
+        """Seconds a frame may wait for room in the receive budget before its connection
+        is closed: every reservation ends within `frame_deadline(max_frame_size)` (the
+        frame completes or its connection is cut), so twice that lets a frame through
+        behind a full budget of stalled ones, while a budget held for longer than any
+        honest transfer takes still ends in a closed connection and a log line."""
+        return 2 * self.frame_deadline(self.max_frame_size)
+
     @classmethod
     def from_config(cls, config: NodeConfig, num_params: int) -> TransportLimits:
         """The limits of a node whose model has `num_params` parameters.

@@ -185,7 +185,7 @@ class TcpConnection:
             decoder.feed(data)
 
     async def _reserve(self, length: int) -> None:
-        wait = self._limits.frame_deadline(length)
+        wait = self._limits.budget_wait()
         with trio.move_on_after(wait) as scope:
             await self._budget.reserve(length)
         if scope.cancelled_caught:
@@ -195,7 +195,8 @@ class TcpConnection:
                 f"receive budget within {wait:.0f}s",
             )
         self._reserved = length
-        self._deadline = trio.current_time() + wait
+        # The frame's clock starts once it may be read: waiting was our doing, not its.
+        self._deadline = trio.current_time() + self._limits.frame_deadline(length)
 
     async def _receive_some(self, n: int) -> bytes | bytearray:
         try:
