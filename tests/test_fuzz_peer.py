@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
+import ipaddress
 import math
 import os
 import threading
@@ -54,7 +56,7 @@ from p2pfl.secure.keys import ANNOUNCEMENT_LEN, SessionKey
 from p2pfl.secure.masking import SEED_LEN
 from p2pfl.secure.messages import SECURE_MESSAGE_TYPES, SESSION_LEN
 from p2pfl.transport.base import Connection, ConnectionClosed
-from p2pfl.transport.tcp import TcpTransport
+from p2pfl.transport.tcp import TcpTransport, parse_address
 from p2pfl.wire import codec
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.messages import MESSAGE_TYPES, Hello, Ping, SecureEnvelope
@@ -66,6 +68,37 @@ SEND_TIMEOUT = 20.0  # a send that blocks this long means the victim stopped rea
 KEEP_LAST = 8
 
 # ---------------------------------------------------------------- live federation
+
+
+class LoopbackOnly:
+    """The victim's transport: a real TcpTransport that dials loopback hosts only.
+
+    Peers tell the victim where to dial; a made-up "a:1" or "1.2.3.4:5" must not become
+    a DNS query or a packet on a real interface. Addresses that do not parse go to the
+    real transport unchanged, so a dial that would raise still raises.
+    """
+
+    def __init__(self, inner: TcpTransport) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def connect(self, address: str, expected_peer_id: str | None = None) -> Connection:
+        try:
+            host, _ = parse_address(address)
+        except ValueError:
+            return await self._inner.connect(address, expected_peer_id)
+        if host != "localhost" and not _is_loopback(host):
+            raise OSError(errno.ENETUNREACH, f"test: not dialing non-loopback {address}")
+        return await self._inner.connect(address, expected_peer_id)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -165,7 +198,14 @@ class LiveFederation:
             for i in range(self.n_honest):
                 ident = Identity.from_seed(bytes([0x10 + i]) * 32)
                 cfg = self._config(i, () if first is None else (first,))
-                node = Node(cfg, identity=ident, train_in_thread=False, control_socket=False)
+                transport = LoopbackOnly(TcpTransport(ident, federation=FEDERATION))
+                node = Node(
+                    cfg,
+                    identity=ident,
+                    transport=transport,  # type: ignore[arg-type]
+                    train_in_thread=False,
+                    control_socket=False,
+                )
                 self.nodes.append(node)
                 await nursery.start(self._run_node, node)
                 first = first or node.listen_addresses[0]
@@ -263,7 +303,9 @@ BAD_ADDRESSES = [
     "a" * 300 + ":1",
     "\u00e9:1",
 ]
-GOOD_ADDRESSES = ["127.0.0.1:9", "[::1]:9", "localhost:9", "0.0.0.0:9", "10.255.255.1:7000"]
+# Valid addresses; the victim may dial them, so only loopback ones (LoopbackOnly below
+# also refuses anything else a hostile peer makes up, so no test traffic leaves the host).
+GOOD_ADDRESSES = ["127.0.0.1:9", "[::1]:9", "localhost:9", "127.0.0.2:7000", "0.0.0.0:9"]
 BIG_INTS = [-(2**63), -1, 0, 1, 2**31 - 1, 2**31, 2**53 - 1, 2**53, 2**63 - 1, 2**64 - 1]
 FLOATS = [0.0, -0.0, -1.0, 1e-300, 1e300, math.inf, -math.inf, math.nan]
 
