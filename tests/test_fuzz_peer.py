@@ -19,9 +19,13 @@ bodies of every kind. They are packed as raw msgpack maps in the codec's layout,
 values the encoder would refuse still go out. The hostile peer reconnects whenever
 the victim hangs up on it (it does after too many bad messages).
 
-The test asserts that the victim's run task never ends (no exception escapes it)
-and that, after the fuzzing, both honest nodes complete further rounds. CI runs a
-small derandomized budget (P2PFL_FUZZ_PEER_EXAMPLES, default 150 per federation);
+The test asserts that the victim's run task never ends (no exception escapes it),
+that no hostile message caused an error the supervision guard had to contain (every
+one must be refused cleanly, with a counted reason), and that after the fuzzing all
+honest nodes complete further rounds. CI runs a small budget with a fixed seed
+(P2PFL_FUZZ_PEER_EXAMPLES, default 300 for the plain federation, a fifth of it for the
+secure one; P2PFL_FUZZ_RANDOM=1 for fresh seeds). With the address check this issue
+added to the codec switched off, the plain budget finds the dial ValueError it fixed.
 `benchmarks/fuzz_peer.py` runs the same harness for minutes.
 """
 
@@ -604,13 +608,13 @@ def report(fed: LiveFederation) -> str:
     return "\n".join(lines)
 
 
-EXAMPLES = int(os.environ.get("P2PFL_FUZZ_PEER_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("P2PFL_FUZZ_PEER_EXAMPLES", "300"))
 SEED = None if os.environ.get("P2PFL_FUZZ_RANDOM") else 0
 
 
 @pytest.mark.parametrize(
     ("secure", "honest", "examples"),
-    [(False, 2, EXAMPLES), (True, 4, EXAMPLES // 2)],
+    [(False, 2, EXAMPLES), (True, 4, EXAMPLES // 5)],
     ids=["plain", "secure"],
 )
 def test_hostile_peer_cannot_stop_a_node_or_its_rounds(
