@@ -6,6 +6,8 @@ identity, so every bound here is exercised by real peers with real identities.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import random
 from pathlib import Path
@@ -22,8 +24,9 @@ from p2pfl.node import Node
 from p2pfl.secure.keys import ANNOUNCEMENT_LEN
 from p2pfl.secure.messages import MAX_PARTICIPANTS, GroupAnnounce, MaskedUpdate
 from p2pfl.secure.wire import to_envelope
+from p2pfl.transport import tcp
 from p2pfl.transport.base import Connection, HandshakeError, TransportLimits
-from p2pfl.transport.budget import ReceiveBudget
+from p2pfl.transport.budget import TRIM_ABOVE, ReceiveBudget, give_back_memory
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 from p2pfl.transport.tcp import ACCEPT, BUSY, TcpConnection, TcpTransport, parse_address
 from p2pfl.transport.tls import make_ssl_context
@@ -251,8 +254,12 @@ SLOW = TransportLimits(
 
 
 async def test_a_frame_that_stalls_after_its_header_is_cut_at_its_deadline(
-    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    dropped: list[int] = []
+    monkeypatch.setattr(tcp, "give_back_memory", dropped.append)
     server = TcpTransport(NODE, limits=SLOW)
     got = Recorder()
     async with trio.open_nursery() as nursery:
@@ -269,7 +276,14 @@ async def test_a_frame_that_stalls_after_its_header_is_cut_at_its_deadline(
         assert any("frame_deadline" in r.getMessage() for r in caplog.records)
         assert server.budget.used == 0 and server.buffered() == 0
         assert [(c.buffered, c.reserved) for c in got.conns] == [(0, 0)]
+        assert 4 + 1000 in dropped  # what was dropped is offered back to the OS
         nursery.cancel_scope.cancel()
+
+
+def test_memory_of_large_dropped_frames_is_given_back_to_the_os() -> None:
+    assert give_back_memory(TRIM_ABOVE - 1) is False  # small: not worth a heap walk
+    expected = hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim")
+    assert give_back_memory(TRIM_ABOVE) is expected  # glibc: malloc_trim(0)
 
 
 async def test_a_partial_header_is_on_the_clock_too(

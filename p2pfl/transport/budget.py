@@ -11,10 +11,41 @@ frame completes or its connection ends.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+
+# A dropped partial frame is freed, but glibc keeps freed heap pages that are not at the
+# top of the heap: four peers that each sent 120 MiB of a frame left the node 220 MiB
+# larger after they closed. `malloc_trim(0)` hands those pages back; it is called only
+# when a connection drops at least this much (a frame that completes is passed on, and
+# its memory is reused by the next one).
+TRIM_ABOVE = 1024 * 1024
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def give_back_memory(dropped: int) -> bool:
+    """After `dropped` bytes of partial frames were freed: return free heap pages to the
+    OS if that was a lot (glibc only). True if it trimmed."""
+    if dropped < TRIM_ABOVE or _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 @dataclass(eq=False)

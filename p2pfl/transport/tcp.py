@@ -35,7 +35,7 @@ from p2pfl.transport.base import (
     HandshakeError,
     TransportLimits,
 )
-from p2pfl.transport.budget import ReceiveBudget
+from p2pfl.transport.budget import ReceiveBudget, give_back_memory
 from p2pfl.transport.tls import make_ssl_context, peer_id_of
 from p2pfl.wire.address import parse_address as parse_address  # the one parser, re-exported
 from p2pfl.wire.errors import WireError
@@ -226,9 +226,11 @@ class TcpConnection:
 
     def _drop_partial(self) -> None:
         """Forget the frame in progress: its bytes and its share of the budget."""
+        dropped = self._decoder.buffered
         self._decoder.clear()
         self._release()
         self._deadline = None
+        give_back_memory(dropped)
 
     async def aclose(self) -> None:
         if self._closed:
