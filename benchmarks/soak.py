@@ -472,8 +472,19 @@ def rss_growth(life: Life) -> dict[str, Any]:
         )
         if life.samples
         else None,
+        "second_half_growth_bytes": second_half_growth(life),
         "flat": life.rss_last <= RSS_FLAT_RATIO * life.rss_start + RSS_FLAT_SLACK,
     }
+
+
+def second_half_growth(life: Life) -> int | None:
+    """RSS growth over the second half of the process's samples: a leak keeps growing,
+    an allocator warming up levels off."""
+    if len(life.samples) < 4 or life.rss_last is None:
+        return None
+    mid_t = (life.samples[0][0] + life.samples[-1][0]) / 2
+    mid = min(life.samples, key=lambda sample: abs(sample[0] - mid_t))
+    return life.rss_last - mid[1]
 
 
 def summarize(run: Run, round_timeout: float) -> dict[str, Any]:
@@ -668,6 +679,15 @@ def verdict(soak: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]
     return out
 
 
+def growth_text(res: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {mib(v['start'])} -> {mib(v['end'])} MiB, x{v['ratio']:.2f} "
+        f"({(v['bytes_per_round'] or 0) / 1024:.1f} KiB/round; second half "
+        f"+{(v.get('second_half_growth_bytes') or 0) / 2**20:.1f} MiB)"
+        for k, v in res["rss_whole_run"].items()
+    )
+
+
 def full_text(res: dict[str, Any]) -> str:
     distinct = res.get("full_timeout_distinct_rounds") or []
     return f"{res['full_timeout_rounds']} ({len(distinct)})"
@@ -729,10 +749,7 @@ def print_tables(soak: dict[str, Any], base: dict[str, Any] | None, checks: dict
         "0",
         res(checks["unexpected_exits"]["ok"]),
     )
-    ratios = ", ".join(
-        f"{k} x{v['ratio']:.2f} ({(v['bytes_per_round'] or 0) / 1024:.1f} KiB/round)"
-        for k, v in soak["rss_whole_run"].items()
-    )
+    ratios = growth_text(soak)
     s.add_row(
         "RSS growth, whole-run processes",
         ratios or "none",
@@ -811,10 +828,7 @@ def markdown(soak: dict[str, Any], base: dict[str, Any] | None, checks: dict[str
         return "-" if ok is None else ("**pass**" if ok else "**FAIL**")
 
     b = base or {}
-    growth = ", ".join(
-        f"{k} x{v['ratio']:.2f} ({(v['bytes_per_round'] or 0) / 1024:.1f} KiB/round)"
-        for k, v in soak["rss_whole_run"].items()
-    )
+    growth = growth_text(soak)
     rows = [
         (
             "unexpected exits",
