@@ -23,6 +23,25 @@ from p2pfl.config import (
     NodeConfig,
     flag_name,
 )
+from p2pfl.fatal import CannotBind, DataDirInUse, DataDirUnusable, DiskFull, FatalError
+
+EXIT_CODES = {
+    "ok": 0,  # finished, or stopped by SIGINT/SIGTERM after saying goodbye
+    "internal": 1,  # an unexpected error: a bug (traceback at --log-level debug)
+    "usage": 2,  # bad flag, config value or file, missing optional extra
+    "cannot_bind": 3,  # the --listen address cannot be bound
+    "data_dir_in_use": 4,  # another running node holds the data dir
+    "data_dir_unusable": 5,  # data dir unsafe, read-only, not a dir, path too long, bad key
+    "disk_full": 6,  # no space left while writing the node's state
+}
+"""`p2pfl node` / `p2pfl keys` exit codes, one per cause (docs/cli.md, "Exit codes")."""
+
+_FATAL_CODES: tuple[tuple[type[FatalError], str], ...] = (
+    (CannotBind, "cannot_bind"),
+    (DataDirInUse, "data_dir_in_use"),
+    (DiskFull, "disk_full"),
+    (DataDirUnusable, "data_dir_unusable"),
+)
 
 # Flags whose names differ from the config field, or that repeat.
 _HELP = {
@@ -141,13 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _keys_show(args: argparse.Namespace) -> int:
-    from p2pfl.identity import Identity, IdentityError
+    from p2pfl.identity import Identity
 
     try:
         ident = Identity.load_or_create(Path(args.data_dir).expanduser())
-    except (IdentityError, OSError) as exc:
-        print(f"p2pfl: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        return _report("p2pfl keys", exc)
     if args.json:
         print(json.dumps({"peer_id": ident.peer_id, "public_key": ident.public_bytes.hex()}))
     else:
@@ -168,41 +186,117 @@ def _run_node(args: argparse.Namespace) -> int:
     from p2pfl.logs import setup_logging
 
     setup_logging(config.log_level)
+    import signal
+
     import trio
 
+    # Until the node's own signal receiver is up, SIGTERM stops start-up like Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         trio.run(_node_main, config)
     except KeyboardInterrupt:
-        return 130
-    except ConfigError as exc:
-        print(f"p2pfl node: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as exc:
-        print(f"p2pfl node: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_CODES["ok"]  # stopped before the node started: nobody to say bye to
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        return _report("p2pfl node", exc)
+    return EXIT_CODES["ok"]
 
 
 async def _node_main(config: NodeConfig) -> None:
+    import logging
     import signal
 
     import trio
 
     from p2pfl.node import Node
 
-    node = Node(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # Opened first, so a signal during start-up is answered by a clean stop too.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        node = Node(config)
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(node.run)
+            except BaseException as exc:
+                # The control socket and the data dir raise FatalErrors of their own; an
+                # OSError left over while starting comes from binding the listen address.
+                bind = _bind_error(exc, config.listen)
+                if bind is None:
+                    raise
+                raise bind from None
             async for signum in signals:
-                import logging
-
                 logging.getLogger("p2pfl.node").info(
                     "received %s: shutting down", signal.Signals(signum).name
                 )
                 break
-        await node.stop()
-        nursery.cancel_scope.cancel()
+            await node.stop()
+            nursery.cancel_scope.cancel()
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _bind_error(exc: BaseException, listen: str) -> CannotBind | None:
+    import errno
+    import socket
+
+    leaves = _leaves(exc)
+    if any(isinstance(leaf, FatalError) for leaf in leaves):
+        return None  # already says what it is
+    for leaf in leaves:
+        if not isinstance(leaf, OSError):
+            continue
+        if isinstance(leaf, socket.gaierror):
+            hint = "use an IP address (or a name this host resolves) in --listen"
+        elif leaf.errno == errno.EADDRINUSE:
+            hint = (
+                "another program (maybe another p2pfl node) has this port: stop it, or choose "
+                "another port with --listen HOST:PORT (port 0 picks a free one)"
+            )
+        elif leaf.errno == errno.EADDRNOTAVAIL:
+            hint = "the address is not on this host: use one of its addresses in --listen"
+        elif leaf.errno in (errno.EACCES, errno.EPERM):
+            hint = "ports below 1024 need privileges: use a higher port in --listen"
+        else:
+            hint = "check the --listen address"
+        reason = (leaf.strerror or str(leaf)).lower()
+        if reason.startswith("address already in use"):
+            reason = "address already in use"
+        return CannotBind(f"cannot listen on {listen}: {reason}; {hint}")
+    return None
+
+
+def _report(prog: str, exc: BaseException) -> int:
+    """Print the one line for a failure and return its exit code (docs/cli.md)."""
+    import logging
+
+    leaves = _leaves(exc)
+    if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+        return EXIT_CODES["ok"]
+    for kind, cause in _FATAL_CODES:
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                print(f"{prog}: {_one_line(leaf)}", file=sys.stderr)
+                return EXIT_CODES[cause]
+    for leaf in leaves:
+        if isinstance(leaf, ConfigError):
+            print(f"{prog}: {_one_line(leaf)}", file=sys.stderr)
+            return EXIT_CODES["usage"]
+    leaf = next((x for x in leaves if not isinstance(x, KeyboardInterrupt)), exc)
+    logging.getLogger("p2pfl").debug("traceback of the internal error", exc_info=leaf)
+    print(
+        f"{prog}: internal error: {type(leaf).__name__}: {_one_line(leaf)} "
+        "(a bug: please report it, with the traceback from --log-level debug)",
+        file=sys.stderr,
+    )
+    return EXIT_CODES["internal"]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

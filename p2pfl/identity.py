@@ -3,12 +3,15 @@
 The peer id is a hash of the public key, so a peer proves its id simply by proving
 possession of the key (the TLS handshake does that); nobody can claim an id without it.
 The key lives in `<data_dir>/identity.key` as unencrypted PEM PKCS8: the daemon must
-start unattended, so protection comes from file permissions (0600 in a 0700 dir).
+start unattended, so protection comes from file permissions (0600 in a 0700 dir): a data
+dir or key file that another user could write, or that another user owns, is refused
+(`p2pfl.datadir`), and the key is never read through a symlink.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import logging
 import os
@@ -20,14 +23,18 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from p2pfl.datadir import check_private, ensure_dir, fsync_dir, os_error
+from p2pfl.fatal import DataDirUnusable
+
 log = logging.getLogger("p2pfl.identity")
 
 KEY_FILE_NAME = "identity.key"
 PEER_ID_LENGTH = 32  # base32 characters: 20 hash bytes = 160 bits = 32 chars, no padding
 
 
-class IdentityError(Exception):
-    """The identity key file exists but cannot be used (corrupt, wrong type, unreadable)."""
+class IdentityError(DataDirUnusable):
+    """The identity key file exists but cannot be used (corrupt, wrong type, unreadable,
+    writable or owned by another user, a symlink): the data dir is unusable as it is."""
 
 
 def peer_id_from_public_key(raw32: bytes) -> str:
@@ -114,26 +121,54 @@ class Identity:
         An existing file is never overwritten: a corrupt key raises IdentityError, since
         silently replacing it would change the node's peer id behind the operator's back.
         """
-        data_dir = Path(data_dir)
-        if not data_dir.exists():
-            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = data_dir / KEY_FILE_NAME
-        if path.exists():
-            return _load(path)
+        path = ensure_dir(Path(data_dir)) / KEY_FILE_NAME  # refuses a dir others can write
+        existing = _load(path)
+        if existing is not None:
+            return existing
         identity = cls.generate()
-        if _create_exclusive(path, identity.to_pem()):
+        try:
+            created = _create_exclusive(path, identity.to_pem())
+        except OSError as exc:
+            raise os_error(exc, path, "create identity key") from None
+        if created:
             log.info("created new identity %s in %s", identity.peer_id, path)
             return identity
         # Another process created the file between our check and our link: use theirs.
-        return _load(path)
+        theirs = _load(path)
+        if theirs is None:
+            raise IdentityError(f"{path}: vanished while being created; try again")
+        return theirs
 
 
-def _load(path: Path) -> Identity:
+def _load(path: Path) -> Identity | None:
+    """The identity in `path`, None if there is none; IdentityError if it cannot be trusted."""
     try:
-        st = path.stat()
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):
+            raise IdentityError(
+                f"{path} is a symbolic link; the identity key must be a file in the data dir: "
+                "replace the link with the key file itself"
+            ) from None
+        raise IdentityError(f"{path}: cannot read identity key ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IdentityError(f"{path} is not a regular file; move it out of the data dir")
+        try:
+            check_private(path, st, what="identity key", mode="600")
+        except DataDirUnusable as exc:
+            raise IdentityError(str(exc)) from None
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        data = b"".join(chunks)
     except OSError as exc:
         raise IdentityError(f"{path}: cannot read identity key ({exc.strerror})") from None
+    finally:
+        os.close(fd)
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning(
             "identity key %s is accessible by group/others (mode %o); run: chmod 600 %s",
@@ -152,7 +187,8 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
     its key replaced, and readers never see a half-written file.
     """
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
     try:
         try:
             view = memoryview(data)
@@ -168,23 +204,10 @@ def _create_exclusive(path: Path, data: bytes) -> bool:
             return False
         except OSError:
             # File systems without hard links: fall back to rename, after a last check.
-            if path.exists():
+            if os.path.lexists(path):
                 return False
             os.rename(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,14 +1,14 @@
 """Atomic on-disk state: checkpoints survive a crash at any instant.
 
-A checkpoint is written to a temporary file in the same directory, fsynced, renamed
-over the old one (atomic on POSIX) and the directory fsynced. A crash before the
-rename leaves the previous checkpoint intact; after it, the new one is complete.
+A checkpoint is written through `p2pfl.datadir.atomic_write`: a temp file with a random
+name in the same directory (never a planted symlink), fsynced, renamed over the old one
+(atomic on POSIX) and the directory fsynced. A crash before the rename leaves the previous
+checkpoint intact; after it, the new one is complete. A full disk raises `DiskFull`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from p2pfl.datadir import atomic_write, read_file
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.tensors import decode_tensor, encode_tensor
 
@@ -23,28 +24,11 @@ log = logging.getLogger("p2pfl.storage")
 
 CHECKPOINT_FORMAT = 1
 
+__all__ = ["Checkpoint", "CheckpointError", "atomic_write", "load_checkpoint", "save_checkpoint"]
+
 
 class CheckpointError(Exception):
     pass
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass
@@ -73,9 +57,8 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
 
 def load_checkpoint(path: Path) -> Checkpoint | None:
     """Return the checkpoint at `path`, None if there is none, CheckpointError if corrupt."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = read_file(path)  # never through a symlink; DataDirUnusable if unreadable
+    if raw is None:
         return None
     try:
         doc = msgpack.unpackb(raw, raw=False, strict_map_key=True)

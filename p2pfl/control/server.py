@@ -28,6 +28,8 @@ from p2pfl.control import (
     MAX_REQUEST_BYTES,
     socket_path_too_long,
 )
+from p2pfl.datadir import os_error
+from p2pfl.fatal import DataDirInUse, DataDirUnusable, FatalError
 
 logger = logging.getLogger("p2pfl.control")
 
@@ -40,8 +42,16 @@ _PROBE_TIMEOUT = 1.0
 _SOCKET_MODE = 0o600
 
 
-class ControlSocketInUse(RuntimeError):
+class ControlSocketInUse(DataDirInUse, RuntimeError):
     """A live node already answers on this socket: two nodes must not share one data dir."""
+
+
+class ControlSocketPathTooLong(DataDirUnusable, ValueError):
+    """The socket path does not fit in a unix socket address (a deep data dir)."""
+
+
+class ControlSocketBlocked(DataDirUnusable, FileExistsError):
+    """Something that is not a socket sits where the control socket goes; never replaced."""
 
 
 class RequestError(ValueError):
@@ -218,11 +228,13 @@ async def _clear_stale(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+        raise ControlSocketBlocked(
+            f"{path} exists and is not a socket; refusing to replace it: move it out of the way"
+        )
     if await _answers(path):
         raise ControlSocketInUse(
-            f"another node is running with this data dir ({path.parent}): "
-            f"its control socket {path} answers"
+            f"another node is running with this data dir ({path.parent}): its control socket "
+            f"{path} answers; stop that node, or give this one another --data-dir"
         )
     logger.info("removing stale control socket %s", path)
     with contextlib.suppress(FileNotFoundError):
@@ -285,18 +297,25 @@ async def serve_control(
 ) -> None:
     """Serve `handlers` on a unix socket at `path` until cancelled; reports `path` when ready.
 
-    Raises ValueError for a path over the unix socket limit and ControlSocketInUse if a live
-    node already serves `path`. The socket file is removed on exit.
+    Raises ControlSocketPathTooLong (a ValueError) for a path over the unix socket limit,
+    ControlSocketInUse if a live node already serves `path`, and a FatalError with one line
+    to act on for any other local failure (read-only, permissions, disk full). The socket
+    file is removed on exit.
     """
     path = Path(path)
     problem = socket_path_too_long(path)
     if problem is not None:
-        raise ValueError(problem)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    await _clear_stale(path)
+        raise ControlSocketPathTooLong(problem)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     with sock:
-        ours = await _bind_private(sock, path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            await _clear_stale(path)
+            ours = await _bind_private(sock, path)
+        except FatalError:
+            raise
+        except OSError as exc:
+            raise os_error(exc, path, "create control socket") from None
         try:
             sock.listen(LISTEN_BACKLOG)
             listener = trio.SocketListener(sock)
@@ -313,7 +332,9 @@ async def serve_control(
 
 
 __all__ = [
+    "ControlSocketBlocked",
     "ControlSocketInUse",
+    "ControlSocketPathTooLong",
     "Handler",
     "RequestError",
     "dispatch",

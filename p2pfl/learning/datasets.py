@@ -23,6 +23,11 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 
+class MissingExtra(ImportError):
+    """A dataset needs an optional dependency that is not installed; the message is one
+    line naming the pip command (the node reports it as a configuration error)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """A train/test split; features float32 (standardized), labels int64 in [0, n_classes).
@@ -94,7 +99,7 @@ def _digits_raw() -> tuple[F32, I64]:
     """
     spec = importlib.util.find_spec("sklearn")
     if spec is None:
-        raise ImportError(
+        raise MissingExtra(
             "the 'digits' dataset ships with scikit-learn, which is not installed; "
             "run: pip install 'p2pfl[digits]'"
         )
