@@ -87,9 +87,36 @@ class PeerTable:
                 target.next_attempt = 0.0
                 return True
             return False
-        if len(self.targets) >= 4 * self.max_peers:
+        if len(self.targets) >= self.max_targets and not self._evict_failed():
             return False  # bounded: a peer cannot flood us with addresses
         self.targets[address] = DialTarget(address, peer_id, found_via)
+        return True
+
+    @property
+    def max_targets(self) -> int:
+        """Dial targets kept in total (docs/security.md, "Resource bounds")."""
+        return 4 * self.max_peers
+
+    def _evict_failed(self) -> bool:
+        """Make room by forgetting the learnt address that failed most often. Without
+        this, whoever fills the table first (e.g. a peer listing unreachable addresses)
+        would keep every later, real address out for the node's whole life. Bootstrap
+        addresses, targets being dialed and addresses of connected peers stay."""
+        victim: DialTarget | None = None
+        for t in self.targets.values():
+            if (
+                t.failures == 0
+                or t.dialing
+                or t.is_self
+                or t.found_via == "bootstrap"
+                or (t.peer_id is not None and self.is_connected(t.peer_id))
+            ):
+                continue
+            if victim is None or t.failures > victim.failures:
+                victim = t
+        if victim is None:
+            return False
+        del self.targets[victim.address]
         return True
 
     def due_targets(self, now: float) -> list[DialTarget]:

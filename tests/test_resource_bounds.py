@@ -20,6 +20,7 @@ import trio.testing
 from p2pfl.compression import UpdateEncoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig, coerce
 from p2pfl.identity import Identity
+from p2pfl.membership import PeerTable
 from p2pfl.node import Node
 from p2pfl.secure.keys import ANNOUNCEMENT_LEN
 from p2pfl.secure.messages import MAX_PARTICIPANTS, GroupAnnounce, MaskedUpdate
@@ -538,3 +539,22 @@ async def test_peer_exchange_takes_64_addresses_a_message_and_256_targets_in_all
         assert len(node.peers.targets) == 4 * config.max_peers
         await conn.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_a_full_target_table_makes_room_by_forgetting_failed_learnt_addresses() -> None:
+    table = PeerTable("me", max_peers=1)  # 4 targets
+    table.add_address("boot:1", peer_id=None, found_via="bootstrap")
+    for i in range(3):
+        assert table.add_address(f"junk{i}:1", peer_id=f"j{i}", found_via="peer-exchange")
+    assert len(table.targets) == table.max_targets == 4
+    assert not table.add_address("real:1", peer_id="r", found_via="peer-exchange")
+    for address in ("boot:1", "junk1:1", "junk2:1"):  # unreachable, junk1 twice
+        table.dial_started(address)
+        table.dial_failed(address, now=0.0)
+    table.dial_started("junk1:1")
+    table.dial_failed("junk1:1", now=1.0)
+    table.dial_started("junk2:1")  # being dialed: stays
+    assert table.add_address("real:1", peer_id="r", found_via="peer-exchange")
+    assert "junk1:1" not in table.targets and len(table.targets) == 4
+    # Left: bootstrap (failed, kept), junk0 (never failed), junk2 (dialing), real.
+    assert not table.add_address("more:1", peer_id="m", found_via="peer-exchange")
