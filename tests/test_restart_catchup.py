@@ -22,11 +22,12 @@ import pytest
 import trio
 import trio.testing
 
+from p2pfl.aggregation import mean
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.link import closed_cause
 from p2pfl.node import Node
-from p2pfl.protocol import Phase
+from p2pfl.protocol import Aggregated, Phase, RoundMachine, RoundSettings
 from p2pfl.transport.base import ConnectionClosed
 from p2pfl.transport.faults import FaultPlan, FaultRule, FaultyTransport, dump_fault_plan
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
@@ -45,12 +46,20 @@ class SlowNode(Node):
         await super()._train(round, params)
 
 
-def build(tmp: Path, i: int, network: MemoryNetwork, **overrides: object) -> SlowNode:
+def build(
+    tmp: Path,
+    i: int,
+    network: MemoryNetwork,
+    train: tuple[float, ...] = TRAIN_TIME,
+    **overrides: object,
+) -> SlowNode:
+    """Node i of len(train) on a full mesh (50 ms links), training train[i] mock seconds."""
+    n = len(train)
     plan = tmp / "latency.json"
     dump_fault_plan(FaultPlan((FaultRule("delay", delay=0.05),)), plan)
     fields: dict[str, object] = {
         "rounds": 10,
-        "min_peers": 2,
+        "min_peers": n - 1,
         "heartbeat_interval": 1.0,
         "heartbeat_timeout": 5.0,
         "round_timeout": ROUND_TIMEOUT,
@@ -59,8 +68,8 @@ def build(tmp: Path, i: int, network: MemoryNetwork, **overrides: object) -> Slo
     cfg = NodeConfig(
         data_dir=tmp / f"n{i}",
         listen=f"mem:n{i}",
-        peers=tuple(f"mem:n{j}" for j in range(3) if j != i),
-        nodes=3,
+        peers=tuple(f"mem:n{j}" for j in range(n) if j != i),
+        nodes=n,
         node_index=i,
         seed=100 + i,
         faults=plan,
@@ -74,7 +83,7 @@ def build(tmp: Path, i: int, network: MemoryNetwork, **overrides: object) -> Slo
         train_in_thread=False,
         control_socket=False,
     )
-    node.train_time = TRAIN_TIME[i]
+    node.train_time = train[i]
     return node
 
 
@@ -84,15 +93,22 @@ async def until(cond: Callable[[], bool]) -> None:
 
 
 async def crash_and_restart(
-    tmp_path: Path, *, crash: int = 2, restart: int = 4, **overrides: object
+    tmp_path: Path,
+    *,
+    crash: int = 2,
+    restart: int = 4,
+    train: tuple[float, ...] = TRAIN_TIME,
+    watch: int = 1,
+    **overrides: object,
 ) -> tuple[list[Node], Node]:
-    """Kill node 2 while it collects round `crash`; restart it as soon as node 1 (the
-    fast one) has sent its model for round `restart` and collects it."""
+    """Kill the last node while it collects round `crash`; restart it as soon as node
+    `watch` has sent its model for round `restart` and collects it."""
     network = MemoryNetwork()
-    nodes = [build(tmp_path, i, network, **overrides) for i in range(3)]
-    victim = nodes[2]
+    n = len(train)
+    nodes = [build(tmp_path, i, network, train, **overrides) for i in range(n)]
+    victim = nodes[-1]
     async with trio.open_nursery() as nursery:
-        for node in nodes[:2]:
+        for node in nodes[:-1]:
             await nursery.start(node.run)
         victim_scope = trio.CancelScope()
 
@@ -106,14 +122,14 @@ async def crash_and_restart(
         victim.transport.crash()  # SIGKILL: no goodbye; the peers see EOF
         victim_scope.cancel()
 
-        fast = nodes[1]
-        await until(lambda: fast.machine.round == restart and fast.phase is Phase.COLLECTING)
-        again = build(tmp_path, 2, network, **overrides)
+        peer = nodes[watch]
+        await until(lambda: peer.machine.round == restart and peer.phase is Phase.COLLECTING)
+        again = build(tmp_path, n - 1, network, train, **overrides)
         await nursery.start(again.run)
-        for node in [*nodes[:2], again]:
+        for node in [*nodes[:-1], again]:
             await node.done.wait()
         nursery.cancel_scope.cancel()
-    return nodes[:2], again
+    return nodes[:-1], again
 
 
 async def test_a_restart_while_peers_collect_costs_nobody_a_timeout(
@@ -130,6 +146,26 @@ async def test_a_restart_while_peers_collect_costs_nobody_a_timeout(
     # After the restart every round hears both peers again.
     assert again.history[-1]["peers_heard"] == 2
     assert all(row["peers_heard"] == 2 for row in first[0].history[-4:])
+
+
+async def test_a_peer_waiting_for_a_round_the_restarted_node_skipped_stops_waiting(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Five nodes: the restarted node is connected again while node 3 (a slow
+    trainer) still trains round 4, so node 3 waits for its round-4 model; but the
+    median of the peers it asks is round 5, so it skips round 4 and never sends one.
+    Asked for it, it now says where it is (a state reply) and node 3 stops waiting."""
+    first, again = await crash_and_restart(
+        tmp_path, train=(0.1, 0.3, 0.3, 0.6, 0.3), watch=2, restart=4
+    )
+    assert again.counters["catch_ups"] == 1
+    trained = [row["round"] for row in again.history]
+    assert 4 not in trained and 5 in trained  # it skipped round 4
+    for node in [*first, again]:
+        assert node.machine.round == 10
+        assert node.counters["timeouts"] == 0, [
+            (row["round"], row["peers_heard"]) for row in node.history if row["timed_out"]
+        ]
 
 
 @pytest.mark.parametrize("compression", [("delta", "quantize:8")])
@@ -178,3 +214,21 @@ def test_the_lost_peer_line_names_the_cause() -> None:
     assert closed_cause(_closed(ConnectionResetError())) == (
         "connection reset (ConnectionResetError)"
     )
+
+
+def test_a_neighbour_past_our_round_without_a_model_for_us_is_not_waited_for() -> None:
+    """The sans-IO half of the skipped-round case: a state reply from a neighbour we
+    wait for, in a later round, means its model for ours will never come."""
+    zeros = np.zeros(4, dtype=np.float32)
+    m = RoundMachine(params=zeros, rule=mean, settings=RoundSettings(nudge_fraction=0.2))
+    m.start(0.0, ["a", "b", "c"])
+    m.trained(0.0, 0, zeros + 1, 1, ["a", "b", "c"])
+    m.receive_update(0.1, "a", 0, zeros + 2, 1)
+    # A reply for our own round says nothing about round 0's model: keep waiting.
+    assert m.receive_state(0.2, "b", 0, zeros) == []
+    assert m.phase is Phase.COLLECTING and m.expected_this_round == 3
+    assert m.receive_state(0.3, "b", 1, zeros) == []  # b skipped round 0
+    assert m.expected_this_round == 2
+    acts = m.receive_update(0.4, "c", 0, zeros + 2, 1)
+    agg = next(a for a in acts if isinstance(a, Aggregated))
+    assert agg.round == 0 and not agg.timed_out and agg.senders == ("a", "c")

@@ -323,8 +323,15 @@ class RoundMachine:
     def receive_state(
         self, now: float, sender: str, round: int, params: np.ndarray
     ) -> list[Action]:
-        """A peer's reply to our RequestState."""
+        """A peer's reply to our RequestState, or to our RequestUpdates for a round it
+        has moved past without a model for us (it skipped that round by a catch-up):
+        it will never send one, so we stop waiting for it."""
         self._note_peer_round(sender, round)
+        if self.phase is Phase.COLLECTING and round > self.round:
+            actions = self._stop_waiting_for(now, sender)
+            if self._falls_behind(round):
+                actions += self._begin_catch_up(now, self._lagging_peers())
+            return actions
         if self.phase is not Phase.CATCHING_UP or sender not in self._asked:
             return []
         if params.shape != self.params.shape or not np.isfinite(params).all():
@@ -342,21 +349,24 @@ class RoundMachine:
         """A neighbour disconnected: stop waiting for it."""
         self._peer_rounds.pop(peer, None)
         actions: list[Action] = []
-        if (
-            self.phase in (Phase.COLLECTING, Phase.CATCHING_UP)
-            and peer in self._waiting_for
-            and peer not in self._received.get(self.round, {})
-        ):
+        if self.phase in (Phase.COLLECTING, Phase.CATCHING_UP):
             # Also while catching up: we may resume collecting this round afterwards.
-            self._waiting_for.discard(peer)
-            self._expected = len(self._waiting_for)
-            if self.phase is Phase.COLLECTING:
-                actions += self._maybe_aggregate(now, timed_out=False)
+            actions += self._stop_waiting_for(now, peer)
         if self.phase is Phase.CATCHING_UP and peer in self._asked:
             self._asked = tuple(p for p in self._asked if p != peer)
             if len(self._states) >= len(self._asked):
                 actions += self._finish_catch_up(now)
         return actions
+
+    def _stop_waiting_for(self, now: float, peer: str) -> list[Action]:
+        """`peer` will not send its model for this round: the round can end without it."""
+        if peer not in self._waiting_for or peer in self._received.get(self.round, {}):
+            return []
+        self._waiting_for.discard(peer)
+        self._expected = len(self._waiting_for)
+        if self.phase is not Phase.COLLECTING:
+            return []
+        return self._maybe_aggregate(now, timed_out=False)
 
     @property
     def next_wakeup(self) -> float | None:
