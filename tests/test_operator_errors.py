@@ -244,6 +244,8 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path: Path) -> None:
         "0",
         "--rounds",
         "2",
+        "--round-timeout",
+        "0.5",  # alone: the round ends on its timeout
     )
     code, lines = in_private_mount(f"mount -t tmpfs -o size=16k,mode=0700 p2pfl-full {data}", argv)
     line = assert_one_line(lines, "disk full", "checkpoint")
