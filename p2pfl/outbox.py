@@ -72,14 +72,23 @@ class UpdateOutbox:
             again = {peer: self.resend(peer, round) for peer in peers}
             return {peer: payload for peer, payload in again.items() if payload is not None}
         out: dict[str, bytes] = {}
-        if not self.per_peer:
-            payload = self._encode(self._shared, round, params, samples)
-            out = dict.fromkeys(peers, payload)
-        else:
+        try:
+            if not self.per_peer:
+                payload = self._encode(self._shared, round, params, samples)
+                out = dict.fromkeys(peers, payload)
+            else:
+                for peer in peers:
+                    encoder = self._peers.get(peer) or self._encoder()
+                    self._peers[peer] = encoder  # type: ignore[assignment]
+                    out[peer] = self._encode(encoder, round, params, samples)
+        except ValueError as exc:
+            # Our own model cannot be encoded (non-finite, overflowing, wrong size): a
+            # local fault, never a reason to end the node. Nothing goes out this round;
+            # whoever got a stream message meanwhile restarts from a keyframe.
+            log.warning("round %d: cannot encode our model (%s); not sending it", round, exc)
             for peer in peers:
-                encoder = self._peers.get(peer) or self._encoder()
-                self._peers[peer] = encoder  # type: ignore[assignment]
-                out[peer] = self._encode(encoder, round, params, samples)
+                self.dropped(peer)
+            return {}
         self._sent[round] = out
         self._models[round] = (params.copy(), samples)
         self._last_round = round
@@ -103,7 +112,11 @@ class UpdateOutbox:
         kept = self._models.get(round)
         if kept is None or round > self._joined.get(peer, -1):
             return None
-        payload = self._late_payload(peer, round, *kept)
+        try:
+            payload = self._late_payload(peer, round, *kept)
+        except ValueError as exc:  # pragma: no cover - it was encoded once already
+            log.warning("round %d: cannot encode our model for %s (%s)", round, peer[:12], exc)
+            return None
         sent[peer] = payload
         return payload
 

@@ -308,3 +308,23 @@ async def test_a_compressing_node_caught_up_to_its_own_round_keeps_running(
     assert got == [0, 1, 2, 3]  # one compressed model per round, none sent twice
     assert not node.supervisor.contained
     assert not node.history[1]["timed_out"]
+
+
+@pytest.mark.parametrize("per_peer", [False, True])
+def test_a_model_the_encoder_refuses_is_not_sent_and_nothing_raises(
+    per_peer: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = UpdateOutbox("me", parse_pipeline(("delta", "quantize:8")), per_peer=per_peer)
+    receiver = UpdateDecoder(D, max_frame_size=1 << 20)
+    first = codec.decode(box.payloads(0, full(1.0), 3, ["r"])["r"])
+    assert isinstance(first, CompressedModelUpdate)
+    receiver.decode("me", 0, first.blob)
+    bad = full(1.0)
+    bad[2] = np.nan
+    with caplog.at_level(logging.WARNING, logger="p2pfl.node"):
+        assert box.payloads(1, bad, 3, ["r"]) == {}
+    assert any("cannot encode" in r.getMessage() for r in caplog.records)
+    # The stream goes on and stays decodable.
+    nxt = codec.decode(box.payloads(2, full(2.0), 3, ["r"])["r"])
+    assert isinstance(nxt, CompressedModelUpdate)
+    np.testing.assert_allclose(receiver.decode("me", 2, nxt.blob), full(2.0), atol=0.05)
