@@ -8,8 +8,10 @@ peer-controlled values), and returns, so the caller drops that message or closes
 connection and the node goes on. Cancellation and KeyboardInterrupt pass through
 untouched: only `Exception` is contained.
 
-Fatal *local* conditions (cannot bind, disk full, an unusable data dir) are not per-peer
-work and are not guarded: they end the daemon with an exit code (see docs/cli.md).
+Fatal *local* conditions (`p2pfl.fatal.FatalError`: cannot bind, disk full, an unusable
+data dir) pass through too, even when peer-driven work meets them (a message completes
+a round, the checkpoint write finds the disk full): they end the daemon with an exit
+code (see docs/cli.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from p2pfl.fatal import FatalError
 
 
 class Supervisor:
@@ -46,9 +50,19 @@ class Supervisor:
         """
         try:
             yield
-        except* Exception as group:
-            for exc in _leaves(group):
-                self.failed(where, exc, peer)
+        except BaseException as exc:
+            contained: BaseException | None
+            rest: BaseException | None
+            if isinstance(exc, BaseExceptionGroup):
+                contained, rest = exc.split(_containable)
+            elif _containable(exc):
+                contained, rest = exc, None
+            else:
+                raise  # cancellation, KeyboardInterrupt, a fatal local condition
+            for leaf in _leaves(contained):
+                self.failed(where, leaf, peer)
+            if rest is not None:
+                raise rest from None
 
     def failed(self, where: str, exc: BaseException, peer: str | None = None) -> None:
         kind = f"{where}:{type(exc).__name__}"
@@ -71,12 +85,23 @@ class Supervisor:
         self.log.debug("traceback of the contained error", exc_info=exc)
 
 
-def _leaves(group: BaseExceptionGroup[Exception]) -> Iterator[Exception]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
+def _containable(exc: BaseException) -> bool:
+    """A leaf error caused by a peer or a message: any Exception but a FatalError."""
+    return (
+        isinstance(exc, Exception)
+        and not isinstance(exc, BaseExceptionGroup)
+        and not isinstance(exc, FatalError)
+    )
+
+
+def _leaves(exc: BaseException | None) -> Iterator[BaseException]:
+    if exc is None:
+        return
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:

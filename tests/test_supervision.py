@@ -141,3 +141,17 @@ async def test_training_that_raises_keeps_the_round_going(
     assert not any(row["timed_out"] for n in nodes for row in n.history)
     assert victim.supervisor.contained == {"training:FloatingPointError": 1}
     assert all(np.isfinite(n.machine.params).all() for n in nodes)
+
+
+def test_fatal_local_conditions_pass_through_the_guard_unwrapped() -> None:
+    """A full disk met while handling a peer's message must end the node (exit code 6),
+    not be contained as if the peer had caused it."""
+    from p2pfl.fatal import DiskFull
+
+    sup = Supervisor(logging.getLogger("test.sup"), _Clock())
+    with pytest.raises(DiskFull), sup.guard("message:model"):
+        raise DiskFull("no space left writing checkpoint.msgpack")
+    with pytest.raises(ExceptionGroup) as info, sup.guard("connection"):
+        raise ExceptionGroup("both", [DiskFull("full"), ValueError("peer garbage")])
+    assert [type(e) for e in info.value.exceptions] == [DiskFull]
+    assert sup.contained == {"connection:ValueError": 1}
