@@ -300,7 +300,7 @@ def write_fault_plans(
 
     plans = node_fault_plans(events, peer_ids)
     for i in fault_plan_nodes(events, len(peer_ids)):
-        Path(data_dirs[i]).mkdir(parents=True, exist_ok=True)
+        Path(data_dirs[i]).mkdir(parents=True, exist_ok=True, mode=0o700)
         dump_fault_plan(plans[i], plan_path(data_dirs[i]))
 
 

@@ -140,7 +140,7 @@ def _spawn_all(
 
 
 def _spawn(name: str, data_dir: Path, argv: list[str]) -> NodeProcess:
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (data_dir / "command.txt").write_text(" ".join(argv) + "\n")
     log = (data_dir / "node.log").open("ab")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
