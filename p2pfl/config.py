@@ -277,11 +277,17 @@ def _is_ipv4(value: str) -> bool:
 
 
 def _check_address(value: str, name: str) -> None:
-    host, sep, port = value.rpartition(":")
-    ok = bool(sep) and bool(host) and port.isdigit() and 0 <= int(port) <= 65535
-    if not ok and value.startswith("mem:"):
-        ok = True  # in-memory transport addresses (simulations)
-    _check(ok, name, f"{value!r} is not HOST:PORT")
+    """The wire's one address parser (`mem:` names are in-memory simulation addresses);
+    bootstrap peers must be dialable (port 1..65535), `listen` may ask for port 0."""
+    from p2pfl.wire.address import check_peer_address, is_memory_address, parse_address
+
+    try:
+        if name == "peers":
+            check_peer_address(value)
+        elif not is_memory_address(value):
+            parse_address(value)
+    except ValueError as exc:
+        raise ConfigError(name, str(exc)) from None
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
