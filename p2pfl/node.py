@@ -23,12 +23,14 @@ import numpy as np
 import trio
 
 from p2pfl import PROTOCOL_VERSION, __version__
-from p2pfl.aggregation import make_rule
+from p2pfl.aggregation import Rule, make_rule
 from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig
+from p2pfl.datadir import DataDir, check_socket_path
 from p2pfl.identity import Identity
-from p2pfl.learning import build_model, load_dataset, node_shard
+from p2pfl.learning import Dataset, build_model, load_dataset, node_shard
 from p2pfl.learning.attacks import Attack, make_attack
+from p2pfl.learning.datasets import MissingExtra
 from p2pfl.link import Link, closed_cause
 from p2pfl.membership import PeerState, PeerTable
 from p2pfl.outbox import UpdateOutbox
@@ -97,8 +99,18 @@ class Node:
         role: str = "honest",
     ) -> None:
         self.config = config
-        self.data_dir = Path(config.data_dir).expanduser()
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Every configuration check runs before anything is created on disk, so a typo
+        # leaves no fresh data dir or identity.key behind (docs/cli.md, "Exit codes").
+        rule = self._rule()
+        pipeline = self._pipeline()
+        ds = self._dataset()
+        self.attack = self._make_attack(ds.n_classes)
+        self._secret = self._read_secret() if transport is None else None
+        if control_socket:
+            check_socket_path(Path(config.data_dir).expanduser() / CONTROL_SOCKET)
+        # Checked (ours, writable by nobody else), created 0700, locked for the node's life.
+        self.datadir = DataDir.open(Path(config.data_dir))
+        self.data_dir = self.datadir.path
         self.identity = identity or Identity.load_or_create(self.data_dir)
         self.id = self.identity.peer_id
         self.role = role
@@ -107,9 +119,7 @@ class Node:
             self.transport = self._faulty(self.transport, Path(config.faults))
         self.train_in_thread = train_in_thread
         self.control_socket = control_socket
-        self.limits = codec.Limits(max_bin_len=config.max_frame_size)
 
-        ds = load_dataset(config.dataset, seed=config.data_seed)
         self._x, self._y = node_shard(
             ds,
             config.node_index,
@@ -120,7 +130,6 @@ class Node:
             clusters=config.clusters,
         )
         self._x_test, self._y_test = ds.x_test, ds.y_test
-        self.attack = self._make_attack(ds.n_classes)
         if self.attack is not None:
             self.role = "malicious"
             self._y = self.attack.poison_labels(self._y, ds.n_classes)
@@ -149,7 +158,7 @@ class Node:
 
         self.outbox = UpdateOutbox(
             self.id,
-            self._pipeline(),
+            pipeline,
             per_peer=config.neighbour_count is not None,
             keyframe_every=config.compression_keyframe_every,
             seed=config.seed,
@@ -157,7 +166,8 @@ class Node:
         if ckpt is not None:
             self.outbox.load_state(ckpt.compression)
         # Always able to decode compressed updates: the sender's pipeline is self-described.
-        self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=config.max_frame_size)
+        self.limits = self._bound_transport()
+        self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=self.limits.max_bin_len)
         self.secure: SecureDriver | None = None
         if config.secure_aggregation:
             rt = config.round_timeout
@@ -173,12 +183,6 @@ class Node:
                 self.model.num_params,
                 round=start_round,
             )
-        try:
-            rule = make_rule(
-                config.aggregation, f=config.tolerate, options=dict(config.aggregation_options)
-            )
-        except ValueError as exc:
-            raise ConfigError("aggregation", str(exc)) from None
         self.machine = RoundMachine(
             params=params,
             rule=rule,
@@ -227,17 +231,54 @@ class Node:
         from p2pfl.transport.tcp import TcpTransport, parse_address
 
         host, port = parse_address(self.config.listen)
-        secret = None
-        if self.config.secret_file is not None:
-            secret = Path(self.config.secret_file).read_bytes().strip()
         return TcpTransport(
             self.identity,
             federation=self.config.federation,
-            secret=secret,
+            secret=self._secret,
             host=host,
             port=port,
-            max_frame_size=self.config.max_frame_size,
+            # Refusals by a resource bound (e.g. "inbound_refused") show in status.
+            on_event=lambda name: self.counters.update((name,)),
         )
+
+    def _bound_transport(self) -> codec.Limits:
+        """Size the resource bounds to the model, now that it is built: frames of about
+        twice its dense update, not 256 MiB whatever the model (docs/security.md)."""
+        from p2pfl.transport.base import TransportLimits
+
+        limits = TransportLimits.from_config(self.config, self.model.num_params)
+        self.transport.set_limits(limits)
+        # A TCP node can never dial a peer's 'mem:' address: refuse it at the codec.
+        return codec.Limits(
+            max_bin_len=limits.max_frame_size,
+            memory_addresses=self.config.listen.startswith("mem:"),
+        )
+
+    def _read_secret(self) -> bytes | None:
+        if self.config.secret_file is None:
+            return None
+        try:
+            return Path(self.config.secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(
+                "secret_file", f"cannot read {self.config.secret_file}: {exc.strerror}"
+            ) from None
+
+    def _rule(self) -> Rule:
+        try:
+            return make_rule(
+                self.config.aggregation,
+                f=self.config.tolerate,
+                options=dict(self.config.aggregation_options),
+            )
+        except ValueError as exc:
+            raise ConfigError("aggregation", str(exc)) from None
+
+    def _dataset(self) -> Dataset:
+        try:
+            return load_dataset(self.config.dataset, seed=self.config.data_seed)
+        except MissingExtra as exc:  # the message names the pip command
+            raise ConfigError("dataset", str(exc)) from None
 
     def _make_attack(self, n_classes: int) -> Attack | None:
         if not self.config.attack:
@@ -288,6 +329,10 @@ class Node:
             return None
         return ckpt
 
+    def close(self) -> None:
+        """Release the data dir (its lock); `run()` does it when it ends."""
+        self.datadir.close()
+
     # ---- running -----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -321,6 +366,7 @@ class Node:
         finally:
             with trio.CancelScope(shield=True):
                 await self._say_goodbye()
+            self.close()
 
     async def stop(self) -> None:
         """Clean shutdown: tell peers we leave, then cancel everything."""
@@ -553,8 +599,7 @@ class Node:
             "fallback": getattr(self.machine.rule, "last_fallback", None),
         }
         self._checkpoint()
-        with (self.data_dir / METRICS_FILE).open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.datadir.append(METRICS_FILE, json.dumps(row))
         log.info(
             "round %d | acc %.4f loss %.4f | heard %d/%d peers%s | sent %s recv %s | %.2fs",
             agg.round,
@@ -569,17 +614,17 @@ class Node:
         )
 
     def _checkpoint(self) -> None:
-        save_checkpoint(
-            self.data_dir / CHECKPOINT_FILE,
-            Checkpoint(
-                self.machine.round,
-                self.machine.params,
-                self.model.get_optimizer_state(),
-                self.history,
-                self.config.model,
-                self.outbox.state(),
-            ),
+        ckpt = Checkpoint(
+            self.machine.round,
+            self.machine.params,
+            self.model.get_optimizer_state(),
+            self.history,
+            self.config.model,
+            self.outbox.state(),
         )
+        # A full disk or an unusable data dir raises a FatalError, which no supervisor
+        # guard contains: it ends the node with its exit code.
+        save_checkpoint(self.data_dir / CHECKPOINT_FILE, ckpt)
 
     def _count_rejection(self, peer: str, reason: str, what: str) -> None:
         self.frames_rejected[reason] += 1
@@ -1018,6 +1063,19 @@ class Node:
                 if payload is not None and self._enqueue(peer, payload):
                     self._links[peer].update_queued(msg.round)
                     self.counters["updates_resent"] += 1
+                elif (
+                    payload is None
+                    and msg.round < self.machine.round
+                    and now - link.last_state_reply >= STATE_REPLY_EVERY
+                ):
+                    # We are past that round and never sent it to this peer (a catch-up
+                    # skipped it): say where we are, or the peer waits out a timeout.
+                    link.last_state_reply = now
+                    self.counters["skipped_round_replies"] += 1
+                    state = StateReply(
+                        self.id, self.machine.round, self.machine.params, len(self._y)
+                    )
+                    self._enqueue(peer, codec.encode(state))
             case StateRequest() if now - link.last_state_reply < STATE_REPLY_EVERY:
                 # A 40-byte request must not buy a full model at line rate.
                 self.counters["state_requests_throttled"] += 1
