@@ -117,7 +117,7 @@ def simulate(
             weights = np.array([len(shards[i][1]) for i in range(nodes)], dtype=np.float64)
             params[j] = mean(np.stack(inputs), weights, trained[j])
             evaluator.set_params(params[j])
-            accs.append(evaluator.evaluate(ds.x_test, ds.y_test)[1])
+            accs.append(evaluator.evaluate(ds.x_test, ds.y_test)["accuracy"])
         accuracy.append(float(np.mean(accs)))
     per_update = float(np.mean(message_bytes))
     return {

@@ -571,11 +571,12 @@ class Node:
             # What an omniscient attacker overheard this round, for next round's attack.
             self._overheard = np.stack(agg.received) - self._round_start[1]
         self._eval_model.set_params(agg.params)
-        loss, acc = self._eval_model.evaluate(self._x_test, self._y_test)
-        row = {
+        metrics = self._evaluate(agg.params)
+        row: dict[str, Any] = {
             "round": agg.round,
-            "accuracy": round(float(acc), 6),
-            "loss": round(float(loss), 6),
+            # "loss" and "accuracy" (when reported) also at the top, as before.
+            **{k: metrics[k] for k in ("accuracy", "loss") if k in metrics},
+            "metrics": metrics,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "seconds": round(now - self._round_started_at, 4),
@@ -601,10 +602,9 @@ class Node:
         self._checkpoint()
         self.datadir.append(METRICS_FILE, json.dumps(row))
         log.info(
-            "round %d | acc %.4f loss %.4f | heard %d/%d peers%s | sent %s recv %s | %.2fs",
+            "round %d | %s | heard %d/%d peers%s | sent %s recv %s | %.2fs",
             agg.round,
-            acc,
-            loss,
+            " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
             len(agg.senders),
             self.peers.connected_count(),
             " (timeout)" if agg.timed_out else "",
@@ -612,6 +612,24 @@ class Node:
             _human(self.bytes_received),
             row["seconds"],
         )
+
+    def _evaluate(self, params: np.ndarray) -> dict[str, float]:
+        """The model's own metrics on our test split, rounded, finite values only.
+
+        Whatever the model reports is shown (status, metrics.jsonl, scenario table and
+        plot); a model that fails to evaluate costs the metrics of that round, not the
+        node.
+        """
+        self._eval_model.set_params(params)
+        try:
+            raw = self._eval_model.evaluate(self._x_test, self._y_test)
+            metrics = {
+                str(k): round(float(v), 6) for k, v in raw.items() if math.isfinite(float(v))
+            }
+        except Exception as exc:
+            self.supervisor.failed("evaluation", exc)
+            return {}
+        return metrics
 
     def _checkpoint(self) -> None:
         ckpt = Checkpoint(

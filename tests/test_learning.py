@@ -89,7 +89,8 @@ def test_softmax_is_stable_for_huge_logits() -> None:
     model = build_model("softmax", 2, 3, seed=0)
     model.set_params(np.array([1e4, -1e4, 0, 0, 0, 0, 0, 0, 0], dtype=np.float32))
     x = np.array([[1.0, 0.0], [1.0, 0.0]], dtype=np.float32)
-    loss, acc = model.evaluate(x, np.array([0, 1]))
+    m = model.evaluate(x, np.array([0, 1]))
+    loss, acc = m["loss"], m["accuracy"]
     assert np.isfinite(loss)
     assert loss == pytest.approx(0.5 * 2e4, rel=1e-4)  # -log p for the wrong class is 2e4
     assert acc == 0.5
@@ -99,14 +100,15 @@ def test_softmax_is_stable_for_huge_logits() -> None:
 def test_learns_digits(name: str) -> None:
     ds = load_dataset("digits")
     model = build_model(name, ds.n_features, ds.n_classes, seed=0)
-    loss0, acc0 = model.evaluate(ds.x_test, ds.y_test)
+    m0 = model.evaluate(ds.x_test, ds.y_test)
+    loss0, acc0 = m0["loss"], m0["accuracy"]
     first = model.fit(
         ds.x_train, ds.y_train, epochs=1, lr=0.05, batch_size=32, rng=np.random.default_rng(0)
     )
     last = model.fit(
         ds.x_train, ds.y_train, epochs=4, lr=0.05, batch_size=32, rng=np.random.default_rng(1)
     )
-    _, acc = model.evaluate(ds.x_test, ds.y_test)
+    acc = model.evaluate(ds.x_test, ds.y_test)["accuracy"]
     assert acc0 < 0.3
     assert last < first < loss0
     assert acc > 0.9
@@ -148,8 +150,8 @@ def test_params_round_trip_and_copy_semantics(name: str) -> None:
     # The layer views follow set_params: predictions change with the parameters.
     before = model.evaluate(x, np.zeros(4, dtype=np.int64))
     model.set_params(np.zeros(model.num_params, dtype=np.float32))
-    assert model.evaluate(x, np.zeros(4, dtype=np.int64))[0] == pytest.approx(np.log(3))
-    assert before[0] != pytest.approx(np.log(3))
+    assert model.evaluate(x, np.zeros(4, dtype=np.int64))["loss"] == pytest.approx(np.log(3))
+    assert before["loss"] != pytest.approx(np.log(3))
 
 
 def test_set_params_validates() -> None:
@@ -264,7 +266,7 @@ def test_synthetic_is_deterministic_and_not_trivial() -> None:
     model.fit(
         ds.x_train, ds.y_train, epochs=5, lr=0.05, batch_size=64, rng=np.random.default_rng(0)
     )
-    _, acc = model.evaluate(ds.x_test, ds.y_test)
+    acc = model.evaluate(ds.x_test, ds.y_test)["accuracy"]
     assert 0.8 < acc < 0.97
 
 

@@ -99,7 +99,7 @@ async def test_five_nodes_converge_on_non_iid_data(
         x, y = node_shard(ds, i, 5, scheme="dirichlet", alpha=0.5, seed=0)
         m = build_model("softmax", ds.n_features, ds.n_classes, seed=0)
         m.fit(x, y, epochs=2 * rounds, lr=0.05, batch_size=32, rng=np.random.default_rng(i))
-        local.append(m.evaluate(ds.x_test, ds.y_test)[1])
+        local.append(m.evaluate(ds.x_test, ds.y_test)["accuracy"])
     assert float(np.mean(accs)) >= 0.90, accs
     assert float(np.mean(local)) <= 0.85, local
     assert float(np.mean(accs)) - float(np.mean(local)) >= 0.1
@@ -247,7 +247,7 @@ async def test_k_random_neighbours_still_learns(
     accs = []
     for n in nodes:
         n._eval_model.set_params(n.machine.params)
-        accs.append(n._eval_model.evaluate(ds.x_test, ds.y_test)[1])
+        accs.append(n._eval_model.evaluate(ds.x_test, ds.y_test)["accuracy"])
     assert np.mean(accs) > 0.85, accs
 
 

@@ -89,11 +89,7 @@ def main() -> None:
             trained.append(model.get_params())
         global_params = np.average(np.stack(trained), axis=0, weights=weights).astype(np.float32)
         evaluator.set_params(global_params)
-        result = evaluator.evaluate(ds.x_test, ds.y_test)
-        # TorchModel returns the planned metrics mapping; the numpy models still (loss, acc).
-        if not isinstance(result, dict):
-            result = dict(zip(("loss", "accuracy"), result, strict=True))
-        metrics = result
+        metrics = evaluator.evaluate(ds.x_test, ds.y_test)
         print(
             f"round {rnd:2d} | acc {metrics['accuracy']:.4f} loss {metrics['loss']:.4f} "
             f"| {time.perf_counter() - t0:.1f}s"

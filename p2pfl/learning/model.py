@@ -9,6 +9,7 @@ training step never copies the parameters.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -51,8 +52,12 @@ class Model(Protocol):
         """Minibatch SGD with momentum; returns the mean training loss of the last epoch."""
         ...
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        """(mean cross-entropy loss, accuracy) on the given samples."""
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> Mapping[str, float]:
+        """Metrics on the given samples: "loss" always (lower is better), "accuracy"
+        for classification, and anything else the model wants to report.
+
+        Status, metrics.jsonl, the scenario table and the plot show whatever is here.
+        """
         ...
 
     def get_optimizer_state(self) -> dict[str, np.ndarray]:
@@ -228,7 +233,7 @@ class FlatParamModel(ABC):
             epoch_loss = total / n
         return epoch_loss
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         x32, y64 = self._check_xy(x, y)
         n = x32.shape[0]
         if n == 0:
@@ -241,7 +246,7 @@ class FlatParamModel(ABC):
             correct += int((z.argmax(axis=1) == yb).sum())
             loss, _ = softmax_cross_entropy(z, yb)
             loss_sum += loss * yb.size
-        return loss_sum / n, correct / n
+        return {"loss": loss_sum / n, "accuracy": correct / n}
 
 
 def build_model(
