@@ -19,6 +19,7 @@ class PeerState(StrEnum):
     DISCONNECTED = "disconnected"
     FAILED = "failed"  # heartbeats stopped
     LEFT = "left"  # said goodbye
+    REFUSED = "refused"  # cannot learn with us (another model or task): see `refused`
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PeerRecord:
     messages_in: int = 0
     rejected: int = 0
     connects: int = 0
+    refused: str | None = None  # why we refused it (e.g. another model), if we did
 
 
 @dataclass
@@ -206,7 +208,8 @@ class PeerTable:
     def disconnected(self, peer_id: str, state: PeerState = PeerState.DISCONNECTED) -> None:
         rec = self.peers.get(peer_id)
         if rec is not None and rec.state is PeerState.CONNECTED:
-            rec.state = state
+            # Refused stays refused whoever closed first, until its hello matches again.
+            rec.state = PeerState.REFUSED if rec.refused else state
 
     def seen(self, peer_id: str, now: float) -> None:
         rec = self.peers.get(peer_id)
@@ -278,6 +281,7 @@ class PeerTable:
                 "messages_in": r.messages_in,
                 "rejected": r.rejected,
                 "connects": r.connects,
+                "refused": r.refused,
             }
             for r in sorted(self.peers.values(), key=lambda r: r.peer_id)
         ]

@@ -9,6 +9,7 @@ runs as its own task (in a worker thread for real nodes).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,11 @@ from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.datadir import DataDir, check_socket_path
 from p2pfl.identity import Identity
-from p2pfl.learning import Dataset, build_model, load_dataset, node_shard
+from p2pfl.learning import Dataset, Model
 from p2pfl.learning.attacks import Attack, make_attack
 from p2pfl.learning.datasets import MissingExtra
+from p2pfl.learning.fingerprint import fingerprint
+from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
 from p2pfl.link import Link, closed_cause
 from p2pfl.membership import PeerState, PeerTable
 from p2pfl.outbox import UpdateOutbox
@@ -92,6 +96,8 @@ class Node:
         self,
         config: NodeConfig,
         *,
+        model: Model | Callable[[NodeConfig], Model] | None = None,
+        data: Dataset | None = None,
         identity: Identity | None = None,
         transport: Transport | None = None,
         train_in_thread: bool = True,
@@ -103,7 +109,14 @@ class Node:
         # leaves no fresh data dir or identity.key behind (docs/cli.md, "Exit codes").
         rule = self._rule()
         pipeline = self._pipeline()
-        ds = self._dataset()
+        # The device's data and model: given by a program (`p2pfl.run_node`), or named by
+        # the config (a built-in, a .npz/.csv file, or an import string).
+        self.data = data if data is not None else self._resolve_data()
+        self.model = self._build_model(model)
+        # Evaluation uses its own instance so it never races a training thread.
+        self._eval_model = self._build_model(model, second=True)
+        self.fingerprint = fingerprint(self.model, self.data)
+        ds = self.data
         self.attack = self._make_attack(ds.n_classes)
         self._secret = self._read_secret() if transport is None else None
         if control_socket:
@@ -120,29 +133,16 @@ class Node:
         self.train_in_thread = train_in_thread
         self.control_socket = control_socket
 
-        self._x, self._y = node_shard(
-            ds,
-            config.node_index,
-            config.nodes,
-            scheme=config.partition,
-            alpha=config.alpha,
-            seed=config.data_seed,
-            clusters=config.clusters,
-        )
+        self._x, self._y = ds.x_train, ds.y_train
         self._x_test, self._y_test = ds.x_test, ds.y_test
+        # The weight our update claims: a model that brings its own data says how much.
+        self._samples = int(getattr(self.model, "num_samples", None) or len(self._y))
         if self.attack is not None:
             self.role = "malicious"
             self._y = self.attack.poison_labels(self._y, ds.n_classes)
             log.warning("this node is MALICIOUS for a study: attack %r", config.attack)
         self._round_start: tuple[int, np.ndarray] | None = None  # (round, model trained from)
         self._overheard: np.ndarray | None = None  # neighbours' last deltas (attacks only)
-        self.model = build_model(
-            config.model, ds.n_features, ds.n_classes, seed=config.model_seed, hidden=config.hidden
-        )
-        # Evaluation uses its own instance so it never races a training thread.
-        self._eval_model = build_model(
-            config.model, ds.n_features, ds.n_classes, seed=config.model_seed, hidden=config.hidden
-        )
 
         self.history: list[dict[str, Any]] = []
         start_round = 0
@@ -223,6 +223,7 @@ class Node:
         self._started = 0.0  # set when run() starts
         self._ping_nonce = 0
         self._hello_from: set[str] = set()
+        self._refused_logged: set[tuple[str, str]] = set()
         self._stopping = False
 
     # ---- construction helpers ----------------------------------------------------------
@@ -274,11 +275,40 @@ class Node:
         except ValueError as exc:
             raise ConfigError("aggregation", str(exc)) from None
 
-    def _dataset(self) -> Dataset:
+    def _resolve_data(self) -> Dataset:
         try:
-            return load_dataset(self.config.dataset, seed=self.config.data_seed)
-        except MissingExtra as exc:  # the message names the pip command
+            return resolve_data(self.config.dataset, self.config)
+        except (MissingExtra, PluginError) as exc:  # one line; names the fix
             raise ConfigError("dataset", str(exc)) from None
+
+    def _build_model(
+        self, given: Model | Callable[[NodeConfig], Model] | None, *, second: bool = False
+    ) -> Model:
+        """Our model, or (`second`) an independent twin of it for evaluation.
+
+        A factory or a config name builds both the same way; a model object given by a
+        program is deep-copied for its twin.
+        """
+        if given is None:
+            try:
+                return resolve_model(self.config.model, self.config, self.data)
+            except PluginError as exc:
+                raise ConfigError("model", str(exc)) from None
+        if isinstance(given, Model):
+            if not second:
+                return given
+            try:
+                return copy.deepcopy(given)
+            except Exception as exc:
+                raise ConfigError(
+                    "model",
+                    f"the model object cannot be copied for evaluation ({exc}); "
+                    "pass a factory (a function of the config) instead",
+                ) from None
+        built = given(self.config)
+        if not isinstance(built, Model):
+            raise ConfigError("model", f"the model factory returned {type(built).__name__}")
+        return built
 
     def _make_attack(self, n_classes: int) -> Attack | None:
         if not self.config.attack:
@@ -323,10 +353,17 @@ class Node:
             log.error("%s; moved aside to %s, starting from the initial model", exc, aside)
             return None
         if ckpt is not None and (
-            ckpt.model != self.config.model or ckpt.params.shape != (self.model.num_params,)
+            ckpt.model != self.fingerprint.digest or ckpt.params.shape != (self.model.num_params,)
         ):
-            log.error("checkpoint %s is for another model (%s); ignoring it", path, ckpt.model)
-            return None
+            # Never load parameters that mean something else, and never silently start
+            # over on top of a federation's progress: the operator decides.
+            self.datadir.close()
+            raise ConfigError(
+                "model",
+                f"{path} was written for another model or task (fingerprint "
+                f"{ckpt.model!r}, this node's is {self.fingerprint.digest!r}); use another "
+                "--data-dir, or move the checkpoint away to start this model from scratch",
+            )
         return ckpt
 
     def close(self) -> None:
@@ -561,7 +598,7 @@ class Node:
             new = params
         self._apply(
             self.machine.trained(
-                trio.current_time(), round, new, len(self._y), self.peers.connected_ids()
+                trio.current_time(), round, new, self._samples, self.peers.connected_ids()
             )
         )
 
@@ -637,7 +674,7 @@ class Node:
             self.machine.params,
             self.model.get_optimizer_state(),
             self.history,
-            self.config.model,
+            self.fingerprint.digest,  # what the parameters mean; resume checks it
             self.outbox.state(),
         )
         # A full disk or an unusable data dir raises a FatalError, which no supervisor
@@ -891,6 +928,7 @@ class Node:
             self.config.federation,
             tuple(self.listen_addresses),
             __version__,
+            self.fingerprint.digest,
         )
         self._enqueue(peer, codec.encode(hello))
         if self.secure is not None:
@@ -1059,6 +1097,10 @@ class Node:
                 if msg.federation != self.config.federation:
                     self._count_rejection(peer, "wrong_federation", msg.federation)
                     return False
+                if msg.fingerprint != self.fingerprint.digest:
+                    self._refuse_incompatible(link, msg.fingerprint, now)
+                    return False
+                rec.refused = None
                 rec.round = msg.round
                 if peer not in self._hello_from:
                     self._hello_from.add(peer)
@@ -1091,7 +1133,7 @@ class Node:
                     link.last_state_reply = now
                     self.counters["skipped_round_replies"] += 1
                     state = StateReply(
-                        self.id, self.machine.round, self.machine.params, len(self._y)
+                        self.id, self.machine.round, self.machine.params, self._samples
                     )
                     self._enqueue(peer, codec.encode(state))
             case StateRequest() if now - link.last_state_reply < STATE_REPLY_EVERY:
@@ -1102,7 +1144,7 @@ class Node:
                 self._enqueue(
                     peer,
                     codec.encode(
-                        StateReply(self.id, self.machine.round, self.machine.params, len(self._y))
+                        StateReply(self.id, self.machine.round, self.machine.params, self._samples)
                     ),
                 )
             case StateReply():
@@ -1113,6 +1155,26 @@ class Node:
                 self.peers.hold_off_peer(peer, now, 2.0)
                 return False
         return True
+
+    def _refuse_incompatible(self, link: Link, theirs: str, now: float) -> None:
+        """A peer with another model or task can never learn with us: close, say why
+        once per peer, show it in status, and do not redial it for a while."""
+        peer = link.peer_id
+        why = self.fingerprint.difference(theirs) or "another model"
+        self.counters["incompatible_peers"] += 1
+        rec = self.peers.peers.get(peer)
+        if rec is not None:
+            rec.refused = why
+        link.closed_state = PeerState.REFUSED
+        self.peers.hold_off_peer(peer, now, MISMATCH_HOLD_OFF)
+        if (peer, theirs) not in self._refused_logged:
+            self._refused_logged.add((peer, theirs))
+            log.warning(
+                "refusing peer %s: its %s; every node of a federation needs the same model "
+                "and task",
+                peer[:12],
+                why,
+            )
 
     def _peer_list_payload(self) -> bytes:
         return codec.encode(

@@ -277,7 +277,8 @@ async def test_a_compressing_node_caught_up_to_its_own_round_keeps_running(
         def update(round: int) -> bytes:
             return codec.encode(ModelUpdate(me, round, node.machine.params.copy(), 10))
 
-        await conn.send(codec.encode(Hello(me, 0, "default", ("mem:n1",))))
+        hello = Hello(me, 0, "default", ("mem:n1",), "", node.fingerprint.digest)
+        await conn.send(codec.encode(hello))
         while True:
             try:
                 msg = codec.decode(await conn.receive())

@@ -89,7 +89,9 @@ def test_peer_list_address_that_does_not_parse_is_rejected(bad: str) -> None:
 
 @pytest.mark.parametrize("bad", BAD_ADDRESSES)
 def test_hello_listen_address_that_does_not_parse_is_rejected(bad: str) -> None:
-    payload = raw("hello", federation="f", listen=["127.0.0.1:7000", bad], version="0")
+    payload = raw(
+        "hello", federation="f", listen=["127.0.0.1:7000", bad], version="0", fingerprint=""
+    )
     rejects(payload, "listen[1]")
 
 
@@ -148,7 +150,7 @@ def test_peer_list_ids_must_be_peer_ids() -> None:
 
 def test_list_lengths_are_bounded() -> None:
     many = [f"10.0.{i // 256}.{i % 256}:7000" for i in range(MAX_LISTEN + 1)]
-    rejects(raw("hello", federation="f", listen=many, version="0"), "listen")
+    rejects(raw("hello", federation="f", listen=many, version="0", fingerprint=""), "listen")
     peers = [[IDS[1], f"10.0.{i // 256}.{i % 256}:7000"] for i in range(MAX_PEERS + 1)]
     rejects(raw("peers", peers=peers), "peers")
 

@@ -226,7 +226,9 @@ class LiveFederation:
     async def _connect(self) -> None:
         conn = await self.hostile.connect(self.victim.listen_addresses[0], self.victim.id)
         self._conn = conn
-        hello = Hello(HOSTILE.peer_id, self.victim_round, FEDERATION, ("127.0.0.1:9",), "0")
+        # The victim's own fingerprint: an incompatible hello would only get us refused.
+        fp = self.victim.fingerprint.digest
+        hello = Hello(HOSTILE.peer_id, self.victim_round, FEDERATION, ("127.0.0.1:9",), "0", fp)
         await conn.send(codec.encode(hello))
         self._nursery.start_soon(self._drain, conn)
 
@@ -497,6 +499,10 @@ class Hostile:
                             st.lists(self.addresses, max_size=20),
                         ),
                         "version": mostly(st.just("0.1"), hostile_text()),
+                        # Mostly the victim's own: another one only gets us refused.
+                        "fingerprint": mostly(
+                            st.just(self.fed.victim.fingerprint.digest), hostile_text()
+                        ),
                     }
                 )
             case "ping" | "pong":

@@ -244,7 +244,13 @@ Validator = Callable[[str, object, Limits], Any]
 # Every field of every type, in wire order; `v` and `type` are handled separately.
 _COMMON: dict[str, Validator] = {"sender": _peer_id, "round": _round}
 SCHEMAS: dict[type[Any], dict[str, Validator]] = {
-    Hello: {**_COMMON, "federation": _name, "listen": _addresses, "version": _name},
+    Hello: {
+        **_COMMON,
+        "federation": _name,
+        "listen": _addresses,
+        "version": _name,
+        "fingerprint": _name,
+    },
     Ping: {**_COMMON, "nonce": _nonce, "sent_at": _time},
     Pong: {**_COMMON, "nonce": _nonce, "sent_at": _time},
     PeerList: {**_COMMON, "peers": _peer_pairs},

@@ -24,6 +24,9 @@ class Hello:
     federation: str
     listen: tuple[str, ...] = ()
     version: str = ""
+    # What the sender's model and task look like (p2pfl.learning.fingerprint): peers
+    # whose fingerprints differ cannot learn together and are refused at once.
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True, slots=True)
