@@ -183,9 +183,10 @@ class Node:
                 self.model.num_params,
                 round=start_round,
             )
+        self._timing: dict[str, float] = {}  # this round's train/encode/aggregate/eval seconds
         self.machine = RoundMachine(
             params=params,
-            rule=rule,
+            rule=_TimedRule(rule, self._timing),
             settings=RoundSettings(
                 target_rounds=config.rounds,
                 quorum=config.quorum,
@@ -507,7 +508,9 @@ class Node:
             self._send_secure(self.secure.contribute(action.round, params))
             self._secure_progress(trio.current_time())
             return
+        started = time.perf_counter()
         payloads = self.outbox.payloads(action.round, params, action.samples, action.to)
+        self._timing["encode_s"] = time.perf_counter() - started
         for peer, payload in payloads.items():
             if not self._enqueue(peer, payload):
                 self.outbox.dropped(peer)
@@ -579,6 +582,7 @@ class Node:
             return self.model.get_params(), loss
 
         async with self._train_lock:
+            started = time.perf_counter()
             try:
                 if self.train_in_thread:
                     new, _loss = await trio.to_thread.run_sync(work)
@@ -589,6 +593,7 @@ class Node:
                 # still ends and peers are not left waiting for us.
                 self.supervisor.failed("training", exc)
                 new = np.full_like(params, np.nan)
+            self._timing["train_s"] = time.perf_counter() - started
         if not np.isfinite(new).all():
             # Local training diverged (e.g. from a poisoned aggregate): send the model we
             # started from rather than NaNs, and restart the optimizer.
@@ -621,7 +626,10 @@ class Node:
             "timed_out": agg.timed_out,
             "update_raw_bytes": self.outbox.last_sizes[0],
             "update_wire_bytes": self.outbox.last_sizes[1],
+            # Where the round's CPU went (real seconds, also under a mock clock).
+            "timing": {k: round(v, 6) for k, v in sorted(self._timing.items())},
         }
+        self._timing.clear()
         self._round_started_at = now
         self.history.append(row)
         if agg.timed_out:
@@ -657,6 +665,7 @@ class Node:
         plot); a model that fails to evaluate costs the metrics of that round, not the
         node.
         """
+        started = time.perf_counter()
         self._eval_model.set_params(params)
         try:
             raw = self._eval_model.evaluate(self._x_test, self._y_test)
@@ -666,6 +675,8 @@ class Node:
         except Exception as exc:
             self.supervisor.failed("evaluation", exc)
             return {}
+        finally:
+            self._timing["eval_s"] = time.perf_counter() - started
         return metrics
 
     def _checkpoint(self) -> None:
@@ -1254,6 +1265,25 @@ def _advertised(address: str, observed_host: str) -> str:
     if host.strip("[]") in ("0.0.0.0", "::", "") and observed_host:
         host = f"[{observed_host}]" if ":" in observed_host else observed_host
     return f"{host}:{port}"
+
+
+class _TimedRule:
+    """The aggregation rule, timed into the round's metrics row; otherwise the rule
+    itself (its fallback counters and name read through)."""
+
+    def __init__(self, rule: Rule, timing: dict[str, float]) -> None:
+        self.rule = rule
+        self.timing = timing
+
+    def __call__(self, x: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return self.rule(x, weights, own)
+        finally:
+            self.timing["aggregate_s"] = time.perf_counter() - started
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.rule, name)
 
 
 def _human(n: float) -> str:

@@ -102,5 +102,8 @@ async def test_a_program_gives_each_node_its_own_model_and_data(
         assert len(node.history) == 4
         assert node.history[-1]["metrics"]["accuracy"] > 0.9
         assert set(node.history[-1]["metrics"]) == {"loss", "accuracy"}
+        timing = node.history[-1]["timing"]
+        assert set(timing) == {"train_s", "encode_s", "aggregate_s", "eval_s"}
+        assert all(v >= 0 for v in timing.values())
     params = np.stack([n.machine.params for n in nodes])
     assert np.abs(params - params.mean(axis=0)).max() < 0.05
