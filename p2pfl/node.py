@@ -10,6 +10,7 @@ runs as its own task (in a worker thread for real nodes).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,12 +210,15 @@ class Node:
 
         self.counters: Counter[str] = Counter()
         # Per-peer and per-message work runs behind this guard: no peer ends the daemon.
-        self.supervisor = Supervisor(log, trio.current_time, log_every=LOG_EVERY)
+        # Its clock only spaces log lines, and it is also used from worker threads.
+        self.supervisor = Supervisor(log, time.monotonic, log_every=LOG_EVERY)
         self.frames_rejected: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
         self.listen_addresses: list[str] = []
         self.done = trio.Event()
+        self._records, self._records_recv = trio.open_memory_channel[_RecordItem](math.inf)
+        self._last_eval_s = 0.0
         self.last_aggregation: dict[str, Any] | None = None
         self._links: dict[str, Link] = {}
         self._nursery: trio.Nursery | None = None
@@ -394,6 +399,7 @@ class Node:
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._start_rounds)
+                nursery.start_soon(self._record_loop)
                 log.info(
                     "node %s listening on %s (federation %r)",
                     self.id,
@@ -495,7 +501,7 @@ class Node:
                 self._count_rejection(action.peer, action.reason, f"round {action.round}")
             elif isinstance(action, Finished):
                 log.info("finished %d rounds", action.round)
-                self.done.set()
+                self._record(_Done())  # after the last round's records
         self._wakeup.set()
 
     def _broadcast(self, action: Broadcast) -> None:
@@ -612,13 +618,8 @@ class Node:
         if self.attack is not None and agg.received and self._round_start is not None:
             # What an omniscient attacker overheard this round, for next round's attack.
             self._overheard = np.stack(agg.received) - self._round_start[1]
-        self._eval_model.set_params(agg.params)
-        metrics = self._evaluate(agg.params)
         row: dict[str, Any] = {
             "round": agg.round,
-            # "loss" and "accuracy" (when reported) also at the top, as before.
-            **{k: metrics[k] for k in ("accuracy", "loss") if k in metrics},
-            "metrics": metrics,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "seconds": round(now - self._round_started_at, 4),
@@ -631,7 +632,6 @@ class Node:
         }
         self._timing.clear()
         self._round_started_at = now
-        self.history.append(row)
         if agg.timed_out:
             self.counters["timeouts"] += 1
         self.last_aggregation = {
@@ -644,19 +644,82 @@ class Node:
             "fallbacks": getattr(self.machine.rule, "fallbacks", 0),
             "fallback": getattr(self.machine.rule, "last_fallback", None),
         }
+        self._record(_Evaluate(agg.params, row, self.peers.connected_count()))
         self._checkpoint()
-        self.datadir.append(METRICS_FILE, json.dumps(row))
-        log.info(
-            "round %d | %s | heard %d/%d peers%s | sent %s recv %s | %.2fs",
-            agg.round,
-            " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-            len(agg.senders),
-            self.peers.connected_count(),
-            " (timeout)" if agg.timed_out else "",
-            _human(self.bytes_sent),
-            _human(self.bytes_received),
-            row["seconds"],
-        )
+
+    # ---- records: evaluation, metrics lines and checkpoints, in order -------------------
+
+    def _record(self, item: _RecordItem) -> None:
+        """Evaluate, write a metrics line or a checkpoint, or mark the run done.
+
+        A real node does it in a worker thread, in order, so neither a large model's
+        evaluation nor an fsync'd checkpoint ever stalls the event loop (heartbeats,
+        other peers' messages); a simulation does it inline, so a mock clock stays
+        deterministic.
+        """
+        if self.train_in_thread and self._nursery is not None:
+            self._records.send_nowait(item)
+            return
+        self._finish_record(item, self._record_work(item))
+
+    async def _record_loop(self) -> None:
+        try:
+            async for item in self._records_recv:
+                done = await trio.to_thread.run_sync(self._record_work, item)
+                self._finish_record(item, done)
+        finally:
+            # Cancelled (shutdown): never lose the newest checkpoint still queued.
+            with trio.CancelScope(shield=True):
+                newest: _Save | None = None
+                while True:
+                    try:
+                        queued = self._records_recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                    if isinstance(queued, _Save):
+                        newest = queued
+                if newest is not None:
+                    self._record_work(newest)
+
+    def _record_work(self, item: _RecordItem) -> dict[str, Any] | None:
+        """The blocking part (a worker thread for real nodes): evaluate, write."""
+        if isinstance(item, _Evaluate):
+            metrics = self._evaluate(item.params)
+            row: dict[str, Any] = {
+                **item.row,
+                # "loss" and "accuracy" (when reported) also at the top, as before.
+                **{k: metrics[k] for k in ("accuracy", "loss") if k in metrics},
+                "metrics": metrics,
+            }
+            row["timing"] = {**row["timing"], "eval_s": round(self._last_eval_s, 6)}
+            self.datadir.append(METRICS_FILE, json.dumps(row))
+            return row
+        if isinstance(item, _Save):
+            # A full disk or an unusable data dir raises a FatalError, which no guard
+            # contains: it ends the node with its exit code.
+            save_checkpoint(
+                self.data_dir / CHECKPOINT_FILE,
+                dataclasses.replace(item.checkpoint, history=list(self.history)),
+            )
+        return None
+
+    def _finish_record(self, item: _RecordItem, row: dict[str, Any] | None) -> None:
+        """The event-loop part: history, the round's log line, done."""
+        if isinstance(item, _Evaluate) and row is not None:
+            self.history.append(row)
+            log.info(
+                "round %d | %s | heard %d/%d peers%s | sent %s recv %s | %.2fs",
+                row["round"],
+                " ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()),
+                row["peers_heard"],
+                item.connected,
+                " (timeout)" if row["timed_out"] else "",
+                _human(row["bytes_sent"]),
+                _human(row["bytes_received"]),
+                row["seconds"],
+            )
+        elif isinstance(item, _Done):
+            self.done.set()
 
     def _evaluate(self, params: np.ndarray) -> dict[str, float]:
         """The model's own metrics on our test split, rounded, finite values only.
@@ -676,21 +739,24 @@ class Node:
             self.supervisor.failed("evaluation", exc)
             return {}
         finally:
-            self._timing["eval_s"] = time.perf_counter() - started
+            self._last_eval_s = time.perf_counter() - started
         return metrics
 
     def _checkpoint(self) -> None:
-        ckpt = Checkpoint(
-            self.machine.round,
-            self.machine.params,
-            self.model.get_optimizer_state(),
-            self.history,
-            self.fingerprint.digest,  # what the parameters mean; resume checks it
-            self.outbox.state(),
+        """Snapshot the state now (the next round's training may start at once), write
+        it in order with the other records; its history is filled in when written."""
+        self._record(
+            _Save(
+                Checkpoint(
+                    self.machine.round,
+                    self.machine.params,  # replaced, never mutated, by the round machine
+                    self.model.get_optimizer_state(),  # copies
+                    [],
+                    self.fingerprint.digest,  # what the parameters mean; resume checks it
+                    self.outbox.state(),  # copies
+                )
+            )
         )
-        # A full disk or an unusable data dir raises a FatalError, which no supervisor
-        # guard contains: it ends the node with its exit code.
-        save_checkpoint(self.data_dir / CHECKPOINT_FILE, ckpt)
 
     def _count_rejection(self, peer: str, reason: str, what: str) -> None:
         self.frames_rejected[reason] += 1
@@ -1265,6 +1331,30 @@ def _advertised(address: str, observed_host: str) -> str:
     if host.strip("[]") in ("0.0.0.0", "::", "") and observed_host:
         host = f"[{observed_host}]" if ":" in observed_host else observed_host
     return f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Evaluate:
+    """Evaluate an aggregate and write its round's metrics line."""
+
+    params: np.ndarray
+    row: dict[str, Any]
+    connected: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Save:
+    """Write a checkpoint snapshot (its history is taken when it is written)."""
+
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """The last round's records are written: the run is done."""
+
+
+_RecordItem = _Evaluate | _Save | _Done
 
 
 class _TimedRule:
