@@ -19,6 +19,8 @@ from p2pfl.config import (
     DEFAULT_DATA_DIR,
     LIST_FLAGS,
     PARTITIONS,
+    PLUGIN_FIELDS,
+    RENAMED_FLAGS,
     ConfigError,
     NodeConfig,
     flag_name,
@@ -57,9 +59,17 @@ _HELP = {
     "quorum": "fraction of expected neighbours to wait for before aggregating",
     "round_timeout": "seconds to wait for neighbours' models before aggregating anyway",
     "rounds": "rounds to run (0 = forever); the node keeps serving peers afterwards",
-    "dataset": "digits | synthetic",
+    "dataset": (
+        "a built-in data set (<datasets>) cut into this node's shard, your own .npz/.csv "
+        "file, package.module:callable or path/to/file.py:callable"
+    ),
+    "label_column": ".csv data: the label column (default: the last one)",
+    "classes": "data files: the federation's class count (default: largest label + 1)",
     "partition": " | ".join(PARTITIONS),
-    "model": "softmax | mlp",
+    "model": (
+        "a built-in model (<models>), package.module:callable or path/to/file.py:callable "
+        "(called with the node's config, returns a Model)"
+    ),
     "mdns": "discover peers with mDNS on the local network",
     "mdns_interfaces": "IPv4 address of an interface for mDNS (repeatable)",
     "tolerate": "number of Byzantine neighbours the aggregation rule must tolerate",
@@ -70,20 +80,41 @@ _HELP = {
 }
 
 
+class _NodeHelpFormatter(argparse.HelpFormatter):
+    """Fills in the registry's model and data set names (p2pfl.learning) only when help is
+    shown: the registry imports numpy, which `p2pfl status` should not pay for."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text is None or "<" not in text:
+            return text
+        from p2pfl.config import default_dataset, default_model
+        from p2pfl.learning import DATASET_NAMES, MODEL_NAMES
+
+        return (
+            text.replace("<datasets>", ", ".join(DATASET_NAMES))
+            .replace("<models>", ", ".join(MODEL_NAMES))
+            .replace("<default dataset>", default_dataset())
+            .replace("<default model>", default_model())
+        )
+
+
 def _add_node_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per NodeConfig field, generated, so flags and config files never drift."""
     p.add_argument("--config", type=Path, help="node TOML file (flags override it)")
-    defaults = NodeConfig()
     for f in dataclasses.fields(NodeConfig):
-        default = getattr(defaults, f.name)
-        if isinstance(default, dict):
-            default = ()
+        if f.name in PLUGIN_FIELDS:  # the registry's default, named when help is shown
+            default: Any = f"<default {'dataset' if f.name == 'dataset' else 'model'}>"
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = ()  # the option tables (dict factories)
         help_text = _HELP.get(f.name, "")
         shown = default if not isinstance(default, tuple) else list(default)
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
-            "help": f"{help_text} (default: {shown})".strip(),
+            "help": (help_text if default is None else f"{help_text} (default: {shown})").strip(),
         }
         if f.name in LIST_FLAGS:
             p.add_argument(f"--{LIST_FLAGS[f.name]}", action="append", **kwargs)
@@ -93,7 +124,11 @@ def _add_node_arguments(p: argparse.ArgumentParser) -> None:
             )
         else:
             kind = type(default) if isinstance(default, int | float) else str
-            p.add_argument(f"--{flag_name(f.name)}", type=kind, metavar=f.name.upper(), **kwargs)
+            names = [f"--{flag_name(f.name)}"]
+            if f.name in RENAMED_FLAGS:
+                names.append(f"--{f.name.replace('_', '-')}")  # the old name keeps working
+            metavar = "SPEC" if f.name in PLUGIN_FIELDS else f.name.upper()
+            p.add_argument(*names, type=kind, metavar=metavar, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     node = sub.add_parser(
-        "node", help="run a node (until Ctrl-C / SIGTERM)", description="Run one p2pfl node."
+        "node",
+        help="run a node (until Ctrl-C / SIGTERM)",
+        description="Run one p2pfl node.",
+        formatter_class=_NodeHelpFormatter,
     )
     _add_node_arguments(node)
 

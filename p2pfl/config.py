@@ -30,6 +30,21 @@ PARTITIONS = ("iid", "dirichlet", "clusters")
 """How a training set can be split across nodes (`p2pfl.learning.partition`)."""
 
 
+def default_dataset() -> str:
+    """The registry's first data set (`p2pfl.learning.DATASET_NAMES`), read lazily: the
+    registry imports numpy, and this module stays stdlib-only for a fast CLI."""
+    from p2pfl.learning import DATASET_NAMES
+
+    return DATASET_NAMES[0]
+
+
+def default_model() -> str:
+    """The registry's first model (`p2pfl.learning.MODEL_NAMES`), read lazily."""
+    from p2pfl.learning import MODEL_NAMES
+
+    return MODEL_NAMES[0]
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     # Where identity, checkpoints, metrics and the control socket live.
@@ -60,15 +75,18 @@ class NodeConfig:
     # or every IPv4 interface when listening on 0.0.0.0).
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] = ()
-    # Data and model.
-    dataset: str = "digits"
+    # Data and model: a built-in name, a .npz/.csv file (`{index}` = node_index),
+    # `package.module:callable` or `path/to/file.py:callable` (p2pfl.learning.plugins).
+    dataset: str = field(default_factory=default_dataset)
+    label_column: str | None = None  # .csv data: the label column (default: the last)
+    classes: int | None = None  # data files: the federation's class count (default: max label + 1)
     nodes: int = 1
     node_index: int = 0
     partition: str = "iid"
     alpha: float = 0.5
     clusters: int = 2  # partition = "clusters": node blocks x class blocks
     data_seed: int = 0
-    model: str = "softmax"
+    model: str = field(default_factory=default_model)
     hidden: int = 32
     model_seed: int = 0
     # Rounds.
@@ -154,10 +172,20 @@ class NodeConfig:
             "heartbeat_timeout",
             "must be larger than heartbeat_interval",
         )
+        data_kind = _plugin_kind(self.dataset, "dataset")
         _check(
-            self.dataset in ("digits", "synthetic"),
-            "dataset",
-            f"unknown dataset {self.dataset!r}; choose 'digits' or 'synthetic'",
+            self.label_column is None
+            or (
+                self.label_column != ""
+                and (data_kind == "import" or self.dataset.lower().endswith(".csv"))
+            ),
+            "label_column",
+            "applies to a .csv data file only (and must name a column)",
+        )
+        _check(
+            self.classes is None or (self.classes >= 2 and data_kind != "builtin"),
+            "classes",
+            "must be >= 2, for a data file or a plugin (a built-in data set knows its classes)",
         )
         _check(self.nodes >= 1, "nodes", "must be >= 1")
         _check(
@@ -177,11 +205,7 @@ class NodeConfig:
             "clusters",
             f"must be in 1..{self.nodes} (nodes = {self.nodes}) for partition 'clusters'",
         )
-        _check(
-            self.model in ("softmax", "mlp"),
-            "model",
-            f"unknown model {self.model!r}; choose 'softmax' or 'mlp'",
-        )
+        _plugin_kind(self.model, "model")
         _check(self.hidden >= 1, "hidden", "must be >= 1")
         _check(self.rounds >= 0, "rounds", "must be >= 0 (0 runs forever)")
         _check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -236,7 +260,13 @@ LIST_FLAGS = {
 }
 
 
+# Flags named other than their field; the field's own name stays an alias.
+RENAMED_FLAGS = {"dataset": "data"}
+
+
 def flag_name(field_name: str) -> str:
+    if field_name in RENAMED_FLAGS:
+        return RENAMED_FLAGS[field_name]
     return LIST_FLAGS.get(field_name, field_name.replace("_", "-"))
 
 
@@ -261,6 +291,18 @@ def to_flags(values: Mapping[str, Any]) -> list[str]:
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(name, message)
+
+
+def _plugin_kind(spec: str, name: str) -> str:
+    """'builtin', 'file' or 'import', by the spec's form alone: a plugin is imported and
+    a data file read only when the node starts (errors there are ConfigErrors too)."""
+    from p2pfl.learning import DATASET_NAMES, MODEL_NAMES
+    from p2pfl.learning.plugins import PluginError, kind_of
+
+    try:
+        return kind_of(spec, DATASET_NAMES if name == "dataset" else MODEL_NAMES)
+    except PluginError as exc:
+        raise ConfigError(name, str(exc)) from None
 
 
 def _is_ipv4(value: str) -> bool:
@@ -326,6 +368,20 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         return Path(value).expanduser()
     if key in ("aggregation_options", "attack_options"):
         return _options(value)
+    if key in PLUGIN_FIELDS or key == "label_column":
+        if key == "label_column" and (value is None or value == ""):
+            return None
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {value!r}")
+        return value
+    if key == "classes":
+        if value is None or value == "":
+            return None
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {value!r}")
+        return value
     if key in ("peers", "allow", "mdns_interfaces", "compression"):
         if isinstance(value, str):
             value = [value]
@@ -356,6 +412,9 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         return value
     return value
 
+
+PLUGIN_FIELDS = ("model", "dataset")
+"""Fields naming a model or data set: a built-in, a data file or a plugin."""
 
 AUTO_FIELDS = ("max_frame_size", "receive_budget", "max_inbound")
 """Integer fields whose default, "auto", is derived when the node starts."""
@@ -403,7 +462,11 @@ def _scalar(text: str) -> Any:
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a node TOML file (top-level keys or a `[node]` table) into field values."""
+    """Read a node TOML file (top-level keys or a `[node]` table) into field values.
+
+    A relative data file or `file.py:callable` in `model`/`dataset` is relative to the
+    TOML file's directory (the file and its data travel together; a node started by a
+    service manager runs from another cwd). Other paths keep their meaning (cwd)."""
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
@@ -413,7 +476,31 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     if "node" in data and isinstance(data["node"], dict):
         data = {**{k: v for k, v in data.items() if k != "node"}, **data["node"]}
-    return coerce(data, source=str(path))
+    values = coerce(data, source=str(path))
+    for key in PLUGIN_FIELDS:
+        if key in values:
+            values[key] = relative_to(values[key], path.parent)
+    return values
+
+
+def relative_to(spec: str, base: Path) -> str:
+    """A model/data spec with its relative file made relative to `base` (absolute).
+
+    `pkg.mod:callable` and built-in names are names, not paths: they stay as they are.
+    `{index}` placeholders survive (they are filled per node when the data is loaded).
+    """
+    from p2pfl.learning.files import is_data_file
+    from p2pfl.learning.plugins import is_import_spec
+
+    if is_data_file(spec):
+        target, suffix = spec, ""
+    elif is_import_spec(spec) and spec.rpartition(":")[0].endswith(".py"):
+        target, sep, attr = spec.rpartition(":")
+        suffix = sep + attr
+    else:
+        return spec
+    path = Path(target).expanduser()
+    return str(path if path.is_absolute() else base.resolve() / path) + suffix
 
 
 def build_config(file_values: Mapping[str, Any], flag_values: Mapping[str, Any]) -> NodeConfig:

@@ -129,8 +129,15 @@ def resolve_data(spec: str, config: LearningConfig, **file_options: Any) -> Data
         return Dataset(ds.name, x, y, ds.x_test, ds.y_test, n_classes=ds.n_classes)
     if kind == "file":
         path = spec.replace("{index}", str(config.node_index))
+        # NodeConfig's data-file fields, read with getattr so LearningConfig stays the
+        # built-ins' few (a program's own config object need not have them).
+        options = {
+            "label_column": getattr(config, "label_column", None),
+            "n_classes": getattr(config, "classes", None),
+            **file_options,
+        }
         try:
-            return load_data_file(path, seed=config.data_seed, **file_options)
+            return load_data_file(path, seed=config.data_seed, **options)
         except DataFileError as exc:
             raise PluginError(str(exc)) from None
     data = _call(spec, config)

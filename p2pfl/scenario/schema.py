@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pfl.config import PARTITIONS, ConfigError, NodeConfig
+from p2pfl.config import (
+    PARTITIONS,
+    ConfigError,
+    NodeConfig,
+    default_dataset,
+    default_model,
+    relative_to,
+)
 from p2pfl.scenario import topology
 from p2pfl.scenario.faults import FaultEvent, fault_plan_nodes, parse_faults, plan_path
 from p2pfl.scenario.topology import Edge, TopologyError
@@ -61,15 +68,23 @@ class TopologySpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    dataset: str = "digits"
+    """A built-in set (cut into shards by `partition`), a data file per node (`{index}`
+    in its path is the node's index) or `package.module:callable` / `file.py:callable`.
+    Relative paths are resolved against the scenario file's directory when it is loaded."""
+
+    dataset: str = field(default_factory=default_dataset)
     partition: str = "iid"
     alpha: float = 0.5
     clusters: int = 2
+    label_column: str | None = None  # .csv files: the label column (default: the last)
+    classes: int | None = None  # data files: the class count (default: largest label + 1)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str = "softmax"
+    """A built-in model or `package.module:callable` / `file.py:callable`."""
+
+    name: str = field(default_factory=default_model)
     hidden: int = 32
 
 
@@ -215,6 +230,8 @@ class Scenario:
                 "heartbeat_interval": self.protocol.heartbeat_interval,
                 "heartbeat_timeout": self.protocol.heartbeat_timeout,
                 "dataset": self.data.dataset,
+                **({"label_column": self.data.label_column} if self.data.label_column else {}),
+                **({"classes": self.data.classes} if self.data.classes is not None else {}),
                 "nodes": self.nodes,
                 "node_index": i,
                 "partition": self.data.partition,
@@ -292,11 +309,18 @@ def load_scenario(path: Path | str) -> Scenario:
         raise ScenarioError("", f"{p} is a directory, not a scenario file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError("", f"{p} is not valid TOML: {exc}") from None
-    return parse_scenario(data, default_name=p.stem)
+    return parse_scenario(data, default_name=p.stem, base_dir=p.parent)
 
 
-def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -> Scenario:
-    """Validate a decoded TOML document into a Scenario (raises ScenarioError)."""
+def parse_scenario(
+    data: Mapping[str, Any], *, default_name: str = "scenario", base_dir: Path | None = None
+) -> Scenario:
+    """Validate a decoded TOML document into a Scenario (raises ScenarioError).
+
+    Relative data files and `file.py:callable` specs are made absolute against
+    `base_dir` (the scenario file's directory; default: the current directory), so
+    every node finds them whatever its working directory."""
+    base = Path.cwd() if base_dir is None else base_dir
     top = _Table(data, "")
     name = top.get_str("name", default_name)
     if not _NAME_RE.match(name):
@@ -309,8 +333,8 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
     rounds = top.get_int("rounds", 10, minimum=1)
     seed = top.get_int("seed", 0, minimum=0)
     topo = _parse_topology(top.table("topology"), nodes)
-    data_spec = _parse_data(top.table("data"))
-    model = _parse_model(top.table("model"))
+    data_spec = _parse_data(top.table("data"), base)
+    model = _parse_model(top.table("model"), base)
     training = _parse_training(top.table("training"))
     protocol = _parse_protocol(top.table("protocol"), nodes)
     discovery = top.get_str("discovery", "bootstrap", choices=("bootstrap", "mdns"))
@@ -334,6 +358,7 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
     )  # fmt: skip
     scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
     _cross_check(scenario)
+    _check_files(scenario)
     return scenario
 
 
@@ -384,24 +409,49 @@ def _edge_list(value: Any) -> tuple[Edge, ...]:
     return tuple(out)
 
 
-def _parse_data(t: _Table) -> DataSpec:
+def _parse_data(t: _Table, base: Path) -> DataSpec:
+    label_column = t.get_str("label_column", "") or None
+    classes = t.get_int("classes", 0, minimum=2) if t.has("classes") else None
     spec = DataSpec(
-        dataset=t.get_str("dataset", "digits", choices=("digits", "synthetic")),
+        dataset=_plugin_spec(t, "dataset", base),
         partition=t.get_str("partition", "iid", choices=PARTITIONS),
         alpha=t.get_float("alpha", 0.5, positive=True),
         clusters=t.get_int("clusters", 2, minimum=1),
+        label_column=label_column,
+        classes=classes,
     )
     t.finish()
     return spec
 
 
-def _parse_model(t: _Table) -> ModelSpec:
+def _parse_model(t: _Table, base: Path) -> ModelSpec:
     spec = ModelSpec(
-        name=t.get_str("name", "softmax", choices=("softmax", "mlp")),
+        name=_plugin_spec(t, "name", base),
         hidden=t.get_int("hidden", 32, minimum=1),
     )
     t.finish()
     return spec
+
+
+def _plugin_spec(t: _Table, key: str, base: Path) -> str:
+    """A model or data set string, checked by its form against the registry
+    (p2pfl.learning); a relative file in it is made absolute against `base`."""
+    from p2pfl.learning import DATASET_NAMES, MODEL_NAMES
+    from p2pfl.learning.plugins import PluginError, kind_of
+
+    data = key == "dataset"
+    value = t.get_str(key, default_dataset() if data else default_model())
+    names = DATASET_NAMES if data else MODEL_NAMES
+    try:
+        kind_of(value, names)
+    except PluginError:
+        files = ", a .npz or .csv file" if data else ""
+        raise ScenarioError(
+            t._key(key),
+            f"unknown value {value!r}; use a built-in ({', '.join(names)}){files}, "
+            "'package.module:callable' or 'path/to/file.py:callable'",
+        ) from None
+    return relative_to(value, base)
 
 
 def _parse_training(t: _Table) -> TrainingSpec:
@@ -535,7 +585,7 @@ def _parse_compression(t: _Table) -> CompressionSpec:
 # Where each NodeConfig field comes from, to translate its errors back to the file.
 _CONFIG_FIELD_PATHS = {
     "dataset": "data.dataset", "partition": "data.partition", "alpha": "data.alpha",
-    "clusters": "data.clusters",
+    "clusters": "data.clusters", "label_column": "data.label_column", "classes": "data.classes",
     "model": "model.name", "hidden": "model.hidden", "epochs": "training.epochs",
     "lr": "training.lr", "batch_size": "training.batch_size", "rounds": "rounds",
     "nodes": "nodes", "neighbours": "protocol.neighbours", "quorum": "protocol.quorum",
@@ -562,6 +612,28 @@ def _cross_check(scenario: Scenario) -> None:
         path = _CONFIG_FIELD_PATHS.get(exc.field, exc.field)
         message = str(exc).split(": ", 1)[-1]
         raise ScenarioError(path, message) from None
+
+
+def _check_files(scenario: Scenario) -> None:
+    """Every node's data file and every plugin file exist, before any node starts (a
+    node would otherwise fail alone, rounds later in a big run). Their contents are
+    checked by each node when it loads them."""
+    from p2pfl.learning.files import is_data_file
+    from p2pfl.learning.plugins import is_import_spec
+
+    specs = (("data.dataset", scenario.data.dataset), ("model.name", scenario.model.name))
+    for path, spec in specs:
+        if is_data_file(spec) and path == "data.dataset":
+            for i in range(scenario.nodes):
+                file = Path(spec.replace("{index}", str(i)))
+                if not file.is_file():
+                    raise ScenarioError(path, f"no such data file {file} (node {i})")
+                if "{index}" not in spec:
+                    break
+        elif is_import_spec(spec) and spec.rpartition(":")[0].endswith(".py"):
+            file = Path(spec.rpartition(":")[0])
+            if not file.is_file():
+                raise ScenarioError(path, f"no such file {file} (in {spec!r})")
 
 
 class _Table:
