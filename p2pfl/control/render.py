@@ -16,6 +16,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from p2pfl.metrics import fmt_metric, metric_names, row_metrics, row_timing, timing_text
+
 MISSING = "-"
 ID_WIDTH = 12
 
@@ -163,17 +165,32 @@ def _model_text(model: Mapping[str, Any]) -> str:
     )
 
 
+def _last_row(history: list[Any]) -> Mapping[str, Any]:
+    return history[-1] if history and isinstance(history[-1], Mapping) else {}
+
+
 def _last_metrics_text(history: list[Any]) -> str:
-    last = history[-1] if history and isinstance(history[-1], Mapping) else {}
+    """The last round's metrics, whatever the model reports (accuracy, loss, mae, ...)."""
+    last = _last_row(history)
     if not last:
         return MISSING
+    metrics = row_metrics(last)
+    names = metric_names([last])
+    shown = ", ".join(f"{name} {fmt_metric(metrics[name])}" for name in names) or "no metrics"
     return (
-        f"round {fmt_int(last.get('round'))}: accuracy {fmt_float(last.get('accuracy'))}, "
-        f"loss {fmt_float(last.get('loss'))}, {fmt_float(last.get('seconds'), 2)}s, "
+        f"round {fmt_int(last.get('round'))}: {shown}, {fmt_float(last.get('seconds'), 2)}s, "
         f"sent {fmt_bytes(last.get('bytes_sent'))}, "
         f"received {fmt_bytes(last.get('bytes_received'))}, "
         f"heard {fmt_int(last.get('peers_heard'))} peers"
     )
+
+
+def _last_timing_text(history: list[Any]) -> str | None:
+    """Where the last round's CPU went ('train 1.20s, encode 0.01s, ...'); None if unknown."""
+    timing = row_timing(_last_row(history))
+    if not timing:
+        return None
+    return timing_text(timing)
 
 
 def status_header(status: Mapping[str, Any]) -> Panel:
@@ -194,6 +211,9 @@ def status_header(status: Mapping[str, Any]) -> Panel:
         ("last aggregation", _aggregation_text(_section(status, "last_aggregation"))),
         ("last round", _last_metrics_text(_list(status, "history"))),
     ]
+    timing = _last_timing_text(_list(status, "history"))
+    if timing is not None:
+        rows.append(("round timing", timing))
     comp = status.get("compression")
     if isinstance(comp, Mapping):
         stages = " > ".join(fmt_text(x) for x in _list(comp, "pipeline")) or MISSING

@@ -149,8 +149,8 @@ async def _watch(nodes: Sequence[Node], progress: RoundProgress | None) -> None:
 
 def _feed(nodes: Sequence[Node], progress: RoundProgress) -> None:
     completed = [len(node.history) for node in nodes]
-    accs = [float(n.history[-1]["accuracy"]) for n in nodes if n.history and n.role == "honest"]
-    progress.update(min(completed), accs)
+    latest = [n.history[-1] for n in nodes if n.history and n.role == "honest"]
+    progress.update(min(completed), latest)
 
 
 def _record(node: Node) -> dict[str, Any]:

@@ -245,17 +245,17 @@ def _watch(
                     f"last lines of {p.log_path}:\n{_log_tail(p.log_path)}"
                 )
         completed = []
-        accs = []
-        for p in procs:
+        latest = []  # honest nodes' last rows: the bar shows their mean primary metric
+        for i, p in enumerate(procs):
             status = _query(p)
             if status is not None:
                 p.status = status
             history = (p.status or {}).get("history") or []
             completed.append(len(history))
-            if history and isinstance(history[-1].get("accuracy"), int | float):
-                accs.append(float(history[-1]["accuracy"]))
+            if history and isinstance(history[-1], dict) and scenario.role(i) == "honest":
+                latest.append(history[-1])
         if progress is not None:
-            progress.update(min(completed), accs)
+            progress.update(min(completed), latest)
         if chaos is not None:
             chaos.step()
         if all(

@@ -1,9 +1,11 @@
-"""Scenario outputs: `metrics.json`, a summary table on the console, `accuracy.png`.
+"""Scenario outputs: `metrics.json`, a summary table on the console, a plot.
 
 Both runners hand over the same thing, a mapping node name -> {"peer_id", "rounds"}
 where rounds are the node's per-round rows (as in its metrics.jsonl), so the report
-never knows whether the nodes were processes or coroutines. matplotlib is optional
-and imported only when plotting.
+never knows whether the nodes were processes or coroutines. The report shows whatever
+metrics the model reports (p2pfl.metrics picks the primary one: accuracy, else loss);
+the plot is `<primary metric>.png`, so `accuracy.png` for classification and `loss.png`
+for a regression model. matplotlib is optional and imported only when plotting.
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from p2pfl.metrics import (
+    fmt_metric,
+    higher_is_better,
+    metric_names,
+    number,
+    primary_metric,
+    row_metrics,
+    row_timing,
+    timing_text,
+)
 from p2pfl.scenario.faults import fault_table, mark_faults, report_timeline
 from p2pfl.scenario.schema import Scenario
 
@@ -38,8 +50,9 @@ def build_metrics(
 ) -> dict[str, Any]:
     """The whole `metrics.json` document (rows sorted by round, summary computed).
 
-    Every node is marked with its role; accuracies in the summary are the honest nodes'
-    only (a malicious node's own accuracy says nothing about the attack's effect).
+    Every node is marked with its role and its final metrics; metrics in the summary are
+    the honest nodes' only (a malicious node's own accuracy says nothing about the attack's
+    effect).
     """
     clean = {
         name: {
@@ -49,6 +62,8 @@ def build_metrics(
         }
         for name, rec in sorted(nodes.items(), key=lambda kv: _node_order(kv[0]))
     }
+    for rec in clean.values():
+        rec["final_metrics"] = row_metrics(rec["rounds"][-1]) if rec["rounds"] else {}
     honest = [n for n, rec in clean.items() if rec["role"] == "honest"]
     summary = summarize({n: rec["rounds"] for n, rec in clean.items()}, wall_seconds, honest)
     summary["malicious_nodes"] = [n for n in clean if n not in honest]
@@ -102,10 +117,7 @@ def _node_order(name: str) -> tuple[int, str]:
     return (int(digits), name) if digits.isdigit() else (1 << 30, name)
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
+_num = number
 
 
 def _stats(values: Iterable[float | None]) -> tuple[float | None, float | None, float | None]:
@@ -115,15 +127,34 @@ def _stats(values: Iterable[float | None]) -> tuple[float | None, float | None, 
     return sum(vals) / len(vals), min(vals), max(vals)
 
 
+def _metric_stats(
+    rows: Sequence[Mapping[str, Any]], names: Sequence[str]
+) -> dict[str, tuple[float | None, float | None, float | None]]:
+    """name -> (mean, min, max) over the rows that report it."""
+    values = [row_metrics(x) for x in rows]
+    return {name: _stats(v.get(name) for v in values) for name in names}
+
+
+def _timing_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean seconds per phase (train_s, encode_s, ...) over the rows that timed it."""
+    collected: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row_timing(row).items():
+            collected.setdefault(key, []).append(value)
+    return {key: round(sum(vs) / len(vs), 6) for key, vs in collected.items()}
+
+
 def summarize(
     rows_by_node: Mapping[str, Sequence[Mapping[str, Any]]],
     wall: float,
     honest: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Per-round mean/min/max accuracy across nodes, and the final state of every node.
+    """Per-round mean/min/max of every metric across nodes, and the final state of every node.
 
-    Accuracy and loss count only the `honest` nodes (default: all); traffic and round
-    counts include everyone.
+    Metrics count only the `honest` nodes (default: all); traffic, timing and round counts
+    include everyone. `accuracy_*`/`loss_mean` stay as before (None when not reported);
+    `metrics_mean/min/max` hold every metric by name and `primary_metric` names the one
+    the table and the plot lead with.
     """
     counted = set(rows_by_node if honest is None else honest)
     by_round: dict[int, list[Mapping[str, Any]]] = {}
@@ -133,11 +164,13 @@ def summarize(
             by_round.setdefault(int(row["round"]), []).append(row)
             if name in counted:
                 scored.setdefault(int(row["round"]), []).append(row)
+    names = metric_names(row for rows in scored.values() for row in rows)
+    primary = primary_metric(names)
     per_round = []
     for r in sorted(by_round):
         rows = by_round[r]
-        mean, lo, hi = _stats(_num(x.get("accuracy")) for x in scored.get(r, ()))
-        loss, _, _ = _stats(_num(x.get("loss")) for x in scored.get(r, ()))
+        stats = _metric_stats(scored.get(r, ()), names)
+        mean, lo, hi = stats.get("accuracy", (None, None, None))
         secs, _, _ = _stats(_num(x.get("seconds")) for x in rows)
         per_round.append(
             {
@@ -146,21 +179,35 @@ def summarize(
                 "accuracy_mean": mean,
                 "accuracy_min": lo,
                 "accuracy_max": hi,
-                "loss_mean": loss,
+                "loss_mean": stats.get("loss", (None,))[0],
+                "metrics_mean": {n: st[0] for n, st in stats.items()},
+                "metrics_min": {n: st[1] for n, st in stats.items()},
+                "metrics_max": {n: st[2] for n, st in stats.items()},
                 "seconds_mean": secs,
+                "timing_mean": _timing_means(rows),
                 "bytes_sent": int(sum(_num(x.get("bytes_sent")) or 0 for x in rows)),
             }
         )
     last = [rows[-1] for rows in rows_by_node.values() if rows]
     last_scored = [rows[-1] for n, rows in rows_by_node.items() if rows and n in counted]
-    mean, lo, hi = _stats(_num(x.get("accuracy")) for x in last_scored)
+    final_stats = _metric_stats(last_scored, names)
+    mean, lo, hi = final_stats.get("accuracy", (None, None, None))
+    p_mean, p_lo, p_hi = final_stats.get(primary or "", (None, None, None))
     completed = [len(rows) for rows in rows_by_node.values()]
     return {
+        "metrics": names,
+        "primary_metric": primary,
         "per_round": per_round,
         "final": {
             "accuracy_mean": mean,
             "accuracy_min": lo,
             "accuracy_max": hi,
+            "metric": primary,
+            "metric_mean": p_mean,
+            "metric_min": p_lo,
+            "metric_max": p_hi,
+            "metrics_mean": {n: st[0] for n, st in final_stats.items()},
+            "timing_mean": _timing_means([row for rows in by_round.values() for row in rows]),
             "rounds_completed_min": min(completed, default=0),
             "rounds_completed_max": max(completed, default=0),
             "bytes_sent_total": int(sum(_num(x.get("bytes_sent")) or 0 for x in last)),
@@ -180,8 +227,13 @@ def write_metrics(out: Path, metrics: Mapping[str, Any]) -> Path:
     return path
 
 
-def _fmt_acc(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
+def _fmt(v: float | None) -> str:
+    return fmt_metric(v, 3)
+
+
+def _short(name: str) -> str:
+    """Column header for a metric ('accuracy' -> 'acc', as the table always said)."""
+    return "acc" if name == "accuracy" else name
 
 
 def format_bytes(n: float) -> str:
@@ -193,41 +245,69 @@ def format_bytes(n: float) -> str:
 
 
 def summary_table(metrics: Mapping[str, Any]) -> Table:
-    """Per-round table (sampled when long) with the final numbers as its caption."""
+    """Per-round table (sampled when long) with the final numbers as its caption.
+
+    Columns: mean/min/max of the primary metric, then the mean of every other metric the
+    model reports; the caption adds where a round's CPU went (mean per node and round).
+    """
     summary = metrics["summary"]
     rows = summary["per_round"]
     if len(rows) > MAX_TABLE_ROWS:
         step = math.ceil(len(rows) / (MAX_TABLE_ROWS - 1))
         rows = [*rows[:-1:step], rows[-1]]
+    names = _summary_names(summary)
+    primary = names[0] if names else None
+    others = names[1:]
     name = metrics.get("scenario", {}).get("name", "scenario")
     title = f"{name}: {len(metrics.get('nodes', {}))} nodes ({metrics.get('mode')})"
     bad = summary.get("malicious_nodes") or []
     if bad:
-        names = ", ".join(bad[:8]) + (", ..." if len(bad) > 8 else "")
-        title += f"\n{len(bad)} malicious ({names}); accuracy over honest nodes only"
+        names_bad = ", ".join(bad[:8]) + (", ..." if len(bad) > 8 else "")
+        title += (
+            f"\n{len(bad)} malicious ({names_bad}); {primary or 'metrics'} over honest nodes only"
+        )
     table = Table(title=title)
-    for col in ("round", "nodes", "acc mean", "acc min", "acc max", "loss", "sent (all)"):
+    cols = ["round", "nodes"]
+    if primary is not None:
+        p = _short(primary)
+        cols += [f"{p} mean", f"{p} min", f"{p} max"]
+    cols += [_short(n) for n in others]
+    for col in (*cols, "sent (all)"):
         table.add_column(col, justify="right")
     for r in rows:
-        loss = r["loss_mean"]
-        table.add_row(
-            str(r["round"]),
-            str(r["nodes"]),
-            _fmt_acc(r["accuracy_mean"]),
-            _fmt_acc(r["accuracy_min"]),
-            _fmt_acc(r["accuracy_max"]),
-            "-" if loss is None else f"{loss:.3f}",
-            format_bytes(r["bytes_sent"]),
+        means, lows, highs = (
+            r.get(k) or {} for k in ("metrics_mean", "metrics_min", "metrics_max")
         )
+        cells = [str(r["round"]), str(r["nodes"])]
+        if primary is not None:
+            cells += [_fmt(_num(d.get(primary))) for d in (means, lows, highs)]
+        cells += [_fmt(_num(means.get(n))) for n in others]
+        table.add_row(*cells, format_bytes(r["bytes_sent"]))
     f = summary["final"]
-    table.caption = (
-        f"final accuracy mean {_fmt_acc(f['accuracy_mean'])} "
-        f"(min {_fmt_acc(f['accuracy_min'])}, max {_fmt_acc(f['accuracy_max'])}); "
+    finals = f.get("metrics_mean") or {}
+    lines = []
+    if primary is not None:
+        head = (
+            f"final {primary} mean {_fmt(_num(f.get('metric_mean')))} "
+            f"(min {_fmt(_num(f.get('metric_min')))}, max {_fmt(_num(f.get('metric_max')))})"
+        )
+        head += "".join(f", {n} {_fmt(_num(finals.get(n)))}" for n in others)
+        lines.append(head + "\n")
+    lines.append(
         f"sent {format_bytes(f['bytes_sent_total'])}, "
         f"received {format_bytes(f['bytes_received_total'])}; "
         f"wall {metrics['wall_seconds']:.1f} s"
     )
+    timing = timing_text(f.get("timing_mean") or {})
+    if timing:
+        lines.append(f"\nCPU per round: {timing}")
+    table.caption = "".join(lines)
     return table
+
+
+def _summary_names(summary: Mapping[str, Any]) -> list[str]:
+    names = summary.get("metrics")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 _preloader: threading.Thread | None = None
@@ -249,14 +329,42 @@ def preload_plotting() -> None:
         _preloader.start()
 
 
-def plot_accuracy(metrics: Mapping[str, Any], path: Path) -> Path | None:
-    """Thin line per node, thick mean line; None (and no file) if matplotlib is missing.
+def plot_name(metrics: Mapping[str, Any]) -> str:
+    """`<primary metric>.png`: accuracy.png for classification, loss.png for regression;
+    metrics.png when the name would not make a plain file name."""
+    primary = metrics.get("summary", {}).get("primary_metric")
+    plain = isinstance(primary, str) and 0 < len(primary) <= 40 and not primary.startswith(".")
+    if plain and all(c.isalnum() or c in "_-." for c in str(primary)):
+        return f"{primary}.png"
+    return "metrics.png"
 
-    Uses the object API with the Agg canvas, not pyplot: no global state, no GUI
-    backend probing, and one LineCollection keeps 100 nodes as fast as 8.
+
+def plot_metrics(metrics: Mapping[str, Any], path: Path) -> Path | None:
+    """The primary metric: thin line per node, thick mean line; None (and no file) if
+    matplotlib is missing."""
+    fig = metric_figure(metrics)
+    if fig is None:
+        return None
+    fig.savefig(path)
+    return path
+
+
+def metric_figure(metrics: Mapping[str, Any]) -> Any:
+    """The plot as a matplotlib Figure (None without matplotlib), for `plot_metrics`.
+
+    Accuracy keeps its 0..1 axis; anything else (a loss, an error) is scaled to its
+    values, logarithmically when positive and spanning more than two decades. Uses the
+    object API with the Agg canvas, not pyplot: no global state, no GUI backend probing,
+    and one LineCollection keeps 100 nodes as fast as 8.
     """
     if _preloader is not None:
         _preloader.join()
+    summary = metrics["summary"]
+    names = _summary_names(summary)
+    if not names:
+        # A metrics document without the list (hand-built): find the metric in the rows.
+        names = metric_names(r for rec in metrics["nodes"].values() for r in rec["rounds"])
+    metric = names[0] if names else "accuracy"
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.collections import LineCollection
@@ -267,14 +375,16 @@ def plot_accuracy(metrics: Mapping[str, Any], path: Path) -> Path | None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     lines: dict[str, list[list[tuple[float, float]]]] = {"honest": [], "malicious": []}
+    values: list[float] = []
     for rec in metrics["nodes"].values():
         pts = [
-            (float(r["round"]), acc)
+            (float(r["round"]), v)
             for r in rec["rounds"]
-            if (acc := _num(r.get("accuracy"))) is not None
+            if (v := row_metrics(r).get(metric)) is not None
         ]
         if pts:
             lines["malicious" if rec.get("role") == "malicious" else "honest"].append(pts)
+            values.extend(v for _, v in pts)
     for role, color in (("honest", "tab:blue"), ("malicious", "tab:gray")):
         if lines[role]:
             style = "solid" if role == "honest" else "dashed"
@@ -283,26 +393,32 @@ def plot_accuracy(metrics: Mapping[str, Any], path: Path) -> Path | None:
             )
             ax.add_collection(collection)
     means = [
-        (r["round"], r["accuracy_mean"])
-        for r in metrics["summary"]["per_round"]
-        if r["accuracy_mean"] is not None
+        (r["round"], m)
+        for r in summary["per_round"]
+        if (m := _num((r.get("metrics_mean") or {}).get(metric, r.get(f"{metric}_mean"))))
+        is not None
     ]
     if means:
         xs, ys = zip(*means, strict=True)
-        label = "honest mean" if metrics["summary"].get("malicious_nodes") else "mean"
+        label = "honest mean" if summary.get("malicious_nodes") else "mean"
         ax.plot(xs, ys, color="tab:red", linewidth=2.5, label=label, marker="o", markersize=3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right" if higher_is_better(metric) else "upper right")
     if metrics.get("faults"):
         mark_faults(ax, metrics["faults"])  # vertical lines and labels at the fault rounds
     ax.autoscale_view()
-    ax.set_ylim(0.0, 1.0)
+    if metric == "accuracy":
+        ax.set_ylim(0.0, 1.0)
+    elif values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"test {metric}")
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"{metrics.get('scenario', {}).get('name', 'scenario')}: accuracy per node")
+    ax.set_title(f"{metrics.get('scenario', {}).get('name', 'scenario')}: {metric} per node")
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return fig
+
+
+plot_accuracy = plot_metrics  # the name it had when every model was a classifier
 
 
 def write_report(
@@ -315,24 +431,27 @@ def write_report(
     console: Console | None,
     complete: bool = True,
 ) -> dict[str, Any]:
-    """metrics.json + accuracy.png, and the table on `console` (None = print nothing)."""
+    """metrics.json + the plot (see `plot_name`), and the table on `console` (None = print
+    nothing)."""
     metrics = build_metrics(
         scenario, nodes, wall_seconds=wall_seconds, mode=mode, complete=complete
     )
     write_metrics(out, metrics)
-    png = plot_accuracy(metrics, out / "accuracy.png")
+    name = plot_name(metrics)
+    png = plot_metrics(metrics, out / name)
     if console is not None:
         console.print(summary_table(metrics))
         if metrics.get("faults"):
             console.print(fault_table(metrics["faults"]))
         if png is None:
-            console.print("[yellow]matplotlib is not installed: accuracy.png skipped[/]")
-        console.print(f"outputs in {out}/ (metrics.json{', accuracy.png' if png else ''})")
+            console.print(f"[yellow]matplotlib is not installed: {name} skipped[/]")
+        console.print(f"outputs in {out}/ (metrics.json{f', {name}' if png else ''})")
     return metrics
 
 
 class RoundProgress:
-    """Progress bar over rounds: the slowest node's completed rounds, plus the mean accuracy.
+    """Progress bar over rounds: the slowest node's completed rounds, plus the mean of the
+    primary metric (accuracy, else loss) over the honest nodes' latest rows.
 
     Both runners feed it the same way, so the bar looks the same for processes and
     in-process runs. Use as a context manager around the run.
@@ -361,11 +480,16 @@ class RoundProgress:
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
-    def update(self, completed_min: int, accuracies: Sequence[float]) -> None:
-        note = ""
-        if accuracies:
-            mean = sum(accuracies) / len(accuracies)
-            note = f"mean acc {mean:.3f}"
-            if len(accuracies) < self._nodes:
-                note += f" ({len(accuracies)}/{self._nodes} nodes)"
-        self._progress.update(self._task, completed=completed_min, note=note)
+    def update(self, completed_min: int, last_rows: Sequence[Mapping[str, Any]]) -> None:
+        self._progress.update(self._task, completed=completed_min, note=self.note(last_rows))
+
+    def note(self, last_rows: Sequence[Mapping[str, Any]]) -> str:
+        """'mean acc 0.912 (6/8 nodes)' or 'mean loss 0.0312' from each node's latest row."""
+        metric = primary_metric(metric_names(last_rows))
+        if metric is None:
+            return ""
+        values = [v for row in last_rows if (v := row_metrics(row).get(metric)) is not None]
+        note = f"mean {_short(metric)} {_fmt(sum(values) / len(values))}"
+        if len(values) < self._nodes:
+            note += f" ({len(values)}/{self._nodes} nodes)"
+        return note
