@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from p2pfl.config import NodeConfig
+from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.scenario.report import RoundProgress
 from p2pfl.scenario.schema import RunFailed, Scenario, node_identity_seed
 
@@ -91,15 +91,17 @@ def build_nodes(scenario: Scenario, out: Path) -> list[Node]:
         config = NodeConfig(**values).validated()
         ident = Identity.from_seed(node_identity_seed(scenario.seed, i))
         transport = MemoryTransport(network, ident, addresses[i])
-        nodes.append(
-            Node(
+        try:
+            node = Node(
                 config,
                 identity=ident,
                 transport=transport,
                 train_in_thread=False,
                 control_socket=False,
             )
-        )
+        except ConfigError as exc:  # a bad data file or plugin: one line, like `p2pfl node`
+            raise RunFailed(f"node n{i}: {exc}") from None
+        nodes.append(node)
     return nodes
 
 
