@@ -33,7 +33,8 @@ def add_scenario_arguments(subparsers: argparse._SubParsersAction[Any]) -> None:
         "run",
         help="run a scenario file",
         description="Start every node of the scenario, watch the rounds, stop the nodes, "
-        "then write metrics.json and accuracy.png and print a summary table.",
+        "then write metrics.json and a plot (accuracy.png, or <metric>.png for a model "
+        "without accuracy) and print a summary table.",
     )
     run.add_argument("file", type=Path, help="scenario TOML file (see docs/scenarios.md)")
     run.add_argument(
@@ -162,10 +163,10 @@ def run_scenario_cli(args: argparse.Namespace) -> int:
         doc = {"ok": True, "out": str(out), "wall_seconds": metrics["wall_seconds"], **final}
         print(json.dumps(doc))
     elif args.quiet:
-        acc = final["accuracy_mean"]
+        metric, value = final.get("metric") or "accuracy", final.get("metric_mean")
         print(
             f"{scenario.name}: {scenario.nodes} nodes, {scenario.rounds} rounds, "
-            f"final mean accuracy {'-' if acc is None else f'{acc:.3f}'}, "
+            f"final mean {metric} {'-' if value is None else f'{value:.3f}'}, "
             f"{metrics['wall_seconds']:.1f} s; outputs in {out}"
         )
     return EXIT_OK
