@@ -1,7 +1,7 @@
 """Measure the example CNN federated over 4 IID shards of digits, WITHOUT the network.
 
-Until `p2pfl node --model examples/torch_cnn/model.py:build` lands, this script stands
-in for the scenario file: 4 `build(config)` instances train one local epoch each round
+A reference for `p2pfl scenario run examples/torch_cnn/scenario.toml` (the same setup
+over the network, see README.md): 4 `build(config)` instances train one local epoch each round
 on their own shard (the same shards p2pfl's `--nodes 4 --partition iid` cuts) and are
 averaged by plain FedAvg (numpy mean weighted by shard size), in one process. The
 global model is evaluated on the shared test set after every round.
