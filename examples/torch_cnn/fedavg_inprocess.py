@@ -1,8 +1,8 @@
 """Measure the example CNN federated over 4 IID shards of digits, WITHOUT the network.
 
 A reference for `p2pfl scenario run examples/torch_cnn/scenario.toml` (the same setup
-over the network, see README.md): 4 `build(config)` instances train one local epoch each round
-on their own shard (the same shards p2pfl's `--nodes 4 --partition iid` cuts) and are
+over the network, see README.md): 4 `build(config)` instances train one local epoch
+each round on their own shard (the same shards p2pfl's `--nodes 4 --partition iid` cuts) and are
 averaged by plain FedAvg (numpy mean weighted by shard size), in one process. The
 global model is evaluated on the shared test set after every round.
 

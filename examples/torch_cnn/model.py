@@ -1,10 +1,10 @@
 """A small CNN on the 8x8 digits as 1-channel images, wrapped for p2pfl by TorchModel.
 
 `build(config)` is the plugin entry point (`--model examples/torch_cnn/model.py:build`,
-or `[model] name = "model.py:build"` in scenario.toml): p2pfl calls it with the node's config, once for the model that
-trains and once for the one that evaluates the aggregate. Every node of a federation
-must start from the same weights, so the initialization is seeded from
-`config.model_seed`, never from torch's global generator.
+or `[model] name = "model.py:build"` in scenario.toml): p2pfl calls it with the node's
+config, once for the model that trains and once for the one that evaluates the
+aggregate. Every node of a federation must start from the same weights, so the
+initialization is seeded from `config.model_seed`, never from torch's global generator.
 """
 
 from __future__ import annotations
