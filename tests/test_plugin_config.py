@@ -186,7 +186,7 @@ def node_cmd(tmp_path: Path, *extra: str) -> list[str]:
     ("make", "needle"),
     [
         (lambda d: d / "missing.npz", "no such file"),
-        (lambda d: (d / "junk.npz").write_text("not a zip") and d / "junk.npz", "not a .npz"),
+        (lambda d: (d / "junk.npz").write_text("no zip") and d / "junk.npz", "not a zip archive"),
         (lambda d: (np.savez(d / "nox.npz", y=np.arange(4)), d / "nox.npz")[1], "missing array"),
     ],
 )

@@ -98,7 +98,9 @@ def load_data_file(
 def _read_npz(p: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     try:
         if not zipfile.is_zipfile(p):  # np.load would try it as a pickle and say so
-            raise DataFileError(p, "not a .npz file (not a zip archive; write it with numpy.savez)")
+            raise DataFileError(
+                p, "not a readable .npz file (not a zip archive: write it with numpy.savez)"
+            )
         # allow_pickle=False: a data file must never run code.
         with np.load(p, allow_pickle=False) as npz:
             names = set(npz.files)
