@@ -252,3 +252,10 @@ def test_node_runs_a_round_with_a_model_file_and_a_data_file(tmp_path: Path) -> 
         code = proc.wait(timeout=30)
         log.close()
     assert code == 0, (tmp_path / "node.log").read_text()
+
+
+@pytest.mark.parametrize("doc", ["docs/cli.md", "docs/scenarios.md"])
+def test_docs_name_every_builtin(doc: str) -> None:
+    text = (ROOT / doc).read_text()
+    for name in (*MODEL_NAMES, *DATASET_NAMES):
+        assert f"`{name}`" in text or f'"{name}"' in text, (doc, name)
