@@ -75,7 +75,10 @@ def test_parse_and_pattern_catch_a_wrong_output() -> None:
     assert p.fullmatch("device 0: accuracy 0.91")
     assert not p.fullmatch("device 0: loss 0.91")
     assert not p.fullmatch("device 0: accuracy 0.91\nextra")
-    doc = "<!-- run: a.py needs=torch -->\n```python\nprint(1)\n```\n<!-- output -->\n```text\n1\n```\n"
+    doc = (
+        "<!-- run: a.py needs=torch -->\n```python\nprint(1)\n```\n"
+        "<!-- output -->\n```text\n1\n```\n"
+    )
     (b,) = parse(doc)
     assert (b.name, b.needs, b.code, b.output) == ("a.py", ["torch"], "print(1)\n", "1\n")
 
