@@ -58,7 +58,7 @@ def test_import_p2pfl_stays_light_and_exports_load_on_use() -> None:
 
 def test_unknown_attribute_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'run_nodes'"):
-        p2pfl.run_nodes  # type: ignore[attr-defined]  # noqa: B018
+        p2pfl.run_nodes  # noqa: B018
 
 
 def test_exports_are_the_documented_objects() -> None:
