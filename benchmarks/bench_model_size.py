@@ -1,13 +1,14 @@
 """How a round's cost grows with model size: 4 real node processes, 1e4..1e7 parameters.
 
-Run: python benchmarks/bench_model_size.py [--quick] [--backend auto|numpy|torch]
+Run: python benchmarks/bench_model_size.py [--quick] [--backend auto|numpy|torch] [--threads 1]
 
 For each size, four `p2pfl node` processes on 127.0.0.1 (distinct ports, data dirs in a
 temp dir, full mesh by `--peer`, mDNS and peer exchange off) train the digits data set
 (64 features, 10 classes, iid shards) for one round. The model is the built-in numpy MLP
 with (64 + 1) * H + (H + 1) * 10 parameters (H = 133, 1333, 13333, 133333 give ~1e4, 1e5,
-1e6, 1e7), or the same MLP in torch (`--model file.py:build` through the torch adapter)
-when torch is installed and the node accepts plugin models (`--backend auto`).
+1e6, 1e7) and, when torch is installed and the node accepts plugin models, the same MLP
+in torch (`--model file.py:build` through p2pfl.adapters.torch), both with `--backend
+auto`. Each node gets one compute thread (`--threads`: 4 nodes share the machine).
 
 Each node's metrics row gives the round's real seconds split into:
 - train, encode (our update to wire bytes), aggregate (the rule) and eval (the aggregate
@@ -143,6 +144,7 @@ def plugin_models_accepted() -> bool:
 
 
 def pick_backend(choice: str) -> str:
+    """numpy, or torch when asked for (auto: when installed and accepted by the node)."""
     torch_ok = importlib.util.find_spec("torch") is not None
     if choice == "numpy":
         return "numpy"
@@ -238,10 +240,20 @@ def run_size(
             if all_done is not None and now > all_done + SETTLE + args.idle:
                 break
             time.sleep(max(0.0, POLL - (time.monotonic() - tick)))
+        finals = [read_status(p)[0] for p in procs]
     finally:
         _stop_all(procs, grace=5.0)
     assert all_done is not None and final is not None
-    return summarize(label, hidden, rows, samples, round_began, all_done, final)
+    lost = []  # links a node dropped on the heartbeat timeout during the run (any node)
+    for p in procs:
+        text = p.log_path.read_text(errors="replace")
+        lost += [f"{p.name}: {ln[9:]}" for ln in text.splitlines() if "heartbeat timeout" in ln]
+    result = summarize(label, hidden, rows, samples, round_began, all_done, final)
+    result["heartbeat"]["heartbeat_failures_all_nodes"] = sum(
+        (f or {}).get("counters", {}).get("heartbeat_failures", 0) for f in finals
+    )
+    result["heartbeat"]["heartbeat_timeout_log_lines"] = lost
+    return result
 
 
 def _stats(values: list[float]) -> dict[str, float | int | None]:
@@ -274,8 +286,8 @@ def summarize(
                 "bytes_sent": row["bytes_sent"],
                 "update_wire_bytes": row.get("update_wire_bytes"),
                 "peers_heard": row["peers_heard"],
+                "accuracy_after": row.get("accuracy"),
                 "timed_out": row["timed_out"],
-                "accuracy": row.get("accuracy"),
             }
         )
 
@@ -305,6 +317,7 @@ def summarize(
             )
         },
         "network_min_s": min(n["network_s"] for n in nodes),
+        "peers_heard_min": min(n["peers_heard"] for n in nodes),
         "timed_out": sum(bool(n["timed_out"]) for n in nodes),
         "heartbeat": {
             "rtt_ms_round": _stats([v for s in during for v in s["new_rtt_ms"].values()]),
@@ -327,12 +340,13 @@ def _f(x: float | int | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def print_tables(results: list[dict[str, Any]], backend: str, epochs: int) -> None:
+def print_tables(results: list[dict[str, Any]], epochs: int) -> None:
     cost = Table(
-        title=f"p2pfl round cost vs model size: {NODES} processes, 1 round, {backend} MLP, "
+        title=f"p2pfl round cost vs model size: {NODES} processes, 1 round, MLP, "
         f"{epochs} epoch(s), median over nodes (s)"
     )
     for col in (
+        "model",
         "params",
         "train",
         "encode",
@@ -345,6 +359,7 @@ def print_tables(results: list[dict[str, Any]], backend: str, epochs: int) -> No
         "MB/s in",
         "TLS MB/s",
         "at TLS speed",
+        "heard",
     ):
         cost.add_column(col, justify="right")
     for r in results:
@@ -352,6 +367,7 @@ def print_tables(results: list[dict[str, Any]], backend: str, epochs: int) -> No
         tls = r["tls"]["bytes_per_s"]
         rate = m["bytes_received"] / m["network_s"] if m["network_s"] > 0 else None
         cost.add_row(
+            r["backend"],
             f"{r['params']:,}",
             _f(m["train_s"], ".3f"),
             _f(m["encode_s"], ".3f"),
@@ -364,10 +380,12 @@ def print_tables(results: list[dict[str, Any]], backend: str, epochs: int) -> No
             _f(None if rate is None else rate / 1e6, ".0f"),
             _f(tls / 1e6, ".0f"),
             _f(m["bytes_received"] / tls, ".3f"),
+            f"{r['peers_heard_min']}/{NODES - 1}",
         )
     console.print(cost)
     hb = Table(title="heartbeat RTT seen by node 0 (ms) and its control socket's latency (ms)")
     for col in (
+        "model",
         "params",
         "RTT idle med",
         "idle max",
@@ -383,6 +401,7 @@ def print_tables(results: list[dict[str, Any]], backend: str, epochs: int) -> No
     for r in results:
         h = r["heartbeat"]
         hb.add_row(
+            r["backend"],
             f"{r['params']:,}",
             _f(h["rtt_ms_idle"]["median"], ".1f"),
             _f(h["rtt_ms_idle"]["max"], ".1f"),
@@ -392,7 +411,7 @@ def print_tables(results: list[dict[str, Any]], backend: str, epochs: int) -> No
             _f(h["status_ms_idle"]["max"], ".1f"),
             _f(h["status_ms_round"]["median"], ".1f"),
             _f(h["status_ms_round"]["max"], ".1f"),
-            str(h["heartbeat_failures"]),
+            str(h["heartbeat_failures_all_nodes"]),
         )
     console.print(hb)
 
@@ -406,29 +425,42 @@ def main() -> None:
     parser.add_argument("--round-timeout", type=float, default=300.0)
     parser.add_argument("--idle", type=float, default=IDLE_SECONDS, help="idle seconds sampled")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per size, at most")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="compute threads per node (OMP/OpenBLAS/MKL; 0 = library default)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the nodes' data dirs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    backend = pick_backend(args.backend)
+    if args.threads > 0:  # inherited by the node processes
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+    if args.backend == "auto":  # numpy, and torch too when it can be used
+        backends = sorted({"numpy", pick_backend("auto")})
+    else:
+        backends = [args.backend]
+        if args.backend == "torch":
+            pick_backend("torch")  # exits with a reason if torch cannot be used
     sizes = QUICK if args.quick else tuple(HIDDEN)
     workdir = Path(tempfile.mkdtemp(prefix="p2pfl-size-"))
-    model = "mlp"
-    if backend == "torch":
-        plugin = workdir / "bench_torch_model.py"
-        plugin.write_text(TORCH_PLUGIN)
-        model = f"{plugin}:build"
+    plugin = workdir / "bench_torch_model.py"
+    plugin.write_text(TORCH_PLUGIN)
     results: list[dict[str, Any]] = []
     ok = False
     try:
         with _signals_raise():
-            for label in sizes:
+            for backend, label in [(b, size) for b in backends for size in sizes]:
+                model = f"{plugin}:build" if backend == "torch" else "mlp"
                 hidden = HIDDEN[label]
                 params = mlp_params(hidden)
-                console.print(f"[bold]{params:,} parameters[/] (hidden {hidden}): TLS baseline")
+                console.print(f"[bold]{backend} MLP, {params:,} parameters[/] (hidden {hidden})")
                 tls = tls_throughput(4 * params)
                 console.print(f"  TLS transport {tls['bytes_per_s'] / 1e6:,.0f} MB/s; 4 nodes")
-                result = run_size(label, hidden, workdir, args, model)
+                result = run_size(f"{backend}-{label}", hidden, workdir, args, model)
+                result["backend"] = backend
                 result["tls"] = tls
                 results.append(result)
                 m = result["median"]
@@ -443,11 +475,12 @@ def main() -> None:
             console.print(f"node data dirs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print_tables(results, backend, args.epochs)
+    print_tables(results, args.epochs)
     report = {
         "benchmark": "bench_model_size",
         "command": " ".join(["python", "benchmarks/bench_model_size.py", *sys.argv[1:]]),
-        "backend": backend,
+        "backends": backends,
+        "threads_per_node": args.threads or "library default",
         "nodes": NODES,
         "epochs": args.epochs,
         "heartbeat_interval": args.heartbeat_interval,
