@@ -260,9 +260,9 @@ def _unwrapped(exc: BaseException, *, bind: str | None = None) -> BaseException:
             if isinstance(leaf, kind):
                 return leaf
     if bind is not None:
-        from p2pfl.cli import _bind_error  # stdlib-only module; one wording for both fronts
+        from p2pfl.fatal import bind_error  # one wording for the CLI and the API
 
-        cannot: CannotBind | None = _bind_error(exc, bind)
+        cannot: CannotBind | None = bind_error(exc, bind)
         if cannot is not None:
             return cannot
     real = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]

@@ -25,7 +25,15 @@ from p2pfl.config import (
     NodeConfig,
     flag_name,
 )
-from p2pfl.fatal import CannotBind, DataDirInUse, DataDirUnusable, DiskFull, FatalError
+from p2pfl.fatal import (
+    CannotBind,
+    DataDirInUse,
+    DataDirUnusable,
+    DiskFull,
+    FatalError,
+    bind_error,
+    exception_leaves,
+)
 
 EXIT_CODES = {
     "ok": 0,  # finished, or stopped by SIGINT/SIGTERM after saying goodbye
@@ -258,7 +266,7 @@ async def _node_main(config: NodeConfig) -> None:
             except BaseException as exc:
                 # The control socket and the data dir raise FatalErrors of their own; an
                 # OSError left over while starting comes from binding the listen address.
-                bind = _bind_error(exc, config.listen)
+                bind = bind_error(exc, config.listen)
                 if bind is None:
                     raise
                 raise bind from None
@@ -271,47 +279,11 @@ async def _node_main(config: NodeConfig) -> None:
             nursery.cancel_scope.cancel()
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-def _bind_error(exc: BaseException, listen: str) -> CannotBind | None:
-    import errno
-    import socket
-
-    leaves = _leaves(exc)
-    if any(isinstance(leaf, FatalError) for leaf in leaves):
-        return None  # already says what it is
-    for leaf in leaves:
-        if not isinstance(leaf, OSError):
-            continue
-        if isinstance(leaf, socket.gaierror):
-            hint = "use an IP address (or a name this host resolves) in --listen"
-        elif leaf.errno == errno.EADDRINUSE:
-            hint = (
-                "another program (maybe another p2pfl node) has this port: stop it, or choose "
-                "another port with --listen HOST:PORT (port 0 picks a free one)"
-            )
-        elif leaf.errno == errno.EADDRNOTAVAIL:
-            hint = "the address is not on this host: use one of its addresses in --listen"
-        elif leaf.errno in (errno.EACCES, errno.EPERM):
-            hint = "ports below 1024 need privileges: use a higher port in --listen"
-        else:
-            hint = "check the --listen address"
-        reason = (leaf.strerror or str(leaf)).lower()
-        if reason.startswith("address already in use"):
-            reason = "address already in use"
-        return CannotBind(f"cannot listen on {listen}: {reason}; {hint}")
-    return None
-
-
 def _report(prog: str, exc: BaseException) -> int:
     """Print the one line for a failure and return its exit code (docs/cli.md)."""
     import logging
 
-    leaves = _leaves(exc)
+    leaves = exception_leaves(exc)
     if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
         return EXIT_CODES["ok"]
     for kind, cause in _FATAL_CODES:

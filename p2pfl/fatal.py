@@ -33,4 +33,51 @@ class DiskFull(FatalError):
     """No space (or quota) left while writing the node's state."""
 
 
-__all__ = ["CannotBind", "DataDirInUse", "DataDirUnusable", "DiskFull", "FatalError"]
+def exception_leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or [exc]."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in exception_leaves(sub)]
+    return [exc]
+
+
+def bind_error(exc: BaseException, listen: str) -> CannotBind | None:
+    """A failure to listen, as the one CannotBind line that says what to do (None if
+    `exc` is not about binding); the CLI and the Python API word it alike."""
+    import errno
+    import socket
+
+    leaves = exception_leaves(exc)
+    if any(isinstance(leaf, FatalError) for leaf in leaves):
+        return None  # already says what it is
+    for leaf in leaves:
+        if not isinstance(leaf, OSError):
+            continue
+        if isinstance(leaf, socket.gaierror):
+            hint = "use an IP address (or a name this host resolves) in --listen"
+        elif leaf.errno == errno.EADDRINUSE:
+            hint = (
+                "another program (maybe another p2pfl node) has this port: stop it, or choose "
+                "another port with --listen HOST:PORT (port 0 picks a free one)"
+            )
+        elif leaf.errno == errno.EADDRNOTAVAIL:
+            hint = "the address is not on this host: use one of its addresses in --listen"
+        elif leaf.errno in (errno.EACCES, errno.EPERM):
+            hint = "ports below 1024 need privileges: use a higher port in --listen"
+        else:
+            hint = "check the --listen address"
+        reason = (leaf.strerror or str(leaf)).lower()
+        if reason.startswith("address already in use"):
+            reason = "address already in use"
+        return CannotBind(f"cannot listen on {listen}: {reason}; {hint}")
+    return None
+
+
+__all__ = [
+    "CannotBind",
+    "DataDirInUse",
+    "DataDirUnusable",
+    "DiskFull",
+    "FatalError",
+    "bind_error",
+    "exception_leaves",
+]
