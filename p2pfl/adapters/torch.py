@@ -70,7 +70,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from p2pfl.learning.model import MOMENTUM
+from p2pfl.learning.model import MOMENTUM, check_flat_vector
 
 F32 = npt.NDArray[np.float32]
 Task = Literal["classification", "regression"]
@@ -287,17 +287,7 @@ class TorchModel:
                 self._flat[start:stop].clamp_(min=0.0)
 
     def _check_vector(self, vec: np.ndarray, what: str) -> None:
-        if not isinstance(vec, np.ndarray):
-            raise ValueError(f"{what} must be a numpy array, got {type(vec).__name__}")
-        if vec.dtype != np.float32:
-            raise ValueError(f"{what} must have dtype float32, got {vec.dtype}")
-        if vec.shape != (self.num_params,):
-            raise ValueError(
-                f"{what} must have shape ({self.num_params},) for this "
-                f"{type(self.module).__name__}, got {vec.shape}"
-            )
-        if not np.isfinite(vec).all():
-            raise ValueError(f"{what} contains NaN or infinite values")
+        check_flat_vector(vec, self.num_params, what, f"this {type(self.module).__name__}")
 
     def _check_views(self) -> None:
         base = self._flat.data_ptr()

@@ -73,6 +73,19 @@ class Model(Protocol):
         ...
 
 
+def check_flat_vector(vec: np.ndarray, num_params: int, what: str, model: str) -> None:
+    """The one validation of a flat parameter vector a model is handed (ValueError):
+    float32, shape (num_params,), finite. `model` names the model in the message."""
+    if not isinstance(vec, np.ndarray):
+        raise ValueError(f"{what} must be a numpy array, got {type(vec).__name__}")
+    if vec.dtype != np.float32:
+        raise ValueError(f"{what} must have dtype float32, got {vec.dtype}")
+    if vec.shape != (num_params,):
+        raise ValueError(f"{what} must have shape ({num_params},) for {model}, got {vec.shape}")
+    if not np.isfinite(vec).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+
+
 def softmax_cross_entropy(logits: F32, y: npt.NDArray[np.int64]) -> tuple[float, F32]:
     """Mean cross-entropy and its gradient w.r.t. the logits.
 
@@ -146,17 +159,12 @@ class FlatParamModel(ABC):
         self._params[...] = params  # in place: the layer views stay valid
 
     def _check_vector(self, vec: np.ndarray, what: str) -> None:
-        if not isinstance(vec, np.ndarray):
-            raise ValueError(f"{what} must be a numpy array, got {type(vec).__name__}")
-        if vec.dtype != np.float32:
-            raise ValueError(f"{what} must have dtype float32, got {vec.dtype}")
-        if vec.shape != (self.num_params,):
-            raise ValueError(
-                f"{what} must have shape ({self.num_params},) for {self.name} "
-                f"({self.n_features} features, {self.n_classes} classes), got {vec.shape}"
-            )
-        if not np.isfinite(vec).all():
-            raise ValueError(f"{what} contains NaN or infinite values")
+        check_flat_vector(
+            vec,
+            self.num_params,
+            what,
+            f"{self.name} ({self.n_features} features, {self.n_classes} classes)",
+        )
 
     # --- optimizer state ------------------------------------------------------------------
     def get_optimizer_state(self) -> dict[str, np.ndarray]:
