@@ -13,9 +13,12 @@ auto`. Each node gets one compute thread (`--threads`: 4 nodes share the machine
 Each node's metrics row gives the round's real seconds split into:
 - train, encode (our update to wire bytes), aggregate (the rule) and eval (the aggregate
   on the test split, after the round's wall time ends): the node's own timing;
-- network = the round's wall time minus train, encode and aggregate: waiting for the
-  neighbours' updates, i.e. TLS transfer, decode, and any neighbour still training
-  (a straggler's time counts here; "min" is the node that waited least).
+- wait = the round's wall time minus train, encode and aggregate: waiting for the
+  neighbours' updates, i.e. TLS transfer, decode, and any neighbour still training;
+- network = wait minus that straggler time, estimated as the slowest node's train +
+  encode minus this node's (rounds start within a fraction of a second of each other:
+  every node starts once its 3 peers are connected). The node does not time its
+  transfers itself; "MB/s in" is the bytes a node received over this estimate.
 It is set against the bytes/s of the TLS transport measured in this run, in this
 process, on the same payload size (`bench_transport.transport`: TLS 1.3 + framing;
 sender and receiver share one thread there, two processes could go faster).
@@ -291,6 +294,14 @@ def summarize(
             }
         )
 
+    # Waiting includes a neighbour still training. With the round started at about the
+    # same time everywhere (all start once their 3 peers are connected), the slowest
+    # node's train + encode minus ours is that straggler time; the rest is the network.
+    ready = {n["node"]: (n["train_s"] or 0.0) + (n["encode_s"] or 0.0) for n in nodes}
+    for n in nodes:
+        straggle = max(ready.values()) - ready[n["node"]]
+        n["network_est_s"] = max(0.0, n["network_s"] - straggle)
+
     def med(key: str) -> float:
         return statistics.median(float(n[key] or 0.0) for n in nodes)
 
@@ -310,6 +321,7 @@ def summarize(
                 "train_s",
                 "encode_s",
                 "network_s",
+                "network_est_s",
                 "aggregate_s",
                 "eval_s",
                 "round_s",
@@ -350,8 +362,8 @@ def print_tables(results: list[dict[str, Any]], epochs: int) -> None:
         "params",
         "train",
         "encode",
+        "wait",
         "network",
-        "(min)",
         "aggregate",
         "eval",
         "round",
@@ -365,14 +377,15 @@ def print_tables(results: list[dict[str, Any]], epochs: int) -> None:
     for r in results:
         m = r["median"]
         tls = r["tls"]["bytes_per_s"]
-        rate = m["bytes_received"] / m["network_s"] if m["network_s"] > 0 else None
+        net = m["network_est_s"]
+        rate = m["bytes_received"] / net if net > 0 else None
         cost.add_row(
             r["backend"],
             f"{r['params']:,}",
             _f(m["train_s"], ".3f"),
             _f(m["encode_s"], ".3f"),
             _f(m["network_s"], ".3f"),
-            _f(r["network_min_s"], ".3f"),
+            _f(m["network_est_s"], ".3f"),
             _f(m["aggregate_s"], ".3f"),
             _f(m["eval_s"], ".3f"),
             _f(m["round_s"] + m["eval_s"], ".3f"),
