@@ -16,9 +16,9 @@ Each node's metrics row gives the round's real seconds split into:
 - wait = the round's wall time minus train, encode and aggregate: waiting for the
   neighbours' updates, i.e. TLS transfer, decode, and any neighbour still training;
 - network = wait minus that straggler time, estimated as the slowest node's train +
-  encode minus this node's (rounds start within a fraction of a second of each other:
-  every node starts once its 3 peers are connected). The node does not time its
-  transfers itself; "MB/s in" is the bytes a node received over this estimate.
+  encode minus this node's, assuming the four rounds start together (each node starts
+  once its 3 peers are connected and have said hello; not measured). The node does not
+  time its transfers itself; "MB/s in" is the bytes a node received over this estimate.
 It is set against the bytes/s of the TLS transport measured in this run, in this
 process, on the same payload size (`bench_transport.transport`: TLS 1.3 + framing;
 sender and receiver share one thread there, two processes could go faster).
@@ -28,7 +28,9 @@ through the round and for a few idle seconds after every node finished. Each new
 `rtt_ms` a peer shows is one Ping/Pong sample (node 0 pings a quiet peer every beat,
 a busy one every 5th beat); the RTT includes both event loops and the FIFO send queue
 (a Pong waits behind a model update queued before it). The status call's own latency
-shows node 0's event loop stalls (evaluation and checkpoint writing run on it).
+shows node 0's event loop stalls (evaluation and checkpoint writing run on it). The
+polling is not free: a status reply hashes the whole model on the event loop (~45 ms
+at 1e7), and node 0 trains slower than the others, which the "network" estimate removes.
 
 No node outlives the script: each runs in its own process group and every exit path
 (end, error, Ctrl-C, SIGTERM) stops them all. Prints two rich tables and writes
@@ -478,8 +480,8 @@ def main() -> None:
                 results.append(result)
                 m = result["median"]
                 console.print(
-                    f"  round {m['round_s']:.2f} s (train {m['train_s']:.2f}, network "
-                    f"{m['network_s']:.2f}), RTT round max "
+                    f"  round {m['round_s']:.2f} s (train {m['train_s']:.2f}, wait "
+                    f"{m['network_s']:.2f}, network {m['network_est_s']:.2f}), RTT round max "
                     f"{_f(result['heartbeat']['rtt_ms_round']['max'], '.1f')} ms"
                 )
         ok = True
