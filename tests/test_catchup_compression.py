@@ -26,7 +26,7 @@ from p2pfl.compression import UpdateDecoder, parse_pipeline
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.node import Node
-from p2pfl.outbox import UpdateOutbox
+from p2pfl.node.outbox import UpdateOutbox
 from p2pfl.protocol import (
     Action,
     Aggregated,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from p2pfl.link import Link
+from p2pfl.node.link import Link
 from p2pfl.transport.base import ConnectionClosed
 
 

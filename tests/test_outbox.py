@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from p2pfl.compression import UpdateDecoder, parse_pipeline
-from p2pfl.outbox import RESEND_ROUNDS, UpdateOutbox
+from p2pfl.node.outbox import RESEND_ROUNDS, UpdateOutbox
 from p2pfl.wire import codec
 from p2pfl.wire.messages import CompressedModelUpdate, ModelUpdate
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import trio
 
-from p2pfl import node as node_module
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.node import Node
+from p2pfl.node import daemon as node_module
 from p2pfl.storage import load_checkpoint
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 

@@ -25,8 +25,8 @@ import trio.testing
 from p2pfl.aggregation import mean
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
-from p2pfl.link import closed_cause
 from p2pfl.node import Node
+from p2pfl.node.link import closed_cause
 from p2pfl.protocol import Aggregated, Phase, RoundMachine, RoundSettings
 from p2pfl.transport.base import ConnectionClosed
 from p2pfl.transport.faults import FaultPlan, FaultRule, FaultyTransport, dump_fault_plan

@@ -37,9 +37,9 @@ from p2pfl.learning.attacks import Attack, make_attack
 from p2pfl.learning.datasets import MissingExtra
 from p2pfl.learning.fingerprint import fingerprint
 from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
-from p2pfl.link import Link, closed_cause
 from p2pfl.membership import PeerState, PeerTable
-from p2pfl.outbox import UpdateOutbox
+from p2pfl.node.link import Link, closed_cause
+from p2pfl.node.outbox import UpdateOutbox
 from p2pfl.protocol import (
     Action,
     Aggregated,
