@@ -246,8 +246,8 @@ async def test_k_random_neighbours_still_learns(
     ds = load_dataset("digits")
     accs = []
     for n in nodes:
-        n._eval_model.set_params(n.machine.params)
-        accs.append(n._eval_model.evaluate(ds.x_test, ds.y_test)["accuracy"])
+        n.learner.eval_model.set_params(n.machine.params)
+        accs.append(n.learner.eval_model.evaluate(ds.x_test, ds.y_test)["accuracy"])
     assert np.mean(accs) > 0.85, accs
 
 

@@ -18,7 +18,7 @@ import trio
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.node import Node
-from p2pfl.node import daemon as node_module
+from p2pfl.node import learner as learner_module
 from p2pfl.storage import load_checkpoint
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 
@@ -55,22 +55,22 @@ async def test_evaluation_and_checkpoints_run_off_the_event_loop_in_order(
 ) -> None:
     loop_thread = threading.get_ident()
     seen: list[tuple[str, int]] = []  # (what, thread id)
-    real_save = node_module.save_checkpoint
+    real_save = learner_module.save_checkpoint
 
     def save(path: Path, ckpt: Any) -> None:
         seen.append(("save", threading.get_ident()))
         real_save(path, ckpt)
 
-    monkeypatch.setattr(node_module, "save_checkpoint", save)
+    monkeypatch.setattr(learner_module, "save_checkpoint", save)
     nodes = _threaded_nodes(tmp_path, 2, rounds=3)
     for node in nodes:
-        real_eval = node._eval_model.evaluate
+        real_eval = node.learner.eval_model.evaluate
 
         def evaluate(x: Any, y: Any, real_eval: Any = real_eval) -> Any:
             seen.append(("evaluate", threading.get_ident()))
             return real_eval(x, y)
 
-        node._eval_model.evaluate = evaluate  # type: ignore[method-assign]
+        node.learner.eval_model.evaluate = evaluate  # type: ignore[method-assign]
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -96,15 +96,15 @@ async def test_shutdown_writes_the_newest_queued_checkpoint(tmp_path: Path) -> N
     # Queue records as a running node does, but with no record loop to take them, as
     # if the node were cancelled while they waited: its shutdown path must still write
     # the newest checkpoint.
-    node._nursery = object()  # type: ignore[assignment]  # "running": records queue up
+    node.learner.running = True  # records queue up, as in a running node
     node._checkpoint()
     node.machine.round = 4  # a later snapshot
     node._checkpoint()
-    node._record(node_module._Done())
+    node.learner.finish()
     assert not (node.data_dir / "checkpoint.msgpack").exists()
     with trio.CancelScope() as scope:
         scope.cancel()
-        await node._record_loop()
+        await node.learner.record_loop()
     ckpt = load_checkpoint(node.data_dir / "checkpoint.msgpack")
     assert ckpt is not None and ckpt.round == 4
     node.close()

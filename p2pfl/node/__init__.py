@@ -5,12 +5,7 @@ names and limits that tests and tools refer to are re-exported here, so
 `from p2pfl.node import Node` stays the one way in.
 """
 
-from p2pfl.node.daemon import (
-    CHECKPOINT_FILE,
-    CONTROL_SOCKET,
-    METRICS_FILE,
-    STATE_REPLY_EVERY,
-    Node,
-)
+from p2pfl.node.daemon import CONTROL_SOCKET, STATE_REPLY_EVERY, Node
+from p2pfl.node.learner import CHECKPOINT_FILE, METRICS_FILE
 
 __all__ = ["CHECKPOINT_FILE", "CONTROL_SOCKET", "METRICS_FILE", "STATE_REPLY_EVERY", "Node"]

@@ -9,17 +9,13 @@ runs as its own task (in a worker thread for real nodes).
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +29,10 @@ from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.datadir import DataDir, check_socket_path
 from p2pfl.identity import Identity
 from p2pfl.learning import Dataset, Model
-from p2pfl.learning.attacks import Attack, make_attack
-from p2pfl.learning.datasets import MissingExtra
-from p2pfl.learning.fingerprint import fingerprint
-from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
+from p2pfl.learning.attacks import Attack
+from p2pfl.learning.fingerprint import Fingerprint
 from p2pfl.membership import PeerState, PeerTable
+from p2pfl.node.learner import Learner
 from p2pfl.node.link import Link, closed_cause
 from p2pfl.node.outbox import UpdateOutbox
 from p2pfl.protocol import (
@@ -57,7 +52,6 @@ from p2pfl.protocol import (
 from p2pfl.secure.driver import SecureDriver
 from p2pfl.secure.protocol import SecureSettings, Send
 from p2pfl.secure.wire import from_envelope, to_envelope
-from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pfl.supervision import Supervisor
 from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError, Transport
 from p2pfl.wire import codec
@@ -79,8 +73,6 @@ from p2pfl.wire.messages import (
 
 log = logging.getLogger("p2pfl.node")
 
-CHECKPOINT_FILE = "checkpoint.msgpack"
-METRICS_FILE = "metrics.jsonl"
 CONTROL_SOCKET = "control.sock"
 PEER_EXCHANGE_EVERY = 10  # heartbeats
 RTT_SAMPLE_EVERY = 5  # heartbeats
@@ -107,19 +99,22 @@ class Node:
         role: str = "honest",
     ) -> None:
         self.config = config
+        self.counters: Counter[str] = Counter()
+        # Per-peer and per-message work runs behind this guard: no peer ends the daemon.
+        # Its clock only spaces log lines, and it is also used from worker threads.
+        self.supervisor = Supervisor(log, time.monotonic, log_every=LOG_EVERY)
         # Every configuration check runs before anything is created on disk, so a typo
         # leaves no fresh data dir or identity.key behind (docs/cli.md, "Exit codes").
         rule = self._rule()
         pipeline = self._pipeline()
-        # The device's data and model: given by a program (`p2pfl.run_node`), or named by
-        # the config (a built-in, a .npz/.csv file, or an import string).
-        self.data = data if data is not None else self._resolve_data()
-        self.model = self._build_model(model)
-        # Evaluation uses its own instance so it never races a training thread.
-        self._eval_model = self._build_model(model, second=True)
-        self.fingerprint = fingerprint(self.model, self.data)
-        ds = self.data
-        self.attack = self._make_attack(ds.n_classes)
+        self.learner = Learner(
+            config,
+            model=model,
+            data=data,
+            supervisor=self.supervisor,
+            counters=self.counters,
+            threaded=train_in_thread,
+        )
         self._secret = self._read_secret() if transport is None else None
         if control_socket:
             check_socket_path(Path(config.data_dir).expanduser() / CONTROL_SOCKET)
@@ -135,27 +130,15 @@ class Node:
         self.train_in_thread = train_in_thread
         self.control_socket = control_socket
 
-        self._x, self._y = ds.x_train, ds.y_train
-        self._x_test, self._y_test = ds.x_test, ds.y_test
-        # The weight our update claims: a model that brings its own data says how much.
-        self._samples = int(getattr(self.model, "num_samples", None) or len(self._y))
         if self.attack is not None:
-            self.role = "malicious"
-            self._y = self.attack.poison_labels(self._y, ds.n_classes)
+            self.role = "malicious"  # its labels are poisoned by the learner
             log.warning("this node is MALICIOUS for a study: attack %r", config.attack)
-        self._round_start: tuple[int, np.ndarray] | None = None  # (round, model trained from)
-        self._overheard: np.ndarray | None = None  # neighbours' last deltas (attacks only)
 
-        self.history: list[dict[str, Any]] = []
         start_round = 0
         params = self.model.get_params()
-        ckpt = self._load_checkpoint()
+        ckpt = self.learner.resume(self.datadir)
         if ckpt is not None:
             start_round, params = ckpt.round, ckpt.params
-            self.model.set_params(params)
-            if ckpt.optimizer:
-                self.model.set_optimizer_state(ckpt.optimizer)
-            self.history = ckpt.history
             log.info("resuming from checkpoint at round %d", start_round)
 
         self.outbox = UpdateOutbox(
@@ -208,21 +191,13 @@ class Node:
         for address in config.peers:
             self.peers.add_address(address, peer_id=None, found_via="bootstrap")
 
-        self.counters: Counter[str] = Counter()
-        # Per-peer and per-message work runs behind this guard: no peer ends the daemon.
-        # Its clock only spaces log lines, and it is also used from worker threads.
-        self.supervisor = Supervisor(log, time.monotonic, log_every=LOG_EVERY)
         self.frames_rejected: Counter[str] = Counter()
         self.bytes_sent = 0
         self.bytes_received = 0
         self.listen_addresses: list[str] = []
-        self.done = trio.Event()
-        self._records, self._records_recv = trio.open_memory_channel[_RecordItem](math.inf)
-        self._last_eval_s = 0.0
         self.last_aggregation: dict[str, Any] | None = None
         self._links: dict[str, Link] = {}
         self._nursery: trio.Nursery | None = None
-        self._train_lock = trio.Lock()
         self._wakeup = trio.Event()
         self._peers_changed = trio.Event()
         self._round_started_at = 0.0
@@ -281,54 +256,6 @@ class Node:
         except ValueError as exc:
             raise ConfigError("aggregation", str(exc)) from None
 
-    def _resolve_data(self) -> Dataset:
-        try:
-            return resolve_data(self.config.dataset, self.config)
-        except (MissingExtra, PluginError) as exc:  # one line; names the fix
-            raise ConfigError("dataset", str(exc)) from None
-
-    def _build_model(
-        self, given: Model | Callable[[NodeConfig], Model] | None, *, second: bool = False
-    ) -> Model:
-        """Our model, or (`second`) an independent twin of it for evaluation.
-
-        A factory or a config name builds both the same way; a model object given by a
-        program is deep-copied for its twin.
-        """
-        if given is None:
-            try:
-                return resolve_model(self.config.model, self.config, self.data)
-            except PluginError as exc:
-                raise ConfigError("model", str(exc)) from None
-        if isinstance(given, Model):
-            if not second:
-                return given
-            try:
-                return copy.deepcopy(given)
-            except Exception as exc:
-                raise ConfigError(
-                    "model",
-                    f"the model object cannot be copied for evaluation ({exc}); "
-                    "pass a factory (a function of the config) instead",
-                ) from None
-        built = given(self.config)
-        if not isinstance(built, Model):
-            raise ConfigError("model", f"the model factory returned {type(built).__name__}")
-        return built
-
-    def _make_attack(self, n_classes: int) -> Attack | None:
-        if not self.config.attack:
-            return None
-        try:
-            return make_attack(
-                self.config.attack,
-                options=dict(self.config.attack_options),
-                n=self.config.nodes,
-                f=self.config.tolerate,
-            )
-        except ValueError as exc:
-            raise ConfigError("attack", str(exc)) from None
-
     def _pipeline(self) -> Pipeline | None:
         if not self.config.compression:
             return None
@@ -349,29 +276,6 @@ class Node:
             seed=self.config.seed,
         )
 
-    def _load_checkpoint(self) -> Checkpoint | None:
-        path = self.data_dir / CHECKPOINT_FILE
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as exc:
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            os.replace(path, aside)
-            log.error("%s; moved aside to %s, starting from the initial model", exc, aside)
-            return None
-        if ckpt is not None and (
-            ckpt.model != self.fingerprint.digest or ckpt.params.shape != (self.model.num_params,)
-        ):
-            # Never load parameters that mean something else, and never silently start
-            # over on top of a federation's progress: the operator decides.
-            self.datadir.close()
-            raise ConfigError(
-                "model",
-                f"{path} was written for another model or task (fingerprint "
-                f"{ckpt.model!r}, this node's is {self.fingerprint.digest!r}); use another "
-                "--data-dir, or move the checkpoint away to start this model from scratch",
-            )
-        return ckpt
-
     def close(self) -> None:
         """Release the data dir (its lock); `run()` does it when it ends."""
         self.datadir.close()
@@ -384,6 +288,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.learner.running = True
                 self.listen_addresses = await nursery.start(self.transport.listen, self._on_inbound)
                 if self.control_socket:
                     from p2pfl.control.server import serve_control
@@ -399,7 +304,7 @@ class Node:
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._start_rounds)
-                nursery.start_soon(self._record_loop)
+                nursery.start_soon(self.learner.record_loop)
                 log.info(
                     "node %s listening on %s (federation %r)",
                     self.id,
@@ -468,7 +373,7 @@ class Node:
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Train):
-                self._round_start = (action.round, action.params)
+                self.learner.round_started(action.round, action.params)
                 if self.secure is not None:
                     self._announce_groups(action.round)
                 assert self._nursery is not None
@@ -501,13 +406,13 @@ class Node:
                 self._count_rejection(action.peer, action.reason, f"round {action.round}")
             elif isinstance(action, Finished):
                 log.info("finished %d rounds", action.round)
-                self._record(_Done())  # after the last round's records
+                self.learner.finish()  # after the last round's records
         self._wakeup.set()
 
     def _broadcast(self, action: Broadcast) -> None:
         """Our model for a round goes to the neighbours: masked inside the neighbours'
         groups with secure aggregation, otherwise one (maybe compressed) payload for all."""
-        params = self._outgoing_params(action)
+        params = self.learner.outgoing(action.round, action.params)
         if params is None:
             return  # a silent attacker
         if self.secure is not None:
@@ -558,66 +463,17 @@ class Node:
         )
         self._wakeup.set()
 
-    def _outgoing_params(self, action: Broadcast) -> np.ndarray | None:
-        """What we send: our model, or a malicious study node's crafted one (None = silent)."""
-        if self.attack is None:
-            return action.params
-        start = self._round_start[1] if self._round_start else action.params
-        crafted = self.attack.craft(
-            start=start,
-            trained=action.params,
-            overheard=self._overheard,
-            rng=np.random.default_rng([self.config.seed, action.round, 7]),
-        )
-        return None if crafted is None else np.asarray(crafted, np.float32)
-
     async def _train(self, round: int, params: np.ndarray) -> None:
-        seed = [self.config.seed, self.config.node_index, round]
-        cfg = self.config
-
-        def work() -> tuple[np.ndarray, float]:
-            self.model.set_params(params)
-            loss = self.model.fit(
-                self._x,
-                self._y,
-                epochs=cfg.epochs,
-                lr=cfg.lr,
-                batch_size=cfg.batch_size,
-                rng=np.random.default_rng(seed),
-            )
-            return self.model.get_params(), loss
-
-        async with self._train_lock:
-            started = time.perf_counter()
-            try:
-                if self.train_in_thread:
-                    new, _loss = await trio.to_thread.run_sync(work)
-                else:
-                    new, _loss = work()
-            except Exception as exc:
-                # The model's own code failed: contain it like divergence, so the round
-                # still ends and peers are not left waiting for us.
-                self.supervisor.failed("training", exc)
-                new = np.full_like(params, np.nan)
-            self._timing["train_s"] = time.perf_counter() - started
-        if not np.isfinite(new).all():
-            # Local training diverged (e.g. from a poisoned aggregate): send the model we
-            # started from rather than NaNs, and restart the optimizer.
-            log.warning("round %d: local training diverged; keeping the round's start model", round)
-            self.counters["training_diverged"] += 1
-            self.model.reset_optimizer()
-            new = params
+        new, self._timing["train_s"] = await self.learner.train(round, params)
         self._apply(
             self.machine.trained(
-                trio.current_time(), round, new, self._samples, self.peers.connected_ids()
+                trio.current_time(), round, new, self.learner.samples, self.peers.connected_ids()
             )
         )
 
     def _on_aggregated(self, agg: Aggregated) -> None:
         now = trio.current_time()
-        if self.attack is not None and agg.received and self._round_start is not None:
-            # What an omniscient attacker overheard this round, for next round's attack.
-            self._overheard = np.stack(agg.received) - self._round_start[1]
+        self.learner.overhear(agg.received)
         row: dict[str, Any] = {
             "round": agg.round,
             "bytes_sent": self.bytes_sent,
@@ -644,119 +500,13 @@ class Node:
             "fallbacks": getattr(self.machine.rule, "fallbacks", 0),
             "fallback": getattr(self.machine.rule, "last_fallback", None),
         }
-        self._record(_Evaluate(agg.params, row, self.peers.connected_count()))
+        self.learner.record_round(agg.params, row, self.peers.connected_count())
         self._checkpoint()
 
-    # ---- records: evaluation, metrics lines and checkpoints, in order -------------------
-
-    def _record(self, item: _RecordItem) -> None:
-        """Evaluate, write a metrics line or a checkpoint, or mark the run done.
-
-        A real node does it in a worker thread, in order, so neither a large model's
-        evaluation nor an fsync'd checkpoint ever stalls the event loop (heartbeats,
-        other peers' messages); a simulation does it inline, so a mock clock stays
-        deterministic.
-        """
-        if self.train_in_thread and self._nursery is not None:
-            self._records.send_nowait(item)
-            return
-        self._finish_record(item, self._record_work(item))
-
-    async def _record_loop(self) -> None:
-        try:
-            async for item in self._records_recv:
-                done = await trio.to_thread.run_sync(self._record_work, item)
-                self._finish_record(item, done)
-        finally:
-            # Cancelled (shutdown): never lose the newest checkpoint still queued.
-            with trio.CancelScope(shield=True):
-                newest: _Save | None = None
-                while True:
-                    try:
-                        queued = self._records_recv.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                    if isinstance(queued, _Save):
-                        newest = queued
-                if newest is not None:
-                    self._record_work(newest)
-
-    def _record_work(self, item: _RecordItem) -> dict[str, Any] | None:
-        """The blocking part (a worker thread for real nodes): evaluate, write."""
-        if isinstance(item, _Evaluate):
-            metrics = self._evaluate(item.params)
-            row: dict[str, Any] = {
-                **item.row,
-                # "loss" and "accuracy" (when reported) also at the top, as before.
-                **{k: metrics[k] for k in ("accuracy", "loss") if k in metrics},
-                "metrics": metrics,
-            }
-            row["timing"] = {**row["timing"], "eval_s": round(self._last_eval_s, 6)}
-            self.datadir.append(METRICS_FILE, json.dumps(row))
-            return row
-        if isinstance(item, _Save):
-            # A full disk or an unusable data dir raises a FatalError, which no guard
-            # contains: it ends the node with its exit code.
-            save_checkpoint(
-                self.data_dir / CHECKPOINT_FILE,
-                dataclasses.replace(item.checkpoint, history=list(self.history)),
-            )
-        return None
-
-    def _finish_record(self, item: _RecordItem, row: dict[str, Any] | None) -> None:
-        """The event-loop part: history, the round's log line, done."""
-        if isinstance(item, _Evaluate) and row is not None:
-            self.history.append(row)
-            log.info(
-                "round %d | %s | heard %d/%d peers%s | sent %s recv %s | %.2fs",
-                row["round"],
-                " ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()),
-                row["peers_heard"],
-                item.connected,
-                " (timeout)" if row["timed_out"] else "",
-                _human(row["bytes_sent"]),
-                _human(row["bytes_received"]),
-                row["seconds"],
-            )
-        elif isinstance(item, _Done):
-            self.done.set()
-
-    def _evaluate(self, params: np.ndarray) -> dict[str, float]:
-        """The model's own metrics on our test split, rounded, finite values only.
-
-        Whatever the model reports is shown (status, metrics.jsonl, scenario table and
-        plot); a model that fails to evaluate costs the metrics of that round, not the
-        node.
-        """
-        started = time.perf_counter()
-        self._eval_model.set_params(params)
-        try:
-            raw = self._eval_model.evaluate(self._x_test, self._y_test)
-            metrics = {
-                str(k): round(float(v), 6) for k, v in raw.items() if math.isfinite(float(v))
-            }
-        except Exception as exc:
-            self.supervisor.failed("evaluation", exc)
-            return {}
-        finally:
-            self._last_eval_s = time.perf_counter() - started
-        return metrics
-
     def _checkpoint(self) -> None:
-        """Snapshot the state now (the next round's training may start at once), write
-        it in order with the other records; its history is filled in when written."""
-        self._record(
-            _Save(
-                Checkpoint(
-                    self.machine.round,
-                    self.machine.params,  # replaced, never mutated, by the round machine
-                    self.model.get_optimizer_state(),  # copies
-                    [],
-                    self.fingerprint.digest,  # what the parameters mean; resume checks it
-                    self.outbox.state(),  # copies
-                )
-            )
-        )
+        """Snapshot the round machine's state and the compression streams now; the
+        learner writes it in order with its other records."""
+        self.learner.checkpoint(self.machine.round, self.machine.params, self.outbox.state())
 
     def _count_rejection(self, peer: str, reason: str, what: str) -> None:
         self.frames_rejected[reason] += 1
@@ -1210,7 +960,7 @@ class Node:
                     link.last_state_reply = now
                     self.counters["skipped_round_replies"] += 1
                     state = StateReply(
-                        self.id, self.machine.round, self.machine.params, self._samples
+                        self.id, self.machine.round, self.machine.params, self.learner.samples
                     )
                     self._enqueue(peer, codec.encode(state))
             case StateRequest() if now - link.last_state_reply < STATE_REPLY_EVERY:
@@ -1221,7 +971,9 @@ class Node:
                 self._enqueue(
                     peer,
                     codec.encode(
-                        StateReply(self.id, self.machine.round, self.machine.params, self._samples)
+                        StateReply(
+                            self.id, self.machine.round, self.machine.params, self.learner.samples
+                        )
                     ),
                 )
             case StateReply():
@@ -1319,6 +1071,33 @@ class Node:
     def phase(self) -> Phase:
         return self.machine.phase
 
+    # The learner's parts, where tools and tests have always found them.
+
+    @property
+    def data(self) -> Dataset:
+        return self.learner.data
+
+    @property
+    def model(self) -> Model:
+        return self.learner.model
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return self.learner.fingerprint
+
+    @property
+    def attack(self) -> Attack | None:
+        return self.learner.attack
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.learner.history
+
+    @property
+    def done(self) -> trio.Event:
+        """Set once the last round's records are written."""
+        return self.learner.done
+
 
 def _host_of(address: str) -> str:
     host = address.rpartition(":")[0]
@@ -1331,30 +1110,6 @@ def _advertised(address: str, observed_host: str) -> str:
     if host.strip("[]") in ("0.0.0.0", "::", "") and observed_host:
         host = f"[{observed_host}]" if ":" in observed_host else observed_host
     return f"{host}:{port}"
-
-
-@dataclass(frozen=True, slots=True)
-class _Evaluate:
-    """Evaluate an aggregate and write its round's metrics line."""
-
-    params: np.ndarray
-    row: dict[str, Any]
-    connected: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Save:
-    """Write a checkpoint snapshot (its history is taken when it is written)."""
-
-    checkpoint: Checkpoint
-
-
-@dataclass(frozen=True, slots=True)
-class _Done:
-    """The last round's records are written: the run is done."""
-
-
-_RecordItem = _Evaluate | _Save | _Done
 
 
 class _TimedRule:
@@ -1374,11 +1129,3 @@ class _TimedRule:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.rule, name)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

@@ -1,0 +1,394 @@
+"""The node's learning: its data and model, local training, evaluation and records.
+
+Kept apart from the daemon so that nothing here ever runs on the event loop when it
+could stall it: training runs in a worker thread, and so do evaluation and the metrics
+and checkpoint writes, strictly in order (one record task fed by a channel). A model
+that fails, or training that diverges, costs that round's work, never the node. The
+learner knows nothing of peers or rounds' rules: the daemon tells it what to train,
+evaluate and save.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import trio
+
+from p2pfl.config import ConfigError, NodeConfig
+from p2pfl.datadir import DataDir
+from p2pfl.learning import Dataset, Model
+from p2pfl.learning.attacks import Attack, make_attack
+from p2pfl.learning.datasets import MissingExtra
+from p2pfl.learning.fingerprint import fingerprint
+from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
+from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from p2pfl.supervision import Supervisor
+
+log = logging.getLogger("p2pfl.node")
+
+CHECKPOINT_FILE = "checkpoint.msgpack"
+METRICS_FILE = "metrics.jsonl"
+
+
+class Learner:
+    """Data, model (and its evaluation twin), training and the ordered records."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        model: Model | Callable[[NodeConfig], Model] | None,
+        data: Dataset | None,
+        supervisor: Supervisor,
+        counters: Counter[str],
+        threaded: bool,
+    ) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.counters = counters
+        # Training, evaluation and writes in worker threads (a real node), or inline (a
+        # simulation, so a mock clock stays deterministic).
+        self.threaded = threaded
+        # The device's data and model: given by a program (`p2pfl.run_node`), or named by
+        # the config (a built-in, a .npz/.csv file, or an import string).
+        self.data = data if data is not None else self._resolve_data()
+        self.model = self._build_model(model)
+        # Evaluation uses its own instance so it never races a training thread.
+        self.eval_model = self._build_model(model, second=True)
+        self.fingerprint = fingerprint(self.model, self.data)
+        ds = self.data
+        self.attack = self._make_attack()
+        self._x, self._y = ds.x_train, ds.y_train
+        self._x_test, self._y_test = ds.x_test, ds.y_test
+        # The weight our update claims: a model that brings its own data says how much.
+        self.samples = int(getattr(self.model, "num_samples", None) or len(self._y))
+        if self.attack is not None:
+            self._y = self.attack.poison_labels(self._y, ds.n_classes)
+        self._round_start: tuple[int, np.ndarray] | None = None  # (round, model trained from)
+        self._overheard: np.ndarray | None = None  # neighbours' last deltas (attacks only)
+
+        self.datadir: DataDir | None = None  # set by `resume`
+        self.history: list[dict[str, Any]] = []
+        self.done = trio.Event()
+        # Records queue up for the record task once the node runs (threaded only).
+        self.running = False
+        self._records, self._records_recv = trio.open_memory_channel[_RecordItem](math.inf)
+        self._last_eval_s = 0.0
+        self._train_lock = trio.Lock()
+
+    # ---- construction helpers ----------------------------------------------------------
+
+    def _resolve_data(self) -> Dataset:
+        try:
+            return resolve_data(self.config.dataset, self.config)
+        except (MissingExtra, PluginError) as exc:  # one line; names the fix
+            raise ConfigError("dataset", str(exc)) from None
+
+    def _build_model(
+        self, given: Model | Callable[[NodeConfig], Model] | None, *, second: bool = False
+    ) -> Model:
+        """Our model, or (`second`) an independent twin of it for evaluation.
+
+        A factory or a config name builds both the same way; a model object given by a
+        program is deep-copied for its twin.
+        """
+        if given is None:
+            try:
+                return resolve_model(self.config.model, self.config, self.data)
+            except PluginError as exc:
+                raise ConfigError("model", str(exc)) from None
+        if isinstance(given, Model):
+            if not second:
+                return given
+            try:
+                return copy.deepcopy(given)
+            except Exception as exc:
+                raise ConfigError(
+                    "model",
+                    f"the model object cannot be copied for evaluation ({exc}); "
+                    "pass a factory (a function of the config) instead",
+                ) from None
+        built = given(self.config)
+        if not isinstance(built, Model):
+            raise ConfigError("model", f"the model factory returned {type(built).__name__}")
+        return built
+
+    def _make_attack(self) -> Attack | None:
+        if not self.config.attack:
+            return None
+        try:
+            return make_attack(
+                self.config.attack,
+                options=dict(self.config.attack_options),
+                n=self.config.nodes,
+                f=self.config.tolerate,
+            )
+        except ValueError as exc:
+            raise ConfigError("attack", str(exc)) from None
+
+    def resume(self, datadir: DataDir) -> Checkpoint | None:
+        """Take the data dir the records go to; load its checkpoint, if any, into the
+        model, optimizer and history (the caller restores the rest of its state)."""
+        self.datadir = datadir
+        ckpt = self._load_checkpoint(datadir)
+        if ckpt is not None:
+            self.model.set_params(ckpt.params)
+            if ckpt.optimizer:
+                self.model.set_optimizer_state(ckpt.optimizer)
+            self.history = ckpt.history
+        return ckpt
+
+    def _load_checkpoint(self, datadir: DataDir) -> Checkpoint | None:
+        path = datadir.path / CHECKPOINT_FILE
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            os.replace(path, aside)
+            log.error("%s; moved aside to %s, starting from the initial model", exc, aside)
+            return None
+        if ckpt is not None and (
+            ckpt.model != self.fingerprint.digest or ckpt.params.shape != (self.model.num_params,)
+        ):
+            # Never load parameters that mean something else, and never silently start
+            # over on top of a federation's progress: the operator decides.
+            datadir.close()
+            raise ConfigError(
+                "model",
+                f"{path} was written for another model or task (fingerprint "
+                f"{ckpt.model!r}, this node's is {self.fingerprint.digest!r}); use another "
+                "--data-dir, or move the checkpoint away to start this model from scratch",
+            )
+        return ckpt
+
+    # ---- training ----------------------------------------------------------------------
+
+    def round_started(self, round: int, params: np.ndarray) -> None:
+        """The model a round's training starts from (what an attack crafts against)."""
+        self._round_start = (round, params)
+
+    async def train(self, round: int, params: np.ndarray) -> tuple[np.ndarray, float]:
+        """Train from `params`; the new parameters and the seconds it took.
+
+        A model that fails, or training that diverges, gives back `params` (the round
+        still ends and peers are not left waiting for us).
+        """
+        seed = [self.config.seed, self.config.node_index, round]
+        cfg = self.config
+
+        def work() -> tuple[np.ndarray, float]:
+            self.model.set_params(params)
+            loss = self.model.fit(
+                self._x,
+                self._y,
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                rng=np.random.default_rng(seed),
+            )
+            return self.model.get_params(), loss
+
+        async with self._train_lock:
+            started = time.perf_counter()
+            try:
+                if self.threaded:
+                    new, _loss = await trio.to_thread.run_sync(work)
+                else:
+                    new, _loss = work()
+            except Exception as exc:
+                # The model's own code failed: contain it like divergence, so the round
+                # still ends and peers are not left waiting for us.
+                self.supervisor.failed("training", exc)
+                new = np.full_like(params, np.nan)
+            seconds = time.perf_counter() - started
+        if not np.isfinite(new).all():
+            # Local training diverged (e.g. from a poisoned aggregate): send the model we
+            # started from rather than NaNs, and restart the optimizer.
+            log.warning("round %d: local training diverged; keeping the round's start model", round)
+            self.counters["training_diverged"] += 1
+            self.model.reset_optimizer()
+            new = params
+        return new, seconds
+
+    def outgoing(self, round: int, trained: np.ndarray) -> np.ndarray | None:
+        """What we send: our model, or a malicious study node's crafted one (None = silent)."""
+        if self.attack is None:
+            return trained
+        start = self._round_start[1] if self._round_start else trained
+        crafted = self.attack.craft(
+            start=start,
+            trained=trained,
+            overheard=self._overheard,
+            rng=np.random.default_rng([self.config.seed, round, 7]),
+        )
+        return None if crafted is None else np.asarray(crafted, np.float32)
+
+    def overhear(self, received: Sequence[np.ndarray]) -> None:
+        """What an omniscient attacker overheard this round, for next round's attack."""
+        if self.attack is not None and received and self._round_start is not None:
+            self._overheard = np.stack(received) - self._round_start[1]
+
+    # ---- records: evaluation, metrics lines and checkpoints, in order -------------------
+
+    def record_round(self, params: np.ndarray, row: dict[str, Any], connected: int) -> None:
+        """Evaluate a round's aggregate and write its metrics line (and history row)."""
+        self._record(_Evaluate(params, row, connected))
+
+    def checkpoint(
+        self, round: int, params: np.ndarray, compression: dict[str, np.ndarray]
+    ) -> None:
+        """Snapshot the state now (the next round's training may start at once), write
+        it in order with the other records; its history is filled in when written."""
+        self._record(
+            _Save(
+                Checkpoint(
+                    round,
+                    params,  # replaced, never mutated, by the round machine
+                    self.model.get_optimizer_state(),  # copies
+                    [],
+                    self.fingerprint.digest,  # what the parameters mean; resume checks it
+                    compression,
+                )
+            )
+        )
+
+    def finish(self) -> None:
+        """The run is done once the records queued so far are written."""
+        self._record(_Done())
+
+    def _record(self, item: _RecordItem) -> None:
+        """Evaluate, write a metrics line or a checkpoint, or mark the run done.
+
+        A real node does it in a worker thread, in order, so neither a large model's
+        evaluation nor an fsync'd checkpoint ever stalls the event loop (heartbeats,
+        other peers' messages); a simulation does it inline, so a mock clock stays
+        deterministic.
+        """
+        if self.threaded and self.running:
+            self._records.send_nowait(item)
+            return
+        self._finish_record(item, self._record_work(item))
+
+    async def record_loop(self) -> None:
+        try:
+            async for item in self._records_recv:
+                done = await trio.to_thread.run_sync(self._record_work, item)
+                self._finish_record(item, done)
+        finally:
+            # Cancelled (shutdown): never lose the newest checkpoint still queued.
+            with trio.CancelScope(shield=True):
+                newest: _Save | None = None
+                while True:
+                    try:
+                        queued = self._records_recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                    if isinstance(queued, _Save):
+                        newest = queued
+                if newest is not None:
+                    self._record_work(newest)
+
+    def _record_work(self, item: _RecordItem) -> dict[str, Any] | None:
+        """The blocking part (a worker thread for real nodes): evaluate, write."""
+        assert self.datadir is not None
+        if isinstance(item, _Evaluate):
+            metrics = self._evaluate(item.params)
+            row: dict[str, Any] = {
+                **item.row,
+                # "loss" and "accuracy" (when reported) also at the top, as before.
+                **{k: metrics[k] for k in ("accuracy", "loss") if k in metrics},
+                "metrics": metrics,
+            }
+            row["timing"] = {**row["timing"], "eval_s": round(self._last_eval_s, 6)}
+            self.datadir.append(METRICS_FILE, json.dumps(row))
+            return row
+        if isinstance(item, _Save):
+            # A full disk or an unusable data dir raises a FatalError, which no guard
+            # contains: it ends the node with its exit code.
+            save_checkpoint(
+                self.datadir.path / CHECKPOINT_FILE,
+                dataclasses.replace(item.checkpoint, history=list(self.history)),
+            )
+        return None
+
+    def _finish_record(self, item: _RecordItem, row: dict[str, Any] | None) -> None:
+        """The event-loop part: history, the round's log line, done."""
+        if isinstance(item, _Evaluate) and row is not None:
+            self.history.append(row)
+            log.info(
+                "round %d | %s | heard %d/%d peers%s | sent %s recv %s | %.2fs",
+                row["round"],
+                " ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()),
+                row["peers_heard"],
+                item.connected,
+                " (timeout)" if row["timed_out"] else "",
+                _human(row["bytes_sent"]),
+                _human(row["bytes_received"]),
+                row["seconds"],
+            )
+        elif isinstance(item, _Done):
+            self.done.set()
+
+    def _evaluate(self, params: np.ndarray) -> dict[str, float]:
+        """The model's own metrics on our test split, rounded, finite values only.
+
+        Whatever the model reports is shown (status, metrics.jsonl, scenario table and
+        plot); a model that fails to evaluate costs the metrics of that round, not the
+        node.
+        """
+        started = time.perf_counter()
+        self.eval_model.set_params(params)
+        try:
+            raw = self.eval_model.evaluate(self._x_test, self._y_test)
+            metrics = {
+                str(k): round(float(v), 6) for k, v in raw.items() if math.isfinite(float(v))
+            }
+        except Exception as exc:
+            self.supervisor.failed("evaluation", exc)
+            return {}
+        finally:
+            self._last_eval_s = time.perf_counter() - started
+        return metrics
+
+
+@dataclass(frozen=True, slots=True)
+class _Evaluate:
+    """Evaluate an aggregate and write its round's metrics line."""
+
+    params: np.ndarray
+    row: dict[str, Any]
+    connected: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Save:
+    """Write a checkpoint snapshot (its history is taken when it is written)."""
+
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """The last round's records are written: the run is done."""
+
+
+_RecordItem = _Evaluate | _Save | _Done
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
