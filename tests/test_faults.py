@@ -682,7 +682,7 @@ async def test_a_peer_that_never_reads_cannot_grow_our_memory(
     )
     node = nodes[0]
     reply = len(codec.encode(StateReply(node.id, 0, node.machine.params, 1)))
-    limit = max(8 * 1024 * 1024, 3 * 4 * node.machine.params.size)  # see Node._enqueue
+    limit = max(8 * 1024 * 1024, 3 * 4 * node.machine.params.size)  # see Mesh.enqueue
     requests = 2 * limit // reply
     slow = MemoryTransport(network, Identity.from_seed(b"s" * 32), "mem:slow")
     peak = 0
@@ -701,9 +701,9 @@ async def test_a_peer_that_never_reads_cannot_grow_our_memory(
             await trio.sleep(STATE_REPLY_EVERY)
             await conn.send(ask)  # never a receive()
             if i % 16 == 0:
-                peak = max(peak, node._links[slow.local_id].queued_bytes)
+                peak = max(peak, node.mesh.links[slow.local_id].queued_bytes)
         await trio.sleep(1)
-        link = node._links[slow.local_id]  # still connected
+        link = node.mesh.links[slow.local_id]  # still connected
         peak = max(peak, link.queued_bytes)
         assert node.peers.peers[slow.local_id].messages_in == requests
         for n in nodes:

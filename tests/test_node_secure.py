@@ -15,20 +15,20 @@ from p2pfl.wire.messages import ModelUpdate, SecureEnvelope
 
 
 class Recorder:
-    """Wraps a node's enqueue to see what actually leaves it."""
+    """Wraps a node's mesh enqueue to see what actually leaves it."""
 
     def __init__(self) -> None:
         self.kinds: list[str] = []
 
     def wrap(self, node: object) -> None:
-        original = node._enqueue  # type: ignore[attr-defined]
+        original = node.mesh.enqueue  # type: ignore[attr-defined]
 
         def enqueue(peer: str, payload: bytes) -> None:
             msg = codec.decode(payload)
             self.kinds.append(msg.kind if isinstance(msg, SecureEnvelope) else msg.TYPE)
             original(peer, payload)
 
-        node._enqueue = enqueue  # type: ignore[attr-defined]
+        node.mesh.enqueue = enqueue  # type: ignore[attr-defined]
 
 
 async def test_secure_federation_learns_without_plain_updates(
