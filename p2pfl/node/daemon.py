@@ -1,18 +1,19 @@
-"""One p2pfl node: the thin trio layer that wires transport, membership and rounds.
+"""The daemon: one nursery that wires a node's parts and runs its rounds.
 
 Everything that decides something lives in sans-IO modules (`protocol.rounds`,
-`membership`, `wire`); this module only moves bytes, keeps time and runs tasks. The
-round machine is fed from whichever task has news (trio runs one task at a time, so no
-locking is needed) and its actions are executed synchronously, except training, which
-runs as its own task (in a worker thread for real nodes).
+`membership`, `wire`, `secure`); the node's trio layer is split by job: the mesh
+(`mesh.py`: connections, heartbeats, discovery), the learner (`learner.py`: training,
+evaluation, checkpoints, all off the event loop) and this daemon, which builds them,
+keeps the timer, dispatches the peers' round messages and applies the round machine's
+actions. The machine is fed from whichever task has news (trio runs one task at a
+time, so no locking is needed) and its actions are executed synchronously, except
+training, which runs as its own task (in a worker thread for real nodes).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +23,6 @@ from typing import Any
 import numpy as np
 import trio
 
-from p2pfl import PROTOCOL_VERSION, __version__
 from p2pfl.aggregation import Rule, make_rule
 from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig
@@ -34,8 +34,10 @@ from p2pfl.learning.fingerprint import Fingerprint
 from p2pfl.membership import PeerTable
 from p2pfl.node.learner import Learner
 from p2pfl.node.link import Link
-from p2pfl.node.mesh import LOG_EVERY, Mesh, faulty_transport, read_secret, tcp_transport
+from p2pfl.node.mesh import LOG_EVERY, Mesh
 from p2pfl.node.outbox import UpdateOutbox
+from p2pfl.node.status import node_status
+from p2pfl.node.transports import faulty_transport, read_secret, tcp_transport
 from p2pfl.protocol import (
     Action,
     Aggregated,
@@ -76,6 +78,8 @@ FAILED_TICK_PAUSE = 0.1  # seconds before the timer retries after a contained fa
 
 
 class Node:
+    """One node: its mesh, its learner and its round machine, wired and run."""
+
     def __init__(
         self,
         config: NodeConfig,
@@ -123,7 +127,6 @@ class Node:
                 current_round=lambda: self.machine.round,
                 seed=config.seed,
             )
-        self.train_in_thread = train_in_thread
         self.control_socket = control_socket
 
         if self.attack is not None:
@@ -202,7 +205,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
         self._round_started_at = 0.0
-        self._started = 0.0  # set when run() starts
+        self.started_at = 0.0  # set when run() starts (trio time)
 
     # ---- construction helpers ----------------------------------------------------------
 
@@ -232,7 +235,7 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled (or `stop()`); say goodbye to peers on the way out."""
-        self._started = trio.current_time()
+        self.started_at = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -553,65 +556,18 @@ class Node:
     # ---- status ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        now = trio.current_time()
-        params = self.machine.params
-        return {
-            "node": {
-                "id": self.id,
-                "version": __version__,
-                "protocol": PROTOCOL_VERSION,
-                "listen": self.mesh.listen_addresses,
-                "federation": self.config.federation,
-                "uptime_s": round(now - self._started, 3),
-                "pid": os.getpid(),
-                "data_dir": str(self.data_dir),
-                "role": self.role,
-                "index": self.config.node_index,
-            },
-            "round": {
-                "current": self.machine.round,
-                "phase": str(self.machine.phase),
-                "target": self.config.rounds or None,
-                "heard": len(self.machine.received_this_round),
-                "expected": self.machine.expected_this_round,
-            },
-            "model": {
-                "name": self.config.model,
-                "version": self.machine.round,
-                "hash": hashlib.sha256(params.tobytes()).hexdigest()[:16],
-                "params": int(params.size),
-            },
-            "last_aggregation": self.last_aggregation,
-            "compression": None
-            if not self.outbox.compressing
-            else {
-                "pipeline": list(self.config.compression),
-                "raw_bytes": self.outbox.last_sizes[0],
-                "wire_bytes": self.outbox.last_sizes[1],
-                "ratio": round(self.outbox.last_sizes[0] / max(1, self.outbox.last_sizes[1]), 2),
-            },
-            "secure": None if self.secure is None else self.secure.status(),
-            "history": self.history[-1000:],
-            "peers": self.peers.snapshot(now),
-            "counters": {
-                "faults_injected": dict(counts())
-                if callable(counts := getattr(self.transport, "counts", None))
-                else None,
-                "frames_rejected": dict(self.mesh.frames_rejected),
-                "contained_errors": dict(self.supervisor.contained),
-                "reconnects": self.counters["reconnects"],
-                "timeouts": self.counters["timeouts"],
-                "bytes_sent": self.mesh.bytes_sent,
-                "bytes_received": self.mesh.bytes_received,
-                **{k: v for k, v in self.counters.items() if k not in ("reconnects", "timeouts")},
-            },
-        }
+        """What `p2pfl status` shows (served on the control socket)."""
+        return node_status(self)
 
     @property
     def phase(self) -> Phase:
         return self.machine.phase
 
     # The mesh's and the learner's parts, where tools and tests have always found them.
+
+    @property
+    def train_in_thread(self) -> bool:
+        return self.learner.threaded
 
     @property
     def peers(self) -> PeerTable:

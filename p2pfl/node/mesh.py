@@ -15,16 +15,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import trio
 
 from p2pfl import __version__
-from p2pfl.config import ConfigError, NodeConfig
-from p2pfl.identity import Identity
+from p2pfl.config import NodeConfig
 from p2pfl.learning.fingerprint import Fingerprint
 from p2pfl.membership import PeerState, PeerTable
 from p2pfl.node.link import Link, closed_cause
+from p2pfl.node.transports import bound_transport
 from p2pfl.supervision import Supervisor
 from p2pfl.transport.base import Connection, ConnectionClosed, HandshakeError, Transport
 from p2pfl.wire import codec
@@ -85,7 +84,7 @@ class Mesh:
         self.on_unresponsive = on_unresponsive
         self.on_lost = on_lost
 
-        self.limits = self._bound_transport(num_params)
+        self.limits = bound_transport(transport, config, num_params)
         # A peer's outbound queue holds a few models' worth of bytes, never unbounded.
         self.queue_limit = max(8 * 1024 * 1024, 3 * 4 * num_params)
         self.peers = PeerTable(self.id, max_peers=config.max_peers, seed=config.seed)
@@ -102,19 +101,6 @@ class Mesh:
         self._peers_changed = trio.Event()
         self._ping_nonce = 0
         self._refused_logged: set[tuple[str, str]] = set()
-
-    def _bound_transport(self, num_params: int) -> codec.Limits:
-        """Size the resource bounds to the model, now that it is built: frames of about
-        twice its dense update, not 256 MiB whatever the model (docs/security.md)."""
-        from p2pfl.transport.base import TransportLimits
-
-        limits = TransportLimits.from_config(self.config, num_params)
-        self.transport.set_limits(limits)
-        # A TCP node can never dial a peer's 'mem:' address: refuse it at the codec.
-        return codec.Limits(
-            max_bin_len=limits.max_frame_size,
-            memory_addresses=self.config.listen.startswith("mem:"),
-        )
 
     # ---- running -----------------------------------------------------------------------
 
@@ -574,57 +560,6 @@ class Mesh:
     async def _close_later(self, link: Link) -> None:
         await trio.sleep(RETIRE_GRACE)
         link.scope.cancel()
-
-
-# ---- making the transport (the daemon's wiring calls these) ---------------------------
-
-
-def read_secret(config: NodeConfig) -> bytes | None:
-    if config.secret_file is None:
-        return None
-    try:
-        return Path(config.secret_file).read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(
-            "secret_file", f"cannot read {config.secret_file}: {exc.strerror}"
-        ) from None
-
-
-def tcp_transport(
-    config: NodeConfig, identity: Identity, secret: bytes | None, counters: Counter[str]
-) -> Transport:
-    from p2pfl.transport.tcp import TcpTransport, parse_address
-
-    host, port = parse_address(config.listen)
-    return TcpTransport(
-        identity,
-        federation=config.federation,
-        secret=secret,
-        host=host,
-        port=port,
-        # Refusals by a resource bound (e.g. "inbound_refused") show in status.
-        on_event=lambda name: counters.update((name,)),
-    )
-
-
-def faulty_transport(
-    inner: Transport,
-    plan_file: Path,
-    *,
-    local_id: str,
-    current_round: Callable[[], int],
-    seed: int,
-) -> Transport:
-    from p2pfl.transport.faults import FaultyTransport, load_fault_plan
-
-    log.warning("fault injection active from %s", plan_file)
-    return FaultyTransport(
-        inner,
-        load_fault_plan(plan_file),
-        local_id=local_id,
-        current_round=current_round,
-        seed=seed,
-    )
 
 
 def _host_of(address: str) -> str:

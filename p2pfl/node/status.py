@@ -1,0 +1,74 @@
+"""The node's status: one JSON-able snapshot of the daemon and its parts.
+
+`p2pfl status` (over the control socket), scenario reports and tests read it. It only
+reads, so it lives apart from the daemon that it describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2pfl import PROTOCOL_VERSION, __version__
+
+if TYPE_CHECKING:  # the daemon calls us; we only need its type
+    from p2pfl.node.daemon import Node
+
+
+def node_status(node: Node) -> dict[str, Any]:
+    now = trio.current_time()
+    params = node.machine.params
+    return {
+        "node": {
+            "id": node.id,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "listen": node.mesh.listen_addresses,
+            "federation": node.config.federation,
+            "uptime_s": round(now - node.started_at, 3),
+            "pid": os.getpid(),
+            "data_dir": str(node.data_dir),
+            "role": node.role,
+            "index": node.config.node_index,
+        },
+        "round": {
+            "current": node.machine.round,
+            "phase": str(node.machine.phase),
+            "target": node.config.rounds or None,
+            "heard": len(node.machine.received_this_round),
+            "expected": node.machine.expected_this_round,
+        },
+        "model": {
+            "name": node.config.model,
+            "version": node.machine.round,
+            "hash": hashlib.sha256(params.tobytes()).hexdigest()[:16],
+            "params": int(params.size),
+        },
+        "last_aggregation": node.last_aggregation,
+        "compression": None
+        if not node.outbox.compressing
+        else {
+            "pipeline": list(node.config.compression),
+            "raw_bytes": node.outbox.last_sizes[0],
+            "wire_bytes": node.outbox.last_sizes[1],
+            "ratio": round(node.outbox.last_sizes[0] / max(1, node.outbox.last_sizes[1]), 2),
+        },
+        "secure": None if node.secure is None else node.secure.status(),
+        "history": node.history[-1000:],
+        "peers": node.peers.snapshot(now),
+        "counters": {
+            "faults_injected": dict(counts())
+            if callable(counts := getattr(node.transport, "counts", None))
+            else None,
+            "frames_rejected": dict(node.mesh.frames_rejected),
+            "contained_errors": dict(node.supervisor.contained),
+            "reconnects": node.counters["reconnects"],
+            "timeouts": node.counters["timeouts"],
+            "bytes_sent": node.mesh.bytes_sent,
+            "bytes_received": node.mesh.bytes_received,
+            **{k: v for k, v in node.counters.items() if k not in ("reconnects", "timeouts")},
+        },
+    }
