@@ -91,13 +91,16 @@ async def test_evaluation_and_checkpoints_run_off_the_event_loop_in_order(
         assert ckpt is not None and ckpt.round == 3 and len(ckpt.history) == 3
 
 
-async def test_shutdown_writes_the_newest_queued_checkpoint(tmp_path: Path) -> None:
+async def test_shutdown_writes_what_is_still_queued(tmp_path: Path) -> None:
     (node,) = _threaded_nodes(tmp_path, 1, rounds=5)
     # Queue records as a running node does, but with no record loop to take them, as
     # if the node were cancelled while they waited: its shutdown path must still write
     # the newest checkpoint.
     node.learner.running = True  # records queue up, as in a running node
     node._checkpoint()
+    row = {"round": 3, "timing": {}, "bytes_sent": 0, "bytes_received": 0, "seconds": 0.1}
+    row |= {"peers_heard": 0, "timed_out": False}
+    node.learner.record_round(node.machine.params, row, connected=0)
     node.machine.round = 4  # a later snapshot
     node._checkpoint()
     node.learner.finish()
@@ -105,6 +108,12 @@ async def test_shutdown_writes_the_newest_queued_checkpoint(tmp_path: Path) -> N
     with trio.CancelScope() as scope:
         scope.cancel()
         await node.learner.record_loop()
+    # Everything queued was written, in order: the metrics line, then the checkpoint
+    # that includes it, and the run is marked done.
     ckpt = load_checkpoint(node.data_dir / "checkpoint.msgpack")
     assert ckpt is not None and ckpt.round == 4
+    assert [r["round"] for r in ckpt.history] == [3]
+    lines = (node.data_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"round": 3' in lines[0]
+    assert node.done.is_set()
     node.close()

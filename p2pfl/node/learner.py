@@ -41,6 +41,9 @@ CHECKPOINT_FILE = "checkpoint.msgpack"
 METRICS_FILE = "metrics.jsonl"
 
 
+SHUTDOWN_RECORD_GRACE = 10.0  # seconds to write queued records when the node stops
+
+
 class Learner:
     """Data, model (and its evaluation twin), training and the ordered records."""
 
@@ -286,18 +289,18 @@ class Learner:
                 done = await trio.to_thread.run_sync(self._record_work, item)
                 self._finish_record(item, done)
         finally:
-            # Cancelled (shutdown): never lose the newest checkpoint still queued.
-            with trio.CancelScope(shield=True):
-                newest: _Save | None = None
+            # Cancelled (shutdown): what is still queued is written, in order and within a
+            # bound, so a stopped node loses neither its last metrics line nor its newest
+            # checkpoint (a scenario stops its nodes right after their last round).
+            with trio.CancelScope(shield=True) as flush:
+                flush.deadline = trio.current_time() + SHUTDOWN_RECORD_GRACE
                 while True:
                     try:
                         queued = self._records_recv.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                         break
-                    if isinstance(queued, _Save):
-                        newest = queued
-                if newest is not None:
-                    self._record_work(newest)
+                    done = await trio.to_thread.run_sync(self._record_work, queued)
+                    self._finish_record(queued, done)
 
     def _record_work(self, item: _RecordItem) -> dict[str, Any] | None:
         """The blocking part (a worker thread for real nodes): evaluate, write."""

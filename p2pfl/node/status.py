@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pfl import PROTOCOL_VERSION, __version__
+from p2pfl.protocol import Phase
 
 if TYPE_CHECKING:  # the daemon calls us; we only need its type
     from p2pfl.node.daemon import Node
@@ -36,7 +37,13 @@ def node_status(node: Node) -> dict[str, Any]:
         },
         "round": {
             "current": node.machine.round,
-            "phase": str(node.machine.phase),
+            # "done" once the last round's metrics and checkpoint are written, not when
+            # the round machine stops: a reader may stop the node as soon as it sees it.
+            "phase": "done"
+            if node.done.is_set()
+            else "finishing"
+            if node.machine.phase is Phase.DONE
+            else str(node.machine.phase),
             "target": node.config.rounds or None,
             "heard": len(node.machine.received_this_round),
             "expected": node.machine.expected_this_round,

@@ -224,7 +224,12 @@ def _is_done(p: NodeProcess, rounds: int) -> bool:
         return False
     phase = p.status.get("round", {}).get("phase")
     current = p.status.get("round", {}).get("current", 0)
-    return phase == "done" or (isinstance(current, int) and current >= rounds)
+    history = p.status.get("history") or []
+    # Past the last round counts only once its row is recorded (it is evaluated off the
+    # event loop, after the round machine has moved on).
+    return phase == "done" or (
+        isinstance(current, int) and current >= rounds and len(history) >= rounds
+    )
 
 
 def _watch(
