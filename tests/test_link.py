@@ -104,3 +104,59 @@ async def test_unsent_messages_move_to_the_successor_and_a_broken_link_cancels(
     with link.scope:
         await link.pump(lambda n: None)
     assert link.scope.cancel_called and link.written == 0
+
+
+class _OverlapCheckingConnection(FakeConnection):
+    """Fails the test if two sends ever overlap (half a frame, then another frame)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_send = False
+
+    async def send(self, payload: bytes) -> None:
+        assert not self.in_send, "two writers on one connection"
+        self.in_send = True
+        try:
+            await super().send(payload)
+        finally:
+            self.in_send = False
+
+
+async def test_bye_waits_for_the_frame_in_progress_and_stops_the_writer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At shutdown the Bye used to be written straight onto the connection while the
+    writer could be inside a large frame: the peer then read garbage as a 2 GB length."""
+    conn = _OverlapCheckingConnection()
+    link = Link(conn, "peer", "test")
+    for payload in (b"big-update", b"queued-after"):
+        link.offer(payload, limit=1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.pump, lambda n: None)
+        await trio.sleep(0.1)  # the writer is inside its first send (gate closed)
+        assert link.writing
+
+        async def finish_the_frame() -> None:
+            await trio.sleep(0.2)
+            for _ in range(2):
+                conn.gate.release()  # the big frame, then the Bye
+
+        nursery.start_soon(finish_the_frame)
+        assert await link.say_bye(b"bye")
+        nursery.cancel_scope.cancel()
+    # The frame finished, nothing else queued went out after it, then the Bye.
+    assert conn.sent == [b"big-update", b"bye"]
+
+
+async def test_no_bye_when_the_frame_in_progress_does_not_finish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    conn = _OverlapCheckingConnection()
+    link = Link(conn, "peer", "test")
+    link.offer(b"huge-update", limit=1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.pump, lambda n: None)
+        await trio.sleep(0.1)
+        assert not await link.say_bye(b"bye", grace=0.5)  # never interleaved
+        nursery.cancel_scope.cancel()
+    assert conn.sent == []

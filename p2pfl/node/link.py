@@ -43,6 +43,11 @@ class Link:
     # Why the connection ended, when it ended by itself (EOF, reset, bad framing, a
     # heartbeat timeout); None while open or when we closed it (shutdown, duplicate).
     close_reason: str | None = None
+    # Only one task may write to a connection at a time: `writing` is true while the
+    # writer is inside a send (and stays true if that send was cut short, leaving half
+    # a frame on the wire); `closing` stops the writer before its next message.
+    writing: bool = False
+    closing: bool = False
     _update_at: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,10 +83,34 @@ class Link:
             self.queued_bytes -= len(payload)
             successor.offer(payload, limit=math.inf)
 
+    async def say_bye(self, payload: bytes, *, grace: float = 0.5) -> bool:
+        """Write a last message (our Bye) and stop the writer; True if it was written.
+
+        Never into the middle of the writer's frame (the peer would read the rest as a
+        bogus length): the writer stops before its next message, a frame in progress
+        gets `grace` seconds to finish, and the Bye goes out only on a frame boundary.
+        """
+        self.closing = True
+        with trio.move_on_after(grace):
+            while self.writing and not self.scope.cancel_called:
+                await trio.sleep(0.01)
+        if self.writing:
+            return False
+        try:
+            with trio.move_on_after(grace):
+                await self.conn.send(payload)
+                return True
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        return False
+
     async def pump(self, on_written: Callable[[int], None]) -> None:
         """Write queued messages until the connection fails (then cancel the link)."""
         async for payload in self.recv:
+            if self.closing:
+                return
             self.queued_bytes -= len(payload)
+            self.writing = True
             try:
                 await self.conn.send(payload)
             except (
@@ -94,6 +123,7 @@ class Link:
                     self.close_reason = closed_cause(exc)
                 self.scope.cancel()
                 return
+            self.writing = False
             self.written += 1
             on_written(len(payload) + 4)
 

@@ -128,11 +128,7 @@ class Mesh:
                     nursery.start_soon(self._send_bye_and_close, link, payload)
 
     async def _send_bye_and_close(self, link: Link, payload: bytes) -> None:
-        try:
-            with trio.move_on_after(0.5):
-                await link.conn.send(payload)
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
+        await link.say_bye(payload)
         link.scope.cancel()
         with trio.move_on_after(0.5):
             await link.conn.aclose()
