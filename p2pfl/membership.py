@@ -213,7 +213,7 @@ class PeerTable:
 
     def seen(self, peer_id: str, now: float) -> None:
         rec = self.peers.get(peer_id)
-        if rec is not None:
+        if rec is not None and (rec.last_seen is None or now > rec.last_seen):
             rec.last_seen = now
 
     def pinged(self, peer_id: str, now: float) -> None:

@@ -346,6 +346,11 @@ class Mesh:
             if exchange is not None:
                 self.enqueue(peer, exchange)
         self.on_unresponsive(frozenset(self.peers.unresponsive_peers(now, after=2.0 * interval)))
+        for peer, link in self.links.items():
+            # A frame still arriving counts as hearing from the peer (TCP transport).
+            arrived = getattr(link.conn, "last_activity", None)
+            if arrived is not None:
+                self.peers.seen(peer, arrived)
         for peer in self.peers.silent_peers(now, self.config.heartbeat_timeout):
             silent = self.links.get(peer)
             if silent is not None:

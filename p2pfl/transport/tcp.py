@@ -99,6 +99,7 @@ class TcpConnection:
         budget: ReceiveBudget,
         on_close: Callable[[TcpConnection], None] | None = None,
     ) -> None:
+        self.last_activity: float | None = None  # when bytes last arrived
         self._stream = stream
         self._peer_id = peer_id
         self._remote_address = remote_address
@@ -217,6 +218,9 @@ class TcpConnection:
             raise ConnectionClosed(f"connection to {self._peer_id} lost: {exc}") from exc
         if not data:
             raise ConnectionClosed(f"{self._peer_id} closed the connection")
+        # Bytes prove the peer alive even while one large frame takes longer than the
+        # heartbeat timeout to arrive (a 40 MB update on a slow link).
+        self.last_activity = trio.current_time()
         return data
 
     def _release(self) -> None:
