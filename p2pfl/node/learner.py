@@ -66,6 +66,8 @@ class Learner:
         # The device's data and model: given by a program (`p2pfl.run_node`), or named by
         # the config (a built-in, a .npz/.csv file, or an import string).
         self.data = data if data is not None else self._resolve_data()
+        # What status calls the model: the config's name, or the class a program gave.
+        self.model_name = config.model if model is None else f"{type(model).__name__} (given)"
         self.model = self._build_model(model)
         # Evaluation uses its own instance so it never races a training thread.
         self.eval_model = self._build_model(model, second=True)

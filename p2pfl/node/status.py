@@ -10,6 +10,7 @@ import hashlib
 import os
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import trio
 
 from p2pfl import PROTOCOL_VERSION, __version__
@@ -49,9 +50,9 @@ def node_status(node: Node) -> dict[str, Any]:
             "expected": node.machine.expected_this_round,
         },
         "model": {
-            "name": node.config.model,
+            "name": node.learner.model_name,
             "version": node.machine.round,
-            "hash": hashlib.sha256(params.tobytes()).hexdigest()[:16],
+            "hash": _params_hash(params),
             "params": int(params.size),
         },
         "last_aggregation": node.last_aggregation,
@@ -79,3 +80,16 @@ def node_status(node: Node) -> dict[str, Any]:
             **{k: v for k, v in node.counters.items() if k not in ("reconnects", "timeouts")},
         },
     }
+
+
+_last_hash: tuple[np.ndarray | None, str] = (None, "")
+
+
+def _params_hash(params: np.ndarray) -> str:
+    """The model's hash, computed once per model: the round machine replaces its
+    parameter array when the model changes and never mutates it, and hashing 40 MB on
+    every status poll cost a large node its event loop's time."""
+    global _last_hash
+    if _last_hash[0] is not params:
+        _last_hash = (params, hashlib.sha256(params.tobytes()).hexdigest()[:16])
+    return _last_hash[1]
