@@ -42,6 +42,10 @@ METRICS_FILE = "metrics.jsonl"
 
 
 SHUTDOWN_RECORD_GRACE = 10.0  # seconds to write queued records when the node stops
+# Rows of per-round metrics kept in memory, in status and in the checkpoint. The whole
+# record is metrics.jsonl (appended, never rewritten): a daemon that runs for months
+# must not grow, nor rewrite a growing checkpoint every round.
+HISTORY_KEPT = 1000
 
 
 class Learner:
@@ -151,7 +155,7 @@ class Learner:
             self.model.set_params(ckpt.params)
             if ckpt.optimizer:
                 self.model.set_optimizer_state(ckpt.optimizer)
-            self.history = ckpt.history
+            self.history = ckpt.history[-HISTORY_KEPT:]
         return ckpt
 
     def _load_checkpoint(self, datadir: DataDir) -> Checkpoint | None:
@@ -331,6 +335,7 @@ class Learner:
         """The event-loop part: history, the round's log line, done."""
         if isinstance(item, _Evaluate) and row is not None:
             self.history.append(row)
+            del self.history[:-HISTORY_KEPT]
             log.info(
                 "round %d | %s | heard %d/%d peers%s | sent %s recv %s | %.2fs",
                 row["round"],

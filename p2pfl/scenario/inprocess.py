@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pfl.config import ConfigError, NodeConfig
+from p2pfl.scenario.processes import node_rows
 from p2pfl.scenario.report import RoundProgress
 from p2pfl.scenario.schema import RunFailed, Scenario, node_identity_seed
 
@@ -150,13 +151,14 @@ async def _watch(nodes: Sequence[Node], progress: RoundProgress | None) -> None:
 
 
 def _feed(nodes: Sequence[Node], progress: RoundProgress) -> None:
-    completed = [len(node.history) for node in nodes]
+    # Rows recorded, by round number: a node keeps only its last rows in memory.
+    completed = [node.history[-1]["round"] + 1 if node.history else 0 for node in nodes]
     latest = [n.history[-1] for n in nodes if n.history and n.role == "honest"]
     progress.update(min(completed), latest)
 
 
 def _record(node: Node) -> dict[str, Any]:
-    rec: dict[str, Any] = {"peer_id": node.id, "rounds": [dict(row) for row in node.history]}
+    rec: dict[str, Any] = {"peer_id": node.id, "rounds": node_rows(node.data_dir, node.history)}
     if node.secure is not None:
         rec["secure"] = node.secure.status()
     return rec

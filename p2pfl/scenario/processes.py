@@ -212,11 +212,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _node_rows(p: NodeProcess) -> list[dict[str, Any]]:
-    """Rows from metrics.jsonl (authoritative, survives the node) or else the last status."""
-    rows = _read_jsonl(p.data_dir / "metrics.jsonl")
-    history = (p.status or {}).get("history") or []
+def node_rows(data_dir: Path, history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows from metrics.jsonl (authoritative: every round, survives the node; a node
+    keeps only its last rows in memory) or else the history it showed."""
+    rows = _read_jsonl(data_dir / "metrics.jsonl")
     return rows if len(rows) >= len(history) else [dict(r) for r in history]
+
+
+def _node_rows(p: NodeProcess) -> list[dict[str, Any]]:
+    return node_rows(p.data_dir, (p.status or {}).get("history") or [])
 
 
 def _is_done(p: NodeProcess, rounds: int) -> bool:
