@@ -160,3 +160,27 @@ async def test_no_bye_when_the_frame_in_progress_does_not_finish(
         assert not await link.say_bye(b"bye", grace=0.5)  # never interleaved
         nursery.cancel_scope.cancel()
     assert conn.sent == []
+
+
+async def test_heartbeats_are_written_before_queued_updates(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A Pong used to wait behind every model update queued on the link (seconds at
+    1e7 parameters); now only behind the frame being written."""
+    conn = FakeConnection()
+    link = Link(conn, "peer", "test")
+    link.offer(b"update-1", limit=1000)
+    link.update_queued(1)
+    link.offer(b"update-2", limit=1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.pump, lambda n: None)
+        await trio.sleep(0.1)  # the writer is inside update-1
+        link.offer(b"pong", limit=1000, urgent=True)
+        for _ in range(3):
+            conn.gate.release()
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert conn.sent == [b"update-1", b"pong", b"update-2"]
+    # Heartbeats do not count as queued messages: update positions stay exact.
+    assert link.enqueued == 2 and link.written == 2
+    assert not link.update_in_flight(1)

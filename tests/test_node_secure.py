@@ -23,10 +23,10 @@ class Recorder:
     def wrap(self, node: object) -> None:
         original = node.mesh.enqueue  # type: ignore[attr-defined]
 
-        def enqueue(peer: str, payload: bytes) -> None:
+        def enqueue(peer: str, payload: bytes, *, urgent: bool = False) -> None:
             msg = codec.decode(payload)
             self.kinds.append(msg.kind if isinstance(msg, SecureEnvelope) else msg.TYPE)
-            original(peer, payload)
+            original(peer, payload, urgent=urgent)
 
         node.mesh.enqueue = enqueue  # type: ignore[attr-defined]
 

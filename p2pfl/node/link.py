@@ -2,7 +2,9 @@
 
 Callers never block on a slow peer: `offer` queues a message or refuses it when the
 queue is over its byte budget (the peer stops reading, we stop holding memory for it),
-and a single writer task (`pump`) drains the queue onto the connection. The link also
+and a single writer task (`pump`) drains the queue onto the connection. Heartbeats
+(`urgent`) go in a lane of their own that the writer serves first, so a Pong never
+waits behind queued 40 MB model updates, only behind the frame being written. The link also
 remembers where each recent round's model update sits in that queue, so that a resend
 request for an update still waiting to be written is recognised as such: the update is
 on its way, and resending it would only duplicate the transfer.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,8 +32,6 @@ class Link:
     conn: Connection
     peer_id: str
     found_via: str
-    send: trio.MemorySendChannel[bytes] = field(init=False)
-    recv: trio.MemoryReceiveChannel[bytes] = field(init=False)
     queued_bytes: int = 0
     bad_messages: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -38,8 +39,8 @@ class Link:
     retired: bool = False  # a duplicate being wound down: read, never written
     last_drop_logged: float = -math.inf
     last_state_reply: float = -math.inf
-    enqueued: int = 0  # messages ever queued on this link
-    written: int = 0  # messages ever handed to the connection
+    enqueued: int = 0  # messages ever queued on this link (not counting urgent ones)
+    written: int = 0  # of those, handed to the connection
     # Why the connection ended, when it ended by itself (EOF, reset, bad framing, a
     # heartbeat timeout); None while open or when we closed it (shutdown, duplicate).
     close_reason: str | None = None
@@ -51,15 +52,22 @@ class Link:
     _update_at: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.send, self.recv = trio.open_memory_channel[bytes](math.inf)
+        self._normal: deque[bytes] = deque()
+        self._urgent: deque[bytes] = deque()
+        self._wake = trio.Event()
 
-    def offer(self, payload: bytes, limit: float) -> bool:
-        """Queue `payload` unless the queue would exceed `limit` bytes."""
+    def offer(self, payload: bytes, limit: float, *, urgent: bool = False) -> bool:
+        """Queue `payload` unless the queue would exceed `limit` bytes; `urgent`
+        messages (heartbeats) are written before everything queued normally."""
         if self.queued_bytes + len(payload) > limit:
             return False
         self.queued_bytes += len(payload)
-        self.enqueued += 1
-        self.send.send_nowait(payload)
+        if urgent:
+            self._urgent.append(payload)
+        else:
+            self.enqueued += 1
+            self._normal.append(payload)
+        self._wake.set()
         return True
 
     def update_queued(self, round: int) -> None:
@@ -75,13 +83,11 @@ class Link:
     def move_unsent_to(self, successor: Link) -> None:
         """Hand every message not yet written to `successor` (a duplicate connection is
         being replaced): nothing queued is lost in the swap."""
-        while True:
-            try:
-                payload = self.recv.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return
-            self.queued_bytes -= len(payload)
-            successor.offer(payload, limit=math.inf)
+        for lane, urgent in ((self._urgent, True), (self._normal, False)):
+            while lane:
+                payload = lane.popleft()
+                self.queued_bytes -= len(payload)
+                successor.offer(payload, limit=math.inf, urgent=urgent)
 
     async def say_bye(self, payload: bytes, *, grace: float = 0.5) -> bool:
         """Write a last message (our Bye) and stop the writer; True if it was written.
@@ -106,9 +112,15 @@ class Link:
 
     async def pump(self, on_written: Callable[[int], None]) -> None:
         """Write queued messages until the connection fails (then cancel the link)."""
-        async for payload in self.recv:
+        while True:
+            if not (self._urgent or self._normal):
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
             if self.closing:
                 return
+            urgent = bool(self._urgent)
+            payload = self._urgent.popleft() if urgent else self._normal.popleft()
             self.queued_bytes -= len(payload)
             self.writing = True
             try:
@@ -124,7 +136,8 @@ class Link:
                 self.scope.cancel()
                 return
             self.writing = False
-            self.written += 1
+            if not urgent:
+                self.written += 1
             on_written(len(payload) + 4)
 
 

@@ -143,17 +143,18 @@ class Mesh:
 
     # ---- sending -----------------------------------------------------------------------
 
-    def enqueue(self, peer: str, payload: bytes) -> bool:
+    def enqueue(self, peer: str, payload: bytes, *, urgent: bool = False) -> bool:
         """Queue a message for a peer without ever blocking the caller; False if dropped.
 
         The queue is bounded in bytes: a peer that stops reading loses messages (and
         the drop is counted) instead of making us hold unbounded memory for it.
+        Heartbeats are `urgent`: written ahead of queued model updates.
         """
         link = self.links.get(peer)
         if link is None:
             self.counters["send_no_connection"] += 1
             return False
-        if not link.offer(payload, self.queue_limit):
+        if not link.offer(payload, self.queue_limit, urgent=urgent):
             self.counters["send_queue_full"] += 1
             now = trio.current_time()
             if now - link.last_drop_logged >= LOG_EVERY:  # one line, not one per message
@@ -254,9 +255,8 @@ class Mesh:
         match msg:
             case Ping():
                 rec.round = msg.round
-                self.enqueue(
-                    peer, codec.encode(Pong(self.id, self.current_round(), msg.nonce, msg.sent_at))
-                )
+                pong = Pong(self.id, self.current_round(), msg.nonce, msg.sent_at)
+                self.enqueue(peer, codec.encode(pong), urgent=True)
                 self.on_peer_round(peer, msg.round, now)
             case Pong():
                 rec.round = msg.round
@@ -341,7 +341,7 @@ class Mesh:
             rec = self.peers.peers[peer]
             quiet = rec.last_seen is None or now - rec.last_seen >= 0.9 * interval
             if quiet or beats % RTT_SAMPLE_EVERY == 0:
-                self.enqueue(peer, ping)
+                self.enqueue(peer, ping, urgent=True)
                 self.peers.pinged(peer, now)
             if exchange is not None:
                 self.enqueue(peer, exchange)
