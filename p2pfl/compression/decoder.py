@@ -4,7 +4,8 @@ Every message names the round of the x_hat it is relative to (`base`, -1 for a
 keyframe). A receiver whose copy of that sender is at another round (it missed a
 message, joined late, or the sender restarted) cannot use the delta: it raises
 WireError("missing_base"), keeps its state, and recovers at the sender's next
-keyframe. State only changes after a message has been fully validated, so a bad
+keyframe. A delta no newer than the copy (a late resend) is "stale", not a lost base.
+State only changes after a message has been fully validated, so a bad
 message never corrupts a copy.
 
 A copy never goes back to an earlier round: a resent or late keyframe for an older
@@ -12,7 +13,8 @@ round (made for a peer that reconnected after the sender had moved on) is decode
 not adopted, since the sender's next delta builds on its newer message.
 
 Everything from the network is hostile; whatever the blob, `decode` raises only
-WireError, with reason "bad_compression", "missing_base" or "decompression_bomb".
+WireError, with reason "bad_compression", "missing_base", "stale" or
+"decompression_bomb".
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from p2pfl.wire.errors import WireError
 from p2pfl.wire.tensors import all_finite
 
 F32 = npt.NDArray[np.float32]
-REASONS = ("bad_compression", "missing_base", "decompression_bomb")
+REASONS = ("bad_compression", "missing_base", "decompression_bomb", "stale")
 
 
 @dataclass(slots=True)
@@ -66,6 +68,12 @@ class UpdateDecoder:
             if copy is None:
                 raise WireError(
                     "missing_base", f"delta on round {header.base}, but no copy of this sender yet"
+                )
+            if copy.round != header.base and round <= copy.round:
+                # A late delta (a resend, a duplicate) older than what we already have:
+                # nothing is lost, its base is simply behind us.
+                raise WireError(
+                    "stale", f"delta for round {round}, our copy is already of round {copy.round}"
                 )
             if copy.round != header.base:
                 raise WireError(

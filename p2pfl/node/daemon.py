@@ -505,12 +505,6 @@ class Node:
             case ModelUpdate() | CompressedModelUpdate() if self.secure is not None:
                 # Plain updates would defeat the point: every neighbour must mask.
                 self.mesh.count_rejection(peer, "plain_update_in_secure_mode", f"round {msg.round}")
-            case CompressedModelUpdate() if (have := self._decoder.round_of(peer)) is not None and (
-                msg.round <= have
-            ):
-                # Older than what we already decoded from this sender (a late resend or a
-                # duplicate): its base is gone and it can teach us nothing.
-                self.mesh.count_rejection(peer, "stale", f"round {msg.round}, have {have}")
             case CompressedModelUpdate():
                 try:
                     params = self._decoder.decode(peer, msg.round, msg.blob)
