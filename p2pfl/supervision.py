@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from p2pfl.fatal import FatalError
+from p2pfl.fatal import FatalError, exception_leaves
 
 
 class Supervisor:
@@ -59,7 +59,7 @@ class Supervisor:
                 contained, rest = exc, None
             else:
                 raise  # cancellation, KeyboardInterrupt, a fatal local condition
-            for leaf in _leaves(contained):
+            for leaf in [] if contained is None else exception_leaves(contained):
                 self.failed(where, leaf, peer)
             if rest is not None:
                 raise rest from None
@@ -92,16 +92,6 @@ def _containable(exc: BaseException) -> bool:
         and not isinstance(exc, BaseExceptionGroup)
         and not isinstance(exc, FatalError)
     )
-
-
-def _leaves(exc: BaseException | None) -> Iterator[BaseException]:
-    if exc is None:
-        return
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
