@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from p2pfl.scenario.table import ScenarioError
+
 if TYPE_CHECKING:  # the transport pulls in trio and numpy: only needed to write plans
     from p2pfl.transport.faults import FaultPlan, FaultRule
 
@@ -104,8 +106,6 @@ class FaultEvent:
 
 
 def _error(path: str, message: str) -> Exception:
-    from p2pfl.scenario.schema import ScenarioError  # schema imports this module
-
     return ScenarioError(path, message)
 
 

@@ -34,24 +34,15 @@ from p2pfl.config import (
 )
 from p2pfl.scenario import topology
 from p2pfl.scenario.faults import FaultEvent, fault_plan_nodes, parse_faults, plan_path
+
+# ScenarioError is re-exported: callers know it as part of the schema.
+from p2pfl.scenario.table import ScenarioError as ScenarioError
+from p2pfl.scenario.table import Table
 from p2pfl.scenario.topology import Edge, TopologyError
 
 MAX_NODES = 1000
 RESERVED_TABLES: tuple[str, ...] = ()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ScenarioError(ValueError):
-    """A scenario file is wrong; `path` is the dotted key at fault ("" for the whole file)."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
-        self.message = message
-
-    def __reduce__(self) -> tuple[type[ScenarioError], tuple[str, str]]:
-        # Picklable, so a failing worker process reports it instead of hanging a pool.
-        return (type(self), (self.path, self.message))
 
 
 class RunFailed(RuntimeError):
@@ -321,7 +312,7 @@ def parse_scenario(
     `base_dir` (the scenario file's directory; default: the current directory), so
     every node finds them whatever its working directory."""
     base = Path.cwd() if base_dir is None else base_dir
-    top = _Table(data, "")
+    top = Table(data, "")
     name = top.get_str("name", default_name)
     if not _NAME_RE.match(name):
         raise ScenarioError(
@@ -362,7 +353,7 @@ def parse_scenario(
     return scenario
 
 
-def _parse_topology(t: _Table, nodes: int) -> TopologySpec:
+def _parse_topology(t: Table, nodes: int) -> TopologySpec:
     kind = t.get_str("kind", "full", choices=topology.KINDS)
     degree: int | None = None
     if t.has("degree"):
@@ -409,7 +400,7 @@ def _edge_list(value: Any) -> tuple[Edge, ...]:
     return tuple(out)
 
 
-def _parse_data(t: _Table, base: Path) -> DataSpec:
+def _parse_data(t: Table, base: Path) -> DataSpec:
     label_column = t.get_str("label_column", "") or None
     classes = t.get_int("classes", 0, minimum=2) if t.has("classes") else None
     spec = DataSpec(
@@ -424,7 +415,7 @@ def _parse_data(t: _Table, base: Path) -> DataSpec:
     return spec
 
 
-def _parse_model(t: _Table, base: Path) -> ModelSpec:
+def _parse_model(t: Table, base: Path) -> ModelSpec:
     spec = ModelSpec(
         name=_plugin_spec(t, "name", base),
         hidden=t.get_int("hidden", 32, minimum=1),
@@ -433,7 +424,7 @@ def _parse_model(t: _Table, base: Path) -> ModelSpec:
     return spec
 
 
-def _plugin_spec(t: _Table, key: str, base: Path) -> str:
+def _plugin_spec(t: Table, key: str, base: Path) -> str:
     """A model or data set string, checked by its form against the registry
     (p2pfl.learning); a relative file in it is made absolute against `base`."""
     from p2pfl.learning import DATASET_NAMES, MODEL_NAMES
@@ -454,7 +445,7 @@ def _plugin_spec(t: _Table, key: str, base: Path) -> str:
     return relative_to(value, base)
 
 
-def _parse_training(t: _Table) -> TrainingSpec:
+def _parse_training(t: Table) -> TrainingSpec:
     spec = TrainingSpec(
         epochs=t.get_int("epochs", 1, minimum=1),
         lr=t.get_float("lr", 0.05, positive=True),
@@ -464,7 +455,7 @@ def _parse_training(t: _Table) -> TrainingSpec:
     return spec
 
 
-def _parse_protocol(t: _Table, nodes: int) -> ProtocolSpec:
+def _parse_protocol(t: Table, nodes: int) -> ProtocolSpec:
     neighbours = "all"
     if t.has("neighbours"):
         raw = t.raw("neighbours")
@@ -492,7 +483,7 @@ def _parse_protocol(t: _Table, nodes: int) -> ProtocolSpec:
     return spec
 
 
-def _parse_attack(t: _Table, nodes: int, seed: int) -> AttackSpec:
+def _parse_attack(t: Table, nodes: int, seed: int) -> AttackSpec:
     """`[attack] kind = "...", nodes = [i, ...] | fraction = 0.2, <attack options>`."""
     from p2pfl.learning.attacks import ATTACK_NAMES, alie_z, make_attack
 
@@ -532,7 +523,7 @@ def _parse_attack(t: _Table, nodes: int, seed: int) -> AttackSpec:
     return AttackSpec(kind, chosen, options)
 
 
-def _parse_aggregation(t: _Table, attackers: int) -> AggregationSpec:
+def _parse_aggregation(t: Table, attackers: int) -> AggregationSpec:
     """`[aggregation] rule = "...", f = 2, <rule options>`; f defaults to the number of
     attackers declared in [attack] (0 without one)."""
     from p2pfl.aggregation import RULE_NAMES, make_rule
@@ -549,7 +540,7 @@ def _parse_aggregation(t: _Table, attackers: int) -> AggregationSpec:
     return AggregationSpec(rule, f, options)
 
 
-def _parse_secure(t: _Table) -> SecureSpec:
+def _parse_secure(t: Table) -> SecureSpec:
     enabled = t.raw("enabled")
     if enabled is None:
         enabled = False
@@ -562,7 +553,7 @@ def _parse_secure(t: _Table) -> SecureSpec:
     return SecureSpec(enabled, group_size)
 
 
-def _parse_compression(t: _Table) -> CompressionSpec:
+def _parse_compression(t: Table) -> CompressionSpec:
     """`[compression] pipeline = ["delta", "topk:0.01", "quantize:8", "zstd:3"]`."""
     from p2pfl.compression import parse_pipeline
 
@@ -634,79 +625,3 @@ def _check_files(scenario: Scenario) -> None:
             file = Path(spec.rpartition(":")[0])
             if not file.is_file():
                 raise ScenarioError(path, f"no such file {file} (in {spec!r})")
-
-
-class _Table:
-    """Typed, path-aware reads from one TOML table; `finish` rejects keys nobody read."""
-
-    def __init__(self, data: Any, path: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ScenarioError(path, f"expected a table, got {data!r}")
-        self._data = data
-        self._path = path
-        self._known: list[str] = []
-
-    def _key(self, key: str) -> str:
-        return f"{self._path}.{key}" if self._path else key
-
-    def _mark(self, key: str) -> None:
-        if key not in self._known:
-            self._known.append(key)
-
-    def present(self) -> list[str]:
-        """Every key present (marks them known: the caller handles them all)."""
-        for key in self._data:
-            self._mark(key)
-        return list(self._data)
-
-    def has(self, key: str) -> bool:
-        self._mark(key)
-        return key in self._data
-
-    def raw(self, key: str) -> Any:
-        self._mark(key)
-        return self._data.get(key)
-
-    def table(self, key: str) -> _Table:
-        value = self.raw(key)
-        return _Table({} if value is None else value, self._key(key))
-
-    def get_int(self, key: str, default: int | None, *, minimum: int | None = None) -> int:
-        value = self.raw(key)
-        if value is None:
-            if default is None:
-                raise ScenarioError(self._key(key), "is required")
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ScenarioError(self._key(key), f"expected an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise ScenarioError(self._key(key), f"must be >= {minimum}")
-        return value
-
-    def get_float(self, key: str, default: float, *, positive: bool = False) -> float:
-        value = self.raw(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ScenarioError(self._key(key), f"expected a number, got {value!r}")
-        if positive and not value > 0:
-            raise ScenarioError(self._key(key), "must be > 0")
-        return float(value)
-
-    def get_str(self, key: str, default: str, *, choices: Sequence[str] | None = None) -> str:
-        value = self.raw(key)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise ScenarioError(self._key(key), f"expected a string, got {value!r}")
-        if choices is not None and value not in choices:
-            options = ", ".join(repr(c) for c in choices)
-            raise ScenarioError(self._key(key), f"unknown value {value!r}; choose one of {options}")
-        return value
-
-    def finish(self) -> None:
-        unknown = [k for k in self._data if k not in self._known]
-        if unknown:
-            where = self._key(unknown[0])
-            known = ", ".join(self._known)
-            raise ScenarioError(where, f"unknown key; known keys here: {known}")
