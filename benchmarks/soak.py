@@ -77,7 +77,7 @@ from p2pfl.scenario.schema import Scenario, parse_scenario
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 POLL = 1.0  # seconds between liveness checks and RSS samples
-STATUS_EVERY = 3.0  # seconds between control-socket reads (a status carries 1000 rows)
+STATUS_EVERY = 3.0  # seconds between control-socket reads (a status carries the last 100 rows)
 PROGRESS_EVERY = 30.0  # seconds between progress lines
 WARMUP_ROUNDS = 3  # a process's RSS "at start" is taken once it has done this many rounds
 RSS_FLAT_RATIO = 1.10

@@ -84,7 +84,7 @@ async def _run_until_done(
     if not handle_signals:
         async with open_node(cfg, model=model, data=data, identity=identity) as node:
             await node.done.wait()
-        return node.history
+        return node.learner.all_rows()
     # Opened before the node is built, so a signal during start-up is a clean stop too.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with (
@@ -104,7 +104,7 @@ async def _run_until_done(
 
             waiters.start_soon(until_done)
             waiters.start_soon(until_signal)
-        return node.history
+        return node.learner.all_rows()
 
 
 @asynccontextmanager

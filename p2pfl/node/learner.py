@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,9 +44,29 @@ METRICS_FILE = "metrics.jsonl"
 
 SHUTDOWN_RECORD_GRACE = 10.0  # seconds to write queued records when the node stops
 # Rows of per-round metrics kept in memory, in status and in the checkpoint. The whole
-# record is metrics.jsonl (appended, never rewritten): a daemon that runs for months
-# must not grow, nor rewrite a growing checkpoint every round.
-HISTORY_KEPT = 1000
+# record is metrics.jsonl (appended, never rewritten; `all_rows` reads it): a daemon
+# that runs for months must not grow, nor rewrite a growing checkpoint every round. A
+# row costs about 2.5 KiB as Python objects, so 1000 of them (the first bound) were a
+# plateau of 2.5 MiB that a 10-minute soak could not tell from a leak.
+HISTORY_KEPT = 100
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file by round (the last one written for a round wins);
+    a torn or foreign line (a crash mid-append, an edit) is skipped, not fatal."""
+    by_round: dict[int, dict[str, Any]] = {}
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            by_round[row["round"]] = row
+    return [by_round[r] for r in sorted(by_round)]
 
 
 class Learner:
@@ -330,6 +351,13 @@ class Learner:
                 dataclasses.replace(item.checkpoint, history=list(self.history)),
             )
         return None
+
+    def all_rows(self) -> list[dict[str, Any]]:
+        """Every round's row this data dir has recorded (metrics.jsonl; the newest row
+        of a round that was recorded twice around a crash), or the in-memory history
+        when that holds more (no data dir yet, or the file was removed)."""
+        rows = [] if self.datadir is None else read_metrics(self.datadir.path / METRICS_FILE)
+        return rows if len(rows) >= len(self.history) else list(self.history)
 
     def _finish_record(self, item: _RecordItem, row: dict[str, Any] | None) -> None:
         """The event-loop part: history, the round's log line, done."""

@@ -29,6 +29,7 @@ from types import FrameType
 from typing import IO, Any
 
 from p2pfl.config import to_flags
+from p2pfl.node.learner import METRICS_FILE, read_metrics
 from p2pfl.scenario.faults import (
     PROCESS_KINDS,
     CrashSchedule,
@@ -215,7 +216,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def node_rows(data_dir: Path, history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows from metrics.jsonl (authoritative: every round, survives the node; a node
     keeps only its last rows in memory) or else the history it showed."""
-    rows = _read_jsonl(data_dir / "metrics.jsonl")
+    rows = read_metrics(data_dir / METRICS_FILE)
     return rows if len(rows) >= len(history) else [dict(r) for r in history]
 
 
