@@ -258,6 +258,10 @@ def run_size(
         (f or {}).get("counters", {}).get("heartbeat_failures", 0) for f in finals
     )
     result["heartbeat"]["heartbeat_timeout_log_lines"] = lost
+    # Each node's own account of its event loop: the longest task step and who took it.
+    result["event_loop"] = {
+        p.name: (f or {}).get("event_loop") for p, f in zip(procs, finals, strict=True)
+    }
     return result
 
 
@@ -434,6 +438,12 @@ def print_tables(results: list[dict[str, Any]], epochs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1e4..1e6 only (no 1e7)")
+    parser.add_argument(
+        "--sizes", default=None, help=f"comma list of sizes among {', '.join(HIDDEN)}"
+    )
+    parser.add_argument(
+        "--nodes", type=int, default=NODES, help="node processes (fewer: fewer per core)"
+    )
     parser.add_argument("--backend", choices=("auto", "numpy", "torch"), default="auto")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--heartbeat-interval", type=float, default=0.5)
@@ -449,6 +459,12 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the nodes' data dirs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    global NODES
+    NODES = args.nodes
+    if args.sizes is not None:
+        unknown = sorted(set(args.sizes.split(",")) - set(HIDDEN))
+        if unknown:
+            parser.error(f"unknown size(s) {', '.join(unknown)}; choose among {', '.join(HIDDEN)}")
 
     if args.threads > 0:  # inherited by the node processes
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -459,7 +475,7 @@ def main() -> None:
         backends = [args.backend]
         if args.backend == "torch":
             pick_backend("torch")  # exits with a reason if torch cannot be used
-    sizes = QUICK if args.quick else tuple(HIDDEN)
+    sizes = tuple(args.sizes.split(",")) if args.sizes else QUICK if args.quick else tuple(HIDDEN)
     workdir = Path(tempfile.mkdtemp(prefix="p2pfl-size-"))
     plugin = workdir / "bench_torch_model.py"
     plugin.write_text(TORCH_PLUGIN)
@@ -473,7 +489,8 @@ def main() -> None:
                 params = mlp_params(hidden)
                 console.print(f"[bold]{backend} MLP, {params:,} parameters[/] (hidden {hidden})")
                 tls = tls_throughput(4 * params)
-                console.print(f"  TLS transport {tls['bytes_per_s'] / 1e6:,.0f} MB/s; 4 nodes")
+                mbps = tls["bytes_per_s"] / 1e6
+                console.print(f"  TLS transport {mbps:,.0f} MB/s; {NODES} nodes")
                 result = run_size(f"{backend}-{label}", hidden, workdir, args, model)
                 result["backend"] = backend
                 result["tls"] = tls
@@ -500,6 +517,7 @@ def main() -> None:
         "epochs": args.epochs,
         "heartbeat_interval": args.heartbeat_interval,
         "quick": args.quick,
+        "sizes": list(sizes),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),

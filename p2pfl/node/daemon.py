@@ -34,6 +34,7 @@ from p2pfl.learning.fingerprint import Fingerprint
 from p2pfl.membership import PeerTable
 from p2pfl.node.learner import Learner
 from p2pfl.node.link import Link
+from p2pfl.node.loopwatch import LoopWatch
 from p2pfl.node.mesh import LOG_EVERY, Mesh
 from p2pfl.node.outbox import UpdateOutbox
 from p2pfl.node.status import node_status
@@ -128,6 +129,8 @@ class Node:
                 seed=config.seed,
             )
         self.control_socket = control_socket
+        # Only a node that owns its event loop watches it (in-process scenarios share one).
+        self.loopwatch = LoopWatch() if train_in_thread else None
 
         if self.attack is not None:
             self.role = "malicious"  # its labels are poisoned by the learner
@@ -236,6 +239,8 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled (or `stop()`); say goodbye to peers on the way out."""
         self.started_at = trio.current_time()
+        if self.loopwatch is not None:
+            trio.lowlevel.add_instrument(self.loopwatch)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -264,6 +269,8 @@ class Node:
             with trio.CancelScope(shield=True):
                 await self.mesh.say_goodbye()
             self.close()
+            if self.loopwatch is not None:
+                trio.lowlevel.remove_instrument(self.loopwatch)
 
     async def stop(self) -> None:
         """Clean shutdown: tell peers we leave, then cancel everything."""
@@ -619,7 +626,12 @@ class Node:
 
     @property
     def history(self) -> list[dict[str, Any]]:
+        """The last rounds' rows (a bounded window; `all_rows()` has every round)."""
         return self.learner.history
+
+    def all_rows(self) -> list[dict[str, Any]]:
+        """Every round's row, from metrics.jsonl (reads the file: not for a hot loop)."""
+        return self.learner.all_rows()
 
     @property
     def done(self) -> trio.Event:

@@ -65,7 +65,8 @@ def node_status(node: Node) -> dict[str, Any]:
             "ratio": round(node.outbox.last_sizes[0] / max(1, node.outbox.last_sizes[1]), 2),
         },
         "secure": None if node.secure is None else node.secure.status(),
-        "history": node.history[-1000:],
+        "event_loop": None if node.loopwatch is None else node.loopwatch.status(),
+        "history": list(node.history),  # bounded: the learner keeps the last rows
         "peers": node.peers.snapshot(now),
         "counters": {
             "faults_injected": dict(counts())
