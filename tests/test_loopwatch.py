@@ -60,3 +60,21 @@ def test_short_steps_are_not_stalls() -> None:
     assert watch.status()["steps_over_100ms"] == 0
     assert watch.status()["recent_stalls"] == []
     assert watch.status()["max_step_ms"] == 50.0
+
+
+def test_added_from_inside_a_running_task_it_does_not_time_the_step_it_missed() -> None:
+    """A node adds the watch from its own task: that step's start was never seen."""
+    clock = StepClock()
+    clock.now = 10_000.0
+    watch = LoopWatch(clock=clock)
+
+    async def main() -> None:
+        trio.lowlevel.add_instrument(watch)
+        await trio.sleep(0)
+        clock.now += 0.01
+        await trio.sleep(0)
+        trio.lowlevel.remove_instrument(watch)
+
+    trio.run(main)
+    assert watch.status()["steps_over_100ms"] == 0
+    assert watch.status()["max_step_ms"] < 100

@@ -41,13 +41,17 @@ class LoopWatch(trio.abc.Instrument):
         self.slow_steps = 0
         self.max_step_s = 0.0
         self.recent: deque[tuple[float, str]] = deque(maxlen=KEPT)
-        self._started = 0.0
+        # None outside a timed step: the step that adds us never saw before_task_step.
+        self._started: float | None = None
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self._started = self.clock()
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._started is None:
+            return
         took = self.clock() - self._started
+        self._started = None
         self.steps += 1
         if took > self.max_step_s:
             self.max_step_s = took
