@@ -41,6 +41,7 @@ from p2pfl.node.status import node_status
 from p2pfl.node.transports import faulty_transport, read_secret, tcp_transport
 from p2pfl.protocol import (
     Action,
+    Aggregate,
     Aggregated,
     Broadcast,
     CaughtUp,
@@ -167,6 +168,7 @@ class Node:
             on_peer_round=self._on_peer_round,
             on_unresponsive=self._on_unresponsive,
             on_lost=self._on_lost,
+            offload=train_in_thread,
         )
         # Always able to decode compressed updates: the sender's pipeline is self-described.
         self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=self.limits.max_bin_len)
@@ -199,6 +201,8 @@ class Node:
                 adaptive_timeout=not config.secure_aggregation,
                 nudge_fraction=None if config.secure_aggregation else 0.2,
                 rule_name=config.aggregation,
+                # A real node runs the rule in a worker thread (see _aggregate).
+                defer_aggregation=train_in_thread,
             ),
             round=start_round,
             node_id=self.id,
@@ -207,6 +211,8 @@ class Node:
         self.last_aggregation: dict[str, Any] | None = None
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
+        self._encoded = trio.Event()  # the last off-loop broadcast is enqueued
+        self._encoded.set()
         self._round_started_at = 0.0
         self.started_at = 0.0  # set when run() starts (trio time)
 
@@ -313,7 +319,15 @@ class Node:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action.round, action.params)
             elif isinstance(action, Broadcast):
-                self._broadcast(action)
+                if self.mesh.offload and self.secure is None and not self.outbox.compressing:
+                    assert self._nursery is not None
+                    self._encoded = trio.Event()
+                    self._nursery.start_soon(self._broadcast_off_loop, action, self._encoded)
+                else:
+                    self._broadcast(action)
+            elif isinstance(action, Aggregate):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._aggregate, action)
             elif isinstance(action, Aggregated):
                 self._on_aggregated(action)
             elif isinstance(action, RequestUpdates):
@@ -356,11 +370,34 @@ class Node:
         started = time.perf_counter()
         payloads = self.outbox.payloads(action.round, params, action.samples, action.to)
         self._timing["encode_s"] = time.perf_counter() - started
+        self._enqueue_update(action.round, payloads)
+
+    async def _broadcast_off_loop(self, action: Broadcast, encoded: trio.Event) -> None:
+        """`_broadcast` for a plain update, its encoding (a copy and a pack of the whole
+        model) in a worker thread. The round's aggregate waits for `encoded`, so the
+        round's row, checkpoint and next round come after our model went out."""
+        try:
+            params = self.learner.outgoing(action.round, action.params)
+            if params is None:
+                return  # a silent attacker
+            started = time.perf_counter()
+            prepared = await trio.to_thread.run_sync(
+                self.outbox.encode_plain, action.round, params, action.samples
+            )
+            self._timing["encode_s"] = time.perf_counter() - started
+            payloads = self.outbox.payloads(
+                action.round, params, action.samples, action.to, prepared=prepared
+            )
+            self._enqueue_update(action.round, payloads)
+        finally:
+            encoded.set()
+
+    def _enqueue_update(self, round: int, payloads: dict[str, bytes]) -> None:
         for peer, payload in payloads.items():
             if not self.mesh.enqueue(peer, payload):
                 self.outbox.dropped(peer)
             else:
-                self.mesh.links[peer].update_queued(action.round)
+                self.mesh.links[peer].update_queued(round)
 
     def _announce_groups(self, round: int) -> None:
         """As our training starts: fix the round's neighbours and announce their groups."""
@@ -404,6 +441,16 @@ class Node:
                 trio.current_time(), round, new, self.learner.samples, self.peers.connected_ids()
             )
         )
+
+    async def _aggregate(self, action: Aggregate) -> None:
+        """The round's rule in a worker thread: stacking and reducing a few 40 MB models
+        takes a quarter of a second, which the event loop's heartbeats cannot spare. A
+        rule that fails keeps our own model for the round (the round still ends)."""
+        new = action.own
+        with self.supervisor.guard("aggregate"):
+            new = await trio.to_thread.run_sync(action.run, self.machine.rule)
+        await self._encoded.wait()  # our own model for the round is out first
+        self._apply(self.machine.aggregated(trio.current_time(), action.round, new))
 
     def _on_aggregated(self, agg: Aggregated) -> None:
         now = trio.current_time()

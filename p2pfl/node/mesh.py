@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
@@ -38,6 +39,7 @@ MAX_BAD_MESSAGES = 20  # per connection, before we hang up on the peer
 MISMATCH_HOLD_OFF = 60.0  # seconds to ignore an address that proved the wrong id
 LOG_EVERY = 10.0  # seconds between repeated warnings about one peer
 RETIRE_GRACE = 5.0  # seconds a duplicate connection is still read before closing
+OFFLOAD_DECODE_BYTES = 1 << 20  # payloads this large are decoded in a worker thread
 
 
 class Mesh:
@@ -69,8 +71,12 @@ class Mesh:
         on_peer_round: Callable[[str, int, float], None],
         on_unresponsive: Callable[[frozenset[str]], None],
         on_lost: Callable[[str], None],
+        offload: bool = False,
     ) -> None:
         self.config = config
+        # Decode large payloads in a worker thread (a real node; a simulation under a
+        # mock clock decodes inline, so its time stays deterministic).
+        self.offload = offload
         self.id = peer_id
         self.transport = transport
         self.fingerprint = fingerprint
@@ -219,7 +225,7 @@ class Mesh:
             rec.messages_in += 1
             self.bytes_received += n
             try:
-                msg = codec.decode(payload, limits=self.limits)
+                msg = await self._decode(payload)
             except WireError as exc:
                 self.count_rejection(peer, exc.reason, exc.detail)
                 link.bad_messages += 1
@@ -245,6 +251,14 @@ class Mesh:
                     return
             if keep is False:
                 return
+
+    async def _decode(self, payload: bytes) -> Message:
+        """Unpack and check one message; a model-sized one off the event loop (copying
+        and checking 40 MB took the loop from heartbeats for tens of milliseconds).
+        The reader awaits it, so a link's messages keep their order."""
+        if not self.offload or len(payload) < OFFLOAD_DECODE_BYTES:
+            return codec.decode(payload, limits=self.limits)
+        return await trio.to_thread.run_sync(partial(codec.decode, payload, limits=self.limits))
 
     def _handle(self, link: Link, msg: Message) -> bool:
         """Handle the mesh's own messages (hello, heartbeats, peer exchange, goodbye) and

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,6 +26,15 @@ from p2pfl.wire.messages import CompressedModelUpdate, ModelUpdate
 log = logging.getLogger("p2pfl.node")
 
 RESEND_ROUNDS = 2  # past rounds whose payloads are kept for resend requests
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PlainUpdate:
+    """A plain update encoded ahead of `payloads` (off the event loop)."""
+
+    round: int
+    payload: bytes
+    params: np.ndarray  # our own copy, for resends
 
 
 class UpdateOutbox:
@@ -54,8 +64,20 @@ class UpdateOutbox:
     def compressing(self) -> bool:
         return self.pipeline is not None
 
+    def encode_plain(self, round: int, params: np.ndarray, samples: int) -> PlainUpdate:
+        """A plain update's bytes and the copy kept for resends: pure, so a real node
+        runs it in a worker thread and hands the result to `payloads(prepared=...)`."""
+        payload = codec.encode(ModelUpdate(self.node_id, round, params, samples))
+        return PlainUpdate(round, payload, params.copy())
+
     def payloads(
-        self, round: int, params: np.ndarray, samples: int, peers: Sequence[str]
+        self,
+        round: int,
+        params: np.ndarray,
+        samples: int,
+        peers: Sequence[str],
+        *,
+        prepared: PlainUpdate | None = None,
     ) -> dict[str, bytes]:
         """Encode our model for `round` for each of `peers` (shared bytes where possible).
 
@@ -72,8 +94,15 @@ class UpdateOutbox:
             again = {peer: self.resend(peer, round) for peer in peers}
             return {peer: payload for peer, payload in again.items() if payload is not None}
         out: dict[str, bytes] = {}
+        kept: np.ndarray | None = None
         try:
-            if not self.per_peer:
+            if prepared is not None:
+                if self.pipeline is not None or prepared.round != round:
+                    raise RuntimeError("a prepared plain update for another round or stream")
+                out = dict.fromkeys(peers, prepared.payload)
+                kept = prepared.params
+                self.last_sizes = (4 * params.size, len(prepared.payload))
+            elif not self.per_peer:
                 payload = self._encode(self._shared, round, params, samples)
                 out = dict.fromkeys(peers, payload)
             else:
@@ -90,7 +119,7 @@ class UpdateOutbox:
                 self.dropped(peer)
             return {}
         self._sent[round] = out
-        self._models[round] = (params.copy(), samples)
+        self._models[round] = (params.copy() if kept is None else kept, samples)
         self._last_round = round
         for old in [r for r in self._sent if r < round - RESEND_ROUNDS]:
             del self._sent[old]

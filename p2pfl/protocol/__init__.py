@@ -2,6 +2,7 @@
 
 from p2pfl.protocol.rounds import (
     Action,
+    Aggregate,
     Aggregated,
     Broadcast,
     CaughtUp,
@@ -17,6 +18,7 @@ from p2pfl.protocol.rounds import (
 
 __all__ = [
     "Action",
+    "Aggregate",
     "Aggregated",
     "Broadcast",
     "CaughtUp",

@@ -20,6 +20,7 @@ from enum import StrEnum
 import numpy as np
 
 from p2pfl.aggregation import AggregationRule
+from p2pfl.wire.tensors import all_finite
 
 MIN_NUDGE_GAP = 0.05
 """Seconds: the earliest a missing update is asked for again once most have arrived."""
@@ -34,6 +35,7 @@ class Phase(StrEnum):
     STARTING = "starting"
     TRAINING = "training"
     COLLECTING = "collecting"
+    AGGREGATING = "aggregating"  # the rule runs elsewhere (settings.defer_aggregation)
     CATCHING_UP = "catching_up"
     DONE = "done"
 
@@ -57,6 +59,21 @@ class Broadcast:
     params: np.ndarray
     samples: int
     to: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Aggregate:
+    """Run the rule on these inputs (ours among them, in canonical order) and report
+    the result with `aggregated()`. Only with `defer_aggregation`: a real node runs it
+    in a worker thread, since a large model's aggregation would stall its event loop."""
+
+    round: int
+    inputs: tuple[np.ndarray, ...]
+    weights: np.ndarray
+    own: np.ndarray
+
+    def run(self, rule: AggregationRule) -> np.ndarray:
+        return rule(np.stack(self.inputs), self.weights, self.own)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -114,7 +131,15 @@ class Finished:
 
 
 Action = (
-    Train | Broadcast | Aggregated | RequestState | RequestUpdates | CaughtUp | Rejected | Finished
+    Train
+    | Broadcast
+    | Aggregate
+    | Aggregated
+    | RequestState
+    | RequestUpdates
+    | CaughtUp
+    | Rejected
+    | Finished
 )
 
 
@@ -135,6 +160,12 @@ class RoundSettings:
     nudge_fraction: float | None = None
     min_round_timeout: float = 2.0
     adaptive_window: int = 5  # rounds of wait times the adaptive timeout looks at
+    # Hand the rule's work out as an Aggregate action instead of running it here.
+    defer_aggregation: bool = False
+
+
+# (senders, timed_out, rejected, the senders' models): the round while its rule runs.
+_DeferredRound = tuple[tuple[str, ...], bool, tuple[tuple[str, str], ...], tuple[np.ndarray, ...]]
 
 
 @dataclass
@@ -173,6 +204,8 @@ class RoundMachine:
     _resend_asked: set[str] = field(default_factory=set)
     _nudge_gap: float = 0.0
     _preselected: tuple[int, tuple[str, ...]] | None = None
+    # What the round's deferred aggregation reports besides the model (see _adopt).
+    _deferred: _DeferredRound | None = None
     # Peers known not to answer (stalled readers): asked for state only as a last resort.
     unresponsive: frozenset[str] = frozenset()
 
@@ -334,7 +367,7 @@ class RoundMachine:
             return actions
         if self.phase is not Phase.CATCHING_UP or sender not in self._asked:
             return []
-        if params.shape != self.params.shape or not np.isfinite(params).all():
+        if params.shape != self.params.shape or not all_finite(params):
             return [Rejected(sender, round, "bad_state")]
         self._states[sender] = (round, np.ascontiguousarray(params, dtype=np.float32))
         if len(self._states) >= len(self._asked):
@@ -448,7 +481,7 @@ class RoundMachine:
             return "bad_shape"
         if samples < 0:
             return "bad_samples"
-        if not np.isfinite(params).all():
+        if not all_finite(params):
             return "non_finite"
         return None
 
@@ -540,17 +573,45 @@ class RoundMachine:
             [(self.node_id, self._own), *((s, received[s]) for s in senders)],
             key=lambda item: item[0],
         )
-        stacked = np.stack([p.params for _, p in inputs])
         weights = np.array([p.samples for _, p in inputs], dtype=np.float64)
-        new = self.rule(stacked, weights, self._own.params)
+        rejected = tuple(self._rejected)
+        received_params = tuple(received[s].params for s in senders)
+        if self.settings.defer_aggregation:
+            self.phase = Phase.AGGREGATING
+            self.deadline = None
+            self.nudge_at = None
+            self._deferred = (senders, timed_out, rejected, received_params)
+            own = self._own.params
+            return [Aggregate(self.round, tuple(p.params for _, p in inputs), weights, own)]
+        new = self.rule(np.stack([p.params for _, p in inputs]), weights, self._own.params)
+        return self._adopt(now, new, senders, timed_out, rejected, received_params)
+
+    def aggregated(self, now: float, round: int, new: np.ndarray) -> list[Action]:
+        """The rule's result for `round` (after an Aggregate action)."""
+        if self.phase is not Phase.AGGREGATING or round != self.round or self._deferred is None:
+            return []  # made obsolete meanwhile (a catch-up)
+        senders, timed_out, rejected, received_params = self._deferred
+        self._deferred = None
+        return self._adopt(now, new, senders, timed_out, rejected, received_params)
+
+    def _adopt(
+        self,
+        now: float,
+        new: np.ndarray,
+        senders: tuple[str, ...],
+        timed_out: bool,
+        rejected: tuple[tuple[str, str], ...],
+        received_params: tuple[np.ndarray, ...],
+    ) -> list[Action]:
+        """The round's aggregate becomes our model; on to the next round."""
+        assert self._own is not None
         guard: list[Action] = []
-        if new.shape != self.params.shape or not np.isfinite(new).all():
+        if new.shape != self.params.shape or not all_finite(new):
             # Finite but huge inputs can overflow a weighted sum: never adopt a model
             # that is not finite; keep our own and say so.
             guard.append(Rejected(self.node_id, self.round, "non_finite_aggregate"))
             new = self._own.params
         done_round = self.round
-        rejected = tuple(self._rejected)
         self.params = np.ascontiguousarray(new, dtype=np.float32)
         self.nudge_at = None
         self._advance_to(self.round + 1)
@@ -562,7 +623,7 @@ class RoundMachine:
                 rejected,
                 timed_out,
                 self.settings.rule_name,
-                tuple(received[s].params for s in senders),
+                received_params,
             )
         ]
         actions += guard
