@@ -436,6 +436,7 @@ def print_tables(results: list[dict[str, Any]], epochs: int) -> None:
 
 
 def main() -> None:
+    global NODES
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1e4..1e6 only (no 1e7)")
     parser.add_argument(
@@ -459,7 +460,6 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the nodes' data dirs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    global NODES
     NODES = args.nodes
     if args.sizes is not None:
         unknown = sorted(set(args.sizes.split(",")) - set(HIDDEN))
