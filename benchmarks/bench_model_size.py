@@ -342,6 +342,14 @@ def summarize(
             "rtt_ms_idle": _stats([v for s in idle for v in s["new_rtt_ms"].values()]),
             "status_ms_round": _stats([s["status_ms"] for s in during]),
             "status_ms_idle": _stats([s["status_ms"] for s in idle]),
+            # By node 0's phase when the new RTT was seen: training and evaluation
+            # ("finishing") against the transfer and aggregation in between.
+            "rtt_ms_by_phase": {
+                phase: _stats(
+                    [v for s in during if s["phase"] == phase for v in s["new_rtt_ms"].values()]
+                )
+                for phase in sorted({s["phase"] for s in during})
+            },
             "heartbeat_failures": final["counters"].get("heartbeat_failures", 0),
             "reconnects": final["counters"].get("reconnects", 0),
         },
