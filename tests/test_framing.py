@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfl.wire import FrameDecoder, WireError, frame
-from p2pfl.wire.framing import COALESCE_BELOW, frame_header
+from p2pfl.wire.framing import COALESCE_BELOW, Part, PartAssembler, frame_header, split_parts
 
 
 def _drain(decoder: FrameDecoder) -> list[bytes]:
@@ -160,3 +160,82 @@ def test_trickled_bytes_are_coalesced() -> None:
     assert decoder.next_frame() is None
     decoder.feed(byte)
     assert decoder.next_frame() == byte * n
+
+
+# --- messages in parts -------------------------------------------------------------
+
+
+def _parted(message: bytes, part_size: int) -> list[bytes]:
+    return [
+        frame_header(end - start, part, len(message)) + message[start:end]
+        for part, start, end in split_parts(len(message), part_size)
+    ]
+
+
+def _messages(decoder: FrameDecoder, assembler: PartAssembler) -> list[bytes]:
+    out = []
+    while True:
+        payload = decoder.next_frame()
+        if payload is None:
+            return out
+        assembler.expect(decoder.part, len(payload), decoder.total)
+        message = assembler.add(decoder.part, payload, decoder.total)
+        if message is not None:
+            out.append(message)
+
+
+def test_split_parts_covers_the_message_once() -> None:
+    assert split_parts(10, 4) == [(Part.FIRST, 0, 4), (Part.MORE, 4, 8), (Part.LAST, 8, 10)]
+    assert split_parts(8, 4) == [(Part.FIRST, 0, 4), (Part.LAST, 4, 8)]
+    assert split_parts(4, 4) == [(Part.WHOLE, 0, 4)]
+    assert split_parts(0, 4) == [(Part.WHOLE, 0, 0)]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=0, max_size=3000), st.integers(1, 700), st.integers(0, 10))
+def test_whole_frames_between_parts_arrive_first_and_intact(
+    message: bytes, part_size: int, at: int
+) -> None:
+    frames = _parted(message, part_size)
+    at = min(at, len(frames))
+    stream = b"".join([*frames[:at], frame(b"ping"), *frames[at:]])
+    decoder, assembler = FrameDecoder(), PartAssembler()
+    got: list[bytes] = []
+    for i in range(0, len(stream), 7):
+        decoder.feed(stream[i : i + 7])
+        got += _messages(decoder, assembler)
+    assert got == ([b"ping", message] if at < len(frames) else [message, b"ping"])
+    assert not assembler.in_progress and assembler.held == 0
+
+
+def test_the_first_header_announces_the_whole_message_and_is_checked_early() -> None:
+    decoder = FrameDecoder(max_frame_size=100)
+    decoder.feed(frame_header(10, Part.FIRST, 101))
+    with pytest.raises(WireError) as info:
+        decoder.next_frame()
+    assert info.value.reason == "oversize" and "message of 101 bytes" in info.value.detail
+    decoder = FrameDecoder(max_frame_size=100)
+    decoder.feed(frame_header(10, Part.FIRST, 100)[:6])
+    assert decoder.next_frame() is None and decoder.wants() == 2  # the total is missing
+
+
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        ([(Part.MORE, 4, 0)], "without a first part"),
+        ([(Part.LAST, 4, 0)], "without a first part"),
+        ([(Part.FIRST, 4, 10), (Part.FIRST, 4, 10)], "began inside"),
+        ([(Part.FIRST, 4, 10), (Part.MORE, 7, 0)], "11 bytes for a 10-byte"),
+        ([(Part.FIRST, 4, 10), (Part.LAST, 2, 0)], "6 bytes for a 10-byte"),
+        ([(Part.FIRST, 11, 10)], "first part of 11 bytes"),
+    ],
+)
+def test_parts_that_break_the_rules_are_refused_before_their_body(
+    frames: list[tuple[Part, int, int]], message: str
+) -> None:
+    assembler = PartAssembler()
+    with pytest.raises(WireError, match=message) as info:
+        for part, length, total in frames:
+            assembler.expect(part, length, total)
+            assembler.add(part, b"x" * length, total)
+    assert info.value.reason == "bad_part"

@@ -14,6 +14,7 @@ class FakeConnection:
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
+        self.started: list[bytes] = []  # sends entered (a writer is inside them)
         self.gate = trio.Semaphore(0)
         self.broken = False
 
@@ -30,6 +31,7 @@ class FakeConnection:
         return True
 
     async def send(self, payload: bytes) -> None:
+        self.started.append(payload)
         await self.gate.acquire()
         if self.broken:
             raise ConnectionClosed("gone")
@@ -162,11 +164,12 @@ async def test_no_bye_when_the_frame_in_progress_does_not_finish(
     assert conn.sent == []
 
 
-async def test_heartbeats_are_written_before_queued_updates(
+async def test_heartbeats_do_not_wait_for_updates_queued_or_being_written(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A Pong used to wait behind every model update queued on the link (seconds at
-    1e7 parameters); now only behind the frame being written."""
+    1e7 parameters), then behind the one being written; now it has a writer of its
+    own and goes to the connection at once (TCP slips it between the update's parts)."""
     conn = FakeConnection()
     link = Link(conn, "peer", "test")
     link.offer(b"update-1", limit=1000)
@@ -174,13 +177,16 @@ async def test_heartbeats_are_written_before_queued_updates(
     link.offer(b"update-2", limit=1000)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.pump, lambda n: None)
-        await trio.sleep(0.1)  # the writer is inside update-1
+        await trio.sleep(0.1)  # the update writer is inside update-1
         link.offer(b"pong", limit=1000, urgent=True)
+        await trio.sleep(0.1)
+        assert conn.started == [b"update-1", b"pong"]  # update-1 still unfinished
         for _ in range(3):
             conn.gate.release()
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
-    assert conn.sent == [b"update-1", b"pong", b"update-2"]
+    assert sorted(conn.sent) == [b"pong", b"update-1", b"update-2"]
+    assert conn.sent.index(b"update-1") < conn.sent.index(b"update-2")
     # Heartbeats do not count as queued messages: update positions stay exact.
     assert link.enqueued == 2 and link.written == 2
     assert not link.update_in_flight(1)

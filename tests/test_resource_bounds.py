@@ -35,7 +35,7 @@ from p2pfl.wire import codec
 from p2pfl.wire.address import MAX_ADDR_LEN
 from p2pfl.wire.codec import MAX_LISTEN, MAX_PEERS
 from p2pfl.wire.errors import WireError
-from p2pfl.wire.framing import FRAME_HEADROOM, frame_header, frame_limit_for
+from p2pfl.wire.framing import FRAME_HEADROOM, Part, frame_header, frame_limit_for
 from p2pfl.wire.messages import (
     CompressedModelUpdate,
     Hello,
@@ -558,3 +558,52 @@ def test_a_full_target_table_makes_room_by_forgetting_failed_learnt_addresses() 
     assert "junk1:1" not in table.targets and len(table.targets) == 4
     # Left: bootstrap (failed, kept), junk0 (never failed), junk2 (dialing), real.
     assert not table.add_address("more:1", peer_id="m", found_via="peer-exchange")
+
+
+async def test_a_message_in_parts_is_budgeted_whole_and_cut_at_its_own_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Parts each within their size must not buy a peer unlimited time: the message's
+    deadline runs from its first header, and its whole length is reserved up front."""
+    server = TcpTransport(NODE, limits=SLOW)
+    got = Recorder()
+    async with trio.open_nursery() as nursery:
+        (address,) = await nursery.start(server.listen, got)
+        stream = await raw_peer(PEERS[0], address)
+        start = trio.current_time()
+        await stream.send_all(frame_header(1000, Part.FIRST, 20_000) + b"x" * 1000)
+        await trio.sleep(1.0)
+        assert [c.reserved for c in got.conns] == [20_000]  # the whole message
+        assert server.budget.used == 20_000
+        # More parts, each small and prompt, then nothing: cut at the message's deadline.
+        for _ in range(5):
+            await stream.send_all(frame_header(1000, Part.MORE) + b"x" * 1000)
+            await trio.sleep(1.0)
+        with trio.fail_after(HANG):
+            await closed_by_node(stream)
+        assert trio.current_time() - start == pytest.approx(SLOW.frame_deadline(20_000), abs=0.1)
+        assert [e.reason for e in got.errors] == ["frame_deadline"]
+        assert "20000-byte message" in got.errors[0].detail
+        assert server.budget.used == 0 and server.buffered() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_whole_message_between_parts_is_delivered_and_a_bad_part_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = TcpTransport(NODE, limits=SLOW)
+    got = Recorder()
+    ping = b"a whole message"
+    async with trio.open_nursery() as nursery:
+        (address,) = await nursery.start(server.listen, got)
+        stream = await raw_peer(PEERS[0], address)
+        await stream.send_all(frame_header(3, Part.FIRST, 6) + b"abc")
+        await stream.send_all(frame_header(len(ping)) + ping)
+        await stream.send_all(frame_header(3, Part.LAST) + b"def")
+        await stream.send_all(frame_header(3, Part.MORE) + b"ghi")  # no first part
+        with trio.fail_after(HANG):
+            await closed_by_node(stream)
+        assert got.payloads == [ping, b"abcdef"]
+        assert [e.reason for e in got.errors] == ["bad_part"]
+        assert server.budget.used == 0 and server.buffered() == 0
+        nursery.cancel_scope.cancel()

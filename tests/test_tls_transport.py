@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
@@ -284,3 +285,80 @@ def test_satisfies_transport_protocol() -> None:
     """Checked by mypy: TcpTransport and its connections match the base protocols."""
     transport: Transport = TcpTransport(A)
     assert transport.local_id == A.peer_id
+
+
+# --- messages in parts ---------------------------------------------------------------
+
+
+class Recorder:
+    """Listener handler: reads nothing until told to, then records every payload."""
+
+    def __init__(self) -> None:
+        self.read = trio.Event()
+        self.got: list[bytes] = []
+        self.errors: list[BaseException] = []
+
+    async def __call__(self, conn: Connection) -> None:
+        await self.read.wait()
+        try:
+            while True:
+                self.got.append(await conn.receive())
+        except WireError as exc:
+            self.errors.append(exc)
+            raise
+
+
+async def test_a_small_message_overtakes_a_large_one_between_its_parts() -> None:
+    """A heartbeat used to wait until a whole model update was written; now it goes
+    out between two parts of it, and the receiver gets it first."""
+    big = os.urandom(64 * 1024 * 1024)  # far more than loopback's socket buffers hold
+    server = TcpTransport(A, max_frame_size=len(big))
+    client = TcpTransport(B)
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+        (address,) = await nursery.start(server.listen, rec)
+        conn = await client.connect(address)
+        nursery.start_soon(conn.send, big)
+        # The receiver does not read yet: the big send fills the socket buffers and
+        # blocks between parts. (`buffered` and the lock tell us it is mid-message.)
+        while not conn._send_lock.locked():
+            await trio.sleep(0.01)
+        await trio.sleep(0.2)
+        small = trio.Event()
+
+        async def send_small() -> None:
+            await conn.send(b"pong")
+            small.set()
+
+        nursery.start_soon(send_small)
+        rec.read.set()
+        with trio.fail_after(60):
+            while len(rec.got) < 2:
+                await trio.sleep(0.01)
+        assert rec.got[0] == b"pong"
+        assert rec.got[1] == big
+        await conn.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_message_in_parts_above_the_limit_is_refused_at_its_first_header() -> None:
+    server = TcpTransport(A, max_frame_size=3 * 1024 * 1024)
+    client = TcpTransport(B)
+    rec = Recorder()
+    rec.read.set()
+    async with trio.open_nursery() as nursery:
+        (address,) = await nursery.start(server.listen, rec)
+        conn = await client.connect(address)
+        ok = os.urandom(3 * 1024 * 1024)  # exactly the limit, in 3 parts
+        await conn.send(ok)
+        with contextlib.suppress(ConnectionClosed):  # refused: the server hangs up
+            await conn.send(b"x" * (3 * 1024 * 1024 + 1))
+        with trio.fail_after(30):
+            while not rec.errors:
+                await trio.sleep(0.01)
+        assert rec.got == [ok]
+        error = rec.errors[0]
+        assert isinstance(error, WireError) and error.reason == "oversize"
+        assert "message of 3145729 bytes" in error.detail
+        await conn.aclose()
+        nursery.cancel_scope.cancel()

@@ -3,8 +3,9 @@
 Callers never block on a slow peer: `offer` queues a message or refuses it when the
 queue is over its byte budget (the peer stops reading, we stop holding memory for it),
 and a single writer task (`pump`) drains the queue onto the connection. Heartbeats
-(`urgent`) go in a lane of their own that the writer serves first, so a Pong never
-waits behind queued 40 MB model updates, only behind the frame being written. The link also
+(`urgent`) go in a lane of their own with its own writer: a Pong never waits behind
+queued 40 MB model updates, and on TCP not even behind the one being written, whose
+parts it slips between (see p2pfl/wire/framing.py). The link also
 remembers where each recent round's model update sits in that queue, so that a resend
 request for an update still waiting to be written is recognised as such: the update is
 on its way, and resending it would only duplicate the transfer.
@@ -44,17 +45,17 @@ class Link:
     # Why the connection ended, when it ended by itself (EOF, reset, bad framing, a
     # heartbeat timeout); None while open or when we closed it (shutdown, duplicate).
     close_reason: str | None = None
-    # Only one task may write to a connection at a time: `writing` is true while the
-    # writer is inside a send (and stays true if that send was cut short, leaving half
-    # a frame on the wire); `closing` stops the writer before its next message.
-    writing: bool = False
+    # `writing` counts the lanes inside a send (one stays counted if its send was cut
+    # short, leaving half a frame on the wire); `closing` stops both writers before
+    # their next message.
+    writing: int = 0
     closing: bool = False
     _update_at: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._normal: deque[bytes] = deque()
         self._urgent: deque[bytes] = deque()
-        self._wake = trio.Event()
+        self._wake = {True: trio.Event(), False: trio.Event()}  # by lane: urgent or not
 
     def offer(self, payload: bytes, limit: float, *, urgent: bool = False) -> bool:
         """Queue `payload` unless the queue would exceed `limit` bytes; `urgent`
@@ -67,7 +68,7 @@ class Link:
         else:
             self.enqueued += 1
             self._normal.append(payload)
-        self._wake.set()
+        self._wake[urgent].set()
         return True
 
     def update_queued(self, round: int) -> None:
@@ -111,18 +112,25 @@ class Link:
         return False
 
     async def pump(self, on_written: Callable[[int], None]) -> None:
-        """Write queued messages until the connection fails (then cancel the link)."""
+        """Write queued messages until the connection fails (then cancel the link) or
+        the link closes: one writer per lane, so heartbeats never queue behind updates."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_lane, True, on_written)
+            await self._pump_lane(False, on_written)
+            nursery.cancel_scope.cancel()
+
+    async def _pump_lane(self, urgent: bool, on_written: Callable[[int], None]) -> None:
+        lane = self._urgent if urgent else self._normal
         while True:
-            if not (self._urgent or self._normal):
-                self._wake = trio.Event()
-                await self._wake.wait()
+            if not lane:
+                self._wake[urgent] = trio.Event()
+                await self._wake[urgent].wait()
                 continue
             if self.closing:
                 return
-            urgent = bool(self._urgent)
-            payload = self._urgent.popleft() if urgent else self._normal.popleft()
+            payload = lane.popleft()
             self.queued_bytes -= len(payload)
-            self.writing = True
+            self.writing += 1
             try:
                 await self.conn.send(payload)
             except (
@@ -135,7 +143,7 @@ class Link:
                     self.close_reason = closed_cause(exc)
                 self.scope.cancel()
                 return
-            self.writing = False
+            self.writing -= 1
             if not urgent:
                 self.written += 1
             on_written(len(payload) + 4)

@@ -39,7 +39,14 @@ from p2pfl.transport.budget import ReceiveBudget, give_back_memory
 from p2pfl.transport.tls import make_ssl_context, peer_id_of
 from p2pfl.wire.address import parse_address as parse_address  # the one parser, re-exported
 from p2pfl.wire.errors import WireError
-from p2pfl.wire.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, frame_header
+from p2pfl.wire.framing import (
+    DEFAULT_MAX_FRAME_SIZE,
+    FrameDecoder,
+    Part,
+    PartAssembler,
+    frame_header,
+    split_parts,
+)
 
 log = logging.getLogger("p2pfl.transport")
 
@@ -47,7 +54,6 @@ ACCEPT = b"\x01"
 BUSY = b"\x02"  # instead of ACCEPT: the server is at its inbound connection limit
 RECEIVE_CHUNK = 256 * 1024
 SMALL_PAYLOAD = 64 * 1024  # below this, header + payload go out as one buffer
-SEND_SLICE = 1024 * 1024  # big payloads are encrypted and sent a slice at a time
 CLOSE_TIMEOUT = 2.0
 REFUSAL_LOG_EVERY = 10.0  # seconds between "inbound limit reached" lines
 
@@ -108,8 +114,12 @@ class TcpConnection:
         self._budget = budget
         self._on_close = on_close
         self._decoder = FrameDecoder(limits.max_frame_size)
-        self._reserved = 0  # bytes of the budget held for the frame in progress
+        self._parts = PartAssembler()
+        self._admitted = False  # the pending frame's header was checked and budgeted
+        self._reserved = 0  # bytes of the budget held for the single frame in progress
+        self._message_reserved = 0  # ... and for the multi-part message in progress
         self._deadline: float | None = None  # when the frame in progress must be complete
+        self._message_deadline: float | None = None  # ... and the multi-part message
         self._send_lock = trio.Lock()
         self._closed = False
 
@@ -127,13 +137,13 @@ class TcpConnection:
 
     @property
     def buffered(self) -> int:
-        """Bytes of a partially received frame held right now."""
-        return self._decoder.buffered
+        """Bytes of a partially received frame or message held right now."""
+        return self._decoder.buffered + self._parts.held
 
     @property
     def reserved(self) -> int:
         """Bytes of the transport's receive budget this connection holds."""
-        return self._reserved
+        return self._reserved + self._message_reserved
 
     def __repr__(self) -> str:
         way = "to" if self._outbound else "from"
@@ -143,14 +153,17 @@ class TcpConnection:
         if self._closed:
             raise ConnectionClosed(f"connection to {self._peer_id} is closed")
         try:
-            async with self._send_lock:
-                if len(payload) < SMALL_PAYLOAD:
+            if len(payload) < SMALL_PAYLOAD:
+                async with self._send_lock:
                     await self._stream.send_all(frame_header(len(payload)) + payload)
-                    return
-                await self._stream.send_all(frame_header(len(payload)))
-                view = memoryview(payload)
-                for start in range(0, len(view), SEND_SLICE):
-                    await self._stream.send_all(view[start : start + SEND_SLICE])
+                return
+            # One part at a time, the lock released in between: another task's message
+            # (a heartbeat) goes out between two parts instead of after the whole model.
+            view = memoryview(payload)
+            for part, start, end in split_parts(len(payload)):
+                async with self._send_lock:
+                    await self._stream.send_all(frame_header(end - start, part, len(payload)))
+                    await self._stream.send_all(view[start:end])
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(f"connection to {self._peer_id} lost: {exc}") from exc
 
@@ -172,20 +185,43 @@ class TcpConnection:
         while True:
             payload = decoder.next_frame()  # raises WireError("oversize")
             if payload is not None:
-                self._release()
+                self._admitted = False
                 self._deadline = None
-                return payload
+                if decoder.part is Part.WHOLE:
+                    self._release()
+                message = self._parts.add(decoder.part, payload, decoder.total)
+                if message is None:
+                    continue
+                if decoder.part is not Part.WHOLE:
+                    self._release_message()
+                return message
             length = decoder.pending_length
-            if length is not None and self._reserved < length:
-                await self._reserve(length)
-            elif self._deadline is None and decoder.buffered:
+            if length is not None and not self._admitted:
+                await self._admit(decoder.pending_part, length, decoder.pending_total)
+            elif length is None and self._deadline is None and decoder.buffered:
                 # Part of a header: the header itself is on the clock.
                 self._deadline = trio.current_time() + self._limits.frame_timeout
             # Never read past the end of this frame: whatever we hold is reserved.
             data = await self._receive_some(min(RECEIVE_CHUNK, decoder.wants()))
             decoder.feed(data)
 
-    async def _reserve(self, length: int) -> None:
+    async def _admit(self, part: Part, length: int, total: int) -> None:
+        """A frame's header is in: check it, and budget the frame (or, for a FIRST part,
+        the whole message) before a byte of its body is read."""
+        self._parts.expect(part, length, total)  # raises WireError("bad_part")
+        if part is Part.WHOLE:
+            self._reserved = await self._reserve(length)
+            # The frame's clock starts once it may be read: waiting was our doing.
+            self._deadline = trio.current_time() + self._limits.frame_deadline(length)
+        elif part is Part.FIRST:
+            self._message_reserved = await self._reserve(total)
+            self._message_deadline = trio.current_time() + self._limits.frame_deadline(total)
+            self._deadline = None
+        else:
+            self._deadline = None  # the message's deadline covers its parts
+        self._admitted = True
+
+    async def _reserve(self, length: int) -> int:
         wait = self._limits.budget_wait()
         with trio.move_on_after(wait) as scope:
             await self._budget.reserve(length)
@@ -195,25 +231,18 @@ class TcpConnection:
                 f"no room for a {length}-byte frame in the {self._budget.capacity}-byte "
                 f"receive budget within {wait:.0f}s",
             )
-        self._reserved = length
-        # The frame's clock starts once it may be read: waiting was our doing, not its.
-        self._deadline = trio.current_time() + self._limits.frame_deadline(length)
+        return length
 
     async def _receive_some(self, n: int) -> bytes | bytearray:
+        deadlines = [d for d in (self._deadline, self._message_deadline) if d is not None]
         try:
-            if self._deadline is None:
+            if not deadlines:
                 data = await self._stream.receive_some(n)
             else:
-                with trio.move_on_at(self._deadline) as scope:
+                with trio.move_on_at(min(deadlines)) as scope:
                     data = await self._stream.receive_some(n)
                 if scope.cancelled_caught:
-                    pending = self._decoder.pending_length
-                    size = "its header" if pending is None else f"a {pending}-byte frame"
-                    raise WireError(
-                        "frame_deadline",
-                        f"{self._peer_id} did not complete {size} in time "
-                        f"({self._decoder.buffered} bytes arrived)",
-                    )
+                    raise WireError("frame_deadline", self._late_detail())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(f"connection to {self._peer_id} lost: {exc}") from exc
         if not data:
@@ -223,16 +252,39 @@ class TcpConnection:
         self.last_activity = trio.current_time()
         return data
 
+    def _late_detail(self) -> str:
+        now = trio.current_time()
+        if self._message_deadline is not None and now >= self._message_deadline:
+            return (
+                f"{self._peer_id} did not complete a {self._message_reserved}-byte message "
+                f"in time ({self._parts.held + self._decoder.buffered} bytes arrived)"
+            )
+        pending = self._decoder.pending_length
+        size = "its header" if pending is None else f"a {pending}-byte frame"
+        return (
+            f"{self._peer_id} did not complete {size} in time "
+            f"({self._decoder.buffered} bytes arrived)"
+        )
+
     def _release(self) -> None:
         if self._reserved:
             reserved, self._reserved = self._reserved, 0
             self._budget.release(reserved)
 
+    def _release_message(self) -> None:
+        self._message_deadline = None
+        if self._message_reserved:
+            reserved, self._message_reserved = self._message_reserved, 0
+            self._budget.release(reserved)
+
     def _drop_partial(self) -> None:
-        """Forget the frame in progress: its bytes and its share of the budget."""
-        dropped = self._decoder.buffered
+        """Forget the frame and message in progress: their bytes and budget."""
+        dropped = self.buffered
         self._decoder.clear()
+        self._parts.clear()
+        self._admitted = False
         self._release()
+        self._release_message()
         self._deadline = None
         give_back_memory(dropped)
 

@@ -1,8 +1,13 @@
 """Length-prefixed framing (sans-IO).
 
-A frame is a 4-byte big-endian payload length followed by the payload. The limit is
-checked as soon as the 4 header bytes arrive, so an oversized frame is refused before
-a single payload byte is buffered. The limit a node uses is derived from its model
+A frame is a 4-byte big-endian header followed by the payload: the low 30 bits are the
+payload length, the top 2 bits say which part of a message the frame carries (`Part`).
+A message above `PART_SIZE` travels as parts (FIRST, MORE..., LAST), and the FIRST
+part's header also carries the whole message's length, so a receiver can refuse or
+budget the message before any byte of it is buffered. Single-frame messages may come
+between the parts of another: that is what lets a heartbeat overtake a 40 MB update
+already on the wire, instead of waiting for all of it. The limit is checked as soon
+as a header arrives. The limit a node uses is derived from its model
 (`frame_limit_for`): a peer must not make a node with a 2.6 KB model buffer 256 MiB.
 """
 
@@ -10,12 +15,27 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from enum import IntEnum
 
 from p2pfl.wire.errors import WireError
 
 HEADER = struct.Struct(">I")
+TOTAL = struct.Struct(">I")  # after a FIRST part's header: the whole message's length
 DEFAULT_MAX_FRAME_SIZE = 256 * 1024 * 1024
-MAX_FRAME_SIZE = 2**32 - 1  # what a 4-byte header can announce
+MAX_FRAME_SIZE = 2**32 - 1  # the largest message a FIRST header can announce
+LENGTH_MASK = (1 << 30) - 1  # a frame's own payload length: the header's low 30 bits
+PART_SIZE = 1024 * 1024  # messages above this go out as parts of this size
+
+
+class Part(IntEnum):
+    """The header's top two bits."""
+
+    WHOLE = 0  # a message in one frame
+    FIRST = 1  # the first part; its header is followed by the message's total length
+    MORE = 2  # a middle part
+    LAST = 3  # the final part
+
+
 # Room for everything in a frame that is not the model vector: message headers, tensor
 # maps, and the largest message with no vector at all. That is a secure-aggregation
 # group announcement at its validated maximum (1024 participants x (32-char id +
@@ -50,13 +70,87 @@ def frame_deadline(length: int, *, floor: float, min_rate: float) -> float:
     return floor + length / min_rate
 
 
-def frame_header(payload_length: int) -> bytes:
-    return HEADER.pack(payload_length)
+def frame_header(payload_length: int, part: Part = Part.WHOLE, total: int = 0) -> bytes:
+    """The header of a frame with `payload_length` bytes (a FIRST part's with `total`)."""
+    head = HEADER.pack(part << 30 | payload_length)
+    return head + TOTAL.pack(total) if part is Part.FIRST else head
 
 
 def frame(payload: bytes) -> bytes:
     """Return header + payload as one buffer (copies; use frame_header for big payloads)."""
     return HEADER.pack(len(payload)) + payload
+
+
+def split_parts(length: int, part_size: int = PART_SIZE) -> list[tuple[Part, int, int]]:
+    """(part, start, end) of each frame a `length`-byte message travels in."""
+    if length <= part_size:
+        return [(Part.WHOLE, 0, length)]
+    starts = range(0, length, part_size)
+    last = len(starts) - 1
+    return [
+        (
+            Part.FIRST if i == 0 else Part.LAST if i == last else Part.MORE,
+            start,
+            min(start + part_size, length),
+        )
+        for i, start in enumerate(starts)
+    ]
+
+
+class PartAssembler:
+    """Joins the parts of one message at a time; whole messages pass straight through.
+
+    `expect` checks a frame's header before its body is read, so a peer cannot make us
+    buffer a part that breaks the rules (a second FIRST, a continuation out of nowhere,
+    more bytes than announced).
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._got = 0
+        self._total: int | None = None
+
+    @property
+    def in_progress(self) -> bool:
+        return self._total is not None
+
+    @property
+    def held(self) -> int:
+        return self._got
+
+    def expect(self, part: Part, length: int, total: int) -> None:
+        if part is Part.WHOLE:
+            return
+        if part is Part.FIRST:
+            if self._total is not None:
+                raise WireError("bad_part", "a new message began inside another's parts")
+            if length > total:
+                raise WireError("bad_part", f"first part of {length} bytes of {total}")
+            return
+        if self._total is None:
+            raise WireError("bad_part", "a continuation part without a first part")
+        got = self._got + length
+        if got > self._total or (part is Part.LAST and got != self._total):
+            raise WireError("bad_part", f"parts of {got} bytes for a {self._total}-byte message")
+
+    def add(self, part: Part, payload: bytes, total: int = 0) -> bytes | None:
+        """The complete message this frame ends, or None while parts are missing."""
+        if part is Part.WHOLE:
+            return payload
+        if part is Part.FIRST:
+            self._total = total
+        self._parts.append(payload)
+        self._got += len(payload)
+        if part is not Part.LAST:
+            return None
+        message = b"".join(self._parts)
+        self.clear()
+        return message
+
+    def clear(self) -> None:
+        self._parts = []
+        self._got = 0
+        self._total = None
 
 
 class FrameDecoder:
@@ -75,6 +169,11 @@ class FrameDecoder:
         self._offset = 0  # bytes of _chunks[0] already consumed
         self._size = 0  # unconsumed bytes in total
         self._need: int | None = None
+        self._head = HEADER.size  # bytes of the pending frame's header
+        self.pending_part = Part.WHOLE  # of the frame whose header was parsed
+        self.pending_total = 0  # a FIRST part's message length
+        self.part = Part.WHOLE  # of the frame `next_frame` returned last
+        self.total = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         n = data.nbytes if isinstance(data, memoryview) else len(data)
@@ -111,8 +210,12 @@ class FrameDecoder:
     def wants(self) -> int:
         """How many more bytes are needed before the next frame can complete."""
         if self._need is None:
-            return max(HEADER.size - self._size, 1)
-        return max(HEADER.size + self._need - self._size, 1)
+            head = HEADER.size
+            if self._size >= HEADER.size:
+                (word,) = HEADER.unpack(self._take(HEADER.size, consume=False))
+                head += TOTAL.size if word >> 30 == Part.FIRST else 0
+            return max(head - self._size, 1)
+        return max(self._head + self._need - self._size, 1)
 
     def next_frame(self) -> bytes | None:
         """Return the next complete payload, or None if more bytes are needed.
@@ -122,18 +225,29 @@ class FrameDecoder:
         if self._need is None:
             if self._size < HEADER.size:
                 return None
-            (length,) = HEADER.unpack(self._take(HEADER.size, consume=False))
-            if length > self.max_frame_size:
+            (word,) = HEADER.unpack(self._take(HEADER.size, consume=False))
+            part, length = Part(word >> 30), word & LENGTH_MASK
+            total = 0
+            if part is Part.FIRST:
+                if self._size < HEADER.size + TOTAL.size:
+                    return None
+                (total,) = TOTAL.unpack(self._take(HEADER.size + TOTAL.size, consume=False)[4:])
+            if max(length, total) > self.max_frame_size:
+                what = "message" if part is Part.FIRST else "frame"
                 raise WireError(
                     "oversize",
-                    f"frame of {length} bytes announced, limit is {self.max_frame_size}",
+                    f"{what} of {max(length, total)} bytes announced, "
+                    f"limit is {self.max_frame_size}",
                 )
             self._need = length
-        if self._size < HEADER.size + self._need:
+            self._head = HEADER.size + (TOTAL.size if part is Part.FIRST else 0)
+            self.pending_part, self.pending_total = part, total
+        if self._size < self._head + self._need:
             return None
-        self._advance(HEADER.size)
+        self._advance(self._head)
         payload = self._take(self._need, consume=True)
         self._need = None
+        self.part, self.total = self.pending_part, self.pending_total
         return payload
 
     def _take(self, n: int, *, consume: bool) -> bytes:
