@@ -299,3 +299,23 @@ def test_status_path_imports_no_heavy_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert proc.stdout.strip() == ""
+
+
+def test_render_shows_the_event_loops_worst_stall() -> None:
+    status = {
+        **FULL_STATUS,
+        "event_loop": {
+            "task_steps": 100,
+            "max_step_ms": 812.5,
+            "steps_over_100ms": 2,
+            "recent_stalls": [
+                {"ms": 120.0, "task": "p2pfl.node.mesh.Mesh._dial"},
+                {"ms": 812.5, "task": "p2pfl.node.daemon.Node._train"},
+            ],
+        },
+    }
+    text = render_text(status)
+    assert "longest step 812.5 ms" in text
+    assert "recent stall 812.5 ms in p2pfl.node.daemon.Node._train" in text
+    odd = render_text({**FULL_STATUS, "event_loop": {"recent_stalls": [None, {"ms": "x"}]}})
+    assert "event loop" in odd

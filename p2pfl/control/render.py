@@ -237,6 +237,15 @@ def status_header(status: Mapping[str, Any]) -> Panel:
                 f"{fmt_int(secure.get('masked_on_demand'))}",
             )
         )
+    loop = status.get("event_loop")
+    if isinstance(loop, Mapping):
+        stalls = [s for s in _list(loop, "recent_stalls") if isinstance(s, Mapping)]
+        worst = max(stalls, key=lambda s: s.get("ms") or 0, default=None)
+        text = f"longest step {fmt_float(loop.get('max_step_ms'), 1)} ms"
+        if worst is not None:
+            ms, task = fmt_float(worst.get("ms"), 1), fmt_text(worst.get("task"))
+            text += f"; recent stall {ms} ms in {task}"
+        rows.append(("event loop", text))
     for key, value in rows:
         grid.add_row(key, Text(value))
     return Panel(grid, title=f"p2pfl node {short_id(node.get('id'))}", title_align="left")
