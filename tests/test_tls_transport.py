@@ -362,3 +362,62 @@ async def test_a_message_in_parts_above_the_limit_is_refused_at_its_first_header
         assert "message of 3145729 bytes" in error.detail
         await conn.aclose()
         nursery.cancel_scope.cancel()
+
+
+# --- closing while a frame is being read ---------------------------------------------
+
+
+class _HandOverStream:
+    """A stream whose reads the test hands over one at a time, even after it was
+    closed: trio's SSLStream returns bytes it already decrypted although a close or a
+    cancel came in meanwhile."""
+
+    def __init__(self) -> None:
+        self.reads: trio.MemorySendChannel[bytes]
+        self.reads, self._incoming = trio.open_memory_channel[bytes](10)
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        return await self._incoming.receive()
+
+    async def send_all(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_bytes_read_after_a_close_are_not_parsed_as_a_new_frame() -> None:
+    """A stopping node used to clear its half-read frame on close while its reader
+    still fed the rest of it, then parsed payload bytes as a header: it logged an
+    honest peer's update as an 'oversize' frame (seen at every restart in a churn run)."""
+    from p2pfl.transport.base import TransportLimits
+    from p2pfl.transport.budget import ReceiveBudget
+    from p2pfl.transport.tcp import TcpConnection
+    from p2pfl.wire.framing import frame_header
+
+    stream = _HandOverStream()
+    limits = TransportLimits(max_frame_size=1000)
+    conn = TcpConnection(
+        stream,  # type: ignore[arg-type]
+        "peer",
+        "fake",
+        outbound=True,
+        limits=limits,
+        budget=ReceiveBudget(limits.receive_budget),
+    )
+    payload = b"\xff\xff\xff\xff" + b"x" * 96  # its first bytes read as a header: oversize
+    outcome: list[BaseException | bytes] = []
+
+    async def read() -> None:
+        try:
+            outcome.append(await conn.receive())
+        except (ConnectionClosed, WireError) as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await stream.reads.send(frame_header(len(payload)))  # the header is in
+        await trio.testing.wait_all_tasks_blocked()
+        await conn.aclose()  # the node stops: the partial frame is dropped
+        await stream.reads.send(payload)  # ... and the rest was already read
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosed), outcome

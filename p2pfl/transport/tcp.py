@@ -203,6 +203,10 @@ class TcpConnection:
                 self._deadline = trio.current_time() + self._limits.frame_timeout
             # Never read past the end of this frame: whatever we hold is reserved.
             data = await self._receive_some(min(RECEIVE_CHUNK, decoder.wants()))
+            if self._closed:
+                # Closed while we waited: the partial frame is gone, so these bytes
+                # would be parsed from the middle of a frame (a bogus "oversize").
+                raise ConnectionClosed(f"connection to {self._peer_id} is closed")
             decoder.feed(data)
 
     async def _admit(self, part: Part, length: int, total: int) -> None:
