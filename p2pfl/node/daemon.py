@@ -59,6 +59,7 @@ from p2pfl.secure.protocol import SecureSettings, Send
 from p2pfl.secure.wire import from_envelope, to_envelope
 from p2pfl.supervision import Supervisor
 from p2pfl.transport.base import Transport
+from p2pfl.transport.budget import trim_heap
 from p2pfl.wire import codec
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.messages import (
@@ -77,6 +78,7 @@ CONTROL_SOCKET = "control.sock"
 STATE_REPLY_EVERY = 1.0  # seconds: at most one state reply per peer per this
 HELLO_GRACE = 2.0  # seconds to wait for connected peers' hellos before the first round
 FAILED_TICK_PAUSE = 0.1  # seconds before the timer retries after a contained failure
+HEAP_TRIM_EVERY = 60.0  # seconds between handing freed heap pages back to the OS
 
 
 class Node:
@@ -264,6 +266,8 @@ class Node:
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._start_rounds)
                 nursery.start_soon(self.learner.record_loop)
+                if self.loopwatch is not None:  # a node that owns its process
+                    nursery.start_soon(self._trim_loop)
                 log.info(
                     "node %s listening on %s (federation %r)",
                     self.id,
@@ -510,6 +514,13 @@ class Node:
                     self._apply(self.machine.tick(now))
                 if self.supervisor.total != before:
                     await trio.sleep(FAILED_TICK_PAUSE)  # never spin on a failing deadline
+
+    async def _trim_loop(self) -> None:
+        """Hand freed heap pages back to the OS once a minute, so the RSS an operator
+        watches is memory in use (docs/reliability.md, soak)."""
+        while True:
+            await trio.sleep(HEAP_TRIM_EVERY)
+            await trio.to_thread.run_sync(trim_heap)
 
     # ---- what the mesh reports -----------------------------------------------------------
 

@@ -48,6 +48,17 @@ def give_back_memory(dropped: int) -> bool:
     return True
 
 
+def trim_heap() -> bool:
+    """Return free heap pages to the OS now (glibc only; a few milliseconds, so from a
+    worker thread). A long-running node frees and reallocates model-sized buffers and
+    TLS state all the time; without this, glibc keeps the freed pages and the RSS of a
+    node under churn creeps up by megabytes that are not in use (measured: 5 MB)."""
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
+
+
 @dataclass(eq=False)
 class _Waiter:
     size: int

@@ -1,0 +1,34 @@
+"""A node that owns its process hands freed heap pages back to the OS now and then."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from test_node_inmemory import make_nodes
+from test_rounds_deferred import threaded_nodes
+
+from p2pfl.node import daemon
+from p2pfl.transport.memory import MemoryNetwork
+
+
+async def test_a_process_node_trims_its_heap_periodically_a_simulated_one_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(daemon, "HEAP_TRIM_EVERY", 0.05)
+    monkeypatch.setattr(daemon, "trim_heap", lambda: calls.append("trim") or True)
+    for nodes, expected_min in (
+        # Simulated nodes share a process (the test's, or a scenario's): not theirs to trim.
+        (make_nodes(tmp_path / "sim", 2, MemoryNetwork(), rounds=0), 0),
+        # Two nodes that own their loop, about ten periods each.
+        (threaded_nodes(tmp_path / "real", 2, rounds=0), 4),
+    ):
+        calls.clear()
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                await nursery.start(node.run)
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        assert len(calls) >= expected_min if expected_min else calls == []
