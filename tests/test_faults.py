@@ -969,3 +969,22 @@ def test_process_runner_kills_and_restarts_a_real_node(tmp_path: Path) -> None:
         ckpt = load_checkpoint(tmp_path / "nodes" / f"n{i}" / "checkpoint.msgpack")
         assert ckpt is not None and ckpt.round == 8
     assert (tmp_path / "nodes" / "n0" / "faults.json").exists()
+
+
+async def test_closed_connections_leave_their_counts_but_not_their_state(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A node under churn used to keep every connection's fault state (a generator,
+    counters, held payloads) for as long as it ran."""
+    net, rnd = MemoryNetwork(), Round()
+    a = faulty(net, "A", [FaultRule("drop")], rnd)
+    async with listening((a, Sink()), (MemoryTransport(net, "B", "mem:B"), Sink())):
+        for _ in range(5):
+            conn = await a.connect("mem:B", "B")
+            await conn.send(b"lost")
+            await conn.aclose()
+            await conn.aclose()  # twice: counted once
+        open_conn = await a.connect("mem:B", "B")
+        await open_conn.send(b"lost too")
+        assert len(a.links) == 1  # only the open connection's state is kept
+        assert a.counts() == {"dropped": 6}

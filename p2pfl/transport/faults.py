@@ -366,9 +366,11 @@ class FaultyConnection:
         nursery: trio.Nursery | None,
         *,
         crashed: Callable[[], bool] = lambda: False,
+        on_close: Callable[[LinkFaults], None] = lambda link: None,
     ) -> None:
         self.inner = inner
         self.link = link
+        self._on_close = on_close
         self._round = current_round
         self._nursery = nursery
         self._crashed = crashed
@@ -455,6 +457,8 @@ class FaultyConnection:
                 return payload
 
     async def aclose(self) -> None:
+        if not self._closed:
+            self._on_close(self.link)
         self._closed = True
         self._queue_send.close()
         if self._pump_scope is not None:
@@ -522,8 +526,19 @@ class FaultyTransport:
         link = LinkFaults(rules, peer, link_rng(self._seed, self._local, peer, index))
         self.links.append(link)
         return FaultyConnection(
-            conn, link, self._round, self._nursery, crashed=lambda: self._crashed
+            conn,
+            link,
+            self._round,
+            self._nursery,
+            crashed=lambda: self._crashed,
+            on_close=self._closed_link,
         )
+
+    def _closed_link(self, link: LinkFaults) -> None:
+        """A closed connection's counts join the totals and its state goes: a node under
+        churn must not keep every connection it ever had (a generator and counters each)."""
+        self.stats.update(link.stats)
+        self.links.remove(link)
 
     async def listen(
         self,
