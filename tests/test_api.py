@@ -53,7 +53,8 @@ def test_import_p2pfl_stays_light_and_exports_load_on_use() -> None:
         "print('trio' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[:2] == [f"[] {p2pfl.__version__} 1", "True"], out.stderr
+    expected = f"[] {p2pfl.__version__} {p2pfl.PROTOCOL_VERSION}"
+    assert out.stdout.split("\n")[:2] == [expected, "True"], out.stderr
 
 
 def test_unknown_attribute_is_an_attribute_error() -> None:
