@@ -20,7 +20,7 @@ from p2pfl.aggregation.registry import RULE_NAMES, make_rule
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.node import Node
-from p2pfl.protocol.rounds import Aggregated
+from p2pfl.protocol import Aggregated
 from p2pfl.transport.base import Connection, HandshakeError
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 from p2pfl.transport.tcp import TcpTransport

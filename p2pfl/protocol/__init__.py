@@ -1,20 +1,18 @@
 """Sans-IO round protocol."""
 
-from p2pfl.protocol.rounds import (
+from p2pfl.protocol.actions import (
     Action,
     Aggregate,
     Aggregated,
     Broadcast,
     CaughtUp,
     Finished,
-    Phase,
     Rejected,
     RequestState,
     RequestUpdates,
-    RoundMachine,
-    RoundSettings,
     Train,
 )
+from p2pfl.protocol.rounds import Phase, RoundMachine, RoundSettings
 
 __all__ = [
     "Action",

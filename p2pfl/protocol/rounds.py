@@ -52,23 +52,6 @@ class Phase(StrEnum):
     DONE = "done"
 
 
-__all__ = [
-    "Action",
-    "Aggregate",
-    "Aggregated",
-    "Broadcast",
-    "CaughtUp",
-    "Finished",
-    "Phase",
-    "Rejected",
-    "RequestState",
-    "RequestUpdates",
-    "RoundMachine",
-    "RoundSettings",
-    "Train",
-]
-
-
 @dataclass(frozen=True)
 class RoundSettings:
     target_rounds: int = 10  # 0 = run forever
