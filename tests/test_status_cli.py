@@ -319,3 +319,12 @@ def test_render_shows_the_event_loops_worst_stall() -> None:
     assert "recent stall 812.5 ms in p2pfl.node.daemon.Node._train" in text
     odd = render_text({**FULL_STATUS, "event_loop": {"recent_stalls": [None, {"ms": "x"}]}})
     assert "event loop" in odd
+
+
+def test_render_shows_records_only_when_they_fall_behind() -> None:
+    quiet = {"queued": 1, "evaluations_skipped": 0, "checkpoints_superseded": 0}
+    assert "records" not in render_text({**FULL_STATUS, "records": quiet})
+    behind = {"queued": 7, "evaluations_skipped": 12, "checkpoints_superseded": 5}
+    text = render_text({**FULL_STATUS, "records": behind})
+    assert "12 evaluations skipped" in text and "5 checkpoints superseded" in text
+    assert "records" in render_text({**FULL_STATUS, "records": {"evaluations_skipped": "x"}})

@@ -246,6 +246,19 @@ def status_header(status: Mapping[str, Any]) -> Panel:
             ms, task = fmt_float(worst.get("ms"), 1), fmt_text(worst.get("task"))
             text += f"; recent stall {ms} ms in {task}"
         rows.append(("event loop", text))
+    records = status.get("records")
+    if isinstance(records, Mapping) and (
+        records.get("evaluations_skipped") or records.get("checkpoints_superseded")
+    ):
+        rows.append(
+            (
+                "records",
+                f"behind the rounds: {fmt_int(records.get('evaluations_skipped'))} "
+                "evaluations skipped, "
+                f"{fmt_int(records.get('checkpoints_superseded'))} checkpoints superseded, "
+                f"{fmt_int(records.get('queued'))} queued",
+            )
+        )
     for key, value in rows:
         grid.add_row(key, Text(value))
     return Panel(grid, title=f"p2pfl node {short_id(node.get('id'))}", title_align="left")

@@ -19,7 +19,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from p2pfl.learning.attacks import Attack, make_attack
 from p2pfl.learning.datasets import MissingExtra
 from p2pfl.learning.fingerprint import fingerprint
 from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
+from p2pfl.node.records import Done, Evaluate, RecordItem, RecordQueue, Save
 from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pfl.supervision import Supervisor
 
@@ -113,7 +113,9 @@ class Learner:
         self.done = trio.Event()
         # Records queue up for the record task once the node runs (threaded only).
         self.running = False
-        self._records, self._records_recv = trio.open_memory_channel[_RecordItem](math.inf)
+        self._records = RecordQueue()
+        self._records_ready = trio.Event()
+        self._skip_logged = False
         self._last_eval_s = 0.0
         self._train_lock = trio.Lock()
 
@@ -273,7 +275,7 @@ class Learner:
 
     def record_round(self, params: np.ndarray, row: dict[str, Any], connected: int) -> None:
         """Evaluate a round's aggregate and write its metrics line (and history row)."""
-        self._record(_Evaluate(params, row, connected))
+        self._record(Evaluate(params, row, connected))
 
     def checkpoint(
         self, round: int, params: np.ndarray, compression: dict[str, np.ndarray]
@@ -281,7 +283,7 @@ class Learner:
         """Snapshot the state now (the next round's training may start at once), write
         it in order with the other records; its history is filled in when written."""
         self._record(
-            _Save(
+            Save(
                 Checkpoint(
                     round,
                     params,  # replaced, never mutated, by the round machine
@@ -295,55 +297,82 @@ class Learner:
 
     def finish(self) -> None:
         """The run is done once the records queued so far are written."""
-        self._record(_Done())
+        self._record(Done())
 
-    def _record(self, item: _RecordItem) -> None:
+    def _record(self, item: RecordItem) -> None:
         """Evaluate, write a metrics line or a checkpoint, or mark the run done.
 
         A real node does it in a worker thread, in order, so neither a large model's
         evaluation nor an fsync'd checkpoint ever stalls the event loop (heartbeats,
         other peers' messages); a simulation does it inline, so a mock clock stays
-        deterministic.
+        deterministic. The queue stays bounded when the worker falls behind
+        (`p2pfl.node.records`).
         """
         if self.threaded and self.running:
-            self._records.send_nowait(item)
+            skipped = self._records.evaluations_skipped
+            self._records.put(item)
+            if self._records.evaluations_skipped > skipped and not self._skip_logged:
+                self._skip_logged = True
+                log.warning(
+                    "records fall behind the rounds (evaluation or disk too slow): "
+                    "older rounds are written without evaluation (eval_skipped)"
+                )
+            self._records_ready.set()
             return
         self._finish_record(item, self._record_work(item))
 
+    def records_status(self) -> dict[str, int]:
+        """For status: what the record queue holds and what it coalesced."""
+        return {
+            "queued": len(self._records),
+            "evaluations_skipped": self._records.evaluations_skipped,
+            "checkpoints_superseded": self._records.checkpoints_superseded,
+        }
+
     async def record_loop(self) -> None:
+        item: RecordItem | None = None  # taken from the queue, not yet written
         try:
-            async for item in self._records_recv:
+            while True:
+                item = self._records.get()
+                if item is None:
+                    await self._records_ready.wait()
+                    self._records_ready = trio.Event()
+                    continue
                 done = await trio.to_thread.run_sync(self._record_work, item)
                 self._finish_record(item, done)
+                item = None
         finally:
             # Cancelled (shutdown): what is still queued is written, in order and within a
             # bound, so a stopped node loses neither its last metrics line nor its newest
             # checkpoint (a scenario stops its nodes right after their last round).
             with trio.CancelScope(shield=True) as flush:
                 flush.deadline = trio.current_time() + SHUTDOWN_RECORD_GRACE
-                while True:
-                    try:
-                        queued = self._records_recv.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                    done = await trio.to_thread.run_sync(self._record_work, queued)
-                    self._finish_record(queued, done)
+                if item is None:
+                    item = self._records.get()
+                while item is not None:
+                    done = await trio.to_thread.run_sync(self._record_work, item)
+                    self._finish_record(item, done)
+                    item = self._records.get()
 
-    def _record_work(self, item: _RecordItem) -> dict[str, Any] | None:
+    def _record_work(self, item: RecordItem) -> dict[str, Any] | None:
         """The blocking part (a worker thread for real nodes): evaluate, write."""
         assert self.datadir is not None
-        if isinstance(item, _Evaluate):
-            metrics = self._evaluate(item.params)
+        if isinstance(item, Evaluate):
+            skipped = item.params is None
+            metrics = {} if item.params is None else self._evaluate(item.params)
             row: dict[str, Any] = {
                 **item.row,
                 # "loss" and "accuracy" (when reported) also at the top, as before.
                 **{k: metrics[k] for k in ("accuracy", "loss") if k in metrics},
                 "metrics": metrics,
             }
-            row["timing"] = {**row["timing"], "eval_s": round(self._last_eval_s, 6)}
+            eval_s = 0.0 if skipped else round(self._last_eval_s, 6)
+            row["timing"] = {**row["timing"], "eval_s": eval_s}
+            if skipped:
+                row["eval_skipped"] = True
             self.datadir.append(METRICS_FILE, json.dumps(row))
             return row
-        if isinstance(item, _Save):
+        if isinstance(item, Save):
             # A full disk or an unusable data dir raises a FatalError, which no guard
             # contains: it ends the node with its exit code.
             save_checkpoint(
@@ -359,9 +388,9 @@ class Learner:
         rows = [] if self.datadir is None else read_metrics(self.datadir.path / METRICS_FILE)
         return rows if len(rows) >= len(self.history) else list(self.history)
 
-    def _finish_record(self, item: _RecordItem, row: dict[str, Any] | None) -> None:
+    def _finish_record(self, item: RecordItem, row: dict[str, Any] | None) -> None:
         """The event-loop part: history, the round's log line, done."""
-        if isinstance(item, _Evaluate) and row is not None:
+        if isinstance(item, Evaluate) and row is not None:
             self.history.append(row)
             del self.history[:-HISTORY_KEPT]
             log.info(
@@ -375,7 +404,7 @@ class Learner:
                 _human(row["bytes_received"]),
                 row["seconds"],
             )
-        elif isinstance(item, _Done):
+        elif isinstance(item, Done):
             self.done.set()
 
     def _evaluate(self, params: np.ndarray) -> dict[str, float]:
@@ -398,30 +427,6 @@ class Learner:
         finally:
             self._last_eval_s = time.perf_counter() - started
         return metrics
-
-
-@dataclass(frozen=True, slots=True)
-class _Evaluate:
-    """Evaluate an aggregate and write its round's metrics line."""
-
-    params: np.ndarray
-    row: dict[str, Any]
-    connected: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Save:
-    """Write a checkpoint snapshot (its history is taken when it is written)."""
-
-    checkpoint: Checkpoint
-
-
-@dataclass(frozen=True, slots=True)
-class _Done:
-    """The last round's records are written: the run is done."""
-
-
-_RecordItem = _Evaluate | _Save | _Done
 
 
 def _human(n: float) -> str:

@@ -66,6 +66,7 @@ def node_status(node: Node) -> dict[str, Any]:
         },
         "secure": None if node.secure is None else node.secure.status(),
         "event_loop": None if node.loopwatch is None else node.loopwatch.status(),
+        "records": node.learner.records_status(),
         "history": list(node.history),  # bounded: the learner keeps the last rows
         "peers": node.peers.snapshot(now),
         "counters": {
