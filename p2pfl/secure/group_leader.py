@@ -1,0 +1,231 @@
+"""A leader's side of one secure-aggregation v2 round (sans-IO; docs/secure-aggregation-v2.md).
+
+The leader only coordinates: it collects joins, announces the chooser list (members
+recompute the groups), fixes who masks (U1) and whose vectors are in (U2), rebuilds
+what dropped members left behind from Shamir shares, and returns each group's mean.
+It learns one sum per group; members guard everything else. Time is fed in: the
+caller calls `on_timeout(now)` at `next_deadline()`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from p2pfl.secure.group_messages import (
+    GroupJoin,
+    GroupMean,
+    GroupMessage,
+    GroupOffer,
+    GroupSend,
+    MaskedVector,
+    MaskList,
+    SetupDone,
+    Unmasking,
+    UnmaskList,
+)
+from p2pfl.secure.masking import SumRejected, add_streams, fixed_point, mask_signs
+from p2pfl.secure.messages import SESSION_LEN
+from p2pfl.secure.protocol import Refused
+from p2pfl.secure.round_keys import RoundScope, pair_seed_from_secret
+from p2pfl.secure.schedule import MIN_GROUP, partition
+from p2pfl.secure.shamir import ShamirError, Share, reconstruct
+
+Phase = Literal["setup", "collect", "reveal", "done", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderSettings:
+    federation: str
+    group_size: int = 4
+    min_group: int = MIN_GROUP
+    clip: float = 16.0
+    join_timeout: float = 5.0
+    setup_timeout: float = 10.0
+    collect_timeout: float = 30.0  # members may still be training
+    reveal_timeout: float = 5.0
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    index: int
+    members: tuple[str, ...]
+    deadline: float
+    phase: Phase = "setup"
+    keys: dict[str, bytes] = field(default_factory=dict)  # round public keys (SetupDone)
+    u1: tuple[str, ...] = ()
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    u2: tuple[str, ...] = ()
+    reveals: dict[str, Unmasking] = field(default_factory=dict)
+    mean: np.ndarray | None = None
+    reason: str = ""
+
+
+class LeaderRound:
+    """One leader's groups for one round."""
+
+    def __init__(self, settings: LeaderSettings, me: str, round: int, dim: int, now: float) -> None:
+        self.settings = settings
+        self.me = me
+        self.round = round
+        self.dim = dim
+        self.session = secrets.token_bytes(SESSION_LEN)
+        self.joins: set[str] = set()
+        self.groups: list[_Group] = []
+        self.join_deadline = now + settings.join_timeout
+        self.closed = False
+
+    # ---- time ------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        if not self.closed:
+            return self.join_deadline
+        live = [g.deadline for g in self.groups if g.phase not in ("done", "failed")]
+        return min(live, default=None)
+
+    def on_timeout(self, now: float) -> list[GroupSend]:
+        if not self.closed:
+            return self.close_joins(now) if now >= self.join_deadline else []
+        sends: list[GroupSend] = []
+        for g in self.groups:
+            if g.phase in ("done", "failed") or now < g.deadline:
+                continue
+            if g.phase == "setup":
+                sends += self._mask_list(g, now)
+            elif g.phase == "collect":
+                sends += self._unmask(g, now)
+            elif g.phase == "reveal":
+                self._finish(g)
+        return sends
+
+    @property
+    def done(self) -> bool:
+        return self.closed and all(g.phase in ("done", "failed") for g in self.groups)
+
+    # ---- messages --------------------------------------------------------------------
+
+    def on_message(self, sender: str, msg: GroupMessage, now: float) -> list[GroupSend]:
+        if msg.round != self.round:
+            raise Refused("wrong_round", f"{msg.round} != {self.round}")
+        if isinstance(msg, GroupJoin):
+            if self.closed:
+                raise Refused("late_join", sender)
+            self.joins.add(sender)
+            return []
+        g = self._group_of(sender, msg)
+        if isinstance(msg, SetupDone):
+            if g.phase != "setup" or sender in g.keys:
+                raise Refused("unexpected_setup_done", sender)
+            g.keys[sender] = msg.public
+            return self._mask_list(g, now) if len(g.keys) == len(g.members) else []
+        if isinstance(msg, MaskedVector):
+            if g.phase != "collect" or sender not in g.u1 or sender in g.vectors:
+                raise Refused("unexpected_vector", sender)
+            if msg.masked.size != self.dim:
+                raise Refused("wrong_dim", f"{msg.masked.size} != {self.dim}")
+            g.vectors[sender] = msg.masked
+            return self._unmask(g, now) if len(g.vectors) == len(g.u1) else []
+        if isinstance(msg, Unmasking):
+            if g.phase != "reveal" or sender not in g.u2 or sender in g.reveals:
+                raise Refused("unexpected_reveal", sender)
+            g.reveals[sender] = msg
+            return self._finish(g) if len(g.reveals) == len(g.u2) else []
+        raise Refused("not_for_leaders", type(msg).__name__)
+
+    def close_joins(self, now: float) -> list[GroupSend]:
+        """Announce the chooser list; members recompute the groups from it."""
+        if self.closed:
+            return []
+        self.closed = True
+        choosers = tuple(sorted(self.joins))
+        s = self.settings
+        parts = partition(s.federation, self.round, self.me, choosers, s.group_size, s.min_group)
+        self.groups = [_Group(i, members, now + s.setup_timeout) for i, members in enumerate(parts)]
+        if not choosers:
+            return []
+        offer = GroupOffer(
+            self.me,
+            self.round,
+            self.session,
+            choosers,
+            s.group_size,
+            s.min_group,
+            float(s.clip),
+            self.dim,
+        )
+        # Choosers left out (too few chose us) get the offer too: they see there is no
+        # group for them and apply their policy at once instead of at a timeout.
+        return [GroupSend(choosers, offer)]
+
+    def results(self) -> list[tuple[tuple[str, ...], np.ndarray]]:
+        """(members summed, mean) of each completed group."""
+        return [(g.u2, g.mean) for g in self.groups if g.mean is not None]
+
+    # ---- steps -----------------------------------------------------------------------
+
+    def _group_of(self, sender: str, msg: GroupMessage) -> _Group:
+        session, index = getattr(msg, "session", None), getattr(msg, "group", None)
+        if session != self.session or not isinstance(index, int):
+            raise Refused("wrong_session", sender)
+        if not 0 <= index < len(self.groups) or sender not in self.groups[index].members:
+            raise Refused("not_in_group", sender)
+        return self.groups[index]
+
+    def _mask_list(self, g: _Group, now: float) -> list[GroupSend]:
+        g.u1 = tuple(sorted(g.keys))
+        if len(g.u1) < self.settings.min_group:
+            return self._fail(g, "too_few_set_up")
+        g.phase, g.deadline = "collect", now + self.settings.collect_timeout
+        return [GroupSend(g.u1, MaskList(self.me, self.round, self.session, g.index, g.u1))]
+
+    def _unmask(self, g: _Group, now: float) -> list[GroupSend]:
+        g.u2 = tuple(sorted(g.vectors))
+        if len(g.u2) < self.settings.min_group:
+            return self._fail(g, "too_few_vectors")
+        g.phase, g.deadline = "reveal", now + self.settings.reveal_timeout
+        return [GroupSend(g.u2, UnmaskList(self.me, self.round, self.session, g.index, g.u2))]
+
+    def _finish(self, g: _Group) -> list[GroupSend]:
+        """Remove self masks and dropped members' pair masks; decode; send the mean."""
+        dropped = [p for p in g.u1 if p not in g.u2]
+        try:
+            seeds = [self._self_seed(g, u) for u in g.u2]
+            total = np.zeros(self.dim, dtype=np.uint32)
+            for vector in g.vectors.values():
+                np.add(total, vector, out=total)
+            add_streams(total, minus=seeds)
+            scope = RoundScope(self.settings.federation, self.round, self.me, self.session, g.index)
+            for v in dropped:
+                secret = self._rebuild(g, v, "key")
+                # Survivor u added m_uv for v > u and subtracted it for v < u: undo it.
+                for u in g.u2:
+                    seed = pair_seed_from_secret(secret, v, g.keys[v], u, g.keys[u], scope)
+                    plus, _ = mask_signs(u, [v])
+                    add_streams(total, minus=[seed]) if plus else add_streams(total, plus=[seed])
+            g.mean = fixed_point(self.settings.clip, len(g.u1)).decode_mean(total, len(g.u2))
+        except (ShamirError, SumRejected, Refused, ValueError) as exc:
+            return self._fail(g, f"unmask_failed: {exc}")
+        g.phase = "done"
+        msg = GroupMean(self.me, self.round, self.session, g.index, g.u2, g.mean)
+        return [GroupSend(g.u2, msg)]
+
+    def _self_seed(self, g: _Group, u: str) -> bytes:
+        reveal = g.reveals.get(u)
+        return reveal.seed if reveal is not None else self._rebuild(g, u, "seed")
+
+    def _rebuild(self, g: _Group, owner: str, kind: Literal["key", "seed"]) -> bytes:
+        shares = []
+        for r in g.reveals.values():
+            for peer, raw in r.key_shares if kind == "key" else r.seed_shares:
+                if peer == owner:
+                    shares.append(Share.from_bytes(raw))
+        if not shares:
+            raise Refused("no_shares", f"{kind} of {owner}")
+        return reconstruct(shares)
+
+    def _fail(self, g: _Group, reason: str) -> list[GroupSend]:
+        g.phase, g.reason = "failed", reason
+        return []

@@ -1,0 +1,237 @@
+"""Payloads of secure aggregation v2 (docs/secure-aggregation-v2.md), checked on construction.
+
+Flow for leader L, member v and v's mates in group G (round r):
+    v -> L       GroupJoin    v chose L by the schedule
+    L -> v       GroupOffer   the chooser list; v recomputes the partition
+    v -> mate    KeySetup     signed round key + Shamir shares (key secret, self seed)
+    v -> L       SetupDone    v has sent its setups
+    L -> v       MaskList     U1: who masks toward whom
+    v -> mate    Commit       v is about to submit its vector ...
+    mate -> v    CommitAck    ... and the mate will never reveal v's key share
+    v -> L       MaskedVector the masked fixed-point update
+    L -> v       UnmaskList   U2: whose vectors arrived
+    v -> L       Unmasking    own self seed, self-seed shares of U2, key shares of U1 \\ U2
+    L -> v       GroupMean    the decoded mean of U2, which v forwards to its neighbours
+
+`__post_init__` checks types, sizes and ranges (ValueError), so a message that exists
+is structurally sound; the state machines check meaning.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from p2pfl.secure.masking import MAX_CLIP, MIN_CLIP, SEED_LEN
+from p2pfl.secure.messages import (
+    MAX_DIM,
+    MAX_PARTICIPANTS,
+    MAX_ROUND,
+    SESSION_LEN,
+    _check_bytes,
+    _check_id,
+    _check_int,
+)
+from p2pfl.secure.round_keys import KEY_LEN, SIGNATURE_LEN
+from p2pfl.secure.shamir import SHARE_LEN
+
+MAX_GROUP = 64
+
+
+def _check_ids(name: str, ids: object, low: int, high: int) -> None:
+    if type(ids) is not tuple or not low <= len(ids) <= high:
+        raise ValueError(f"{name}: expected a tuple of {low}..{high} peer ids")
+    for i, m in enumerate(ids):
+        _check_id(f"{name}[{i}]", m)
+    if any(a >= b for a, b in itertools.pairwise(ids)):
+        raise ValueError(f"{name}: must be sorted and distinct")
+
+
+def _check_shares(name: str, shares: object) -> None:
+    if type(shares) is not tuple or len(shares) > MAX_GROUP:
+        raise ValueError(f"{name}: expected a tuple of at most {MAX_GROUP} (peer, share)")
+    for i, item in enumerate(shares):
+        if type(item) is not tuple or len(item) != 2:
+            raise ValueError(f"{name}[{i}]: expected (peer, share)")
+        _check_id(f"{name}[{i}].peer", item[0])
+        _check_bytes(f"{name}[{i}].share", item[1], SHARE_LEN)
+    peers = [p for p, _ in shares]
+    if len(set(peers)) != len(peers):
+        raise ValueError(f"{name}: one share per peer")
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    sender: str
+    round: int
+
+    def __post_init__(self) -> None:
+        _check_id("sender", self.sender)
+        _check_int("round", self.round, 0, MAX_ROUND)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupJoin(_Header):
+    TYPE = "sa2_join"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupOffer(_Header):
+    TYPE = "sa2_offer"
+    session: bytes
+    choosers: tuple[str, ...]
+    group_size: int
+    min_group: int
+    clip: float
+    dim: int
+
+    def __post_init__(self) -> None:
+        _Header.__post_init__(self)
+        _check_bytes("session", self.session, SESSION_LEN)
+        _check_ids("choosers", self.choosers, 1, MAX_PARTICIPANTS)
+        _check_int("min_group", self.min_group, 3, MAX_GROUP + 1)
+        _check_int("group_size", self.group_size, self.min_group, MAX_GROUP + 1)
+        if type(self.clip) is not float or not (
+            math.isfinite(self.clip) and MIN_CLIP <= self.clip <= MAX_CLIP
+        ):
+            raise ValueError("clip: out of range")
+        _check_int("dim", self.dim, 1, MAX_DIM + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupHeader(_Header):
+    session: bytes
+    group: int
+
+    def __post_init__(self) -> None:
+        _Header.__post_init__(self)
+        _check_bytes("session", self.session, SESSION_LEN)
+        _check_int("group", self.group, 0, MAX_PARTICIPANTS)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySetup(_GroupHeader):
+    TYPE = "sa2_setup"
+    public: bytes
+    signature: bytes
+    key_share: bytes
+    seed_share: bytes
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
+        _check_bytes("public", self.public, KEY_LEN)
+        _check_bytes("signature", self.signature, SIGNATURE_LEN)
+        _check_bytes("key_share", self.key_share, SHARE_LEN)
+        _check_bytes("seed_share", self.seed_share, SHARE_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class SetupDone(_GroupHeader):
+    TYPE = "sa2_ready"
+    public: bytes  # the round key the leader needs to rebuild a dropped member's masks
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
+        _check_bytes("public", self.public, KEY_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class MaskList(_GroupHeader):
+    TYPE = "sa2_masklist"
+    members: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
+        _check_ids("members", self.members, 3, MAX_GROUP)
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(_GroupHeader):
+    TYPE = "sa2_commit"
+
+
+@dataclass(frozen=True, slots=True)
+class CommitAck(_GroupHeader):
+    TYPE = "sa2_ack"
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedVector(_GroupHeader):
+    TYPE = "sa2_masked"
+    masked: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
+        m = self.masked
+        if not isinstance(m, np.ndarray) or m.dtype != np.uint32 or m.ndim != 1:
+            raise ValueError("masked: expected a 1-d uint32 array")
+        if not 1 <= m.size <= MAX_DIM:
+            raise ValueError("masked: bad length")
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskList(_GroupHeader):
+    TYPE = "sa2_unmask"
+    members: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
+        _check_ids("members", self.members, 3, MAX_GROUP)
+
+
+@dataclass(frozen=True, slots=True)
+class Unmasking(_GroupHeader):
+    TYPE = "sa2_reveal"
+    seed: bytes
+    seed_shares: tuple[tuple[str, bytes], ...]  # self-seed shares of U2 mates
+    key_shares: tuple[tuple[str, bytes], ...]  # round-key shares of U1 \ U2 mates
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
+        _check_bytes("seed", self.seed, SEED_LEN)
+        _check_shares("seed_shares", self.seed_shares)
+        _check_shares("key_shares", self.key_shares)
+        if {p for p, _ in self.seed_shares} & {p for p, _ in self.key_shares}:
+            raise ValueError("never both shares for the same peer")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMean(_GroupHeader):
+    TYPE = "sa2_mean"
+    members: tuple[str, ...]
+    mean: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
+        _check_ids("members", self.members, 3, MAX_GROUP)
+        m = self.mean
+        if not isinstance(m, np.ndarray) or m.dtype != np.float32 or m.ndim != 1:
+            raise ValueError("mean: expected a 1-d float32 array")
+        if not 1 <= m.size <= MAX_DIM or not np.isfinite(m).all():
+            raise ValueError("mean: bad length or non-finite values")
+
+
+GroupMessage = (
+    GroupJoin
+    | GroupOffer
+    | KeySetup
+    | SetupDone
+    | MaskList
+    | Commit
+    | CommitAck
+    | MaskedVector
+    | UnmaskList
+    | Unmasking
+    | GroupMean
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSend:
+    """Send `message` to each peer in `to` (a peer may be the sender itself)."""
+
+    to: tuple[str, ...]
+    message: GroupMessage

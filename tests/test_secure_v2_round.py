@@ -1,0 +1,258 @@
+"""Secure aggregation v2, one round end to end at the sans-IO level (issue 14).
+
+A tiny router delivers `GroupSend`s between `MemberRound`s and `LeaderRound`s; tests drop
+messages, silence members or play a malicious leader by hand. Each attack of issue 14
+that the member side must stop is here, next to the honest runs it must not break.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from p2pfl.identity import Identity
+from p2pfl.secure.group_leader import LeaderRound, LeaderSettings
+from p2pfl.secure.group_member import MemberPolicy, MemberRound
+from p2pfl.secure.group_messages import (
+    GroupJoin,
+    GroupMessage,
+    GroupOffer,
+    GroupSend,
+    MaskedVector,
+    SetupDone,
+    Unmasking,
+    UnmaskList,
+)
+from p2pfl.secure.masking import expand, fixed_point
+from p2pfl.secure.protocol import Refused
+
+FED = "fed"
+DIM = 257
+ROUND = 7
+TO_LEADER = (GroupJoin, SetupDone, MaskedVector, Unmasking)
+
+
+def _identities(n: int) -> list[Identity]:
+    return [Identity.from_seed(bytes([40 + i]) * 32) for i in range(n)]
+
+
+@dataclass
+class Net:
+    """Full-mesh members plus a leader object on every node; synchronous delivery."""
+
+    ids: list[Identity]
+    min_group: int = 3
+    group_size: int = 8
+    members: dict[str, MemberRound] = field(default_factory=dict)
+    leaders: dict[str, LeaderRound] = field(default_factory=dict)
+    refused: list[tuple[str, str, str]] = field(default_factory=list)  # (at, from, reason)
+    seen: list[tuple[str, str, GroupMessage]] = field(default_factory=list)  # (from, to, msg)
+    deliver: Callable[[str, str, GroupMessage], bool] = lambda s, t, m: True
+    now: float = 0.0
+
+    def __post_init__(self) -> None:
+        keys = {i.peer_id: i.public_bytes for i in self.ids}
+        settings = LeaderSettings(FED, group_size=self.group_size, min_group=self.min_group)
+        for ident in self.ids:
+            me = ident.peer_id
+            neighbours = {p: k for p, k in keys.items() if p != me}
+            policy = MemberPolicy(FED, min_group=self.min_group, dim=DIM)
+            self.members[me] = MemberRound(ident, policy, ROUND, neighbours)
+            self.leaders[me] = LeaderRound(settings, me, ROUND, DIM, self.now)
+
+    def send(self, sender: str, sends: list[GroupSend]) -> None:
+        queue = [(sender, s) for s in sends]
+        while queue:
+            frm, s = queue.pop(0)
+            for to in s.to:
+                if not self.deliver(frm, to, s.message):
+                    continue
+                self.seen.append((frm, to, s.message))
+                try:
+                    if isinstance(s.message, TO_LEADER):
+                        out = self.leaders[to].on_message(frm, s.message, self.now)
+                    else:
+                        out = self.members[to].on_message(frm, s.message)
+                except Refused as exc:
+                    self.refused.append((to, frm, exc.reason))
+                    continue
+                queue += [(to, o) for o in out]
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+        for me, leader in self.leaders.items():
+            self.send(me, leader.on_timeout(self.now))
+
+    def run(self, updates: dict[str, np.ndarray], *, silent: frozenset[str] = frozenset()) -> None:
+        for me, m in self.members.items():
+            self.send(me, m.join())
+        self.tick(5.0)  # joins close
+        for me, m in self.members.items():
+            if me not in silent:
+                self.send(me, m.set_update(updates[me]))
+        for _ in range(4):
+            self.tick(30.0)
+
+
+def _updates(ids: list[Identity], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {i.peer_id: rng.normal(0, 1, DIM).astype(np.float32) for i in ids}
+
+
+def _tol(n: int) -> float:
+    """Decoding error bound (docs/secure-aggregation.md): half a step plus float32 rounding."""
+    return fixed_point(16.0, n).step + 16.0 * 2.0**-23
+
+
+def _leader(net: Net) -> LeaderRound:
+    (leader,) = {m.leader for m in net.members.values()}  # full mesh: one leader for all
+    return net.leaders[leader]
+
+
+def test_an_honest_group_gets_the_exact_mean_of_its_members() -> None:
+    ids = _identities(5)
+    net = Net(ids)
+    updates = _updates(ids)
+    net.run(updates)
+    assert net.refused == []
+    ((members, mean),) = _leader(net).results()
+    assert set(members) == set(updates)
+    expected = np.mean(list(updates.values()), axis=0)
+    assert np.max(np.abs(mean - expected)) <= _tol(5)
+    # Every member holds the same mean, to forward to its neighbours.
+    assert all(
+        m.mean is not None and np.array_equal(m.mean.mean, mean) for m in net.members.values()
+    )
+
+
+def test_a_member_that_drops_before_committing_costs_no_retry_round() -> None:
+    ids = _identities(5)
+    net = Net(ids)
+    updates = _updates(ids, 1)
+    gone = ids[2].peer_id
+    net.run(updates, silent=frozenset({gone}))
+    leader = _leader(net)
+    ((members, mean),) = leader.results()
+    assert gone not in members and len(members) == 4
+    expected = np.mean([u for p, u in updates.items() if p != gone], axis=0)
+    assert np.max(np.abs(mean - expected)) <= _tol(5)
+    # Its round key was rebuilt from the survivors' shares; its self seed never was.
+    key_shares = [p for _, _, m in net.seen if isinstance(m, Unmasking) for p, _ in m.key_shares]
+    assert set(key_shares) == {gone}
+
+
+def test_a_member_silent_at_the_reveal_step_is_rebuilt_from_seed_shares() -> None:
+    ids = _identities(5)
+    quiet = ids[3].peer_id
+    net = Net(ids, deliver=lambda s, t, m: not (s == quiet and isinstance(m, Unmasking)))
+    updates = _updates(ids, 2)
+    net.run(updates)
+    ((members, mean),) = _leader(net).results()
+    assert len(members) == 5  # its vector counts; its self mask came from shares
+    assert np.max(np.abs(mean - np.mean(list(updates.values()), axis=0))) <= _tol(5)
+
+
+def test_a_leader_cannot_seat_a_victim_with_identities_it_minted() -> None:
+    """Issue 14, reproduction 1: a group of the victim plus two self-made identities."""
+    ids = _identities(4)
+    net = Net(ids[:2])  # the victim and the leader know each other only
+    victim = next(m for m in net.members.values() if m.leader != m.me)
+    fakes = [i.peer_id for i in _identities(7)[5:]]  # never connected to the victim
+    choosers = tuple(sorted([victim.me, *fakes]))
+    offer = GroupOffer(victim.leader, ROUND, b"s" * 16, choosers, 3, 3, 16.0, DIM)
+    with pytest.raises(Refused) as exc:
+        victim.on_message(victim.leader, offer)
+    assert exc.value.reason == "unauthenticated_mate"
+    assert victim.phase == "out"  # and it will not join another group this round
+
+
+def test_a_group_below_the_members_own_minimum_is_refused() -> None:
+    ids = _identities(6)
+    net = Net(ids)
+    victim = next(iter(net.members.values()))
+    strict = MemberRound(ids[0], MemberPolicy(FED, min_group=4, dim=DIM), ROUND, victim.neighbours)
+    mates = [i.peer_id for i in ids[1:3]]  # the leader asks for groups of 3
+    offer = GroupOffer(
+        strict.leader, ROUND, b"s" * 16, tuple(sorted([strict.me, *mates])), 3, 3, 16.0, DIM
+    )
+    with pytest.raises(Refused) as exc:
+        strict.on_message(strict.leader, offer)
+    assert exc.value.reason == "group_too_small"
+
+
+def test_one_group_per_round_and_only_from_the_members_own_leader() -> None:
+    ids = _identities(5)
+    net = Net(ids)
+    m = next(x for x in net.members.values() if x.leader != x.me)
+    other = next(p for p in m.neighbours if p != m.leader)
+    choosers = tuple(sorted(m.neighbours | {m.me: b""}))
+    with pytest.raises(Refused) as exc:
+        m.on_message(other, GroupOffer(other, ROUND, b"s" * 16, choosers, 8, 3, 16.0, DIM))
+    assert exc.value.reason == "not_my_leader"
+    offer = GroupOffer(m.leader, ROUND, b"s" * 16, choosers, 8, 3, 16.0, DIM)
+    m.on_message(m.leader, offer)
+    with pytest.raises(Refused) as exc:
+        m.on_message(m.leader, GroupOffer(m.leader, ROUND, b"t" * 16, choosers, 8, 3, 16.0, DIM))
+    assert exc.value.reason == "second_offer"
+
+
+def test_declaring_a_member_dropped_after_its_vector_arrived_yields_no_key_share() -> None:
+    """A malicious leader holds every vector, then tells the others the victim dropped:
+    they acked its commit, so none reveals its round-key share."""
+    ids = _identities(5)
+    net = Net(ids)
+    leader = _leader(net)
+    victim = next(p for p in net.members if p != leader.me)
+
+    def lie(sender: str, to: str, msg: GroupMessage) -> bool:
+        if isinstance(msg, UnmaskList) and victim in msg.members:
+            forged = tuple(p for p in msg.members if p != victim)
+            for peer in forged:
+                net.send(
+                    sender,
+                    [
+                        GroupSend(
+                            (peer,), UnmaskList(sender, msg.round, msg.session, msg.group, forged)
+                        )
+                    ],
+                )
+            return False
+        return True
+
+    net.deliver = lie
+    net.run(_updates(ids, 3))
+    # The leader did get the victim's vector ...
+    assert any(isinstance(m, MaskedVector) and s == victim for s, _, m in net.seen)
+    # ... but every honest mate refused the forged list, so no share of its key left.
+    reasons = [r for at, _, r in net.refused if at != victim]
+    assert reasons and set(reasons) == {"dropped_member_committed"}
+    assert not any(isinstance(m, Unmasking) and m.key_shares for _, _, m in net.seen)
+    assert leader.results() == []
+
+
+def test_a_colluding_member_and_the_leader_see_only_noise_of_an_honest_update() -> None:
+    """Leader + min_group - 2 = 1 colluding member (group of 4) pool all they saw: the
+    victim's vector minus its revealed self mask and the colluder's pair mask is still
+    uniform on the ring, because the pair mask with the other honest member remains."""
+    ids = _identities(4)
+    net = Net(ids)
+    updates = _updates(ids, 4)
+    net.run(updates)
+    leader = _leader(net)
+    honest = [p for p in net.members if p != leader.me]
+    victim, colluder = honest[0], honest[1]
+    vec = next(m.masked for s, _, m in net.seen if isinstance(m, MaskedVector) and s == victim)
+    seed = next(m.seed for s, _, m in net.seen if isinstance(m, Unmasking) and s == victim)
+    c = net.members[colluder]
+    assert c._key is not None
+    residual = vec - expand(seed, DIM)
+    pair = expand(c._key.pair_seed(victim, c._mate_keys[victim]), DIM)
+    residual = residual - pair if victim < colluder else residual + pair
+    encoded = fixed_point(16.0, 4).encode(updates[victim])
+    assert not np.array_equal(residual, encoded)
+    # Uniform on Z_2^32: almost no word lands in the encoding's range |q| <= 2^30 / 4.
+    in_range = np.abs(residual.view(np.int32).astype(np.int64)) <= (1 << 30) // 4
+    assert in_range.mean() < 0.5
