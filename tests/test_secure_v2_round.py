@@ -44,6 +44,7 @@ class Net:
     """Full-mesh members plus a leader object on every node; synchronous delivery."""
 
     ids: list[Identity]
+    graph: dict[int, set[int]] | None = None  # node index -> neighbour indices; None: mesh
     min_group: int = 3
     group_size: int = 8
     members: dict[str, MemberRound] = field(default_factory=dict)
@@ -56,9 +57,13 @@ class Net:
     def __post_init__(self) -> None:
         keys = {i.peer_id: i.public_bytes for i in self.ids}
         settings = LeaderSettings(FED, group_size=self.group_size, min_group=self.min_group)
+        index = {i.peer_id: n for n, i in enumerate(self.ids)}
         for ident in self.ids:
             me = ident.peer_id
-            neighbours = {p: k for p, k in keys.items() if p != me}
+            near = None if self.graph is None else self.graph[index[me]]
+            neighbours = {
+                p: k for p, k in keys.items() if p != me and (near is None or index[p] in near)
+            }
             policy = MemberPolicy(FED, min_group=self.min_group, dim=DIM)
             self.members[me] = MemberRound(ident, policy, ROUND, neighbours)
             self.leaders[me] = LeaderRound(settings, me, ROUND, DIM, self.now)
@@ -256,3 +261,39 @@ def test_a_colluding_member_and_the_leader_see_only_noise_of_an_honest_update() 
     # Uniform on Z_2^32: almost no word lands in the encoding's range |q| <= 2^30 / 4.
     in_range = np.abs(residual.view(np.int32).astype(np.int64)) <= (1 << 30) // 4
     assert in_range.mean() < 0.5
+
+
+@pytest.mark.parametrize("shape", ["mesh", "sparse"])
+def test_colluding_aggregators_pooling_every_group_mean_solve_for_no_update(shape: str) -> None:
+    """Issue 14, reproduction 3: under v1, 4 colluders on a 20-node mesh solved ~15 of
+    the 16 other updates by pooling overlapping group sums. Now each update is in one
+    group per round, so even all leaders together hold disjoint sums of >= 3 updates:
+    no single update is in the span of what they saw."""
+    rng = np.random.default_rng(5)
+    n = 16
+    graph: dict[int, set[int]] = {i: set(range(n)) - {i} for i in range(n)}
+    if shape == "sparse":  # a ring plus random chords (few groups complete: see the note)
+        graph = {i: set() for i in range(n)}
+        for i in range(n):
+            for j in ((i + 1) % n, int(rng.integers(n))):
+                if j != i:
+                    graph[i].add(j)
+                    graph[j].add(i)
+    ids = _identities(n)
+    net = Net(ids, graph=graph, group_size=4)
+    net.run(_updates(ids, 6))
+    groups = [members for leader in net.leaders.values() for members, _ in leader.results()]
+    assert groups, "some groups must complete"
+    if shape == "mesh":
+        assert sorted(len(g) for g in groups) == [4, 4, 4, 4]  # every update, once
+    summed = [p for g in groups for p in g]
+    assert len(summed) == len(set(summed)), "an update entered two sums"
+    assert all(len(g) >= 3 for g in groups)
+    peers = [i.peer_id for i in ids]
+    rows = np.array([[p in g for p in peers] for g in groups], dtype=float)
+    solvable = 0
+    for k in range(n):
+        unit = np.eye(n)[k]
+        coef, *_ = np.linalg.lstsq(rows.T, unit, rcond=None)
+        solvable += bool(np.allclose(rows.T @ coef, unit))
+    assert solvable == 0
