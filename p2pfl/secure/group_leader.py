@@ -111,6 +111,8 @@ class LeaderRound:
         if msg.round != self.round:
             raise Refused("wrong_round", f"{msg.round} != {self.round}")
         if isinstance(msg, GroupJoin):
+            if msg.leader != self.me:
+                raise Refused("not_my_chooser", sender)
             if self.closed:
                 raise Refused("late_join", sender)
             self.joins.add(sender)

@@ -95,7 +95,7 @@ class MemberRound:
     # ---- outgoing --------------------------------------------------------------------
 
     def join(self) -> list[GroupSend]:
-        return [GroupSend((self.leader,), GroupJoin(self.me, self.round))]
+        return [GroupSend((self.leader,), GroupJoin(self.me, self.round, self.leader))]
 
     def set_update(self, update: np.ndarray) -> list[GroupSend]:
         """Our trained parameters (float32, dim); commit once the mask list is known."""

@@ -76,6 +76,11 @@ class _Header:
 @dataclass(frozen=True, slots=True)
 class GroupJoin(_Header):
     TYPE = "sa2_join"
+    leader: str  # whom the member chose (so a misrouted join is refused, not counted)
+
+    def __post_init__(self) -> None:
+        _Header.__post_init__(self)
+        _check_id("leader", self.leader)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +232,28 @@ GroupMessage = (
     | Unmasking
     | GroupMean
 )
+
+GROUP_MESSAGE_TYPES: dict[str, type[GroupMessage]] = {
+    cls.TYPE: cls
+    for cls in (
+        GroupJoin,
+        GroupOffer,
+        KeySetup,
+        SetupDone,
+        MaskList,
+        Commit,
+        CommitAck,
+        MaskedVector,
+        UnmaskList,
+        Unmasking,
+        GroupMean,
+    )
+}
+# The array field of each kind that carries one, and the dtype it must have.
+TENSOR_FIELDS: dict[str, tuple[str, np.dtype]] = {
+    MaskedVector.TYPE: ("masked", np.dtype(np.uint32)),
+    GroupMean.TYPE: ("mean", np.dtype(np.float32)),
+}
 
 
 @dataclass(frozen=True, slots=True)
