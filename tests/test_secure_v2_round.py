@@ -66,7 +66,7 @@ class Net:
             }
             policy = MemberPolicy(FED, min_group=self.min_group, dim=DIM)
             self.members[me] = MemberRound(ident, policy, ROUND, neighbours)
-            self.leaders[me] = LeaderRound(settings, me, ROUND, DIM, self.now)
+            self.leaders[me] = LeaderRound(settings, me, ROUND, DIM, self.now, neighbours)
 
     def send(self, sender: str, sends: list[GroupSend]) -> None:
         queue = [(sender, s) for s in sends]
@@ -94,7 +94,8 @@ class Net:
     def run(self, updates: dict[str, np.ndarray], *, silent: frozenset[str] = frozenset()) -> None:
         for me, m in self.members.items():
             self.send(me, m.join())
-        self.tick(5.0)  # joins close
+        # Every neighbour declared: the offers went out without waiting for a timeout.
+        assert all(leader.closed for leader in self.leaders.values())
         for me, m in self.members.items():
             if me not in silent:
                 self.send(me, m.set_update(updates[me]))
@@ -297,3 +298,30 @@ def test_colluding_aggregators_pooling_every_group_mean_solve_for_no_update(shap
         coef, *_ = np.linalg.lstsq(rows.T, unit, rcond=None)
         solvable += bool(np.allclose(rows.T @ coef, unit))
     assert solvable == 0
+
+
+def test_a_leader_offers_once_every_neighbour_declared_or_at_the_join_timeout() -> None:
+    ids = [i.peer_id for i in _identities(4)]
+    me, others = ids[0], ids[1:]
+    settings = LeaderSettings(FED, join_timeout=5.0)
+    leader = LeaderRound(settings, me, ROUND, DIM, 0.0, others)
+    assert leader.on_message(me, GroupJoin(me, ROUND, me), 0.1) == []
+    assert leader.on_message(others[0], GroupJoin(others[0], ROUND, me), 0.2) == []
+    # A declaration for another leader counts as declared, not as a join.
+    assert leader.on_message(others[1], GroupJoin(others[1], ROUND, others[0]), 0.3) == []
+    assert not leader.closed and leader.next_deadline() == 5.0
+    assert leader.on_timeout(4.9) == []
+    (offer,) = leader.on_timeout(5.0)  # the third neighbour never declared
+    assert isinstance(offer.message, GroupOffer) and offer.message.choosers == tuple(
+        sorted([me, others[0]])
+    )
+    with pytest.raises(Refused) as exc:
+        leader.on_message(others[2], GroupJoin(others[2], ROUND, me), 5.1)
+    assert exc.value.reason == "late_join"
+    # When all declare, no timeout is needed.
+    fast = LeaderRound(settings, me, ROUND, DIM, 0.0, others)
+    for peer in ids[:3]:
+        assert fast.on_message(peer, GroupJoin(peer, ROUND, me), 0.1) == []
+    (offer,) = fast.on_message(others[2], GroupJoin(others[2], ROUND, others[1]), 0.2)
+    assert isinstance(offer.message, GroupOffer)
+    assert offer.message.choosers == tuple(sorted(ids[:3]))

@@ -10,6 +10,7 @@ caller calls `on_timeout(now)` at `next_deadline()`.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,8 +68,21 @@ class _Group:
 class LeaderRound:
     """One leader's groups for one round."""
 
-    def __init__(self, settings: LeaderSettings, me: str, round: int, dim: int, now: float) -> None:
+    def __init__(
+        self,
+        settings: LeaderSettings,
+        me: str,
+        round: int,
+        dim: int,
+        now: float,
+        expected: Iterable[str] = (),
+    ) -> None:
+        """`expected`: our secure neighbours. Every member declares its choice to all
+        its neighbours, so once each of them (and we) declared, the chooser list is
+        final and the offer goes out at once instead of at `join_timeout`."""
         self.settings = settings
+        self.expected = {*expected, me}
+        self.declared: set[str] = set()
         self.me = me
         self.round = round
         self.dim = dim
@@ -111,12 +125,14 @@ class LeaderRound:
         if msg.round != self.round:
             raise Refused("wrong_round", f"{msg.round} != {self.round}")
         if isinstance(msg, GroupJoin):
-            if msg.leader != self.me:
-                raise Refused("not_my_chooser", sender)
             if self.closed:
-                raise Refused("late_join", sender)
-            self.joins.add(sender)
-            return []
+                if msg.leader == self.me:
+                    raise Refused("late_join", sender)
+                return []
+            self.declared.add(sender)
+            if msg.leader == self.me:
+                self.joins.add(sender)
+            return self.close_joins(now) if self.expected <= self.declared else []
         g = self._group_of(sender, msg)
         if isinstance(msg, SetupDone):
             if g.phase != "setup" or sender in g.keys:

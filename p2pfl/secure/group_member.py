@@ -95,7 +95,10 @@ class MemberRound:
     # ---- outgoing --------------------------------------------------------------------
 
     def join(self) -> list[GroupSend]:
-        return [GroupSend((self.leader,), GroupJoin(self.me, self.round, self.leader))]
+        """Declare our choice to every neighbour (and ourselves): each leader then knows
+        when all who might choose it have chosen, and needs no join timeout."""
+        to = tuple(sorted({self.me, *self.neighbours}))
+        return [GroupSend(to, GroupJoin(self.me, self.round, self.leader))]
 
     def set_update(self, update: np.ndarray) -> list[GroupSend]:
         """Our trained parameters (float32, dim); commit once the mask list is known."""
