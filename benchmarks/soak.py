@@ -150,8 +150,8 @@ class Life:
     rss_start_t: float | None = None
     rss_last: int | None = None
     rss_max: int = 0
-    # (seconds into the run, VmRSS, round) about every 30 s
-    samples: list[tuple[float, int, int | None]] = field(default_factory=list)
+    # (seconds into the run, VmRSS, round, Python's allocated blocks) about every 30 s
+    samples: list[tuple[float, int, int | None, int | None]] = field(default_factory=list)
     rss_start_round: int | None = None
     ended: float | None = None
     end: str = "running"  # running | killed | exited (unexpected) | stopped
@@ -384,7 +384,8 @@ class Run:
             ):
                 life.rss_start, life.rss_start_t, life.rss_start_round = rss, now, rnd
             if force or not life.samples or now - life.samples[-1][0] >= 30.0:
-                life.samples.append((round(now, 1), rss, rnd))
+                blocks = ((nd.status or {}).get("memory") or {}).get("python_blocks")
+                life.samples.append((round(now, 1), rss, rnd, blocks))
 
     def _gap(self) -> float:
         assert self.churn_every is not None
@@ -473,6 +474,10 @@ def rss_growth(life: Life) -> dict[str, Any]:
         if life.samples
         else None,
         "second_half_growth_bytes": second_half_growth(life),
+        # Python objects (sys.getallocatedblocks) at the first and last sample: flat
+        # blocks with growing RSS point at native memory or the allocator, not a leak
+        # of Python objects.
+        "python_blocks": [life.samples[0][3], life.samples[-1][3]] if life.samples else None,
         "flat": life.rss_last <= RSS_FLAT_RATIO * life.rss_start + RSS_FLAT_SLACK,
     }
 

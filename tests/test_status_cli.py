@@ -328,3 +328,19 @@ def test_render_shows_records_only_when_they_fall_behind() -> None:
     text = render_text({**FULL_STATUS, "records": behind})
     assert "12 evaluations skipped" in text and "5 checkpoints superseded" in text
     assert "records" in render_text({**FULL_STATUS, "records": {"evaluations_skipped": "x"}})
+
+
+def test_memory_status_reports_the_process() -> None:
+    """RSS from /proc where there is one, and Python's allocated blocks, which move with
+    Python objects (the soak compares both to tell a leak from allocator growth)."""
+    from p2pfl.node.status import memory_status
+
+    before = memory_status()
+    hoard = [object() for _ in range(50_000)]
+    after = memory_status()
+    assert after["python_blocks"] is not None and before["python_blocks"] is not None
+    assert after["python_blocks"] - before["python_blocks"] >= 40_000
+    assert after["threads"] is not None and after["threads"] >= 1
+    if sys.platform == "linux":
+        assert after["rss_bytes"] is not None and after["rss_bytes"] > 10 * 2**20
+    del hoard

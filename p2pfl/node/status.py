@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,6 +69,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "secure": None if node.secure is None else node.secure.status(),
         "event_loop": None if node.loopwatch is None else node.loopwatch.status(),
         "records": node.learner.records_status(),
+        "memory": memory_status(),
         "history": list(node.history),  # bounded: the learner keeps the last rows
         "peers": node.peers.snapshot(now),
         "counters": {
@@ -95,3 +98,22 @@ def _params_hash(params: np.ndarray) -> str:
     if _last_hash[0] is not params:
         _last_hash = (params, hashlib.sha256(params.tobytes()).hexdigest()[:16])
     return _last_hash[1]
+
+
+def memory_status() -> dict[str, int | None]:
+    """The process's memory, to tell a leak of Python objects (blocks grow) from native
+    or allocator growth (RSS grows, blocks flat). Process-wide: in-process nodes share it."""
+    rss = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                    break
+    except OSError:  # not Linux
+        pass
+    return {
+        "rss_bytes": rss,
+        "python_blocks": sys.getallocatedblocks(),
+        "threads": threading.active_count(),
+    }
