@@ -90,6 +90,18 @@ class Link:
                 self.queued_bytes -= len(payload)
                 successor.offer(payload, limit=math.inf, urgent=urgent)
 
+    async def flush(self, *, grace: float = 1.0) -> bool:
+        """Wait until what is queued now has been written (at most `grace` seconds).
+
+        For a link we close ourselves right after reading the peer's first message: our
+        Hello was queued at connect, and the peer must read it to learn why we close.
+        """
+        target = self.enqueued
+        with trio.move_on_after(grace):
+            while self.written < target and not self.scope.cancel_called:
+                await trio.sleep(0.01)
+        return self.written >= target
+
     async def say_bye(self, payload: bytes, *, grace: float = 0.5) -> bool:
         """Write a last message (our Bye) and stop the writer; True if it was written.
 

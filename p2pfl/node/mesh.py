@@ -524,6 +524,11 @@ class Mesh:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, link)
                     await self._reader(link)
+                    if link.closed_state is PeerState.REFUSED:
+                        # We refuse its model: let our Hello reach it first, or a peer
+                        # that dialed us never learns why (it would show "disconnected"
+                        # and redial soon instead of holding off).
+                        await link.flush()
                     nursery.cancel_scope.cancel()
         finally:
             if self.links.get(peer) is link:
