@@ -325,3 +325,19 @@ def test_a_leader_offers_once_every_neighbour_declared_or_at_the_join_timeout() 
     (offer,) = fast.on_message(others[2], GroupJoin(others[2], ROUND, others[1]), 0.2)
     assert isinstance(offer.message, GroupOffer)
     assert offer.message.choosers == tuple(sorted(ids[:3]))
+
+
+def test_a_member_lost_after_committing_fails_its_group_rather_than_leak() -> None:
+    """Its mates acked its commit, so they keep its key share sealed: the leader cannot
+    strip its pair masks, and the group fails for the round (availability, not privacy)."""
+    ids = _identities(5)
+    lost = ids[1].peer_id
+    net = Net(ids, deliver=lambda s, t, m: not (s == lost and isinstance(m, MaskedVector)))
+    net.run(_updates(ids, 8))
+    leader = _leader(net)
+    assert leader.results() == []
+    assert leader.groups and all(g.phase == "failed" for g in leader.groups)
+    assert all(g.reason.startswith("unmask_failed") for g in leader.groups)
+    refusals = {r for at, _, r in net.refused if at != lost}
+    assert refusals == {"dropped_member_committed"}
+    assert not any(isinstance(m, Unmasking) and m.key_shares for _, _, m in net.seen)
