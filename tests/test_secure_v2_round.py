@@ -22,6 +22,7 @@ from p2pfl.secure.group_messages import (
     GroupOffer,
     GroupSend,
     MaskedVector,
+    MaskList,
     SetupDone,
     Unmasking,
     UnmaskList,
@@ -341,3 +342,51 @@ def test_a_member_lost_after_committing_fails_its_group_rather_than_leak() -> No
     refusals = {r for at, _, r in net.refused if at != lost}
     assert refusals == {"dropped_member_committed"}
     assert not any(isinstance(m, Unmasking) and m.key_shares for _, _, m in net.seen)
+
+
+def test_a_leader_equivocating_on_the_mask_list_cannot_rebuild_a_members_key() -> None:
+    """Found while writing the threat-model table. The leader (also a member, so it
+    holds shares itself) holds back the victim's mask list, lets honest m submit, tells
+    m alone that the victim dropped (true at that moment), then gives the victim a list
+    without m. If m held a share of the victim's round key, m's reveal plus the
+    leader's own share (t = 2) would rebuild it, and the victim's later self-seed
+    reveal would open its update. Shares are therefore dealt only after the mask list,
+    and only to its members: m, left out of the victim's list, holds none."""
+    ids = _identities(4)
+    stash: list[MaskList] = []
+    net = Net(ids, group_size=8)
+    leader = _leader(net)
+    L = leader.me
+    victim, m, h = sorted(p for p in net.members if p != L)
+
+    def hold_victims_list(sender: str, to: str, msg: GroupMessage) -> bool:
+        if isinstance(msg, MaskList) and to == victim:
+            stash.append(msg)
+            return False
+        return not isinstance(msg, UnmaskList)  # the leader scripts these by hand
+
+    net.deliver = hold_victims_list
+    updates = _updates(ids, 9)
+    for me, member in net.members.items():
+        net.send(me, member.join())
+    for me in (L, m, h):
+        net.send(me, net.members[me].set_update(updates[me]))
+    assert all(net.members[p].phase == "submitted" for p in (L, m, h))
+    (real,) = stash
+    # m alone hears that the victim dropped.
+    reveal_m = net.members[m].on_message(
+        L, UnmaskList(L, ROUND, real.session, real.group, tuple(sorted((L, m, h))))
+    )
+    (sent,) = reveal_m
+    assert isinstance(sent.message, Unmasking)
+    # Now the victim gets a list without m, commits to L and h, and submits.
+    fake = MaskList(L, ROUND, real.session, real.group, tuple(sorted((L, victim, h))))
+    net.send(victim, net.members[victim].on_message(L, fake))
+    net.send(victim, net.members[victim].set_update(updates[victim]))
+    assert net.members[victim].phase == "submitted"
+    # What the coalition holds of the victim's round key: m's revealed share (if any)
+    # and the leader's own share as a member.
+    revealed = [p for p, _ in sent.message.key_shares]
+    held_by_leader = victim in net.members[L]._held
+    assert victim not in revealed
+    assert (victim in revealed) + held_by_leader < 2  # below the threshold t = 2

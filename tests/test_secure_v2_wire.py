@@ -22,6 +22,7 @@ from p2pfl.secure.group_messages import (
     MaskedVector,
     MaskList,
     SetupDone,
+    ShareDeal,
     Unmasking,
     UnmaskList,
 )
@@ -40,7 +41,8 @@ def _all() -> list[GroupMessage]:
     return [
         GroupJoin(ME, 3, IDS[1]),
         GroupOffer(ME, 3, S, tuple(IDS), 4, 3, 16.0, 10),
-        KeySetup(ME, 3, S, 0, b"k" * 32, b"s" * 64, SHARE, SHARE),
+        KeySetup(ME, 3, S, 0, b"k" * 32, b"s" * 64),
+        ShareDeal(ME, 3, S, 0, SHARE, SHARE),
         SetupDone(ME, 3, S, 0, b"k" * 32),
         MaskList(ME, 3, S, 0, tuple(IDS[:3])),
         Commit(ME, 3, S, 0),
@@ -79,6 +81,7 @@ def _env(kind: str, **body: object) -> SecureEnvelope:
         (_env("sa2_nope"), "unknown_type"),
         (_env("sa2_join", leader=IDS[1], extra=1), "bad_field"),
         (_env("sa2_join", leader=""), "bad_field"),
+        (_env("sa2_shares", session=S, group=0, key_share=b"x", seed_share=SHARE), "bad_field"),
         (_env("sa2_commit", session=S), "bad_field"),  # group missing
         (_env("sa2_commit", session=b"short", group=0), "bad_field"),
         (_env("sa2_commit", session=S, group=-1), "bad_field"),

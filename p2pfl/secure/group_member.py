@@ -30,6 +30,7 @@ from p2pfl.secure.group_messages import (
     MaskedVector,
     MaskList,
     SetupDone,
+    ShareDeal,
     Unmasking,
     UnmaskList,
 )
@@ -118,6 +119,8 @@ class MemberRound:
             return self._on_setup(sender, msg)
         if isinstance(msg, MaskList):
             return self._on_masklist(sender, msg)
+        if isinstance(msg, ShareDeal):
+            return self._on_shares(sender, msg)
         if isinstance(msg, Commit):
             return self._on_commit(sender, msg)
         if isinstance(msg, CommitAck):
@@ -165,25 +168,10 @@ class MemberRound:
         self.scope = RoundScope(self.policy.federation, self.round, self.leader, msg.session, index)
         self._key = RoundKey(self.identity, self.scope)
         self._seed = secrets.token_bytes(32)
-        threshold = self.policy.min_group - 1
-        key_shares = split(self._key.secret_bytes(), threshold, len(self.mates))
-        seed_shares = split(self._seed, threshold, len(self.mates))
-        sends = [
-            GroupSend(
-                (mate,),
-                KeySetup(
-                    self.me,
-                    self.round,
-                    msg.session,
-                    index,
-                    self._key.public,
-                    self._key.signature,
-                    k.to_bytes(),
-                    s.to_bytes(),
-                ),
-            )
-            for mate, k, s in zip(self.mates, key_shares, seed_shares, strict=True)
-        ]
+        setup = KeySetup(
+            self.me, self.round, msg.session, index, self._key.public, self._key.signature
+        )
+        sends = [GroupSend(self.mates, setup)]
         sends.append(
             GroupSend(
                 (self.leader,),
@@ -197,7 +185,7 @@ class MemberRound:
         return sends
 
     def _check_scope(
-        self, msg: KeySetup | MaskList | Commit | CommitAck | UnmaskList | GroupMean
+        self, msg: KeySetup | ShareDeal | MaskList | Commit | CommitAck | UnmaskList | GroupMean
     ) -> None:
         scope = self.scope
         session, group = getattr(msg, "session", None), getattr(msg, "group", None)
@@ -217,11 +205,9 @@ class MemberRound:
             raise Refused("second_setup", sender)
         try:
             verify_round_key(self.scope, sender, self.neighbours[sender], msg.public, msg.signature)
-            shares = (Share.from_bytes(msg.key_share), Share.from_bytes(msg.seed_share))
-        except (KeyRejected, ShamirError) as exc:
+        except KeyRejected as exc:
             raise Refused("bad_setup", str(exc)) from None
         self._mate_keys[sender] = msg.public
-        self._held[sender] = shares
         return self._maybe_commit()
 
     def _on_masklist(self, sender: str, msg: MaskList) -> list[GroupSend]:
@@ -236,7 +222,35 @@ class MemberRound:
         if len(u1) < self.policy.min_group:
             raise Refused("group_too_small", f"{len(u1)} < {self.policy.min_group}")
         self._u1 = u1
-        return self._maybe_commit()
+        return self._deal_shares(u1) + self._maybe_commit()
+
+    def _deal_shares(self, u1: tuple[str, ...]) -> list[GroupSend]:
+        """Shares of our key and self seed, to the members of *our* mask list only: a
+        mate the leader left out of it holds nothing it could later be asked to reveal.
+        Any `min_group - 1` of them rebuild a secret, fewer say nothing."""
+        assert self._key is not None and self.scope is not None
+        mates = [p for p in u1 if p != self.me]
+        threshold = self.policy.min_group - 1
+        keys = split(self._key.secret_bytes(), threshold, len(mates))
+        seeds = split(self._seed, threshold, len(mates))
+        s = self.scope
+        return [
+            GroupSend(
+                (mate,),
+                ShareDeal(self.me, self.round, s.session, s.group, k.to_bytes(), e.to_bytes()),
+            )
+            for mate, k, e in zip(mates, keys, seeds, strict=True)
+        ]
+
+    def _on_shares(self, sender: str, msg: ShareDeal) -> list[GroupSend]:
+        self._check_scope(msg)
+        if sender not in self.mates or sender in self._held:
+            raise Refused("unexpected_shares", sender)
+        try:
+            self._held[sender] = (Share.from_bytes(msg.key_share), Share.from_bytes(msg.seed_share))
+        except ShamirError as exc:
+            raise Refused("bad_shares", str(exc)) from None
+        return []
 
     def _maybe_commit(self) -> list[GroupSend]:
         u1 = self._u1
@@ -310,8 +324,13 @@ class MemberRound:
                     self.scope.session,
                     self.scope.group,
                     self._seed,
-                    tuple((p, self._held[p][1].to_bytes()) for p in u2 if p != self.me),
-                    tuple((p, self._held[p][0].to_bytes()) for p in dropped),
+                    # Only shares we hold: a mate dealt to us only if we were on its list.
+                    tuple(
+                        (p, self._held[p][1].to_bytes())
+                        for p in u2
+                        if p != self.me and p in self._held
+                    ),
+                    tuple((p, self._held[p][0].to_bytes()) for p in dropped if p in self._held),
                 ),
             )
         ]

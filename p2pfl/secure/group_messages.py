@@ -3,9 +3,10 @@
 Flow for leader L, member v and v's mates in group G (round r):
     v -> L       GroupJoin    v chose L by the schedule
     L -> v       GroupOffer   the chooser list; v recomputes the partition
-    v -> mate    KeySetup     signed round key + Shamir shares (key secret, self seed)
+    v -> mate    KeySetup     signed round key
     v -> L       SetupDone    v has sent its setups
     L -> v       MaskList     U1: who masks toward whom
+    v -> mate    ShareDeal    Shamir shares (key secret, self seed), to U1 mates only
     v -> mate    Commit       v is about to submit its vector ...
     mate -> v    CommitAck    ... and the mate will never reveal v's key share
     v -> L       MaskedVector the masked fixed-point update
@@ -122,13 +123,24 @@ class KeySetup(_GroupHeader):
     TYPE = "sa2_setup"
     public: bytes
     signature: bytes
-    key_share: bytes
-    seed_share: bytes
 
     def __post_init__(self) -> None:
         _GroupHeader.__post_init__(self)
         _check_bytes("public", self.public, KEY_LEN)
         _check_bytes("signature", self.signature, SIGNATURE_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class ShareDeal(_GroupHeader):
+    """Shares of the sender's round-key secret and self seed, dealt only to the members
+    of its mask list (so a mate left out of that list holds nothing to reveal)."""
+
+    TYPE = "sa2_shares"
+    key_share: bytes
+    seed_share: bytes
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
         _check_bytes("key_share", self.key_share, SHARE_LEN)
         _check_bytes("seed_share", self.seed_share, SHARE_LEN)
 
@@ -223,6 +235,7 @@ GroupMessage = (
     GroupJoin
     | GroupOffer
     | KeySetup
+    | ShareDeal
     | SetupDone
     | MaskList
     | Commit
@@ -239,6 +252,7 @@ GROUP_MESSAGE_TYPES: dict[str, type[GroupMessage]] = {
         GroupJoin,
         GroupOffer,
         KeySetup,
+        ShareDeal,
         SetupDone,
         MaskList,
         Commit,
