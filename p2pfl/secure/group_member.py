@@ -188,8 +188,7 @@ class MemberRound:
         self, msg: KeySetup | ShareDeal | MaskList | Commit | CommitAck | UnmaskList | GroupMean
     ) -> None:
         scope = self.scope
-        session, group = getattr(msg, "session", None), getattr(msg, "group", None)
-        if scope is None or session != scope.session or group != scope.group:
+        if scope is None or msg.session != scope.session or msg.group != scope.group:
             raise Refused("wrong_group")
 
     def _on_setup(self, sender: str, msg: KeySetup) -> list[GroupSend]:
