@@ -906,3 +906,19 @@ def test_waiting_for_a_neighbour_behind_stops_at_the_round_timeout() -> None:
         m2.receive_update(t + 0.1, p, 3, full(1.0), 1)
     m2.observe_peer_round(t, "c", 3)  # in our round: its update is late or lost
     assert only(m2.tick(t + 2.0), Aggregated).timed_out
+
+
+def test_distinct_inputs_count_a_model_forwarded_by_several_neighbours_once() -> None:
+    """Secure aggregation v2: every member of a group forwards the same group mean; it
+    must weigh in once, not once per neighbour in that group."""
+    for distinct, expected in ((True, 4.0), (False, 3.75)):
+        m = machine(params=vec(0, 0, 0, 0), round_timeout=5.0, distinct_inputs=distinct)
+        m.start(0.0, PEERS)
+        m.trained(0.0, 0, vec(0, 0, 0, 0), 1, PEERS)
+        m.receive_update(1.0, "a", 0, vec(3, 3, 3, 3), 1)  # group mean G1, via a
+        m.receive_update(1.0, "b", 0, vec(3, 3, 3, 3), 1)  # the same G1, via b
+        acts = m.receive_update(1.0, "c", 0, vec(9, 9, 9, 9), 1)  # G2, via c
+        agg = only(acts, Aggregated)
+        # distinct: own 0, G1 3, G2 9 -> 4; otherwise G1 twice -> (0 + 3 + 3 + 9) / 4
+        np.testing.assert_array_equal(agg.params, vec(expected, expected, expected, expected))
+        assert agg.senders == ("a", "b", "c")  # everyone who sent is still credited

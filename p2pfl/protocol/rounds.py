@@ -12,6 +12,7 @@ and future messages, duplicates, quorum, timeouts, catch-up) testable without so
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class RoundSettings:
     adaptive_window: int = 5  # rounds of wait times the adaptive timeout looks at
     # Hand the rule's work out as an Aggregate action instead of running it here.
     defer_aggregation: bool = False
+    # Neighbours' models that are bit-identical count once. With secure aggregation v2
+    # every member of a group forwards the same group mean; counted once per neighbour
+    # it would weigh in as often as we have neighbours in that group.
+    distinct_inputs: bool = False
 
 
 # (senders, timed_out, rejected, the senders' models): the round while its rule runs.
@@ -476,10 +481,11 @@ class RoundMachine:
             self._waits.append(now - self._collect_started)
             del self._waits[: -self.settings.adaptive_window]
         senders = tuple(sorted(received))
+        counted = _distinct(senders, received) if self.settings.distinct_inputs else senders
         # Inputs in one canonical order (by peer id, ours included) so that nodes that
         # aggregate the same inputs get bit-identical models.
         inputs = sorted(
-            [(self.node_id, self._own), *((s, received[s]) for s in senders)],
+            [(self.node_id, self._own), *((s, received[s]) for s in counted)],
             key=lambda item: item[0],
         )
         weights = np.array([p.samples for _, p in inputs], dtype=np.float64)
@@ -648,3 +654,19 @@ class RoundMachine:
             self._nudge_gap = max(self._nudge_gap, MIN_NUDGE_GAP)
             self.nudge_at = now
         return self._maybe_aggregate(now, timed_out=False)
+
+
+def _distinct(senders: tuple[str, ...], received: dict[str, _Pending]) -> tuple[str, ...]:
+    """The senders whose model no sender before them (in id order) sent bit for bit."""
+    seen: set[tuple[bytes, int]] = set()
+    kept = []
+    for s in senders:
+        params = received[s].params
+        key = (
+            hashlib.sha256(np.ascontiguousarray(params).data.cast("B")).digest(),
+            params.size,
+        )
+        if key not in seen:
+            seen.add(key)
+            kept.append(s)
+    return tuple(kept)
