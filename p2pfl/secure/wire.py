@@ -56,25 +56,8 @@ def from_envelope(env: SecureEnvelope, *, max_dim: int) -> SecureMessage:
     cls = SECURE_MESSAGE_TYPES.get(env.kind)
     if cls is None:
         raise WireError("unknown_type", f"secure message kind {env.kind!r}")
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in _HEADER]
-    if set(env.body) != set(names):
-        missing = sorted(set(names) - set(env.body))
-        extra = sorted(set(env.body) - set(names))
-        raise WireError("bad_field", f"{env.kind}: missing {missing}, unexpected {extra}")
-    kwargs: dict[str, Any] = {}
-    for name in names:
-        value = env.body[name]
-        if cls is MaskedUpdate and name == "masked":
-            arr = decode_tensor(value, max_elements=max_dim)
-            if arr.dtype != np.uint32 or arr.ndim != 1:
-                raise WireError("bad_tensor", f"{env.kind}.masked: expected a 1-D uint32 tensor")
-            kwargs[name] = arr
-        else:
-            kwargs[name] = _tuplify(value)
-    try:
-        msg: SecureMessage = cls(sender=env.sender, round=env.round, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise WireError("bad_field", f"{env.kind}: {exc}") from None
+    tensor = ("masked", np.dtype(np.uint32)) if cls is MaskedUpdate else None
+    msg: SecureMessage = _build(env, cls, tensor, max_dim)
     _check_wire_only(msg, max_dim)
     return msg
 
@@ -85,26 +68,7 @@ def group_from_envelope(env: SecureEnvelope, *, max_dim: int) -> GroupMessage:
     cls = GROUP_MESSAGE_TYPES.get(env.kind)
     if cls is None:
         raise WireError("unknown_type", f"group message kind {env.kind!r}")
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in _HEADER]
-    if set(env.body) != set(names):
-        missing = sorted(set(names) - set(env.body))
-        extra = sorted(set(env.body) - set(names))
-        raise WireError("bad_field", f"{env.kind}: missing {missing}, unexpected {extra}")
-    tensor = TENSOR_FIELDS.get(env.kind)
-    kwargs: dict[str, Any] = {}
-    for name in names:
-        value = env.body[name]
-        if tensor is not None and name == tensor[0]:
-            arr = decode_tensor(value, max_elements=max_dim)
-            if arr.dtype != tensor[1] or arr.ndim != 1:
-                raise WireError("bad_tensor", f"{env.kind}.{name}: expected 1-D {tensor[1]}")
-            kwargs[name] = arr
-        else:
-            kwargs[name] = _tuplify(value)
-    try:
-        msg: GroupMessage = cls(sender=env.sender, round=env.round, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise WireError("bad_field", f"{env.kind}: {exc}") from None
+    msg: GroupMessage = _build(env, cls, TENSOR_FIELDS.get(env.kind), max_dim)
     ids: tuple[str, ...] = ()
     if isinstance(msg, GroupOffer):
         if msg.dim > max_dim:
@@ -116,6 +80,35 @@ def group_from_envelope(env: SecureEnvelope, *, max_dim: int) -> GroupMessage:
         ids = tuple(p for p, _ in (*msg.seed_shares, *msg.key_shares))
     _check_ids(msg, "peers", ids)
     return msg
+
+
+def _build(
+    env: SecureEnvelope, cls: type, tensor: tuple[str, np.dtype] | None, max_dim: int
+) -> Any:
+    """`cls` from the body: exactly its fields, lists as tuples, the one tensor field
+    (if any) a 1-D array of its dtype within `max_dim`; the class's own checks (ranges,
+    shapes) turn into the wire's typed error."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in _HEADER]
+    if set(env.body) != set(names):
+        missing = sorted(set(names) - set(env.body))
+        extra = sorted(set(env.body) - set(names))
+        raise WireError("bad_field", f"{env.kind}: missing {missing}, unexpected {extra}")
+    kwargs: dict[str, Any] = {"sender": env.sender, "round": env.round}
+    for name in names:
+        value = env.body[name]
+        if tensor is not None and name == tensor[0]:
+            arr = decode_tensor(value, max_elements=max_dim)
+            if arr.dtype != tensor[1] or arr.ndim != 1:
+                raise WireError(
+                    "bad_tensor", f"{env.kind}.{name}: expected a 1-D {tensor[1]} tensor"
+                )
+            kwargs[name] = arr
+        else:
+            kwargs[name] = _tuplify(value)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise WireError("bad_field", f"{env.kind}: {exc}") from None
 
 
 def _bad(msg: SecureMessage | GroupMessage, message: str) -> WireError:
