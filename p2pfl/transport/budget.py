@@ -42,10 +42,7 @@ _malloc_trim = _find_malloc_trim()
 def give_back_memory(dropped: int) -> bool:
     """After `dropped` bytes of partial frames were freed: return free heap pages to the
     OS if that was a lot (glibc only). True if it trimmed."""
-    if dropped < TRIM_ABOVE or _malloc_trim is None:
-        return False
-    _malloc_trim(0)
-    return True
+    return dropped >= TRIM_ABOVE and trim_heap()
 
 
 def trim_heap() -> bool:
