@@ -20,7 +20,6 @@ is structurally sound; the state machines check meaning.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -34,21 +33,13 @@ from p2pfl.secure.messages import (
     SESSION_LEN,
     _check_bytes,
     _check_id,
+    _check_ids,
     _check_int,
 )
 from p2pfl.secure.round_keys import KEY_LEN, SIGNATURE_LEN
 from p2pfl.secure.shamir import SHARE_LEN
 
 MAX_GROUP = 64
-
-
-def _check_ids(name: str, ids: object, low: int, high: int) -> None:
-    if type(ids) is not tuple or not low <= len(ids) <= high:
-        raise ValueError(f"{name}: expected a tuple of {low}..{high} peer ids")
-    for i, m in enumerate(ids):
-        _check_id(f"{name}[{i}]", m)
-    if any(a >= b for a, b in itertools.pairwise(ids)):
-        raise ValueError(f"{name}: must be sorted and distinct")
 
 
 def _check_shares(name: str, shares: object) -> None:

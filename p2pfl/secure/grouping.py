@@ -16,23 +16,16 @@ import hashlib
 import struct
 from collections.abc import Sequence
 
-MIN_GROUP = 3
+from p2pfl.secure import schedule
+from p2pfl.secure.keys import _lp
+
+MIN_GROUP = schedule.MIN_GROUP
 _DOMAIN = b"p2pfl/secure/grouping/v1\x00"
-
-
-def _lp(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
 
 
 def group_sizes(n: int, group_size: int) -> list[int]:
     """Sizes of the groups for n participants and target size g (empty if n < 3)."""
-    if group_size < MIN_GROUP:
-        raise ValueError(f"group_size must be >= {MIN_GROUP}, got {group_size}")
-    if n < MIN_GROUP:
-        return []
-    m = min(-(-n // group_size), n // MIN_GROUP)
-    base, extra = divmod(n, m)
-    return [base + 1] * extra + [base] * (m - extra)
+    return schedule.group_sizes(n, group_size, MIN_GROUP)
 
 
 def max_group_size(group_size: int) -> int:

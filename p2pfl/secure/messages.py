@@ -52,14 +52,19 @@ def _check_bytes(name: str, value: object, length: int) -> None:
         raise ValueError(f"{name}: expected {length} bytes")
 
 
+def _check_ids(name: str, ids: object, low: int, high: int) -> None:
+    """A tuple of `low`..`high` sorted, distinct peer ids."""
+    if type(ids) is not tuple or not low <= len(ids) <= high:
+        raise ValueError(f"{name}: expected a tuple of {low}..{high} peer ids")
+    for i, m in enumerate(ids):
+        _check_id(f"{name}[{i}]", m)
+    if any(a >= b for a, b in itertools.pairwise(ids)):
+        raise ValueError(f"{name}: must be sorted and distinct")
+
+
 def _check_members(name: str, members: object) -> None:
     """Sorted, distinct peer ids, at least 3 (no valid group is smaller)."""
-    if type(members) is not tuple or not 3 <= len(members) <= MAX_PARTICIPANTS:
-        raise ValueError(f"{name}: expected a tuple of 3..{MAX_PARTICIPANTS} peer ids")
-    for i, m in enumerate(members):
-        _check_id(f"{name}[{i}]", m)
-    if any(a >= b for a, b in itertools.pairwise(members)):
-        raise ValueError(f"{name}: must be sorted and distinct")
+    _check_ids(name, members, 3, MAX_PARTICIPANTS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,13 +28,11 @@ import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 
+from p2pfl.secure.keys import _lp
+
 MIN_GROUP = 3
 _LEADER_DOMAIN = b"p2pfl/secure/leader/v2\x00"
 _ORDER_DOMAIN = b"p2pfl/secure/partition/v2\x00"
-
-
-def _lp(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
 
 
 def score(federation: str, round: int, peer_id: str) -> bytes:
