@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+from test_secure_v2_round import _tol
 
 from p2pfl.identity import Identity
 from p2pfl.secure.group_driver import ROUND_WINDOW, GroupDriver
 from p2pfl.secure.group_leader import LeaderSettings
 from p2pfl.secure.group_member import MemberPolicy
 from p2pfl.secure.group_messages import GroupJoin, GroupSend
-from p2pfl.secure.masking import fixed_point
 
 FED = "fed"
 DIM = 64
@@ -56,8 +56,7 @@ def test_a_round_completes_when_nodes_start_it_at_different_times() -> None:
     assert first is not None and set(first.members) == set(peers)
     assert all(m is not None and np.array_equal(m.mean, first.mean) for m in means)
     expected = np.mean(list(updates.values()), axis=0)
-    tol = fixed_point(16.0, 4).step + 16.0 * 2.0**-23
-    assert np.max(np.abs(first.mean - expected)) <= tol
+    assert np.max(np.abs(first.mean - expected)) <= _tol(4)
     assert all(not d.refused for d in drivers.values())
     # Exactly one node led the group (everyone chose the same leader on a mesh).
     assert sum(bool(drivers[p].led_results(0)) for p in peers) == 1
@@ -99,4 +98,4 @@ def test_a_silent_member_is_left_out_at_the_leaders_deadline() -> None:
     mean = drivers[leader].mean(0)
     assert mean is not None and silent not in mean.members and len(mean.members) == 4
     expected = np.mean([u for p, u in updates.items() if p != silent], axis=0)
-    assert np.max(np.abs(mean.mean - expected)) <= fixed_point(16.0, 5).step + 16.0 * 2.0**-23
+    assert np.max(np.abs(mean.mean - expected)) <= _tol(5)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from p2pfl.identity import Identity
+from p2pfl.secure.group_driver import TO_LEADER
 from p2pfl.secure.group_leader import LeaderRound, LeaderSettings
 from p2pfl.secure.group_member import MemberPolicy, MemberRound
 from p2pfl.secure.group_messages import (
@@ -23,7 +24,6 @@ from p2pfl.secure.group_messages import (
     GroupSend,
     MaskedVector,
     MaskList,
-    SetupDone,
     Unmasking,
     UnmaskList,
 )
@@ -33,7 +33,6 @@ from p2pfl.secure.protocol import Refused
 FED = "fed"
 DIM = 257
 ROUND = 7
-TO_LEADER = (GroupJoin, SetupDone, MaskedVector, Unmasking)
 
 
 def _identities(n: int) -> list[Identity]:

@@ -110,16 +110,18 @@ class GroupDriver:
                 return []
             held.append((sender, msg))
             return []
-        side: LeaderRound | MemberRound | None
-        side = (self.leaders if isinstance(msg, TO_LEADER) else self.members).get(msg.round)
-        if side is None:
-            self._refuse("round_gone", sender)
-            return []
-        if isinstance(side, LeaderRound):
-            leader = side
-            return self._guard(lambda: self._route_all(leader.on_message(sender, msg, now), now))
-        member = side
-        return self._guard(lambda: self._route_all(member.on_message(sender, msg), now))
+        if isinstance(msg, TO_LEADER):
+            leader = self.leaders.get(msg.round)
+            if leader is not None:
+                return self._guard(
+                    lambda: self._route_all(leader.on_message(sender, msg, now), now)
+                )
+        else:
+            member = self.members.get(msg.round)
+            if member is not None:
+                return self._guard(lambda: self._route_all(member.on_message(sender, msg), now))
+        self._refuse("round_gone", sender)
+        return []
 
     def on_timeout(self, now: float) -> list[GroupSend]:
         sends: list[GroupSend] = []

@@ -28,10 +28,10 @@ from p2pfl.secure.group_messages import (
     Unmasking,
     UnmaskList,
 )
-from p2pfl.secure.masking import SumRejected, add_streams, fixed_point, mask_signs
+from p2pfl.secure.masking import SumRejected, add_streams, fixed_point
 from p2pfl.secure.messages import SESSION_LEN
 from p2pfl.secure.protocol import Refused
-from p2pfl.secure.round_keys import RoundScope, pair_seed_from_secret
+from p2pfl.secure.round_keys import RoundScope, pair_seeds_from_secret
 from p2pfl.secure.schedule import MIN_GROUP, partition
 from p2pfl.secure.shamir import ShamirError, Share, reconstruct
 
@@ -210,19 +210,20 @@ class LeaderRound:
         """Remove self masks and dropped members' pair masks; decode; send the mean."""
         dropped = [p for p in g.u1 if p not in g.u2]
         try:
-            seeds = [self._self_seed(g, u) for u in g.u2]
+            undo_plus: list[bytes] = []
+            undo_minus = [self._self_seed(g, u) for u in g.u2]
+            scope = RoundScope(self.settings.federation, self.round, self.me, self.session, g.index)
+            survivors = {u: g.keys[u] for u in g.u2}
+            for v in dropped:
+                secret = self._rebuild(g, v, "key")
+                seeds = pair_seeds_from_secret(secret, v, g.keys[v], survivors, scope)
+                # Survivor u added m_uv for v > u and subtracted it for v < u: undo it.
+                for u, seed in seeds.items():
+                    (undo_minus if v > u else undo_plus).append(seed)
             total = np.zeros(self.dim, dtype=np.uint32)
             for vector in g.vectors.values():
                 np.add(total, vector, out=total)
-            add_streams(total, minus=seeds)
-            scope = RoundScope(self.settings.federation, self.round, self.me, self.session, g.index)
-            for v in dropped:
-                secret = self._rebuild(g, v, "key")
-                # Survivor u added m_uv for v > u and subtracted it for v < u: undo it.
-                for u in g.u2:
-                    seed = pair_seed_from_secret(secret, v, g.keys[v], u, g.keys[u], scope)
-                    plus, _ = mask_signs(u, [v])
-                    add_streams(total, minus=[seed]) if plus else add_streams(total, plus=[seed])
+            add_streams(total, plus=undo_plus, minus=undo_minus)
             g.mean = fixed_point(self.settings.clip, len(g.u1)).decode_mean(total, len(g.u2))
         except (ShamirError, SumRejected, Refused, ValueError) as exc:
             return self._fail(g, f"unmask_failed: {exc}")

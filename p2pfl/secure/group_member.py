@@ -184,6 +184,11 @@ class MemberRound:
             sends += self._on_setup(mate, early)
         return sends
 
+    def _check_from_leader(self, sender: str, msg: MaskList | UnmaskList | GroupMean) -> None:
+        if sender != self.leader:
+            raise Refused("not_my_leader", sender)
+        self._check_scope(msg)
+
     def _check_scope(
         self, msg: KeySetup | ShareDeal | MaskList | Commit | CommitAck | UnmaskList | GroupMean
     ) -> None:
@@ -210,9 +215,7 @@ class MemberRound:
         return self._maybe_commit()
 
     def _on_masklist(self, sender: str, msg: MaskList) -> list[GroupSend]:
-        if sender != self.leader:
-            raise Refused("not_my_leader", sender)
-        self._check_scope(msg)
+        self._check_from_leader(sender, msg)
         if self._u1 is not None:
             raise Refused("second_mask_list")
         u1 = msg.members
@@ -295,9 +298,7 @@ class MemberRound:
         return [GroupSend((self.leader,), vector)]
 
     def _on_unmask(self, sender: str, msg: UnmaskList) -> list[GroupSend]:
-        if sender != self.leader:
-            raise Refused("not_my_leader", sender)
-        self._check_scope(msg)
+        self._check_from_leader(sender, msg)
         if self.phase != "submitted":
             raise Refused("unmask_out_of_turn", self.phase)  # also: one answer per round
         u1, u2 = self._u1 or (), msg.members
@@ -335,9 +336,7 @@ class MemberRound:
         ]
 
     def _on_mean(self, sender: str, msg: GroupMean) -> list[GroupSend]:
-        if sender != self.leader:
-            raise Refused("not_my_leader", sender)
-        self._check_scope(msg)
+        self._check_from_leader(sender, msg)
         if self.phase != "revealed":
             raise Refused("mean_out_of_turn", self.phase)
         if not set(msg.members) <= set(self._u1 or ()) or msg.mean.size != (

@@ -13,6 +13,7 @@ the identity key it authenticated over its own channel.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -21,16 +22,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from p2pfl.identity import Identity, peer_id_from_public_key
-from p2pfl.secure.keys import KeyRejected
+from p2pfl.secure.keys import KeyRejected, _lp
 from p2pfl.secure.masking import MaskContext, derive_seed
 
 _DOMAIN = b"p2pfl/secure/round-key/v2\x00"
 KEY_LEN = 32
 SIGNATURE_LEN = 64
-
-
-def _lp(data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + data
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +82,8 @@ class RoundKey:
         )
 
     def pair_seed(self, peer_id: str, peer_public: bytes) -> bytes:
-        return pair_seed_from_secret(
-            self.secret_bytes(), self.peer_id, self.public, peer_id, peer_public, self.scope
+        return _pair_seed(
+            self._private, self.peer_id, self.public, peer_id, peer_public, self.scope
         )
 
 
@@ -106,22 +103,28 @@ def verify_round_key(
         raise KeyRejected("bad_signature", f"round key of {peer_id}") from None
 
 
-def pair_seed_from_secret(
-    secret: bytes,
+def pair_seeds_from_secret(
+    secret: bytes, my_id: str, my_public: bytes, peers: Mapping[str, bytes], scope: RoundScope
+) -> dict[str, bytes]:
+    """What a leader computes for a dropped member once it rebuilt that member's secret
+    from shares: the seed it shared with each of `peers` (id -> round public key)."""
+    private = X25519PrivateKey.from_private_bytes(secret)
+    return {p: _pair_seed(private, my_id, my_public, p, key, scope) for p, key in peers.items()}
+
+
+def _pair_seed(
+    private: X25519PrivateKey,
     my_id: str,
     my_public: bytes,
     peer_id: str,
     peer_public: bytes,
     scope: RoundScope,
 ) -> bytes:
-    """The seed two members share in `scope`; also what a leader computes for a dropped
-    member once it rebuilt that member's secret from shares."""
+    """The seed two members share in `scope` (both sides compute the same)."""
     if peer_id == my_id:
         raise ValueError("no pair seed with oneself")
     try:
-        shared = X25519PrivateKey.from_private_bytes(secret).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError:
         raise KeyRejected("weak_key", "X25519 agreement failed") from None
     info = scope.mask_context().info(my_id, my_public, peer_id, peer_public)
