@@ -106,6 +106,8 @@ class NodeConfig:
     # Secure aggregation (pairwise masks inside groups of neighbours).
     secure_aggregation: bool = False
     group_size: int = 4
+    secure_min_group: int = 3  # the smallest group this node masks in (its privacy floor)
+    secure_no_group: str = "wait"  # without a group: "wait", "skip" or "plain"
     # Scenario studies only: a malicious node runs a real node with this attack.
     attack: str = ""
     attack_options: Mapping[str, Any] = field(default_factory=dict)
@@ -227,6 +229,22 @@ class NodeConfig:
         _check(self.aggregation != "", "aggregation", "must name a rule")
         _check(self.tolerate >= 0, "tolerate", "must be >= 0")
         _check(self.group_size >= 3, "group_size", "must be >= 3")
+        _check(
+            3 <= self.secure_min_group <= self.group_size,
+            "secure_min_group",
+            f"must be in 3..group_size ({self.group_size})",
+        )
+        _check(
+            self.secure_no_group in ("wait", "skip", "plain"),
+            "secure_no_group",
+            f"must be wait, skip or plain, got {self.secure_no_group!r}",
+        )
+        _check(
+            not (self.secure_aggregation and self.compression),
+            "compression",
+            "cannot be combined with secure_aggregation yet (group means are forwarded "
+            "dense so that copies from several mates compare equal); drop one of them",
+        )
         _check(
             self.compression_keyframe_every >= 0,
             "compression_keyframe_every",

@@ -922,3 +922,29 @@ def test_distinct_inputs_count_a_model_forwarded_by_several_neighbours_once() ->
         # distinct: own 0, G1 3, G2 9 -> 4; otherwise G1 twice -> (0 + 3 + 3 + 9) / 4
         np.testing.assert_array_equal(agg.params, vec(expected, expected, expected, expected))
         assert agg.senders == ("a", "b", "c")  # everyone who sent is still credited
+
+
+def test_a_neighbour_that_abstains_is_not_waited_for() -> None:
+    """Secure aggregation v2: a neighbour in no group says it sends nothing this round;
+    the round ends on the others' models instead of at the timeout, also when the
+    notice arrives before our own training ends, and even when everyone abstains."""
+    m = machine(params=vec(0, 0, 0, 0), round_timeout=30.0)
+    m.start(0.0, PEERS)
+    assert m.receive_abstain(0.5, "a", 0) == []  # still training: kept for the round
+    m.trained(1.0, 0, vec(0, 0, 0, 0), 1, PEERS)
+    assert m.expected_this_round == len(PEERS) - 1
+    m.receive_update(1.5, "b", 0, vec(2, 2, 2, 2), 1)
+    agg = only(m.receive_abstain(2.0, "c", 0), Aggregated)
+    assert agg.senders == ("b",) and not agg.timed_out
+    np.testing.assert_array_equal(agg.params, vec(1, 1, 1, 1))
+
+    alone = machine(params=vec(0, 0, 0, 0), round_timeout=30.0)
+    alone.start(0.0, PEERS)
+    alone.trained(1.0, 0, vec(5, 5, 5, 5), 1, PEERS)
+    alone.receive_abstain(1.1, "a", 0)
+    alone.receive_abstain(1.2, "b", 0)
+    agg = only(alone.receive_abstain(1.3, "c", 0), Aggregated)
+    assert agg.senders == () and not agg.timed_out
+    # Abstaining for a far-off or past round changes nothing.
+    assert alone.receive_abstain(2.0, "a", 99) == []
+    assert alone.receive_abstain(2.0, "a", 0) == []

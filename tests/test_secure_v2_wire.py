@@ -12,12 +12,15 @@ import pytest
 from p2pfl.identity import Identity
 from p2pfl.secure.group_messages import (
     GROUP_MESSAGE_TYPES,
+    Abstain,
     Commit,
     CommitAck,
+    GroupAbort,
     GroupJoin,
     GroupMean,
     GroupMessage,
     GroupOffer,
+    IdentityKey,
     KeySetup,
     MaskedVector,
     MaskList,
@@ -51,6 +54,9 @@ def _all() -> list[GroupMessage]:
         UnmaskList(ME, 3, S, 0, tuple(IDS[:3])),
         Unmasking(ME, 3, S, 0, b"z" * 32, ((IDS[1], SHARE),), ((IDS[2], SHARE),)),
         GroupMean(ME, 3, S, 0, tuple(IDS[:3]), np.linspace(-1, 1, 10, dtype=np.float32)),
+        GroupAbort(ME, 3, S, 0, "too_few_vectors"),
+        IdentityKey(ME, 3, b"p" * 32),
+        Abstain(ME, 3, "no_group"),
     ]
 
 
@@ -85,6 +91,10 @@ def _env(kind: str, **body: object) -> SecureEnvelope:
         (_env("sa2_commit", session=S), "bad_field"),  # group missing
         (_env("sa2_commit", session=b"short", group=0), "bad_field"),
         (_env("sa2_commit", session=S, group=-1), "bad_field"),
+        (_env("sa2_id", public=b"short"), "bad_field"),
+        (_env("sa2_none", reason=""), "bad_field"),
+        (_env("sa2_none", reason="x" * 65), "bad_field"),
+        (_env("sa2_abort", session=S, group=0, reason="\u00e9t\u00e9"), "bad_field"),
         (_env("sa2_masklist", session=S, group=0, members=["b", "a", "c"]), "bad_field"),
         (_env("sa2_masklist", session=S, group=0, members=["x1", "x2", "x3"]), "bad_field"),
         (

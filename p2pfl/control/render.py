@@ -51,6 +51,36 @@ def _section(obj: Any, key: str) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _secure_rows(secure: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """One line of secure-aggregation counters, and a warning line while this node is
+    in no group (its update is withheld or sent in the clear, per its policy)."""
+    led = secure.get("groups_led")
+    led = led if isinstance(led, Mapping) else {}
+    grouped, out = secure.get("rounds_grouped"), secure.get("rounds_out")
+    rows = [
+        (
+            "secure agg",
+            f"in a group {fmt_int(grouped)} rounds, without {fmt_int(out)} "
+            f"(policy {fmt_text(secure.get('no_group'))}); keyed peers "
+            f"{fmt_int(secure.get('keyed_peers'))}; led groups "
+            f"{fmt_int(led.get('completed', 0))} completed, {fmt_int(led.get('failed', 0))} failed",
+        )
+    ]
+    streak = secure.get("out_streak")
+    if isinstance(streak, int) and streak > 0:
+        reasons = secure.get("out_reasons")
+        why = (
+            ", ".join(f"{k} {v}" for k, v in reasons.items())
+            if isinstance(reasons, Mapping)
+            else ""
+        )
+        action = "sent in the clear" if secure.get("no_group") == "plain" else "withheld"
+        rows.append(
+            ("secure WARNING", f"no group for the last {streak} rounds ({why}); update {action}")
+        )
+    return rows
+
+
 def _list(obj: Any, key: str) -> list[Any]:
     value = obj.get(key) if isinstance(obj, Mapping) else None
     return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else []
@@ -226,17 +256,7 @@ def status_header(status: Mapping[str, Any]) -> Panel:
         )
     secure = status.get("secure")
     if isinstance(secure, Mapping):
-        rows.append(
-            (
-                "secure agg",
-                f"groups {fmt_int(secure.get('groups_completed'))}/"
-                f"{fmt_int(secure.get('groups_formed'))} completed, "
-                f"{fmt_int(secure.get('groups_dropped'))} dropped, "
-                f"{fmt_int(secure.get('retries'))} retries; masks computed ahead "
-                f"{fmt_int(secure.get('masked_ahead'))}, on demand "
-                f"{fmt_int(secure.get('masked_on_demand'))}",
-            )
-        )
+        rows.extend(_secure_rows(secure))
     loop = status.get("event_loop")
     if isinstance(loop, Mapping):
         stalls = [s for s in _list(loop, "recent_stalls") if isinstance(s, Mapping)]

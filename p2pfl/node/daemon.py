@@ -54,9 +54,11 @@ from p2pfl.protocol import (
     RoundSettings,
     Train,
 )
-from p2pfl.secure.driver import SecureDriver
-from p2pfl.secure.protocol import SecureSettings, Send
-from p2pfl.secure.wire import from_envelope, to_envelope
+from p2pfl.secure.group_leader import LeaderSettings
+from p2pfl.secure.group_member import MemberPolicy
+from p2pfl.secure.group_messages import Abstain, GroupMessage, GroupSend, IdentityKey
+from p2pfl.secure.participant import SecureParticipant, public_model
+from p2pfl.secure.wire import group_from_envelope, to_envelope
 from p2pfl.supervision import Supervisor
 from p2pfl.transport.base import Transport
 from p2pfl.transport.budget import trim_heap
@@ -174,21 +176,11 @@ class Node:
         )
         # Always able to decode compressed updates: the sender's pipeline is self-described.
         self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=self.limits.max_bin_len)
-        self.secure: SecureDriver | None = None
-        if config.secure_aggregation:
-            rt = config.round_timeout
-            self.secure = SecureDriver(
-                self.identity,
-                SecureSettings(
-                    config.federation,
-                    group_size=config.group_size,
-                    collect_timeout=0.6 * rt,
-                    retry_timeout=0.1 * rt,
-                    max_attempts=3,
-                ),
-                self.model.num_params,
-                round=start_round,
-            )
+        self.secure = self._secure_participant() if config.secure_aggregation else None
+        # Our update for the round, while our group's outcome is pending (secure mode).
+        self._contribution: Broadcast | None = None
+        # What a peer asking for our state may get in secure mode: never our own model.
+        self._public_params: np.ndarray | None = None
         self._timing: dict[str, float] = {}  # this round's train/encode/aggregate/eval seconds
         self.machine = RoundMachine(
             params=params,
@@ -202,6 +194,8 @@ class Node:
                 # Secure rounds end on the secure protocol's own timeouts.
                 adaptive_timeout=not config.secure_aggregation,
                 nudge_fraction=None if config.secure_aggregation else 0.2,
+                # Every member of a group forwards the same group mean: count it once.
+                distinct_inputs=config.secure_aggregation,
                 rule_name=config.aggregation,
                 # A real node runs the rule in a worker thread (see _aggregate).
                 defer_aggregation=train_in_thread,
@@ -237,6 +231,26 @@ class Node:
             return parse_pipeline(self.config.compression)
         except ValueError as exc:
             raise ConfigError("compression", str(exc)) from None
+
+    def _secure_participant(self) -> SecureParticipant:
+        """Secure aggregation's timeouts as fractions of the round timeout: the leader
+        collects vectors while members may still train, so that step gets the most."""
+        c, rt = self.config, self.config.round_timeout
+        return SecureParticipant(
+            self.identity,
+            LeaderSettings(
+                c.federation,
+                group_size=c.group_size,
+                min_group=c.secure_min_group,
+                join_timeout=0.1 * rt,
+                setup_timeout=0.15 * rt,
+                collect_timeout=0.6 * rt,
+                reveal_timeout=0.1 * rt,
+            ),
+            MemberPolicy(c.federation, min_group=c.secure_min_group, dim=self.model.num_params),
+            no_group=c.secure_no_group,  # type: ignore[arg-type]  # checked by the config
+            mean_timeout=0.5 * rt,
+        )
 
     def close(self) -> None:
         """Release the data dir (its lock); `run()` does it when it ends."""
@@ -294,10 +308,12 @@ class Node:
         connected = self.peers.connected_ids()
         if self.secure is None:
             return len(connected)
-        return sum(1 for p in connected if p in self.secure.store)
+        return len(self.secure.keyed(connected))
 
     async def _start_rounds(self) -> None:
         need = min(self.config.min_peers, self.config.max_peers)
+        if self.secure is not None:  # policy "wait": not without enough peers for a group
+            need = max(need, self.secure.peers_needed())
         last_note = trio.current_time()
         while self._ready_peers() < need:
             await self.mesh.peers_changed()
@@ -319,7 +335,9 @@ class Node:
             if isinstance(action, Train):
                 self.learner.round_started(action.round, action.params)
                 if self.secure is not None:
-                    self._announce_groups(action.round)
+                    connected = self.secure.keyed(self.peers.connected_ids())
+                    now = trio.current_time()
+                    self._send_groups(self.secure.start_round(action.round, connected, now))
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action.round, action.params)
             elif isinstance(action, Broadcast):
@@ -360,6 +378,8 @@ class Node:
                 log.info("finished %d rounds", action.round)
                 self.learner.finish()  # after the last round's records
         self._wakeup.set()
+        if self._contribution is not None:
+            self._secure_progress(trio.current_time())  # e.g. collecting again after a catch-up
 
     def _broadcast(self, action: Broadcast) -> None:
         """Our model for a round goes to the neighbours: masked inside the neighbours'
@@ -368,13 +388,20 @@ class Node:
         if params is None:
             return  # a silent attacker
         if self.secure is not None:
-            self._send_secure(self.secure.contribute(action.round, params))
-            self._secure_progress(trio.current_time())
+            now = trio.current_time()
+            self._contribution = Broadcast(action.round, params, action.samples, action.to)
+            self._send_groups(self.secure.contribute(action.round, params, now))
+            self._secure_progress(now)
             return
+        self._send_model(action.round, params, action.samples, action.to)
+
+    def _send_model(
+        self, round: int, params: np.ndarray, samples: int, to: tuple[str, ...]
+    ) -> None:
         started = time.perf_counter()
-        payloads = self.outbox.payloads(action.round, params, action.samples, action.to)
+        payloads = self.outbox.payloads(round, params, samples, to)
         self._timing["encode_s"] = time.perf_counter() - started
-        self._enqueue_update(action.round, payloads)
+        self._enqueue_update(round, payloads)
 
     async def _broadcast_off_loop(self, action: Broadcast, encoded: trio.Event) -> None:
         """`_broadcast` for a plain update, its encoding (a copy and a pack of the whole
@@ -403,39 +430,44 @@ class Node:
             else:
                 self.mesh.links[peer].update_queued(round)
 
-    def _announce_groups(self, round: int) -> None:
-        """As our training starts: fix the round's neighbours and announce their groups."""
-        assert self.secure is not None
-        to = self.machine.preselect(round, self.peers.connected_ids())
-        self._send_secure(self.secure.announce(round, to, trio.current_time()))
-        # No _secure_progress here: we are training, and finished means wait in the
-        # driver until _broadcast moves us to collecting.
-
-    def _send_secure(self, sends: list[Send]) -> None:
+    def _send_groups(self, sends: list[GroupSend]) -> None:
         for send in sends:
             payload = codec.encode(to_envelope(send.message))
             for peer in send.to:
                 self.mesh.enqueue(peer, payload)
 
     def _secure_progress(self, now: float) -> None:
-        """Hand finished group means to the round machine once it collects that round
-        (our own training may still run: the means wait in the driver until then)."""
-        assert self.secure is not None
+        """Once our group's outcome for the round we collect is known: its mean goes to
+        the neighbours outside the group and counts as each mate's input here (the mates
+        send us nothing: they hold the same mean); without a group, the policy applies."""
+        c = self._contribution
+        if self.secure is None or c is None:
+            return
+        if c.round != self.machine.round:
+            self._contribution = None  # a catch-up moved us on
+            return
         if self.machine.phase is not Phase.COLLECTING:
             return
-        result = self.secure.take_result(self.machine.round)
-        if result is None:
+        outcome = self.secure.outcome(c.round)
+        if outcome is None:
             return
-        if result.dropped:
-            log.info(
-                "secure round %d: %d groups dropped (%s)",
-                result.round,
-                len(result.dropped),
-                ", ".join(r for _, r in result.dropped),
-            )
-        self._apply(
-            self.machine.receive_group_means(now, result.round, result.means, result.counts)
-        )
+        self._contribution = None
+        if outcome.mean is not None:
+            mean, members = outcome.mean.mean, outcome.mean.members
+            samples = min(c.samples * len(members), codec.MAX_SAMPLES - 1)
+            outside = tuple(p for p in c.to if p not in members)
+            self._send_model(c.round, mean, samples, outside)
+            self.secure.means_forwarded += len(outside)
+            for mate in (p for p in c.to if p in members):
+                if self.machine.round != c.round:
+                    break  # the round ended on an earlier mate's copy
+                self._apply(self.machine.receive_update(now, mate, c.round, mean, samples))
+        elif self.secure.no_group == "plain":
+            self._send_model(c.round, c.params, c.samples, c.to)
+        else:
+            none = codec.encode(to_envelope(Abstain(self.id, c.round, outcome.reason[:64])))
+            for peer in c.to:
+                self.mesh.enqueue(peer, none)
         self._wakeup.set()
 
     async def _train(self, round: int, params: np.ndarray) -> None:
@@ -485,6 +517,8 @@ class Node:
             "fallbacks": getattr(self.machine.rule, "fallbacks", 0),
             "fallback": getattr(self.machine.rule, "last_fallback", None),
         }
+        if self.secure is not None:
+            self._public_params = public_model(agg.received)
         self.learner.record_round(agg.params, row, self.peers.connected_count())
         self._checkpoint()
 
@@ -509,7 +543,7 @@ class Node:
                 before = self.supervisor.total
                 with self.supervisor.guard("timer"):
                     if self.secure is not None:
-                        self._send_secure(self.secure.on_timeout(now))
+                        self._send_groups(self.secure.on_timeout(now))
                         self._secure_progress(now)
                     self._apply(self.machine.tick(now))
                 if self.supervisor.total != before:
@@ -528,10 +562,11 @@ class Node:
         self.outbox.peer_connected(peer)
 
     def _greeting(self) -> list[bytes]:
-        """What follows our Hello on a new link: with secure aggregation, our keys."""
+        """What follows our Hello on a new link: with secure aggregation, our identity
+        key (mates check our round keys against it)."""
         if self.secure is None:
             return []
-        return [codec.encode(to_envelope(self.secure.key_message(self.machine.round)))]
+        return [codec.encode(to_envelope(self.secure.greeting(self.machine.round)))]
 
     def _on_peer_round(self, peer: str, round: int, now: float) -> None:
         self._apply(self.machine.observe_peer_round(now, peer, round))
@@ -543,9 +578,7 @@ class Node:
         """The peer's only link closed: every component lets go of it."""
         self._decoder.forget(peer)
         if self.secure is not None:
-            now = trio.current_time()
-            self._send_secure(self.secure.peer_gone(peer, now))
-            self._secure_progress(now)
+            self.secure.forget(peer)
         self._apply(self.machine.peer_lost(trio.current_time(), peer))
 
     def _on_message(self, link: Link, msg: Message) -> bool:
@@ -559,17 +592,11 @@ class Node:
                     self.mesh.count_rejection(peer, "secure_not_enabled", msg.kind)
                     return True
                 try:
-                    secure_msg = from_envelope(msg, max_dim=self.model.num_params)
+                    group_msg = group_from_envelope(msg, max_dim=self.model.num_params)
                 except WireError as exc:
                     self.mesh.count_rejection(peer, exc.reason, exc.detail)
                     return True
-                self._send_secure(self.secure.on_message(peer, secure_msg, now))
-                self._secure_progress(now)
-                if secure_msg.TYPE == "sa_key":
-                    self.mesh.notify_peers_changed()  # a peer became ready for secure rounds
-            case ModelUpdate() | CompressedModelUpdate() if self.secure is not None:
-                # Plain updates would defeat the point: every neighbour must mask.
-                self.mesh.count_rejection(peer, "plain_update_in_secure_mode", f"round {msg.round}")
+                self._on_group_message(peer, group_msg, now)
             case CompressedModelUpdate():
                 try:
                     params = self._decoder.decode(peer, msg.round, msg.blob)
@@ -597,26 +624,40 @@ class Node:
                     # skipped it): say where we are, or the peer waits out a timeout.
                     link.last_state_reply = now
                     self.counters["skipped_round_replies"] += 1
-                    state = StateReply(
-                        self.id, self.machine.round, self.machine.params, self.learner.samples
-                    )
-                    self.mesh.enqueue(peer, codec.encode(state))
+                    self._send_state(peer)
             case StateRequest() if now - link.last_state_reply < STATE_REPLY_EVERY:
                 # A 40-byte request must not buy a full model at line rate.
                 self.counters["state_requests_throttled"] += 1
             case StateRequest():
                 link.last_state_reply = now
-                self.mesh.enqueue(
-                    peer,
-                    codec.encode(
-                        StateReply(
-                            self.id, self.machine.round, self.machine.params, self.learner.samples
-                        )
-                    ),
-                )
+                self._send_state(peer)
             case StateReply():
                 self._apply(self.machine.receive_state(now, peer, msg.round, msg.params))
         return True
+
+    def _send_state(self, peer: str) -> None:
+        """Our round and model for a peer that is behind. In secure mode the model is
+        the mean of the group means we received, never one our own update shaped
+        alone; before we have one, nothing (the peer asks others)."""
+        params = self.machine.params if self.secure is None else self._public_params
+        if params is None:
+            self.counters["state_replies_withheld"] += 1
+            return
+        state = StateReply(self.id, self.machine.round, params, self.learner.samples)
+        self.mesh.enqueue(peer, codec.encode(state))
+
+    def _on_group_message(self, peer: str, msg: GroupMessage, now: float) -> None:
+        assert self.secure is not None
+        if isinstance(msg, IdentityKey):
+            if self.secure.on_identity(peer, msg):
+                self.mesh.notify_peers_changed()  # a peer became ready for secure rounds
+            else:
+                self.mesh.count_rejection(peer, "identity_mismatch", "key hash is not its id")
+        elif isinstance(msg, Abstain):
+            self._apply(self.machine.receive_abstain(now, peer, msg.round))
+        else:
+            self._send_groups(self.secure.on_message(peer, msg, now))
+            self._secure_progress(now)
 
     # ---- status ------------------------------------------------------------------------
 

@@ -104,6 +104,7 @@ class RoundMachine:
     _own: _Pending | None = None
     _expected: int = 0
     _received: dict[int, dict[str, _Pending]] = field(default_factory=dict)
+    _abstained: dict[int, set[str]] = field(default_factory=dict)  # round -> peers sending none
     _rejected: list[tuple[str, str]] = field(default_factory=list)
     _peer_rounds: dict[str, int] = field(default_factory=dict)
     _states: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
@@ -155,8 +156,8 @@ class RoundMachine:
             to = tuple(p for p in pre[1] if p in connected)
         else:
             to = self._choose_neighbours(peers)
-        self._waiting_for = set(to)
-        self._expected = len(to)
+        self._waiting_for = set(to) - self._abstained.get(round, set())
+        self._expected = len(self._waiting_for)
         self.phase = Phase.COLLECTING
         self._sent_round = self.round
         self._collect_started = now
@@ -209,6 +210,17 @@ class RoundMachine:
             actions += self._maybe_aggregate(now, timed_out=False)
             self._nudge_early(now)
         return actions
+
+    def receive_abstain(self, now: float, sender: str, round: int) -> list[Action]:
+        """`sender` sends no model for `round` (secure aggregation: it is in no group
+        and its policy withholds its update): stop waiting for it."""
+        self._note_peer_round(sender, round)
+        if not self.round <= round <= self.round + self.settings.max_rounds_ahead:
+            return []
+        self._abstained.setdefault(round, set()).add(sender)
+        if round != self.round or self.phase is not Phase.COLLECTING:
+            return []  # applied when that round collects (`trained`)
+        return self._stop_waiting_for(now, sender)
 
     def receive_group_means(
         self, now: float, round: int, means: np.ndarray, weights: Sequence[int]
@@ -471,7 +483,9 @@ class RoundMachine:
         assert self._own is not None
         received = self._received.get(self.round, {})
         need = math.ceil(self.settings.quorum * self._expected - 1e-9)
-        if not (timed_out or force) and (self._expected == 0 or len(received) < need):
+        # Nobody expected because everyone said they send nothing: no reason to wait.
+        nobody = self._expected == 0 and not self._abstained.get(self.round)
+        if not (timed_out or force) and (nobody or len(received) < need):
             # With nobody to hear from we wait for the timeout: a peer may (re)connect,
             # and racing through rounds alone would leave the federation behind.
             return []
@@ -567,6 +581,8 @@ class RoundMachine:
         self.round = round
         for r in [r for r in self._received if r < round]:
             del self._received[r]
+        for r in [r for r in self._abstained if r < round]:
+            del self._abstained[r]
 
     def _next_round(self, now: float) -> list[Action]:
         if self._done():

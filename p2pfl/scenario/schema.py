@@ -130,11 +130,14 @@ class CompressionSpec:
 
 @dataclass(frozen=True)
 class SecureSpec:
-    """`[secure_aggregation] enabled = true, group_size = 4`: pairwise masks inside
-    groups of each node's neighbours; the aggregation rule runs across group means."""
+    """`[secure_aggregation] enabled = true, group_size = 4, min_group = 3, no_group =
+    "wait"`: each update is masked in one group per round; the aggregation rule runs
+    across the group means (docs/secure-aggregation.md)."""
 
     enabled: bool = False
     group_size: int = 4
+    min_group: int = 3
+    no_group: str = "wait"
 
 
 @dataclass(frozen=True)
@@ -250,7 +253,12 @@ class Scenario:
                     else {}
                 ),
                 **(
-                    {"secure_aggregation": True, "group_size": self.secure.group_size}
+                    {
+                        "secure_aggregation": True,
+                        "group_size": self.secure.group_size,
+                        "secure_min_group": self.secure.min_group,
+                        "secure_no_group": self.secure.no_group,
+                    }
                     if self.secure.enabled
                     else {}
                 ),
@@ -549,8 +557,14 @@ def _parse_secure(t: Table) -> SecureSpec:
             "secure_aggregation.enabled", f"expected true or false, got {enabled!r}"
         )
     group_size = t.get_int("group_size", 4, minimum=3)
+    min_group = t.get_int("min_group", 3, minimum=3)
+    if min_group > group_size:
+        raise ScenarioError(
+            "secure_aggregation.min_group", f"must be <= group_size ({group_size}), got {min_group}"
+        )
+    no_group = t.get_str("no_group", "wait", choices=("wait", "skip", "plain"))
     t.finish()
-    return SecureSpec(enabled, group_size)
+    return SecureSpec(enabled, group_size, min_group, no_group)
 
 
 def _parse_compression(t: Table) -> CompressionSpec:

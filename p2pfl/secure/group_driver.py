@@ -55,6 +55,7 @@ class GroupDriver:
         self.round = -1  # the newest round we started
         self._held: dict[int, list[tuple[str, GroupMessage]]] = {}
         self.refused: Counter[str] = Counter()
+        self.led: Counter[str] = Counter()  # groups we led, by how they ended
 
     # ---- rounds --------------------------------------------------------------------------
 
@@ -70,7 +71,8 @@ class GroupDriver:
         for old in [r for r in self.members if r < round - 1]:
             del self.members[old]
         for old in [r for r in self.leaders if r < round - 1]:
-            del self.leaders[old]
+            for g in self.leaders.pop(old).groups:
+                self.led["completed" if g.phase == "done" else "failed"] += 1
         for old in [r for r in self._held if r < round]:
             del self._held[old]
         member = MemberRound(self.identity, self.policy, round, neighbours)

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 
 from p2pfl.secure.group_messages import (
+    GroupAbort,
     GroupJoin,
     GroupMean,
     GroupMessage,
@@ -246,5 +247,7 @@ class LeaderRound:
         return reconstruct(shares)
 
     def _fail(self, g: _Group, reason: str) -> list[GroupSend]:
+        """Give the group up and tell its members, so they stop waiting for a mean."""
         g.phase, g.reason = "failed", reason
-        return []
+        short = reason.split(":", 1)[0]
+        return [GroupSend(g.members, GroupAbort(self.me, self.round, self.session, g.index, short))]

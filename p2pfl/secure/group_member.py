@@ -21,6 +21,7 @@ from p2pfl.identity import Identity
 from p2pfl.secure.group_messages import (
     Commit,
     CommitAck,
+    GroupAbort,
     GroupJoin,
     GroupMean,
     GroupMessage,
@@ -54,6 +55,9 @@ class MemberPolicy:
         if self.min_group < MIN_GROUP:
             raise ValueError(f"min_group must be >= {MIN_GROUP}")
 
+
+# Messages bound to one group of one round (session and group index).
+_Scoped = KeySetup | ShareDeal | MaskList | Commit | CommitAck | UnmaskList | GroupMean | GroupAbort
 
 Phase = Literal["joining", "setup", "committing", "submitted", "revealed", "done", "out"]
 
@@ -92,6 +96,7 @@ class MemberRound:
         self.acked: set[str] = set()  # mates whose commit we acked: their key share is sealed
         self.key_revealed: set[str] = set()  # mates whose key share we gave away
         self.mean: GroupMean | None = None
+        self.out_reason = ""  # why we are in no group this round (phase "out")
 
     # ---- outgoing --------------------------------------------------------------------
 
@@ -129,6 +134,11 @@ class MemberRound:
             return self._on_unmask(sender, msg)
         if isinstance(msg, GroupMean):
             return self._on_mean(sender, msg)
+        if isinstance(msg, GroupAbort):
+            self._check_from_leader(sender, msg)
+            if self.phase == "done":
+                raise Refused("abort_after_mean")
+            raise self._leave(f"group_failed: {msg.reason}")
         raise Refused("not_for_members", type(msg).__name__)
 
     def _on_offer(self, sender: str, msg: GroupOffer) -> list[GroupSend]:
@@ -152,16 +162,13 @@ class MemberRound:
             self.me,
         )
         if found is None:
-            self.phase = "out"
-            raise Refused("no_group", f"{len(msg.choosers)} chose {self.leader[:12]}")
+            raise self._leave("no_group", f"{len(msg.choosers)} chose {self.leader[:12]}")
         index, group = found
         if len(group) < self.policy.min_group:
-            self.phase = "out"
-            raise Refused("group_too_small", f"{len(group)} < {self.policy.min_group}")
+            raise self._leave("group_too_small", f"{len(group)} < {self.policy.min_group}")
         strangers = [p for p in group if p != self.me and p not in self.neighbours]
         if strangers:
-            self.phase = "out"
-            raise Refused("unauthenticated_mate", ", ".join(p[:12] for p in strangers))
+            raise self._leave("unauthenticated_mate", ", ".join(p[:12] for p in strangers))
         self.group = group
         self.mates = tuple(p for p in group if p != self.me)
         self.clip = msg.clip
@@ -184,14 +191,20 @@ class MemberRound:
             sends += self._on_setup(mate, early)
         return sends
 
-    def _check_from_leader(self, sender: str, msg: MaskList | UnmaskList | GroupMean) -> None:
+    def _leave(self, reason: str, detail: str = "") -> Refused:
+        """We are in no group this round: say why (the node applies its policy)."""
+        self.phase = "out"
+        self.out_reason = reason
+        return Refused(reason, detail)
+
+    def _check_from_leader(
+        self, sender: str, msg: MaskList | UnmaskList | GroupMean | GroupAbort
+    ) -> None:
         if sender != self.leader:
             raise Refused("not_my_leader", sender)
         self._check_scope(msg)
 
-    def _check_scope(
-        self, msg: KeySetup | ShareDeal | MaskList | Commit | CommitAck | UnmaskList | GroupMean
-    ) -> None:
+    def _check_scope(self, msg: _Scoped) -> None:
         scope = self.scope
         if scope is None or msg.session != scope.session or msg.group != scope.group:
             raise Refused("wrong_group")

@@ -13,6 +13,11 @@ Flow for leader L, member v and v's mates in group G (round r):
     L -> v       UnmaskList   U2: whose vectors arrived
     v -> L       Unmasking    own self seed, self-seed shares of U2, key shares of U1 \\ U2
     L -> v       GroupMean    the decoded mean of U2, which v forwards to its neighbours
+    L -> v       GroupAbort   the group failed this round (v stops waiting for a mean)
+
+Between neighbours, outside any group:
+    v -> peer    IdentityKey  v's Ed25519 identity key, once per link (its hash is v's id)
+    v -> peer    Abstain      v sends no model this round (no group; its policy)
 
 `__post_init__` checks types, sizes and ranges (ValueError), so a message that exists
 is structurally sound; the state machines check meaning.
@@ -40,6 +45,13 @@ from p2pfl.secure.round_keys import KEY_LEN, SIGNATURE_LEN
 from p2pfl.secure.shamir import SHARE_LEN
 
 MAX_GROUP = 64
+MAX_REASON_LEN = 64
+IDENTITY_KEY_LEN = 32
+
+
+def _check_reason(value: object) -> None:
+    if type(value) is not str or not 0 < len(value) <= MAX_REASON_LEN or not value.isascii():
+        raise ValueError(f"reason: expected 1..{MAX_REASON_LEN} ASCII characters")
 
 
 def _check_shares(name: str, shares: object) -> None:
@@ -222,6 +234,46 @@ class GroupMean(_GroupHeader):
             raise ValueError("mean: bad length or non-finite values")
 
 
+@dataclass(frozen=True, slots=True)
+class GroupAbort(_GroupHeader):
+    """The leader failed the group (too few set up, vectors or reveals): members stop
+    waiting for its mean and apply their no-group policy at once."""
+
+    TYPE = "sa2_abort"
+    reason: str
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
+        _check_reason(self.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityKey(_Header):
+    """The sender's Ed25519 identity key, sent once on each new link. Its hash must be
+    the sender's peer id, which the link authenticated (TLS), so the key is the one the
+    sender signs its round keys with: how a member checks a mate's setup."""
+
+    TYPE = "sa2_id"
+    public: bytes
+
+    def __post_init__(self) -> None:
+        _Header.__post_init__(self)
+        _check_bytes("public", self.public, IDENTITY_KEY_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Abstain(_Header):
+    """The sender contributes no model for `round` (it is in no group and its policy
+    withholds its update), so its neighbours stop waiting for one."""
+
+    TYPE = "sa2_none"
+    reason: str
+
+    def __post_init__(self) -> None:
+        _Header.__post_init__(self)
+        _check_reason(self.reason)
+
+
 GroupMessage = (
     GroupJoin
     | GroupOffer
@@ -235,6 +287,9 @@ GroupMessage = (
     | UnmaskList
     | Unmasking
     | GroupMean
+    | GroupAbort
+    | IdentityKey
+    | Abstain
 )
 
 GROUP_MESSAGE_TYPES: dict[str, type[GroupMessage]] = {
@@ -252,6 +307,9 @@ GROUP_MESSAGE_TYPES: dict[str, type[GroupMessage]] = {
         UnmaskList,
         Unmasking,
         GroupMean,
+        GroupAbort,
+        IdentityKey,
+        Abstain,
     )
 }
 # The array field of each kind that carries one, and the dtype it must have.
