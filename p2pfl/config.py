@@ -108,6 +108,10 @@ class NodeConfig:
     group_size: int = 4
     secure_min_group: int = 3  # the smallest group this node masks in (its privacy floor)
     secure_no_group: str = "wait"  # without a group: "wait", "skip" or "plain"
+    # Group mates: "neighbours" (authenticated over our own links), "members" (also
+    # non-neighbours with a membership proof, relayed by the leader), "auto" (members
+    # with a federation secret or an allow list, where a proof means something).
+    secure_mates: str = "auto"
     # Scenario studies only: a malicious node runs a real node with this attack.
     attack: str = ""
     attack_options: Mapping[str, Any] = field(default_factory=dict)
@@ -238,6 +242,11 @@ class NodeConfig:
             self.secure_no_group in ("wait", "skip", "plain"),
             "secure_no_group",
             f"must be wait, skip or plain, got {self.secure_no_group!r}",
+        )
+        _check(
+            self.secure_mates in ("auto", "neighbours", "members"),
+            "secure_mates",
+            f"must be auto, neighbours or members, got {self.secure_mates!r}",
         )
         _check(
             not (self.secure_aggregation and self.compression),

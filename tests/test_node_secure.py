@@ -236,3 +236,50 @@ async def test_status_view_shows_secure_and_compression_sections(
     console = Console(width=100, record=True)
     console.print(render_status(status))
     assert "quantize:8 > zstd:1" in console.export_text()
+
+
+@pytest.mark.parametrize("mates", ["members", "neighbours"])
+async def test_on_a_sparse_graph_mates_meet_through_their_leader(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, mates: str
+) -> None:
+    """A random 4-regular graph of 12 nodes: a leader's choosers are mostly not each
+    other's neighbours. With relayed mates (membership proofs, sealed messages through
+    the leader) most nodes are in a group every round; restricted to neighbours, few
+    are (the triangles of the graph), and the rest abstain; no round waits out its
+    timeout either way."""
+    from p2pfl.scenario import parse_scenario
+    from p2pfl.scenario.inprocess import build_nodes
+
+    rounds = 4
+    scenario = parse_scenario(
+        {
+            "name": "sparse",
+            "nodes": 12,
+            "rounds": rounds,
+            "topology": {"kind": "kregular", "degree": 4},
+            "protocol": {"round_timeout": 30.0},
+            "secure_aggregation": {
+                "enabled": True,
+                "group_size": 4,
+                "no_group": "skip",
+                "mates": mates,
+            },
+        }
+    )
+    nodes = build_nodes(scenario, tmp_path)
+    recorder = Recorder()
+    for node in nodes:
+        recorder.wrap(node)
+    started = trio.current_time()
+    await run_until_done(nodes)
+    assert trio.current_time() - started < 30.0
+    grouped = sum(n.status()["secure"]["rounds_grouped"] for n in nodes)
+    assert not any(row["timed_out"] for n in nodes for row in n.history)
+    for _sender, round, digest in recorder.models:  # still only group means in the clear
+        assert digest in recorder.means[round]
+    if mates == "members":
+        assert grouped >= 0.6 * rounds * len(nodes), grouped
+        assert "sa2_relayed" in recorder.kinds
+        assert np.mean([n.history[-1]["accuracy"] for n in nodes]) > 0.85
+    else:
+        assert grouped <= 0.5 * rounds * len(nodes), grouped

@@ -56,7 +56,7 @@ def test_an_identity_key_is_kept_only_if_it_hashes_to_the_links_peer_id() -> Non
     assert node.driver.refused["identity_mismatch"] == 2
     assert node.on_identity(b.peer_id, IdentityKey(b.peer_id, 0, b.public_bytes))
     assert node.keyed([b.peer_id, c.peer_id]) == [b.peer_id]
-    node.forget(b.peer_id)
+    node.forget(b.peer_id, 0.0)
     assert node.keyed([b.peer_id]) == []
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from p2pfl.identity import Identity
+from p2pfl.secure.admission import Admission
 from p2pfl.secure.group_driver import TO_LEADER
 from p2pfl.secure.group_leader import LeaderRound, LeaderSettings
 from p2pfl.secure.group_member import MemberPolicy, MemberRound
@@ -24,11 +25,13 @@ from p2pfl.secure.group_messages import (
     GroupSend,
     MaskedVector,
     MaskList,
+    SetupDone,
     Unmasking,
     UnmaskList,
 )
 from p2pfl.secure.masking import expand, fixed_point
 from p2pfl.secure.protocol import Refused
+from p2pfl.secure.round_keys import RoundKey
 
 FED = "fed"
 DIM = 257
@@ -53,6 +56,8 @@ class Net:
     seen: list[tuple[str, str, GroupMessage]] = field(default_factory=list)  # (from, to, msg)
     deliver: Callable[[str, str, GroupMessage], bool] = lambda s, t, m: True
     now: float = 0.0
+    relayed: bool = False  # members admit mates that are not neighbours (by proof)
+    admission: Admission | None = None
 
     def __post_init__(self) -> None:
         keys = {i.peer_id: i.public_bytes for i in self.ids}
@@ -64,7 +69,13 @@ class Net:
             neighbours = {
                 p: k for p, k in keys.items() if p != me and (near is None or index[p] in near)
             }
-            policy = MemberPolicy(FED, min_group=self.min_group, dim=DIM)
+            policy = MemberPolicy(
+                FED,
+                min_group=self.min_group,
+                dim=DIM,
+                relayed_mates=self.relayed,
+                admission=self.admission,
+            )
             self.members[me] = MemberRound(ident, policy, ROUND, neighbours)
             self.leaders[me] = LeaderRound(settings, me, ROUND, DIM, self.now, neighbours)
 
@@ -175,6 +186,58 @@ def test_a_leader_cannot_seat_a_victim_with_identities_it_minted() -> None:
     assert victim.phase == "out"  # and it will not join another group this round
 
 
+@pytest.mark.parametrize("closed", ["secret", "allow_list"])
+def test_relayed_mates_must_prove_membership_so_minted_identities_are_refused(
+    closed: str,
+) -> None:
+    """With relayed mates allowed, a mate need not be a neighbour, but must show an
+    identity key and the federation CA's proof (and pass the allow list). A leader in
+    a federation with a secret, or facing an allow list, cannot mint them."""
+    ids = _identities(2)
+    fakes = _identities(7)[5:]
+    secret = b"s3cret" if closed == "secret" else None
+    allow = None if closed == "secret" else frozenset(i.peer_id for i in ids)
+    admission = Admission(FED, secret, allow)
+    net = Net(ids, relayed=True, admission=admission)
+    victim = next(m for m in net.members.values() if m.leader != m.me)
+    leader = victim.leader
+    choosers = tuple(sorted([victim.me, *(f.peer_id for f in fakes)]))
+    offer = GroupOffer(leader, ROUND, b"s" * 16, choosers, 3, 3, 16.0, DIM)
+    [ready] = victim.on_message(leader, offer)  # non-neighbours are fine so far
+    assert isinstance(ready.message, SetupDone)
+    scope = victim.scope
+    assert scope is not None
+    # The leader signs round keys for its minted identities and proves them with the
+    # CA it can make: the open federation's (it lacks the secret), or the real one.
+    forger = Admission(FED, None) if closed == "secret" else admission
+    setups = {victim.me: ready.message}
+    for fake in fakes:
+        key = RoundKey(fake, scope)
+        setups[fake.peer_id] = SetupDone(
+            fake.peer_id,
+            ROUND,
+            scope.session,
+            scope.group,
+            key.public,
+            key.signature,
+            fake.public_bytes,
+            forger.prove(fake),
+        )
+    masklist = MaskList(
+        leader,
+        ROUND,
+        scope.session,
+        scope.group,
+        choosers,
+        tuple((m.public, m.signature, m.identity, m.proof) for m in (setups[p] for p in choosers)),
+    )
+    with pytest.raises(Refused) as exc:
+        victim.on_message(leader, masklist)
+    assert exc.value.reason == "mate_not_admitted"
+    assert ("not_a_member" if closed == "secret" else "not_allowed") in str(exc.value)
+    assert victim.phase == "out" and not victim._held  # it dealt no share to anyone
+
+
 def test_a_group_below_the_members_own_minimum_is_refused() -> None:
     ids = _identities(6)
     net = Net(ids)
@@ -273,7 +336,7 @@ def test_colluding_aggregators_pooling_every_group_mean_solve_for_no_update(shap
     rng = np.random.default_rng(5)
     n = 16
     graph: dict[int, set[int]] = {i: set(range(n)) - {i} for i in range(n)}
-    if shape == "sparse":  # a ring plus random chords (few groups complete: see the note)
+    if shape == "sparse":  # a ring plus random chords; mates meet through their leader
         graph = {i: set() for i in range(n)}
         for i in range(n):
             for j in ((i + 1) % n, int(rng.integers(n))):
@@ -281,7 +344,7 @@ def test_colluding_aggregators_pooling_every_group_mean_solve_for_no_update(shap
                     graph[i].add(j)
                     graph[j].add(i)
     ids = _identities(n)
-    net = Net(ids, graph=graph, group_size=4)
+    net = Net(ids, graph=graph, group_size=4, relayed=True)
     net.run(_updates(ids, 6))
     groups = [members for leader in net.leaders.values() for members, _ in leader.results()]
     assert groups, "some groups must complete"
@@ -315,8 +378,12 @@ def test_a_leader_offers_once_every_neighbour_declared_or_at_the_join_timeout() 
     assert isinstance(offer.message, GroupOffer) and offer.message.choosers == tuple(
         sorted([me, others[0]])
     )
-    with pytest.raises(Refused) as exc:
-        leader.on_message(others[2], GroupJoin(others[2], ROUND, me), 5.1)
+    # A late chooser gets the final offer at once: it is not in it, so it knows it has
+    # no group now rather than at its own timeout.
+    (late,) = leader.on_message(others[2], GroupJoin(others[2], ROUND, me), 5.1)
+    assert late.to == (others[2],) and late.message is offer.message
+    with pytest.raises(Refused) as exc:  # a chooser joining twice
+        leader.on_message(others[0], GroupJoin(others[0], ROUND, me), 5.2)
     assert exc.value.reason == "late_join"
     # When all declare, no timeout is needed.
     fast = LeaderRound(settings, me, ROUND, DIM, 0.0, others)
@@ -370,22 +437,66 @@ def test_a_leader_equivocating_on_the_mask_list_cannot_rebuild_a_members_key() -
         net.send(me, member.join())
     for me in (L, m, h):
         net.send(me, net.members[me].set_update(updates[me]))
-    assert all(net.members[p].phase == "submitted" for p in (L, m, h))
+    # Without its mask list the victim acks no commit, so nobody can submit yet.
+    assert all(net.members[p].phase == "committing" for p in (L, m, h))
     (real,) = stash
-    # m alone hears that the victim dropped.
-    reveal_m = net.members[m].on_message(
-        L, UnmaskList(L, ROUND, real.session, real.group, tuple(sorted((L, m, h))))
+    # m alone hears that the victim dropped: it has not submitted, so it reveals nothing.
+    u2 = tuple(sorted((L, m, h)))
+    with pytest.raises(Refused) as exc:
+        net.members[m].on_message(L, UnmaskList(L, ROUND, real.session, real.group, u2))
+    assert exc.value.reason == "unmask_out_of_turn"
+    # Now the victim gets a list without m (the real setups of L and h), commits to L
+    # and h, and submits.
+    keep = [i for i, p in enumerate(real.members) if p != m]
+    fake = MaskList(
+        L,
+        ROUND,
+        real.session,
+        real.group,
+        tuple(real.members[i] for i in keep),
+        tuple(real.setups[i] for i in keep),
     )
-    (sent,) = reveal_m
-    assert isinstance(sent.message, Unmasking)
-    # Now the victim gets a list without m, commits to L and h, and submits.
-    fake = MaskList(L, ROUND, real.session, real.group, tuple(sorted((L, victim, h))))
     net.send(victim, net.members[victim].on_message(L, fake))
     net.send(victim, net.members[victim].set_update(updates[victim]))
     assert net.members[victim].phase == "submitted"
-    # What the coalition holds of the victim's round key: m's revealed share (if any)
-    # and the leader's own share as a member.
-    revealed = [p for p, _ in sent.message.key_shares]
-    held_by_leader = victim in net.members[L]._held
-    assert victim not in revealed
-    assert (victim in revealed) + held_by_leader < 2  # below the threshold t = 2
+    # What the coalition holds of the victim's round key: m's share (none: it was left
+    # out of the victim's list) and the leader's own share as a member.
+    assert victim not in net.members[m]._held
+    held = (victim in net.members[m]._held) + (victim in net.members[L]._held)
+    assert held < 2  # below the threshold t = 2
+
+
+def test_a_member_that_leaves_is_not_waited_for_at_any_step() -> None:
+    """A member that says it abstains (or whose link closes) is dropped at once: before
+    setup, before its vector (its masks are rebuilt from shares) and at the reveal step
+    (its self seed is rebuilt); no step waits for its deadline."""
+    for step in ("setup", "collect", "reveal"):
+        ids = _identities(5)
+        net = Net(ids)
+        leader = _leader(net)
+        gone = next(p for p in net.members if p != leader.me)
+        updates = _updates(ids, 11)
+
+        def hold(
+            sender: str, to: str, msg: GroupMessage, step: str = step, gone: str = gone
+        ) -> bool:
+            if sender != gone:
+                return True
+            if step == "setup":
+                return False  # never even set up
+            return not isinstance(msg, Unmasking)  # "collect": it never trains
+
+        net.deliver = hold
+        for me, m in net.members.items():
+            net.send(me, m.join())
+        for me, m in net.members.items():
+            if step != "collect" or me != gone:
+                net.send(me, m.set_update(updates[me]))
+        assert leader.results() == []  # waiting for it
+        net.send(leader.me, leader.member_gone(gone, net.now))
+        (members, mean) = leader.results()[0]
+        expected_in = [p for p in updates if p != gone] if step != "reveal" else list(updates)
+        assert sorted(members) == sorted(expected_in), step
+        want = np.mean([updates[p] for p in expected_in], axis=0)
+        assert np.max(np.abs(mean - want)) <= _tol(5), step
+        assert net.now == 0.0  # no deadline passed

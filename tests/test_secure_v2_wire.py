@@ -13,19 +13,17 @@ from p2pfl.identity import Identity
 from p2pfl.secure.group_messages import (
     GROUP_MESSAGE_TYPES,
     Abstain,
-    Commit,
-    CommitAck,
     GroupAbort,
     GroupJoin,
     GroupMean,
     GroupMessage,
     GroupOffer,
     IdentityKey,
-    KeySetup,
     MaskedVector,
     MaskList,
+    Relayed,
+    Sealed,
     SetupDone,
-    ShareDeal,
     Unmasking,
     UnmaskList,
 )
@@ -44,12 +42,10 @@ def _all() -> list[GroupMessage]:
     return [
         GroupJoin(ME, 3, IDS[1]),
         GroupOffer(ME, 3, S, tuple(IDS), 4, 3, 16.0, 10),
-        KeySetup(ME, 3, S, 0, b"k" * 32, b"s" * 64),
-        ShareDeal(ME, 3, S, 0, SHARE, SHARE),
-        SetupDone(ME, 3, S, 0, b"k" * 32),
-        MaskList(ME, 3, S, 0, tuple(IDS[:3])),
-        Commit(ME, 3, S, 0),
-        CommitAck(ME, 3, S, 1),
+        SetupDone(ME, 3, S, 0, b"k" * 32, b"s" * 64, b"i" * 32, b"p" * 64),
+        MaskList(ME, 3, S, 0, tuple(IDS[:3]), ((b"k" * 32, b"s" * 64, b"i" * 32, b"p" * 64),) * 3),
+        Sealed(ME, 3, S, 0, IDS[1], "shares", b"b" * 100),
+        Relayed(ME, 3, S, 0, IDS[2], "commit", b"b" * 28),
         MaskedVector(ME, 3, S, 0, np.arange(10, dtype=np.uint32)),
         UnmaskList(ME, 3, S, 0, tuple(IDS[:3])),
         Unmasking(ME, 3, S, 0, b"z" * 32, ((IDS[1], SHARE),), ((IDS[2], SHARE),)),
@@ -77,7 +73,7 @@ def test_every_kind_round_trips() -> None:
             assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, f.name
 
 
-def _env(kind: str, **body: object) -> SecureEnvelope:
+def _env(kind: str, /, **body: object) -> SecureEnvelope:
     return SecureEnvelope(ME, 3, kind, dict(body))
 
 
@@ -87,16 +83,52 @@ def _env(kind: str, **body: object) -> SecureEnvelope:
         (_env("sa2_nope"), "unknown_type"),
         (_env("sa2_join", leader=IDS[1], extra=1), "bad_field"),
         (_env("sa2_join", leader=""), "bad_field"),
-        (_env("sa2_shares", session=S, group=0, key_share=b"x", seed_share=SHARE), "bad_field"),
-        (_env("sa2_commit", session=S), "bad_field"),  # group missing
-        (_env("sa2_commit", session=b"short", group=0), "bad_field"),
-        (_env("sa2_commit", session=S, group=-1), "bad_field"),
+        (_env("sa2_sealed", session=S, group=0, peer=IDS[1], kind="ack"), "bad_field"),
+        (_env("sa2_sealed", session=S, group=0, peer=IDS[1], kind="x", box=b"b" * 28), "bad_field"),
+        (_env("sa2_sealed", session=S, group=0, peer=IDS[1], kind="ack", box=b"b"), "bad_field"),
+        (
+            _env("sa2_relayed", session=S, group=0, peer="x1", kind="ack", box=b"b" * 28),
+            "bad_field",
+        ),
+        (
+            _env("sa2_relayed", session=b"short", group=0, peer=IDS[1], kind="ack", box=b"b" * 28),
+            "bad_field",
+        ),
+        (
+            _env("sa2_relayed", session=S, group=-1, peer=IDS[1], kind="ack", box=b"b" * 28),
+            "bad_field",
+        ),
         (_env("sa2_id", public=b"short"), "bad_field"),
         (_env("sa2_none", reason=""), "bad_field"),
         (_env("sa2_none", reason="x" * 65), "bad_field"),
         (_env("sa2_abort", session=S, group=0, reason="\u00e9t\u00e9"), "bad_field"),
-        (_env("sa2_masklist", session=S, group=0, members=["b", "a", "c"]), "bad_field"),
-        (_env("sa2_masklist", session=S, group=0, members=["x1", "x2", "x3"]), "bad_field"),
+        (_env("sa2_masklist", session=S, group=0, members=["b", "a", "c"], setups=[]), "bad_field"),
+        (
+            _env("sa2_masklist", session=S, group=0, members=["x1", "x2", "x3"], setups=[[]] * 3),
+            "bad_field",
+        ),
+        (
+            _env(
+                "sa2_masklist",
+                session=S,
+                group=0,
+                members=IDS[:3],
+                setups=[list((b"k" * 32, b"s" * 64, b"i" * 32, b"p" * 64))] * 2,
+            ),
+            "bad_field",
+        ),  # one setup missing
+        (
+            _env(
+                "sa2_ready",
+                session=S,
+                group=0,
+                public=b"k" * 32,
+                signature=b"s" * 64,
+                identity=b"i" * 32,
+                proof=b"p" * 63,
+            ),
+            "bad_field",
+        ),
         (
             _env(
                 "sa2_offer", session=S, choosers=IDS, group_size=4, min_group=3, clip=16.0, dim=11

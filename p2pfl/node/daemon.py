@@ -54,10 +54,11 @@ from p2pfl.protocol import (
     RoundSettings,
     Train,
 )
+from p2pfl.secure.admission import Admission
 from p2pfl.secure.group_leader import LeaderSettings
 from p2pfl.secure.group_member import MemberPolicy
 from p2pfl.secure.group_messages import Abstain, GroupMessage, GroupSend, IdentityKey
-from p2pfl.secure.participant import SecureParticipant, public_model
+from p2pfl.secure.participant import Outcome, SecureParticipant, public_model
 from p2pfl.secure.wire import group_from_envelope, to_envelope
 from p2pfl.supervision import Supervisor
 from p2pfl.transport.base import Transport
@@ -115,7 +116,7 @@ class Node:
             counters=self.counters,
             threaded=train_in_thread,
         )
-        secret = read_secret(config) if transport is None else None
+        secret = read_secret(config)
         if control_socket:
             check_socket_path(Path(config.data_dir).expanduser() / CONTROL_SOCKET)
         # Checked (ours, writable by nobody else), created 0700, locked for the node's life.
@@ -125,6 +126,9 @@ class Node:
         self.id = self.identity.peer_id
         self.role = role
         transport = transport or tcp_transport(config, self.identity, secret, self.counters)
+        self._admission = Admission(
+            config.federation, secret, frozenset(config.allow) if config.allow else None
+        )
         if config.faults is not None:
             transport = faulty_transport(
                 transport,
@@ -177,8 +181,8 @@ class Node:
         # Always able to decode compressed updates: the sender's pipeline is self-described.
         self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=self.limits.max_bin_len)
         self.secure = self._secure_participant() if config.secure_aggregation else None
-        # Our update for the round, while our group's outcome is pending (secure mode).
-        self._contribution: Broadcast | None = None
+        # Our updates by round while their groups' outcomes are pending (secure mode).
+        self._contributions: dict[int, Broadcast] = {}
         # What a peer asking for our state may get in secure mode: never our own model.
         self._public_params: np.ndarray | None = None
         self._timing: dict[str, float] = {}  # this round's train/encode/aggregate/eval seconds
@@ -243,13 +247,23 @@ class Node:
                 group_size=c.group_size,
                 min_group=c.secure_min_group,
                 join_timeout=0.1 * rt,
-                setup_timeout=0.15 * rt,
-                collect_timeout=0.6 * rt,
+                setup_timeout=0.1 * rt,
+                collect_timeout=0.4 * rt,
                 reveal_timeout=0.1 * rt,
             ),
-            MemberPolicy(c.federation, min_group=c.secure_min_group, dim=self.model.num_params),
+            MemberPolicy(
+                c.federation,
+                min_group=c.secure_min_group,
+                dim=self.model.num_params,
+                # "auto": mates beyond our neighbours only where a proof means something.
+                relayed_mates=c.secure_mates == "members"
+                or (c.secure_mates == "auto" and self._admission.closed),
+                admission=self._admission,
+            ),
             no_group=c.secure_no_group,  # type: ignore[arg-type]  # checked by the config
-            mean_timeout=0.5 * rt,
+            # Past the leader's collect and reveal deadlines, so a group that completes
+            # with dropouts is not given up by its members just before.
+            mean_timeout=0.6 * rt,
         )
 
     def close(self) -> None:
@@ -378,7 +392,7 @@ class Node:
                 log.info("finished %d rounds", action.round)
                 self.learner.finish()  # after the last round's records
         self._wakeup.set()
-        if self._contribution is not None:
+        if self._contributions:
             self._secure_progress(trio.current_time())  # e.g. collecting again after a catch-up
 
     def _broadcast(self, action: Broadcast) -> None:
@@ -389,7 +403,9 @@ class Node:
             return  # a silent attacker
         if self.secure is not None:
             now = trio.current_time()
-            self._contribution = Broadcast(action.round, params, action.samples, action.to)
+            self._contributions[action.round] = Broadcast(
+                action.round, params, action.samples, action.to
+            )
             self._send_groups(self.secure.contribute(action.round, params, now))
             self._secure_progress(now)
             return
@@ -437,28 +453,36 @@ class Node:
                 self.mesh.enqueue(peer, payload)
 
     def _secure_progress(self, now: float) -> None:
-        """Once our group's outcome for the round we collect is known: its mean goes to
-        the neighbours outside the group and counts as each mate's input here (the mates
-        send us nothing: they hold the same mean); without a group, the policy applies."""
-        c = self._contribution
-        if self.secure is None or c is None:
+        """Once our group's outcome for a round we contributed to is known: its mean
+        goes to the neighbours outside the group and, while we collect that round,
+        counts as each mate's input here (the mates send us nothing: they hold the same
+        mean); without a group, the policy applies. Neighbours may still collect a
+        round we have left, so what we owe them goes out even then."""
+        if self.secure is None:
             return
-        if c.round != self.machine.round:
-            self._contribution = None  # a catch-up moved us on
-            return
-        if self.machine.phase is not Phase.COLLECTING:
-            return
-        outcome = self.secure.outcome(c.round)
-        if outcome is None:
-            return
-        self._contribution = None
+        for round in sorted(self._contributions):
+            c = self._contributions[round]
+            here = self.machine.round == round
+            if here and self.machine.phase is not Phase.COLLECTING:
+                continue  # aggregating, or catching up: our mates' copies can wait
+            outcome = self.secure.outcome(round)
+            if outcome is None:
+                if round < self.machine.round - 2:
+                    del self._contributions[round]  # long gone; nobody waits for it
+                continue
+            del self._contributions[round]
+            self._settle(c, outcome, now, inject=here)
+        self._wakeup.set()
+
+    def _settle(self, c: Broadcast, outcome: Outcome, now: float, *, inject: bool) -> None:
+        assert self.secure is not None
         if outcome.mean is not None:
             mean, members = outcome.mean.mean, outcome.mean.members
             samples = min(c.samples * len(members), codec.MAX_SAMPLES - 1)
             outside = tuple(p for p in c.to if p not in members)
             self._send_model(c.round, mean, samples, outside)
             self.secure.means_forwarded += len(outside)
-            for mate in (p for p in c.to if p in members):
+            for mate in (p for p in c.to if p in members and inject):
                 if self.machine.round != c.round:
                     break  # the round ended on an earlier mate's copy
                 self._apply(self.machine.receive_update(now, mate, c.round, mean, samples))
@@ -468,7 +492,6 @@ class Node:
             none = codec.encode(to_envelope(Abstain(self.id, c.round, outcome.reason[:64])))
             for peer in c.to:
                 self.mesh.enqueue(peer, none)
-        self._wakeup.set()
 
     async def _train(self, round: int, params: np.ndarray) -> None:
         new, self._timing["train_s"] = await self.learner.train(round, params)
@@ -578,7 +601,8 @@ class Node:
         """The peer's only link closed: every component lets go of it."""
         self._decoder.forget(peer)
         if self.secure is not None:
-            self.secure.forget(peer)
+            self._send_groups(self.secure.forget(peer, trio.current_time()))
+            self._secure_progress(trio.current_time())
         self._apply(self.machine.peer_lost(trio.current_time(), peer))
 
     def _on_message(self, link: Link, msg: Message) -> bool:
@@ -654,6 +678,7 @@ class Node:
             else:
                 self.mesh.count_rejection(peer, "identity_mismatch", "key hash is not its id")
         elif isinstance(msg, Abstain):
+            self._send_groups(self.secure.on_abstain(peer, msg.round, now))
             self._apply(self.machine.receive_abstain(now, peer, msg.round))
         else:
             self._send_groups(self.secure.on_message(peer, msg, now))

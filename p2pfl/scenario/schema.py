@@ -138,6 +138,7 @@ class SecureSpec:
     group_size: int = 4
     min_group: int = 3
     no_group: str = "wait"
+    mates: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ class Scenario:
                         "group_size": self.secure.group_size,
                         "secure_min_group": self.secure.min_group,
                         "secure_no_group": self.secure.no_group,
+                        "secure_mates": self.secure.mates,
                     }
                     if self.secure.enabled
                     else {}
@@ -563,8 +565,9 @@ def _parse_secure(t: Table) -> SecureSpec:
             "secure_aggregation.min_group", f"must be <= group_size ({group_size}), got {min_group}"
         )
     no_group = t.get_str("no_group", "wait", choices=("wait", "skip", "plain"))
+    mates = t.get_str("mates", "auto", choices=("auto", "neighbours", "members"))
     t.finish()
-    return SecureSpec(enabled, group_size, min_group, no_group)
+    return SecureSpec(enabled, group_size, min_group, no_group, mates)
 
 
 def _parse_compression(t: Table) -> CompressionSpec:

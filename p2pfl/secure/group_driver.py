@@ -25,6 +25,7 @@ from p2pfl.secure.group_messages import (
     GroupMessage,
     GroupSend,
     MaskedVector,
+    Sealed,
     SetupDone,
     Unmasking,
 )
@@ -32,7 +33,7 @@ from p2pfl.secure.protocol import Refused
 
 log = logging.getLogger("p2pfl.secure")
 
-TO_LEADER = (GroupJoin, SetupDone, MaskedVector, Unmasking)
+TO_LEADER = (GroupJoin, SetupDone, Sealed, MaskedVector, Unmasking)
 ROUND_WINDOW = 2  # rounds ahead of ours whose messages we keep until we get there
 HELD_PER_ROUND = 256  # messages kept per future round (a neighbour's burst is ~10)
 
@@ -124,6 +125,18 @@ class GroupDriver:
                 return self._guard(lambda: self._route_all(member.on_message(sender, msg), now))
         self._refuse("round_gone", sender)
         return []
+
+    def member_gone(self, peer: str, now: float, round: int | None = None) -> list[GroupSend]:
+        """`peer` left `round` (or, if None, every live round): the groups we lead stop
+        waiting for it."""
+        sends: list[GroupSend] = []
+        for r, leader in list(self.leaders.items()):
+            if round is None or r == round:
+                sends += self._guard(partial(self._leader_gone, leader, peer, now))
+        return sends
+
+    def _leader_gone(self, leader: LeaderRound, peer: str, now: float) -> list[GroupSend]:
+        return self._route_all(leader.member_gone(peer, now), now)
 
     def on_timeout(self, now: float) -> list[GroupSend]:
         sends: list[GroupSend] = []

@@ -25,6 +25,8 @@ from p2pfl.secure.group_messages import (
     GroupSend,
     MaskedVector,
     MaskList,
+    Relayed,
+    Sealed,
     SetupDone,
     Unmasking,
     UnmaskList,
@@ -58,10 +60,13 @@ class _Group:
     deadline: float
     phase: Phase = "setup"
     keys: dict[str, bytes] = field(default_factory=dict)  # round public keys (SetupDone)
+    setups: dict[str, tuple[bytes, bytes, bytes, bytes]] = field(default_factory=dict)
+    relayed: set[tuple[str, str, str]] = field(default_factory=set)  # (from, to, kind)
     u1: tuple[str, ...] = ()
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     u2: tuple[str, ...] = ()
     reveals: dict[str, Unmasking] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)  # members that left the round (said or lost)
     mean: np.ndarray | None = None
     reason: str = ""
 
@@ -92,6 +97,7 @@ class LeaderRound:
         self.groups: list[_Group] = []
         self.join_deadline = now + settings.join_timeout
         self.closed = False
+        self._offer: GroupOffer | None = None
 
     # ---- time ------------------------------------------------------------------------
 
@@ -127,9 +133,13 @@ class LeaderRound:
             raise Refused("wrong_round", f"{msg.round} != {self.round}")
         if isinstance(msg, GroupJoin):
             if self.closed:
-                if msg.leader == self.me:
+                if msg.leader != self.me:
+                    return []
+                if self._offer is None or sender in self._offer.choosers:
                     raise Refused("late_join", sender)
-                return []
+                # The list is final, but the member learns so at once (it finds itself in
+                # no group) instead of waiting for an offer until its own timeout.
+                return [GroupSend((sender,), self._offer)]
             self.declared.add(sender)
             if msg.leader == self.me:
                 self.joins.add(sender)
@@ -139,20 +149,47 @@ class LeaderRound:
             if g.phase != "setup" or sender in g.keys:
                 raise Refused("unexpected_setup_done", sender)
             g.keys[sender] = msg.public
-            return self._mask_list(g, now) if len(g.keys) == len(g.members) else []
+            g.setups[sender] = (msg.public, msg.signature, msg.identity, msg.proof)
+            return self._step(g, now)
+        if isinstance(msg, Sealed):
+            return self._relay(g, sender, msg)
         if isinstance(msg, MaskedVector):
             if g.phase != "collect" or sender not in g.u1 or sender in g.vectors:
                 raise Refused("unexpected_vector", sender)
             if msg.masked.size != self.dim:
                 raise Refused("wrong_dim", f"{msg.masked.size} != {self.dim}")
             g.vectors[sender] = msg.masked
-            return self._unmask(g, now) if len(g.vectors) == len(g.u1) else []
+            return self._step(g, now)
         if isinstance(msg, Unmasking):
             if g.phase != "reveal" or sender not in g.u2 or sender in g.reveals:
                 raise Refused("unexpected_reveal", sender)
             g.reveals[sender] = msg
-            return self._finish(g) if len(g.reveals) == len(g.u2) else []
+            return self._step(g, now)
         raise Refused("not_for_leaders", type(msg).__name__)
+
+    def member_gone(self, peer: str, now: float) -> list[GroupSend]:
+        """`peer` left the round (it said it abstains, or its link closed): wait for it
+        no longer. Dropouts are what the Shamir shares are for, so its group goes on at
+        once instead of at the step's deadline."""
+        if not self.closed:
+            self.expected.discard(peer)
+            return self.close_joins(now) if self.expected <= self.declared else []
+        sends: list[GroupSend] = []
+        for g in self.groups:
+            if peer in g.members and g.phase not in ("done", "failed"):
+                g.gone.add(peer)
+                sends += self._step(g, now)
+        return sends
+
+    def _step(self, g: _Group, now: float) -> list[GroupSend]:
+        """Move on once everyone still in the group answered the current step."""
+        if g.phase == "setup" and set(g.members) <= g.keys.keys() | g.gone:
+            return self._mask_list(g, now)
+        if g.phase == "collect" and set(g.u1) <= g.vectors.keys() | g.gone:
+            return self._unmask(g, now)
+        if g.phase == "reveal" and set(g.u2) <= g.reveals.keys() | g.gone:
+            return self._finish(g)
+        return []
 
     def close_joins(self, now: float) -> list[GroupSend]:
         """Announce the chooser list; members recompute the groups from it."""
@@ -165,7 +202,7 @@ class LeaderRound:
         self.groups = [_Group(i, members, now + s.setup_timeout) for i, members in enumerate(parts)]
         if not choosers:
             return []
-        offer = GroupOffer(
+        offer = self._offer = GroupOffer(
             self.me,
             self.round,
             self.session,
@@ -198,7 +235,21 @@ class LeaderRound:
         if len(g.u1) < self.settings.min_group:
             return self._fail(g, "too_few_set_up")
         g.phase, g.deadline = "collect", now + self.settings.collect_timeout
-        return [GroupSend(g.u1, MaskList(self.me, self.round, self.session, g.index, g.u1))]
+        setups = tuple(g.setups[p] for p in g.u1)
+        msg = MaskList(self.me, self.round, self.session, g.index, g.u1, setups)
+        return [GroupSend(g.u1, msg)]
+
+    def _relay(self, g: _Group, sender: str, msg: Sealed) -> list[GroupSend]:
+        """Pass a sealed message between two members of the mask list, once per
+        (from, to, kind): shares, commits and acks until the vectors are in."""
+        if g.phase != "collect" or sender not in g.u1 or msg.peer not in g.u1:
+            raise Refused("unexpected_sealed", sender)
+        key = (sender, msg.peer, msg.kind)
+        if msg.peer == sender or key in g.relayed:
+            raise Refused("unexpected_sealed", sender)
+        g.relayed.add(key)
+        out = Relayed(self.me, self.round, self.session, g.index, sender, msg.kind, msg.box)
+        return [GroupSend((msg.peer,), out)]
 
     def _unmask(self, g: _Group, now: float) -> list[GroupSend]:
         g.u2 = tuple(sorted(g.vectors))

@@ -1,11 +1,15 @@
-"""A member's side of one secure-aggregation v2 round (sans-IO; docs/secure-aggregation-v2.md).
+"""A member's side of one secure-aggregation v2 round (sans-IO; docs/secure-aggregation.md).
 
 The member, not the leader, decides: its leader comes from the schedule over its own
-verified neighbours; it refuses a group below its own minimum or holding a mate it has
-not authenticated itself; it answers one group per round; and it keeps the one rule
-that makes a false "dropped" claim useless: **once it acked a mate's commit it never
-reveals that mate's round-key share**, and it submits its own vector only after every
-mate acked its commit. Each refusal raises `Refused` with a stable reason.
+verified neighbours; it refuses a group below its own minimum or holding a mate it
+cannot admit itself (a neighbour it authenticated, or, where its policy allows relayed
+mates, a member whose identity key and membership proof check out); it answers one
+group per round; and it keeps the one rule that makes a false "dropped" claim useless:
+**once it acked a mate's commit it never reveals that mate's round-key share**, and it
+submits its own vector only after every mate acked its commit. Everything a member
+sends a mate goes through the leader sealed under the pair's box key (AES-GCM), so the
+leader relays shares, commits and acks it can neither read nor forge. Each refusal
+raises `Refused` with a stable reason.
 """
 
 from __future__ import annotations
@@ -18,29 +22,28 @@ from typing import Literal
 import numpy as np
 
 from p2pfl.identity import Identity
+from p2pfl.secure.admission import Admission
 from p2pfl.secure.group_messages import (
-    Commit,
-    CommitAck,
     GroupAbort,
     GroupJoin,
     GroupMean,
     GroupMessage,
     GroupOffer,
     GroupSend,
-    KeySetup,
     MaskedVector,
     MaskList,
+    Relayed,
+    Sealed,
     SetupDone,
-    ShareDeal,
     Unmasking,
     UnmaskList,
 )
 from p2pfl.secure.keys import KeyRejected
 from p2pfl.secure.masking import fixed_point, mask_encoded
 from p2pfl.secure.protocol import Refused
-from p2pfl.secure.round_keys import RoundKey, RoundScope, verify_round_key
+from p2pfl.secure.round_keys import RoundKey, RoundScope, open_sealed, seal, verify_round_key
 from p2pfl.secure.schedule import MIN_GROUP, choose_leader, group_of, partition
-from p2pfl.secure.shamir import ShamirError, Share, split
+from p2pfl.secure.shamir import SHARE_LEN, ShamirError, Share, split
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +53,20 @@ class MemberPolicy:
     federation: str
     min_group: int = MIN_GROUP
     dim: int = 0  # the model's parameter count; offers for another size are refused
+    # Mates that are not our neighbours, admitted by identity key and membership proof
+    # (relayed through the leader). False: only neighbours we authenticated ourselves.
+    relayed_mates: bool = False
+    admission: Admission | None = None  # None: the open federation of `federation`
 
     def __post_init__(self) -> None:
         if self.min_group < MIN_GROUP:
             raise ValueError(f"min_group must be >= {MIN_GROUP}")
+        if self.admission is None:
+            object.__setattr__(self, "admission", Admission(self.federation))
 
 
 # Messages bound to one group of one round (session and group index).
-_Scoped = KeySetup | ShareDeal | MaskList | Commit | CommitAck | UnmaskList | GroupMean | GroupAbort
+_Scoped = MaskList | Relayed | UnmaskList | GroupMean | GroupAbort
 
 Phase = Literal["joining", "setup", "committing", "submitted", "revealed", "done", "out"]
 
@@ -88,8 +97,8 @@ class MemberRound:
         self._key: RoundKey | None = None
         self._seed = b""
         self._mate_keys: dict[str, bytes] = {}  # mate -> round public key (verified)
+        self._pair: dict[str, tuple[bytes, bytes]] = {}  # mate -> (mask seed, box key)
         self._held: dict[str, tuple[Share, Share]] = {}  # mate -> (key share, seed share)
-        self._early: dict[str, KeySetup] = {}  # setups that arrived before our offer
         self._u1: tuple[str, ...] | None = None
         self._update: np.ndarray | None = None
         self._acks: set[str] = set()
@@ -120,16 +129,10 @@ class MemberRound:
             raise Refused("wrong_round", f"{msg.round} != {self.round}")
         if isinstance(msg, GroupOffer):
             return self._on_offer(sender, msg)
-        if isinstance(msg, KeySetup):
-            return self._on_setup(sender, msg)
         if isinstance(msg, MaskList):
             return self._on_masklist(sender, msg)
-        if isinstance(msg, ShareDeal):
-            return self._on_shares(sender, msg)
-        if isinstance(msg, Commit):
-            return self._on_commit(sender, msg)
-        if isinstance(msg, CommitAck):
-            return self._on_ack(sender, msg)
+        if isinstance(msg, Relayed):
+            return self._on_relayed(sender, msg)
         if isinstance(msg, UnmaskList):
             return self._on_unmask(sender, msg)
         if isinstance(msg, GroupMean):
@@ -166,30 +169,29 @@ class MemberRound:
         index, group = found
         if len(group) < self.policy.min_group:
             raise self._leave("group_too_small", f"{len(group)} < {self.policy.min_group}")
-        strangers = [p for p in group if p != self.me and p not in self.neighbours]
-        if strangers:
-            raise self._leave("unauthenticated_mate", ", ".join(p[:12] for p in strangers))
+        if not self.policy.relayed_mates:
+            strangers = [p for p in group if p != self.me and p not in self.neighbours]
+            if strangers:
+                raise self._leave("unauthenticated_mate", ", ".join(p[:12] for p in strangers))
         self.group = group
         self.mates = tuple(p for p in group if p != self.me)
         self.clip = msg.clip
         self.scope = RoundScope(self.policy.federation, self.round, self.leader, msg.session, index)
         self._key = RoundKey(self.identity, self.scope)
         self._seed = secrets.token_bytes(32)
-        setup = KeySetup(
-            self.me, self.round, msg.session, index, self._key.public, self._key.signature
-        )
-        sends = [GroupSend(self.mates, setup)]
-        sends.append(
-            GroupSend(
-                (self.leader,),
-                SetupDone(self.me, self.round, msg.session, index, self._key.public),
-            )
+        assert self.policy.admission is not None
+        setup = SetupDone(
+            self.me,
+            self.round,
+            msg.session,
+            index,
+            self._key.public,
+            self._key.signature,
+            self.identity.public_bytes,
+            self.policy.admission.prove(self.identity),
         )
         self.phase = "setup"
-        for mate, early in list(self._early.items()):
-            del self._early[mate]
-            sends += self._on_setup(mate, early)
-        return sends
+        return [GroupSend((self.leader,), setup)]
 
     def _leave(self, reason: str, detail: str = "") -> Refused:
         """We are in no group this round: say why (the node applies its policy)."""
@@ -197,9 +199,7 @@ class MemberRound:
         self.out_reason = reason
         return Refused(reason, detail)
 
-    def _check_from_leader(
-        self, sender: str, msg: MaskList | UnmaskList | GroupMean | GroupAbort
-    ) -> None:
+    def _check_from_leader(self, sender: str, msg: _Scoped) -> None:
         if sender != self.leader:
             raise Refused("not_my_leader", sender)
         self._check_scope(msg)
@@ -209,101 +209,118 @@ class MemberRound:
         if scope is None or msg.session != scope.session or msg.group != scope.group:
             raise Refused("wrong_group")
 
-    def _on_setup(self, sender: str, msg: KeySetup) -> list[GroupSend]:
-        if self.scope is None:
-            if sender in self.neighbours and len(self._early) < 64:
-                self._early[sender] = msg  # the mate heard the offer before we did
-                return []
-            raise Refused("no_group_yet")
-        self._check_scope(msg)
-        if sender not in self.mates:
-            raise Refused("not_a_mate", sender)
-        if sender in self._mate_keys:
-            raise Refused("second_setup", sender)
-        try:
-            verify_round_key(self.scope, sender, self.neighbours[sender], msg.public, msg.signature)
-        except KeyRejected as exc:
-            raise Refused("bad_setup", str(exc)) from None
-        self._mate_keys[sender] = msg.public
-        return self._maybe_commit()
-
     def _on_masklist(self, sender: str, msg: MaskList) -> list[GroupSend]:
         self._check_from_leader(sender, msg)
-        if self._u1 is not None:
+        if self._u1 is not None or self.phase != "setup":
             raise Refused("second_mask_list")
         u1 = msg.members
         if self.me not in u1 or not set(u1) <= set(self.group):
             raise Refused("bad_mask_list", "not a subset of the group holding us")
         if len(u1) < self.policy.min_group:
             raise Refused("group_too_small", f"{len(u1)} < {self.policy.min_group}")
+        assert self._key is not None and self.scope is not None
+        keys: dict[str, bytes] = {}
+        for peer, (public, signature, identity, proof) in zip(u1, msg.setups, strict=True):
+            if peer == self.me:
+                if public != self._key.public:
+                    raise Refused("bad_mask_list", "our own round key was replaced")
+                continue
+            known = self.neighbours.get(peer)
+            try:
+                if known is None or known != identity:
+                    # Not a neighbour (or a key that is not the one its link gave us):
+                    # admitted only by proof, and only if our policy relays at all.
+                    if not self.policy.relayed_mates:
+                        raise KeyRejected("unauthenticated", peer[:12])
+                    assert self.policy.admission is not None
+                    self.policy.admission.check(peer, identity, proof)
+                verify_round_key(self.scope, peer, identity, public, signature)
+            except KeyRejected as exc:
+                # A mate we cannot admit: we mask in no group rather than toward it.
+                raise self._leave("mate_not_admitted", str(exc)) from None
+            keys[peer] = public
+        self._mate_keys = keys
+        self._pair = {p: self._key.pair_secrets(p, k) for p, k in keys.items()}
         self._u1 = u1
         return self._deal_shares(u1) + self._maybe_commit()
+
+    def _sealed(self, to: str, kind: str, plaintext: bytes) -> GroupSend:
+        """A message for mate `to`, relayed by the leader, which cannot open it."""
+        s = self.scope
+        assert s is not None
+        box = seal(self._pair[to][1], s.box_aad(self.me, to, kind), plaintext)
+        return GroupSend(
+            (self.leader,), Sealed(self.me, self.round, s.session, s.group, to, kind, box)
+        )
 
     def _deal_shares(self, u1: tuple[str, ...]) -> list[GroupSend]:
         """Shares of our key and self seed, to the members of *our* mask list only: a
         mate the leader left out of it holds nothing it could later be asked to reveal.
         Any `min_group - 1` of them rebuild a secret, fewer say nothing."""
-        assert self._key is not None and self.scope is not None
+        assert self._key is not None
         mates = [p for p in u1 if p != self.me]
         threshold = self.policy.min_group - 1
         keys = split(self._key.secret_bytes(), threshold, len(mates))
         seeds = split(self._seed, threshold, len(mates))
-        s = self.scope
         return [
-            GroupSend(
-                (mate,),
-                ShareDeal(self.me, self.round, s.session, s.group, k.to_bytes(), e.to_bytes()),
-            )
+            self._sealed(mate, "shares", k.to_bytes() + e.to_bytes())
             for mate, k, e in zip(mates, keys, seeds, strict=True)
         ]
 
-    def _on_shares(self, sender: str, msg: ShareDeal) -> list[GroupSend]:
-        self._check_scope(msg)
-        if sender not in self.mates or sender in self._held:
-            raise Refused("unexpected_shares", sender)
+    def _on_relayed(self, sender: str, msg: Relayed) -> list[GroupSend]:
+        """A mate's sealed message, through our leader: open it, then act on its kind."""
+        self._check_from_leader(sender, msg)
+        mate = msg.peer
+        if self._u1 is None or mate == self.me or mate not in self._u1:
+            raise Refused("not_a_mate", mate[:12])
+        assert self.scope is not None
         try:
-            self._held[sender] = (Share.from_bytes(msg.key_share), Share.from_bytes(msg.seed_share))
+            plain = open_sealed(
+                self._pair[mate][1], self.scope.box_aad(mate, self.me, msg.kind), msg.box
+            )
+        except KeyRejected as exc:
+            raise Refused("bad_box", str(exc)) from None
+        if msg.kind == "shares":
+            return self._on_shares(mate, plain)
+        if plain:
+            raise Refused("bad_box", f"{msg.kind} carries no payload")
+        if msg.kind == "commit":
+            return self._on_commit(mate)
+        return self._on_ack(mate)
+
+    def _on_shares(self, mate: str, plain: bytes) -> list[GroupSend]:
+        if mate in self._held or len(plain) != 2 * SHARE_LEN:
+            raise Refused("unexpected_shares", mate[:12])
+        try:
+            key, seed = Share.from_bytes(plain[:SHARE_LEN]), Share.from_bytes(plain[SHARE_LEN:])
         except ShamirError as exc:
             raise Refused("bad_shares", str(exc)) from None
+        self._held[mate] = (key, seed)
         return []
 
     def _maybe_commit(self) -> list[GroupSend]:
         u1 = self._u1
         if self.phase != "setup" or u1 is None or self._update is None:
             return []
-        if any(p not in self._mate_keys for p in u1 if p != self.me):
-            return []  # a mate's setup is still on its way
-        assert self.scope is not None
         self.phase = "committing"
-        commit = Commit(self.me, self.round, self.scope.session, self.scope.group)
-        return [GroupSend(tuple(p for p in u1 if p != self.me), commit)]
+        return [self._sealed(p, "commit", b"") for p in u1 if p != self.me]
 
-    def _on_commit(self, sender: str, msg: Commit) -> list[GroupSend]:
-        self._check_scope(msg)
-        members = self._u1 if self._u1 is not None else self.group
-        if sender == self.me or sender not in members:
-            raise Refused("not_a_mate", sender)
-        if sender in self.key_revealed:
-            raise Refused("key_share_revealed", sender)  # too late: it was declared dropped
-        self.acked.add(sender)
-        assert self.scope is not None
-        return [
-            GroupSend(
-                (sender,), CommitAck(self.me, self.round, self.scope.session, self.scope.group)
-            )
-        ]
+    def _on_commit(self, mate: str) -> list[GroupSend]:
+        if mate in self.key_revealed:
+            raise Refused("key_share_revealed", mate[:12])  # too late: declared dropped
+        self.acked.add(mate)
+        return [self._sealed(mate, "ack", b"")]
 
-    def _on_ack(self, sender: str, msg: CommitAck) -> list[GroupSend]:
-        self._check_scope(msg)
+    def _on_ack(self, mate: str) -> list[GroupSend]:
         u1 = self._u1
-        if self.phase != "committing" or u1 is None or sender not in u1 or sender == self.me:
-            raise Refused("unexpected_ack", sender)
-        self._acks.add(sender)
+        if self.phase != "committing" or u1 is None:
+            raise Refused("unexpected_ack", mate[:12])
+        self._acks.add(mate)
         if not all(p in self._acks for p in u1 if p != self.me):
             return []
         # Every mate promised never to reveal our key share: now our vector may exist.
-        assert self._key is not None and self.scope is not None and self._update is not None
-        seeds = {p: self._key.pair_seed(p, self._mate_keys[p]) for p in u1 if p != self.me}
+        assert self.scope is not None and self._update is not None
+        seeds = {p: self._pair[p][0] for p in u1 if p != self.me}
         encoded = fixed_point(self.clip, len(u1)).encode(self._update)
         masked = mask_encoded(encoded, self.me, seeds, self._seed, copy=False)
         self.phase = "submitted"

@@ -3,12 +3,12 @@
 Flow for leader L, member v and v's mates in group G (round r):
     v -> L       GroupJoin    v chose L by the schedule
     L -> v       GroupOffer   the chooser list; v recomputes the partition
-    v -> mate    KeySetup     signed round key
-    v -> L       SetupDone    v has sent its setups
-    L -> v       MaskList     U1: who masks toward whom
-    v -> mate    ShareDeal    Shamir shares (key secret, self seed), to U1 mates only
-    v -> mate    Commit       v is about to submit its vector ...
-    mate -> v    CommitAck    ... and the mate will never reveal v's key share
+    v -> L       SetupDone    v's signed round key, identity key, membership proof
+    L -> v       MaskList     U1 and every member's setup: who masks toward whom
+    v -> L -> u  Sealed/Relayed, sealed with the pair's box key (the leader relays):
+                   shares   Shamir shares (key secret, self seed), to U1 mates only
+                   commit   v is about to submit its vector ...
+                   ack      ... and the mate will never reveal v's key share
     v -> L       MaskedVector the masked fixed-point update
     L -> v       UnmaskList   U2: whose vectors arrived
     v -> L       Unmasking    own self seed, self-seed shares of U2, key shares of U1 \\ U2
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from p2pfl.secure.admission import PROOF_LEN
 from p2pfl.secure.masking import MAX_CLIP, MIN_CLIP, SEED_LEN
 from p2pfl.secure.messages import (
     MAX_DIM,
@@ -41,7 +42,7 @@ from p2pfl.secure.messages import (
     _check_ids,
     _check_int,
 )
-from p2pfl.secure.round_keys import KEY_LEN, SIGNATURE_LEN
+from p2pfl.secure.round_keys import BOX_OVERHEAD, KEY_LEN, SIGNATURE_LEN
 from p2pfl.secure.shamir import SHARE_LEN
 
 MAX_GROUP = 64
@@ -122,60 +123,80 @@ class _GroupHeader(_Header):
 
 
 @dataclass(frozen=True, slots=True)
-class KeySetup(_GroupHeader):
-    TYPE = "sa2_setup"
+class SetupDone(_GroupHeader):
+    """The member's round key, signed with its identity key, and what lets a mate that
+    is not its neighbour admit it: the identity key and its membership proof."""
+
+    TYPE = "sa2_ready"
     public: bytes
     signature: bytes
+    identity: bytes
+    proof: bytes
 
     def __post_init__(self) -> None:
         _GroupHeader.__post_init__(self)
-        _check_bytes("public", self.public, KEY_LEN)
-        _check_bytes("signature", self.signature, SIGNATURE_LEN)
+        _check_setup(self.public, self.signature, self.identity, self.proof)
 
 
-@dataclass(frozen=True, slots=True)
-class ShareDeal(_GroupHeader):
-    """Shares of the sender's round-key secret and self seed, dealt only to the members
-    of its mask list (so a mate left out of that list holds nothing to reveal)."""
-
-    TYPE = "sa2_shares"
-    key_share: bytes
-    seed_share: bytes
-
-    def __post_init__(self) -> None:
-        _GroupHeader.__post_init__(self)
-        _check_bytes("key_share", self.key_share, SHARE_LEN)
-        _check_bytes("seed_share", self.seed_share, SHARE_LEN)
-
-
-@dataclass(frozen=True, slots=True)
-class SetupDone(_GroupHeader):
-    TYPE = "sa2_ready"
-    public: bytes  # the round key the leader needs to rebuild a dropped member's masks
-
-    def __post_init__(self) -> None:
-        _GroupHeader.__post_init__(self)
-        _check_bytes("public", self.public, KEY_LEN)
+def _check_setup(public: object, signature: object, identity: object, proof: object) -> None:
+    _check_bytes("public", public, KEY_LEN)
+    _check_bytes("signature", signature, SIGNATURE_LEN)
+    _check_bytes("identity", identity, IDENTITY_KEY_LEN)
+    _check_bytes("proof", proof, PROOF_LEN)
 
 
 @dataclass(frozen=True, slots=True)
 class MaskList(_GroupHeader):
+    """U1 and each member's setup (public, signature, identity, proof), aligned: every
+    member checks every mate's setup itself; the leader only relays them."""
+
     TYPE = "sa2_masklist"
     members: tuple[str, ...]
+    setups: tuple[tuple[bytes, bytes, bytes, bytes], ...]
 
     def __post_init__(self) -> None:
         _GroupHeader.__post_init__(self)
         _check_ids("members", self.members, 3, MAX_GROUP)
+        if type(self.setups) is not tuple or len(self.setups) != len(self.members):
+            raise ValueError("setups: one per member")
+        for item in self.setups:
+            if type(item) is not tuple or len(item) != 4:
+                raise ValueError("setups: (public, signature, identity, proof) each")
+            _check_setup(*item)
+
+
+SEALED_KINDS = ("shares", "commit", "ack")
+MAX_BOX = 2 * SHARE_LEN + BOX_OVERHEAD
 
 
 @dataclass(frozen=True, slots=True)
-class Commit(_GroupHeader):
-    TYPE = "sa2_commit"
+class _SealedBase(_GroupHeader):
+    peer: str
+    kind: str
+    box: bytes
+
+    def __post_init__(self) -> None:
+        _GroupHeader.__post_init__(self)
+        _check_id("peer", self.peer)
+        if self.kind not in SEALED_KINDS:
+            raise ValueError(f"kind: one of {', '.join(SEALED_KINDS)}")
+        if type(self.box) is not bytes or not BOX_OVERHEAD <= len(self.box) <= MAX_BOX:
+            raise ValueError("box: bad length")
 
 
 @dataclass(frozen=True, slots=True)
-class CommitAck(_GroupHeader):
-    TYPE = "sa2_ack"
+class Sealed(_SealedBase):
+    """Member -> leader: a message for mate `peer`, AES-GCM under the pair's box key
+    (shares of our key and seed, a commit, or an ack). The leader only relays it."""
+
+    TYPE = "sa2_sealed"
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed(_SealedBase):
+    """Leader -> member: a sealed message from mate `peer`."""
+
+    TYPE = "sa2_relayed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,12 +298,10 @@ class Abstain(_Header):
 GroupMessage = (
     GroupJoin
     | GroupOffer
-    | KeySetup
-    | ShareDeal
     | SetupDone
     | MaskList
-    | Commit
-    | CommitAck
+    | Sealed
+    | Relayed
     | MaskedVector
     | UnmaskList
     | Unmasking
@@ -297,12 +316,10 @@ GROUP_MESSAGE_TYPES: dict[str, type[GroupMessage]] = {
     for cls in (
         GroupJoin,
         GroupOffer,
-        KeySetup,
-        ShareDeal,
         SetupDone,
         MaskList,
-        Commit,
-        CommitAck,
+        Sealed,
+        Relayed,
         MaskedVector,
         UnmaskList,
         Unmasking,

@@ -88,8 +88,14 @@ class SecureParticipant:
         self.keys[peer] = msg.public
         return True
 
-    def forget(self, peer: str) -> None:
+    def forget(self, peer: str, now: float) -> list[GroupSend]:
+        """The peer's link closed: drop its key; groups we lead stop waiting for it."""
         self.keys.pop(peer, None)
+        return self.driver.member_gone(peer, now)
+
+    def on_abstain(self, peer: str, round: int, now: float) -> list[GroupSend]:
+        """The peer sends no model for `round`: if it is in a group we lead, it left."""
+        return self.driver.member_gone(peer, now, round)
 
     def keyed(self, peers: list[str]) -> list[str]:
         return [p for p in peers if p in self.keys]

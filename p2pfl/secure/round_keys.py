@@ -12,22 +12,27 @@ the identity key it authenticated over its own channel.
 
 from __future__ import annotations
 
+import secrets
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from p2pfl.identity import Identity, peer_id_from_public_key
 from p2pfl.secure.keys import KeyRejected, _lp
 from p2pfl.secure.masking import MaskContext, derive_seed
 
 _DOMAIN = b"p2pfl/secure/round-key/v2\x00"
+_BOX_DOMAIN = b"p2pfl/secure/box/v2\x00"
 KEY_LEN = 32
 SIGNATURE_LEN = 64
+NONCE_LEN = 12
+BOX_OVERHEAD = NONCE_LEN + 16  # nonce + GCM tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,20 @@ class RoundScope:
             + _lp(self.session)
             + _lp(peer_id.encode())
             + _lp(public)
+        )
+
+    def box_aad(self, origin: str, to: str, kind: str) -> bytes:
+        """What a sealed mate-to-mate message is bound to: this group of this round, its
+        direction and its kind (a relaying leader cannot turn a commit into an ack)."""
+        return (
+            _BOX_DOMAIN
+            + _lp(self.federation.encode())
+            + struct.pack(">QI", self.round, self.group)
+            + _lp(self.leader.encode())
+            + _lp(self.session)
+            + _lp(origin.encode())
+            + _lp(to.encode())
+            + _lp(kind.encode())
         )
 
     def mask_context(self) -> MaskContext:
@@ -85,6 +104,30 @@ class RoundKey:
         return _pair_seed(
             self._private, self.peer_id, self.public, peer_id, peer_public, self.scope
         )
+
+    def pair_secrets(self, peer_id: str, peer_public: bytes) -> tuple[bytes, bytes]:
+        """(mask seed, box key) shared with a mate: both from one X25519 agreement,
+        through HKDF with distinct info, so the leader that relays our sealed messages
+        learns neither."""
+        seed = self.pair_seed(peer_id, peer_public)
+        box = derive_seed(seed, _BOX_DOMAIN)
+        return seed, box
+
+
+def seal(key: bytes, aad: bytes, plaintext: bytes) -> bytes:
+    """AES-256-GCM under a pair's box key, random nonce in front."""
+    nonce = secrets.token_bytes(NONCE_LEN)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def open_sealed(key: bytes, aad: bytes, box: bytes) -> bytes:
+    """The plaintext of `seal`, or KeyRejected if anyone changed a bit or the binding."""
+    if len(box) < BOX_OVERHEAD:
+        raise KeyRejected("malformed", "sealed message too short")
+    try:
+        return AESGCM(key).decrypt(box[:NONCE_LEN], box[NONCE_LEN:], aad)
+    except InvalidTag:
+        raise KeyRejected("bad_box", "sealed message does not open") from None
 
 
 def verify_round_key(

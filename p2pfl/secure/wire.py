@@ -23,6 +23,8 @@ from p2pfl.secure.group_messages import (
     GroupMessage,
     GroupOffer,
     MaskList,
+    Relayed,
+    Sealed,
     Unmasking,
     UnmaskList,
 )
@@ -78,6 +80,8 @@ def group_from_envelope(env: SecureEnvelope, *, max_dim: int) -> GroupMessage:
         ids = msg.members
     elif isinstance(msg, Unmasking):
         ids = tuple(p for p, _ in (*msg.seed_shares, *msg.key_shares))
+    elif isinstance(msg, Sealed | Relayed):
+        ids = (msg.peer,)
     _check_ids(msg, "peers", ids)
     return msg
 
