@@ -500,3 +500,28 @@ def test_a_member_that_leaves_is_not_waited_for_at_any_step() -> None:
         want = np.mean([updates[p] for p in expected_in], axis=0)
         assert np.max(np.abs(mean - want)) <= _tol(5), step
         assert net.now == 0.0  # no deadline passed
+
+
+def test_a_member_with_a_non_finite_update_leaves_before_committing() -> None:
+    """Checked before the commit: once mates ack, a vector that never comes would fail
+    the group; before it, the member simply drops out and the group completes."""
+    ids = _identities(4)
+    net = Net(ids)
+    leader = _leader(net)
+    bad = next(p for p in net.members if p != leader.me)
+    updates = _updates(ids, 12)
+    updates[bad] = np.full(DIM, np.nan, dtype=np.float32)
+    for me, m in net.members.items():
+        net.send(me, m.join())
+    for me, m in net.members.items():
+        if me == bad:
+            with pytest.raises(Refused) as exc:
+                m.set_update(updates[me])
+            assert exc.value.reason == "bad_update" and m.phase == "out"
+        else:
+            net.send(me, m.set_update(updates[me]))
+    net.send(leader.me, leader.member_gone(bad, net.now))  # it abstains to its neighbours
+    ((members, mean),) = leader.results()
+    assert bad not in members and len(members) == 3
+    want = np.mean([u for p, u in updates.items() if p != bad], axis=0)
+    assert np.max(np.abs(mean - want)) <= _tol(4)

@@ -39,7 +39,7 @@ from p2pfl.secure.group_messages import (
     UnmaskList,
 )
 from p2pfl.secure.keys import KeyRejected
-from p2pfl.secure.masking import fixed_point, mask_encoded
+from p2pfl.secure.masking import fixed_point, member_mask
 from p2pfl.secure.protocol import Refused
 from p2pfl.secure.round_keys import RoundKey, RoundScope, open_sealed, seal, verify_round_key
 from p2pfl.secure.schedule import MIN_GROUP, choose_leader, group_of, partition
@@ -99,6 +99,8 @@ class MemberRound:
         self._mate_keys: dict[str, bytes] = {}  # mate -> round public key (verified)
         self._pair: dict[str, tuple[bytes, bytes]] = {}  # mate -> (mask seed, box key)
         self._held: dict[str, tuple[Share, Share]] = {}  # mate -> (key share, seed share)
+        self._dim = 0
+        self._mask: np.ndarray | None = None  # our whole mask, computed once U1 is known
         self._u1: tuple[str, ...] | None = None
         self._update: np.ndarray | None = None
         self._acks: set[str] = set()
@@ -116,10 +118,17 @@ class MemberRound:
         return [GroupSend(to, GroupJoin(self.me, self.round, self.leader))]
 
     def set_update(self, update: np.ndarray) -> list[GroupSend]:
-        """Our trained parameters (float32, dim); commit once the mask list is known."""
+        """Our trained parameters (float32, dim); commit once the mask list is known.
+        Checked now: once we commit, our mates seal our key share, so an update we then
+        could not encode would fail the whole group."""
         if self._update is not None:
             raise Refused("update_set_twice")
-        self._update = np.asarray(update, dtype=np.float32)
+        x = np.asarray(update, dtype=np.float32)
+        if x.ndim != 1 or (self.policy.dim and x.size != self.policy.dim):
+            raise self._leave("bad_update", f"shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise self._leave("bad_update", "not finite")
+        self._update = x
         return self._maybe_commit()
 
     # ---- incoming --------------------------------------------------------------------
@@ -176,6 +185,7 @@ class MemberRound:
         self.group = group
         self.mates = tuple(p for p in group if p != self.me)
         self.clip = msg.clip
+        self._dim = msg.dim
         self.scope = RoundScope(self.policy.federation, self.round, self.leader, msg.session, index)
         self._key = RoundKey(self.identity, self.scope)
         self._seed = secrets.token_bytes(32)
@@ -242,6 +252,10 @@ class MemberRound:
         self._mate_keys = keys
         self._pair = {p: self._key.pair_secrets(p, k) for p, k in keys.items()}
         self._u1 = u1
+        # The mask does not depend on the update: computed now (usually while we still
+        # train), submitting costs one encode and one add (docs: "critical path").
+        seeds = {p: self._pair[p][0] for p in keys}
+        self._mask = member_mask(self._dim, self.me, seeds, self._seed)
         return self._deal_shares(u1) + self._maybe_commit()
 
     def _sealed(self, to: str, kind: str, plaintext: bytes) -> GroupSend:
@@ -319,10 +333,9 @@ class MemberRound:
         if not all(p in self._acks for p in u1 if p != self.me):
             return []
         # Every mate promised never to reveal our key share: now our vector may exist.
-        assert self.scope is not None and self._update is not None
-        seeds = {p: self._pair[p][0] for p in u1 if p != self.me}
-        encoded = fixed_point(self.clip, len(u1)).encode(self._update)
-        masked = mask_encoded(encoded, self.me, seeds, self._seed, copy=False)
+        assert self.scope is not None and self._update is not None and self._mask is not None
+        masked = fixed_point(self.clip, len(u1)).encode_add(self._update, self._mask)
+        self._mask = None
         self.phase = "submitted"
         vector = MaskedVector(self.me, self.round, self.scope.session, self.scope.group, masked)
         return [GroupSend((self.leader,), vector)]
