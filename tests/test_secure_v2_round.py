@@ -15,6 +15,7 @@ import pytest
 
 from p2pfl.identity import Identity
 from p2pfl.secure.admission import Admission
+from p2pfl.secure.errors import Refused
 from p2pfl.secure.group_driver import TO_LEADER
 from p2pfl.secure.group_leader import LeaderRound, LeaderSettings
 from p2pfl.secure.group_member import MemberPolicy, MemberRound
@@ -30,7 +31,6 @@ from p2pfl.secure.group_messages import (
     UnmaskList,
 )
 from p2pfl.secure.masking import expand, fixed_point
-from p2pfl.secure.protocol import Refused
 from p2pfl.secure.round_keys import RoundKey
 
 FED = "fed"

@@ -17,6 +17,7 @@ from functools import partial
 import numpy as np
 
 from p2pfl.identity import Identity
+from p2pfl.secure.errors import Refused
 from p2pfl.secure.group_leader import LeaderRound, LeaderSettings
 from p2pfl.secure.group_member import MemberPolicy, MemberRound
 from p2pfl.secure.group_messages import (
@@ -29,7 +30,6 @@ from p2pfl.secure.group_messages import (
     SetupDone,
     Unmasking,
 )
-from p2pfl.secure.protocol import Refused
 
 log = logging.getLogger("p2pfl.secure")
 

@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from p2pfl.secure.errors import Refused
 from p2pfl.secure.group_messages import (
     GroupAbort,
     GroupJoin,
@@ -33,7 +34,6 @@ from p2pfl.secure.group_messages import (
 )
 from p2pfl.secure.masking import SumRejected, add_streams, fixed_point
 from p2pfl.secure.messages import SESSION_LEN
-from p2pfl.secure.protocol import Refused
 from p2pfl.secure.round_keys import RoundScope, pair_seeds_from_secret
 from p2pfl.secure.schedule import MIN_GROUP, partition
 from p2pfl.secure.shamir import ShamirError, Share, reconstruct

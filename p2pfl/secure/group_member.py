@@ -23,6 +23,7 @@ import numpy as np
 
 from p2pfl.identity import Identity
 from p2pfl.secure.admission import Admission
+from p2pfl.secure.errors import Refused
 from p2pfl.secure.group_messages import (
     GroupAbort,
     GroupJoin,
@@ -40,7 +41,6 @@ from p2pfl.secure.group_messages import (
 )
 from p2pfl.secure.keys import KeyRejected
 from p2pfl.secure.masking import fixed_point, member_mask
-from p2pfl.secure.protocol import Refused
 from p2pfl.secure.round_keys import RoundKey, RoundScope, open_sealed, seal, verify_round_key
 from p2pfl.secure.schedule import MIN_GROUP, choose_leader, group_of, partition
 from p2pfl.secure.shamir import SHARE_LEN, ShamirError, Share, split

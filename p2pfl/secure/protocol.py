@@ -35,6 +35,7 @@ from typing import Literal
 
 import numpy as np
 
+from p2pfl.secure.errors import Refused
 from p2pfl.secure.grouping import MIN_GROUP, make_groups
 from p2pfl.secure.keys import KeyAnnouncement, KeyRejected, SessionKey, verify_announcement
 from p2pfl.secure.masking import (
@@ -125,14 +126,6 @@ class SecureResult:
     groups: tuple[tuple[str, ...], ...]  # members summed in each completed group
     dropped: tuple[tuple[int, str], ...]  # (group index, reason)
     stats: SecureStats
-
-
-class Refused(ValueError):
-    """A member refused an aggregator's message; `reason` is a short stable tag."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 # ================================================================ aggregator side
