@@ -170,3 +170,24 @@ def test_blockwise_streams_equal_one_aes256_ctr_keystream() -> None:
         add_streams(np.zeros(3, dtype=np.int32), plus=[seed])
     with pytest.raises(ValueError):
         expand(b"short", 3)
+
+
+def test_encode_add_with_buffers_made_ahead_matches_the_allocating_path() -> None:
+    from p2pfl.secure.masking import encode_buffers, fixed_point
+
+    rng = np.random.default_rng(21)
+    x = (rng.normal(0, 8, 1000)).astype(np.float32)
+    x[:3] = (40.0, -40.0, 15.9999)  # clipped both ways, and near the bound
+    codec = fixed_point(16.0, 4)
+    mask = rng.integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)
+    want = codec.encode_add(x, mask.copy())
+    for block in (1, 7, 256, 1000, 4096):  # blocks that divide d, do not, or exceed it
+        got = codec.encode_add(x, mask.copy(), encode_buffers(block))
+        np.testing.assert_array_equal(got, want)
+    nan = np.full(1000, np.nan, dtype=np.float32)
+    untouched = mask.copy()
+    with pytest.raises(ValueError):
+        codec.encode_add(nan, untouched, encode_buffers(64))
+    np.testing.assert_array_equal(untouched, mask)
+    with pytest.raises(ValueError):
+        codec.encode_add(x[:10], mask.copy(), encode_buffers(64))

@@ -40,7 +40,7 @@ from p2pfl.secure.group_messages import (
     UnmaskList,
 )
 from p2pfl.secure.keys import KeyRejected
-from p2pfl.secure.masking import fixed_point, member_mask
+from p2pfl.secure.masking import EncodeBuffers, encode_buffers, fixed_point, member_mask
 from p2pfl.secure.round_keys import RoundKey, RoundScope, open_sealed, seal, verify_round_key
 from p2pfl.secure.schedule import MIN_GROUP, choose_leader, group_of, partition
 from p2pfl.secure.shamir import SHARE_LEN, ShamirError, Share, split
@@ -101,6 +101,7 @@ class MemberRound:
         self._held: dict[str, tuple[Share, Share]] = {}  # mate -> (key share, seed share)
         self._dim = 0
         self._mask: np.ndarray | None = None  # our whole mask, computed once U1 is known
+        self._work: EncodeBuffers | None = None  # scratch to add the update into it
         self._u1: tuple[str, ...] | None = None
         self._update: np.ndarray | None = None
         self._acks: set[str] = set()
@@ -256,6 +257,7 @@ class MemberRound:
         # train), submitting costs one encode and one add (docs: "critical path").
         seeds = {p: self._pair[p][0] for p in keys}
         self._mask = member_mask(self._dim, self.me, seeds, self._seed)
+        self._work = encode_buffers()
         return self._deal_shares(u1) + self._maybe_commit()
 
     def _sealed(self, to: str, kind: str, plaintext: bytes) -> GroupSend:
@@ -334,8 +336,9 @@ class MemberRound:
             return []
         # Every mate promised never to reveal our key share: now our vector may exist.
         assert self.scope is not None and self._update is not None and self._mask is not None
-        masked = fixed_point(self.clip, len(u1)).encode_add(self._update, self._mask)
-        self._mask = None
+        codec = fixed_point(self.clip, len(u1))
+        masked = codec.encode_add(self._update, self._mask, self._work)
+        self._mask = self._work = None
         self.phase = "submitted"
         vector = MaskedVector(self.me, self.round, self.scope.session, self.scope.group, masked)
         return [GroupSend((self.leader,), vector)]

@@ -140,17 +140,35 @@ class FixedPoint:
         out: np.ndarray = y.astype(np.int32).view(np.uint32)
         return out
 
-    def encode_add(self, x: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    def encode_add(
+        self, x: np.ndarray, acc: np.ndarray, work: EncodeBuffers | None = None
+    ) -> np.ndarray:
         """acc += encode(x) mod 2^32, in place: puts an update into a precomputed mask.
 
-        Costs one encode and one add pass: what remains on a member's critical path once
-        its mask was computed ahead (`member_mask`). `acc` is untouched on error.
+        What remains on a member's critical path once its mask was computed ahead
+        (`member_mask`). With `work` (made ahead by `encode_buffers`) it runs in blocks
+        that stay in cache and allocates nothing: measured at d = 1e6 with cold arrays,
+        as fast as a plain `encode`, where whole-array passes took 1.3x. `acc` is
+        untouched on error.
         """
         _check_acc(acc)
-        encoded = self.encode(x)
-        if encoded.size != acc.size:
-            raise ValueError(f"acc has {acc.size} words, the update {encoded.size}")
-        np.add(acc, encoded, out=acc)
+        x = _as_update(x)
+        if x.size != acc.size:
+            raise ValueError(f"acc has {acc.size} words, the update {x.size}")
+        if not np.isfinite(x).all():
+            raise ValueError("update contains NaN or infinity")
+        if work is None:
+            np.add(acc, self.encode(x), out=acc)
+            return acc
+        clip, scale, block = np.float32(self.clip), np.float32(self.scale), work.real.size
+        for start in range(0, x.size, block):
+            n = min(block, x.size - start)
+            real, whole, out = work.real[:n], work.whole[:n], acc[start : start + n]
+            np.clip(x[start : start + n], -clip, clip, out=real)
+            np.multiply(real, scale, out=real)
+            np.rint(real, out=real)
+            np.copyto(whole, real, casting="unsafe")  # exact: |q| <= 2^30
+            np.add(out, whole.view(np.uint32), out=out)
         return acc
 
     def decode_mean(self, total: np.ndarray, count: int) -> np.ndarray:
@@ -164,6 +182,23 @@ class FixedPoint:
         # One buffered pass: int32 * float64 computed in float64, rounded once to float32.
         np.multiply(signed, np.float64(1.0 / (self.scale * count)), out=out, casting="unsafe")
         return out
+
+
+ENCODE_BLOCK = 1 << 17  # words per block of `encode_add`: 2 x 512 KiB of scratch
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EncodeBuffers:
+    """Scratch for `FixedPoint.encode_add`, made (and its pages touched) ahead."""
+
+    real: np.ndarray  # float32
+    whole: np.ndarray  # int32
+
+
+def encode_buffers(block: int = ENCODE_BLOCK) -> EncodeBuffers:
+    """Written once here, so their pages are faulted in now, not on the critical path
+    (np.zeros would map zero pages lazily)."""
+    return EncodeBuffers(np.full(block, 1.0, dtype=np.float32), np.full(block, 1, dtype=np.int32))
 
 
 @lru_cache(maxsize=64)
