@@ -128,10 +128,11 @@ def main() -> int:
         print(f"  {line}")
     if status["secure"] is not None:
         sec = status["secure"]
-        print(f"secure protocol rejections: {sec['rejected'] or 'none'}")
+        print(f"secure protocol refusals: {sec['refused'] or 'none'}")
+        print(f"groups the victim led: {sec['groups_led']}")
         print(
-            f"secure groups formed/completed/dropped: {sec['groups_formed']}/"
-            f"{sec['groups_completed']}/{sec['groups_dropped']}, retries {sec['retries']}"
+            f"victim's rounds in a group / out: {sec['rounds_grouped']}/{sec['rounds_out']}"
+            f" {sec['out_reasons'] or ''}"
         )
     print(f"hostile reconnects (victim hung up): {fed.stats.reconnects}")
     print(

@@ -15,10 +15,19 @@ import pytest
 
 from p2pfl import PROTOCOL_VERSION
 from p2pfl.identity import Identity
-from p2pfl.secure.keys import ANNOUNCEMENT_LEN
+from p2pfl.secure.group_messages import (
+    MAX_BOX,
+    GroupMessage,
+    GroupOffer,
+    MaskedVector,
+    Sealed,
+    Unmasking,
+    UnmaskList,
+)
 from p2pfl.secure.masking import SEED_LEN
-from p2pfl.secure.messages import SESSION_LEN, GroupRetry, UnmaskRequest
-from p2pfl.secure.wire import from_envelope
+from p2pfl.secure.messages import SESSION_LEN
+from p2pfl.secure.shamir import split
+from p2pfl.secure.wire import group_from_envelope
 from p2pfl.transport import tcp
 from p2pfl.wire import address
 from p2pfl.wire.codec import MAX_LISTEN, MAX_PEERS, Limits, decode, encode
@@ -211,61 +220,119 @@ def test_many_small_maps_are_counted_too() -> None:
 
 
 # ---------------------------------------------------------------- secure aggregation
+# The codec checks the envelope (sender, round, a kind name, a map body) and
+# `group_from_envelope` the body, into a v2 group message. These cases go from raw bytes
+# through both, as a peer's frame does; tests/test_secure_v2_wire.py has every kind.
+
+SESSION = b"s" * SESSION_LEN
+DIM = 4
+SHARE = split(b"\x02" * 32, 2, 3)[0].to_bytes()
 
 
-def envelope(kind: str, **body: Any) -> SecureEnvelope:
-    return SecureEnvelope(IDS[5], 3, kind, body)
+def secure_frame(kind: str, /, **body: Any) -> bytes:
+    return raw("sa", kind=kind, body=body)
 
 
-def announce(**changes: Any) -> SecureEnvelope:
-    body: dict[str, Any] = {
-        "session": b"s" * SESSION_LEN,
-        "group_size": 3,
-        "clip": 1.0,
-        "dim": 4,
-        "participants": IDS[:3],
-        "keys": [b"k" * ANNOUNCEMENT_LEN] * 3,
-        "groups": [[0, 1, 2]],
-    }
-    body.update(changes)
-    return envelope("sa_announce", **body)
+def secure_decode(payload: bytes) -> GroupMessage:
+    env = decode(payload)
+    assert isinstance(env, SecureEnvelope)
+    return group_from_envelope(env, max_dim=DIM)
 
 
-def secure_rejects(env: SecureEnvelope, needle: str, max_dim: int = 4) -> None:
+def secure_rejects(payload: bytes, needle: str, reason: str = "bad_field") -> None:
     with pytest.raises(WireError) as info:
-        from_envelope(env, max_dim=max_dim)
-    assert info.value.reason == "bad_field", info.value
+        secure_decode(payload)
+    assert info.value.reason == reason, info.value
     assert needle in info.value.detail, info.value
 
 
-def test_well_formed_announcement_passes() -> None:
-    msg = from_envelope(announce(), max_dim=4)
-    assert msg.TYPE == "sa_announce"
+def offer(**changes: Any) -> bytes:
+    body: dict[str, Any] = {
+        "session": SESSION,
+        "choosers": IDS[:3],
+        "group_size": 3,
+        "min_group": 3,
+        "clip": 1.0,
+        "dim": DIM,
+    }
+    return secure_frame("sa2_offer", **{**body, **changes})
 
 
-def test_announcement_fields_are_validated() -> None:
-    secure_rejects(announce(participants=["a", "b", "c"]), "participants")
-    secure_rejects(announce(dim=5), "dim")
-    secure_rejects(announce(groups=[[0, 1, 1]]), "groups[0]")
-    secure_rejects(announce(groups=[[0, 1, 2], [0, 1, 2]]), "groups")
-    secure_rejects(announce(group_size=2**40), "group_size")
-    secure_rejects(announce(keys=[b"k"] * 3), "keys")
+def test_well_formed_offer_passes_from_raw_bytes() -> None:
+    msg = secure_decode(offer())
+    assert isinstance(msg, GroupOffer)
+    assert (msg.sender, msg.choosers, msg.dim) == (ME, tuple(IDS[:3]), DIM)
 
 
-@pytest.mark.parametrize("kind", ["sa_retry", "sa_unmask"])
-def test_member_lists_must_be_peer_ids(kind: str) -> None:
-    header = {"session": b"s" * SESSION_LEN, "group": 0, "attempt": 1}
-    ok = envelope(kind, **header, members=IDS[:3])
-    assert isinstance(from_envelope(ok, max_dim=4), GroupRetry | UnmaskRequest)
-    secure_rejects(envelope(kind, **header, members=["x", "y", "z"]), "members")
-    secure_rejects(envelope(kind, **header, members=[IDS[0]] * 3), "members")
+def test_the_envelope_is_checked_by_the_codec_and_v1_kinds_are_unknown() -> None:
+    rejects(raw("sa", kind="sa2_offer", body=[1, 2]), "body")
+    rejects(raw("sa", kind=7, body={}), "kind")
+    secure_rejects(secure_frame("sa_announce", session=SESSION), "sa_announce", "unknown_type")
 
 
-def test_reveal_and_masked_headers_are_validated() -> None:
-    header = {"session": b"s" * SESSION_LEN, "group": 0, "attempt": 0}
-    secure_rejects(envelope("sa_reveal", **{**header, "group": -1}, seed=b"x" * SEED_LEN), "group")
-    secure_rejects(envelope("sa_reveal", **header, seed=b"x"), "seed")
-    masked = {"dtype": "u4", "shape": [5], "data": b"\x00" * 20}
-    with pytest.raises(WireError) as info:
-        from_envelope(envelope("sa_masked", **header, masked=masked), max_dim=4)
-    assert info.value.reason == "bad_tensor"
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"choosers": ["a", "b", "c"]}, "peers[0]"),  # only the wire knows real peer ids
+        ({"choosers": [IDS[1], IDS[0]]}, "choosers"),  # sorted ...
+        ({"choosers": [IDS[0]] * 3}, "choosers"),  # ... and distinct
+        ({"choosers": IDS * 200}, "choosers: expected a tuple of 1..1024"),
+        ({"dim": DIM + 1}, "dim"),  # beyond the local model
+        ({"group_size": 2**40}, "group_size"),
+        ({"min_group": 2}, "min_group"),
+        ({"clip": float("nan")}, "clip"),
+        ({"clip": 1e-30}, "clip"),  # would overflow the float32 fixed-point scale
+        ({"clip": 1}, "clip"),  # an int where the float belongs
+        ({"session": b"short"}, "session"),
+        ({"extra": 1}, "unexpected"),
+    ],
+)
+def test_offer_fields_are_validated(changes: dict[str, Any], needle: str) -> None:
+    secure_rejects(offer(**changes), needle)
+
+
+def test_member_lists_must_be_sorted_distinct_peer_ids() -> None:
+    head = {"session": SESSION, "group": 0}
+    assert isinstance(
+        secure_decode(secure_frame("sa2_unmask", **head, members=IDS[:3])), UnmaskList
+    )
+    secure_rejects(secure_frame("sa2_unmask", **head, members=["x", "y", "z"]), "peers[0]")
+    secure_rejects(secure_frame("sa2_unmask", **head, members=[IDS[0]] * 3), "members")
+    secure_rejects(secure_frame("sa2_unmask", **head, members=IDS[:2]), "members")  # < 3
+    secure_rejects(secure_frame("sa2_unmask", session=SESSION, group=-1, members=IDS[:3]), "group")
+
+
+def test_shares_in_a_reveal_name_peer_ids_once_each() -> None:
+    head = {"session": SESSION, "group": 0, "seed": b"z" * SEED_LEN}
+    ok = secure_frame("sa2_reveal", **head, seed_shares=[[IDS[1], SHARE]], key_shares=[])
+    assert isinstance(secure_decode(ok), Unmasking)
+    bad_peer = secure_frame("sa2_reveal", **head, seed_shares=[["x", SHARE]], key_shares=[])
+    secure_rejects(bad_peer, "peers[0]")
+    twice = secure_frame("sa2_reveal", **head, seed_shares=[], key_shares=[[IDS[1], SHARE]] * 2)
+    secure_rejects(twice, "key_shares")
+    short_seed = {**head, "seed": b"x"}
+    secure_rejects(secure_frame("sa2_reveal", **short_seed, seed_shares=[], key_shares=[]), "seed")
+
+
+def test_sealed_boxes_are_bounded_and_name_a_peer() -> None:
+    head = {"session": SESSION, "group": 0, "peer": IDS[1], "kind": "shares"}
+    assert isinstance(secure_decode(secure_frame("sa2_sealed", **head, box=b"b" * MAX_BOX)), Sealed)
+    secure_rejects(secure_frame("sa2_sealed", **head, box=b"b" * (MAX_BOX + 1)), "box")
+    spoof = {**head, "peer": IDS[1].upper()}
+    secure_rejects(secure_frame("sa2_sealed", **spoof, box=b"b" * MAX_BOX), "peers[0]")
+
+
+def test_masked_vectors_are_uint32_and_fit_the_model() -> None:
+    head = {"session": SESSION, "group": 0}
+
+    def u4(n: int) -> dict[str, Any]:
+        return {"dtype": "u4", "shape": [n], "data": b"\x00" * 4 * n}
+
+    assert isinstance(
+        secure_decode(secure_frame("sa2_masked", **head, masked=u4(DIM))), MaskedVector
+    )
+    secure_rejects(
+        secure_frame("sa2_masked", **head, masked=u4(DIM + 1)), "element limit", "bad_tensor"
+    )
+    as_float = tensor(np.zeros(DIM, np.float32))
+    secure_rejects(secure_frame("sa2_masked", **head, masked=as_float), "masked", "bad_tensor")

@@ -56,9 +56,19 @@ from p2pfl.compression import UpdateEncoder, parse_pipeline
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.node import Node
-from p2pfl.secure.keys import ANNOUNCEMENT_LEN, SessionKey
+from p2pfl.secure.admission import PROOF_LEN, Admission
+from p2pfl.secure.group_messages import (
+    GROUP_MESSAGE_TYPES,
+    IDENTITY_KEY_LEN,
+    MAX_BOX,
+    SEALED_KINDS,
+    IdentityKey,
+)
 from p2pfl.secure.masking import SEED_LEN
-from p2pfl.secure.messages import SECURE_MESSAGE_TYPES, SESSION_LEN
+from p2pfl.secure.messages import SESSION_LEN
+from p2pfl.secure.round_keys import BOX_OVERHEAD, KEY_LEN, SIGNATURE_LEN, RoundKey, RoundScope
+from p2pfl.secure.shamir import SHARE_LEN
+from p2pfl.secure.wire import to_envelope
 from p2pfl.transport.base import Connection, ConnectionClosed
 from p2pfl.transport.tcp import TcpTransport, parse_address
 from p2pfl.wire import codec
@@ -67,7 +77,11 @@ from p2pfl.wire.messages import MESSAGE_TYPES, Hello, Ping, SecureEnvelope
 
 FEDERATION = "fuzz"
 HOSTILE = Identity.from_seed(b"\xee" * 32)
-OWN_KEY = SessionKey(HOSTILE, FEDERATION, epoch=1).announcement.to_bytes()
+# Our own identity key (its hash is our peer id) and membership proof (the federation
+# is open: anyone can make one): with them the victim takes us for a secure neighbour
+# and a valid mate, so later hostile group messages reach the protocol's checks.
+OWN_IDENTITY_KEY = HOSTILE.public_bytes
+OWN_PROOF = Admission(FEDERATION).prove(HOSTILE)
 SEND_TIMEOUT = 20.0  # a send that blocks this long means the victim stopped reading
 KEEP_LAST = 8
 
@@ -127,8 +141,9 @@ class LiveFederation:
         self.finished: set[str] = set()
         self.stats = Stats()
         self.victim_round = 0
-        # Secure sessions the victim announced to us: hostile vectors and reveals that
-        # name a real session get past the session lookup into the protocol's checks.
+        # Secure sessions the victim sent us (offers, mask lists, ...): hostile setups,
+        # vectors and reveals that name a real session get past the session lookup
+        # into the protocol's checks.
         self.sessions: collections.deque[bytes] = collections.deque([b"\x05" * 16], maxlen=8)
         self.dim = 0
         self._conn: Connection | None = None
@@ -230,6 +245,9 @@ class LiveFederation:
         fp = self.victim.fingerprint.digest
         hello = Hello(HOSTILE.peer_id, self.victim_round, FEDERATION, ("127.0.0.1:9",), "0", fp)
         await conn.send(codec.encode(hello))
+        if self.secure:  # as an honest node greets: our identity key, on each new link
+            greeting = IdentityKey(HOSTILE.peer_id, self.victim_round, OWN_IDENTITY_KEY)
+            await conn.send(codec.encode(to_envelope(greeting)))
         self._nursery.start_soon(self._drain, conn)
 
     async def _drain(self, conn: Connection) -> None:
@@ -243,7 +261,7 @@ class LiveFederation:
                     continue
                 if isinstance(msg, Ping | Hello):
                     self.victim_round = msg.round
-                elif isinstance(msg, SecureEnvelope) and msg.kind != "sa_key":
+                elif isinstance(msg, SecureEnvelope):
                     session = msg.body.get("session")
                     if isinstance(session, bytes) and session not in self.sessions:
                         self.sessions.append(session)
@@ -442,48 +460,99 @@ class Hostile:
         )
 
     def secure_body(self, kind: str) -> st.SearchStrategy[dict[str, Any]]:
+        """Well-typed but hostile fields of group message `kind` (sa2_*), each field
+        mostly valid so that one bad field at a time reaches the code behind the others."""
+        fed = self.fed
         ids = st.one_of(
             st.lists(self.real_ids, min_size=3, max_size=5, unique=True).map(sorted),
             st.lists(self.ids, max_size=6).map(sorted),
+            st.lists(self.ids, max_size=6),
         )
         session = st.one_of(
-            st.integers(0, 2**16).map(lambda i: self.fed.sessions[i % len(self.fed.sessions)]),
+            st.integers(0, 2**16).map(lambda i: fed.sessions[i % len(fed.sessions)]),
             st.sampled_from([0, 1, SESSION_LEN - 1, SESSION_LEN + 1, 40]).map(lambda n: b"s" * n),
         )
         small = st.one_of(st.integers(0, 4), st.integers(0, 4), hostile_ints())
-        common = {"session": session, "group": small, "attempt": small}
+        group = {"session": session, "group": small}
+
+        def sized(n: int) -> st.SearchStrategy[bytes]:
+            return mostly(st.binary(min_size=n, max_size=n), st.binary(max_size=2 * n + 8))
+
+        share_list = st.lists(
+            st.tuples(rarely(self.real_ids, self.ids), sized(SHARE_LEN)).map(list), max_size=6
+        )
+        reason = mostly(st.sampled_from(["no_group", "too_few_vectors"]), hostile_text())
+
+        @st.composite
+        def setup(draw: st.DrawFn) -> dict[str, Any]:
+            """Our round key, signed for a scope the victim may lead (or a broken one)."""
+            sess, grp = draw(session), draw(small)
+            if draw(st.integers(0, 2)) == 0 or type(grp) is not int or not 0 <= grp < 2**32:
+                public, signature = draw(sized(KEY_LEN)), draw(sized(SIGNATURE_LEN))
+            else:
+                scope = RoundScope(FEDERATION, fed.victim_round, fed.victim.id, sess, grp)
+                key = RoundKey(HOSTILE, scope)
+                public, signature = key.public, key.signature
+            return {
+                "session": sess,
+                "group": grp,
+                "public": public,
+                "signature": signature,
+                "identity": draw(mostly(st.just(OWN_IDENTITY_KEY), sized(IDENTITY_KEY_LEN))),
+                "proof": draw(mostly(st.just(OWN_PROOF), sized(PROOF_LEN))),
+            }
+
         fields: dict[str, st.SearchStrategy[Any]]
-        if kind == "sa_key":
-            # Our own valid signed key makes the victim put us into its groups, so the
-            # later hostile masked vectors and reveals reach the secure protocol.
-            fields = {
-                "key": st.one_of(
-                    st.just(OWN_KEY),
-                    st.binary(min_size=ANNOUNCEMENT_LEN, max_size=ANNOUNCEMENT_LEN),
-                    st.binary(max_size=200),
+        match kind:
+            case "sa2_id":
+                # Mostly our own key: a refused one unkeys nothing, a valid one keys us.
+                return st.fixed_dictionaries(
+                    {"public": mostly(st.just(OWN_IDENTITY_KEY), sized(IDENTITY_KEY_LEN))}
                 )
-            }
-        elif kind == "sa_announce":
-            fields = {
-                "session": session,
-                "group_size": st.one_of(st.integers(2, 6), hostile_ints()),
-                "clip": self.floats,
-                "dim": st.one_of(st.just(self.fed.dim), hostile_ints()),
-                "participants": ids,
-                "keys": st.lists(
-                    st.binary(min_size=ANNOUNCEMENT_LEN, max_size=ANNOUNCEMENT_LEN), max_size=6
-                ),
-                "groups": st.lists(st.lists(st.integers(-1, 7), max_size=6), max_size=4),
-            }
-        elif kind == "sa_masked":
-            fields = {**common, "masked": self.tensor("u4")}
-        elif kind in ("sa_retry", "sa_unmask"):
-            fields = {**common, "members": ids}
-        else:
-            fields = {
-                **common,
-                "seed": st.one_of(st.just(b"\x07" * SEED_LEN), st.binary(max_size=64)),
-            }
+            case "sa2_ready":
+                return setup()
+            case "sa2_join":
+                fields = {"leader": mostly(st.just(fed.victim.id), self.ids)}
+            case "sa2_offer":
+                fields = {
+                    "session": session,
+                    "choosers": ids,
+                    "group_size": st.one_of(st.integers(2, 6), hostile_ints()),
+                    "min_group": st.one_of(st.integers(2, 4), hostile_ints()),
+                    "clip": mostly(st.just(16.0), self.floats),
+                    "dim": mostly(st.just(fed.dim), hostile_ints()),
+                }
+            case "sa2_masklist":
+                entry = st.tuples(
+                    sized(KEY_LEN), sized(SIGNATURE_LEN), sized(IDENTITY_KEY_LEN), sized(PROOF_LEN)
+                ).map(list)
+                fields = {**group, "members": ids, "setups": st.lists(entry, max_size=6)}
+            case "sa2_sealed" | "sa2_relayed":
+                fields = {
+                    **group,
+                    "peer": rarely(self.real_ids, self.ids, 4),
+                    "kind": mostly(st.sampled_from(SEALED_KINDS), hostile_text(8)),
+                    "box": mostly(
+                        st.binary(min_size=BOX_OVERHEAD, max_size=MAX_BOX), st.binary(max_size=400)
+                    ),
+                }
+            case "sa2_masked":
+                fields = {**group, "masked": self.tensor("u4")}
+            case "sa2_mean":
+                fields = {**group, "members": ids, "mean": self.tensor()}
+            case "sa2_unmask":
+                fields = {**group, "members": ids}
+            case "sa2_reveal":
+                fields = {
+                    **group,
+                    "seed": sized(SEED_LEN),
+                    "seed_shares": share_list,
+                    "key_shares": share_list,
+                }
+            case "sa2_abort":
+                fields = {**group, "reason": reason}
+            case _:  # sa2_none, and names that are no kind at all
+                fields = {"reason": reason}
         return st.fixed_dictionaries(fields)
 
     def body(self, type_: str) -> st.SearchStrategy[dict[str, Any]]:
@@ -533,14 +602,14 @@ class Hostile:
                     }
                 )
             case "sa":
-                kinds = sorted(SECURE_MESSAGE_TYPES)
+                kinds = sorted(GROUP_MESSAGE_TYPES)
 
                 @st.composite
                 def envelope(draw: st.DrawFn) -> dict[str, Any]:
                     kind = draw(
                         st.sampled_from(kinds) if draw(st.integers(0, 9)) else hostile_text(12)
                     )
-                    body = draw(self.secure_body(kind if kind in kinds else "sa_key"))
+                    body = draw(self.secure_body(kind))
                     return {"kind": kind, "body": body}
 
                 return envelope()
@@ -559,7 +628,7 @@ class Hostile:
                 **draw(self.body(type_)),
             }
             label = type_ if type_ != "sa" else f"sa/{obj['kind']}"
-            if label.startswith("sa/") and obj["kind"] not in SECURE_MESSAGE_TYPES:
+            if label.startswith("sa/") and obj["kind"] not in GROUP_MESSAGE_TYPES:
                 label = "sa/?"
             if draw(st.integers(0, 29)) == 0:  # now and then a broken header too
                 key = draw(st.sampled_from(["v", "type", "sender", "round"]))

@@ -22,9 +22,17 @@ from p2pfl.config import ConfigError, NodeConfig, coerce
 from p2pfl.identity import Identity
 from p2pfl.membership import PeerTable
 from p2pfl.node import Node
-from p2pfl.secure.keys import ANNOUNCEMENT_LEN
-from p2pfl.secure.messages import MAX_PARTICIPANTS, GroupAnnounce, MaskedUpdate
-from p2pfl.secure.wire import to_envelope
+from p2pfl.secure.group_messages import (
+    MAX_GROUP,
+    GroupMean,
+    GroupOffer,
+    MaskedVector,
+    MaskList,
+    Unmasking,
+)
+from p2pfl.secure.messages import MAX_PARTICIPANTS
+from p2pfl.secure.shamir import SHARE_LEN
+from p2pfl.secure.wire import group_from_envelope, to_envelope
 from p2pfl.transport import tcp
 from p2pfl.transport.base import Connection, HandshakeError, TransportLimits
 from p2pfl.transport.budget import TRIM_ABOVE, ReceiveBudget, give_back_memory
@@ -424,29 +432,38 @@ def test_the_largest_legitimate_messages_fit_the_derived_frame_limit(num_params:
     _fits(ModelUpdate(pid, 2**31 - 1, params, 2**31 - 1), limit)
     _fits(StateReply(pid, 2**31 - 1, params, 2**31 - 1), limit)
     masked = rng.integers(0, 2**32, size=num_params, dtype=np.uint32)
-    sa = MaskedUpdate(
-        sender=pid, round=2**31 - 1, session=b"s" * 16, group=0, attempt=0, masked=masked
-    )
-    _fits(to_envelope(sa), limit)
+    session, top = b"s" * 16, MAX_PARTICIPANTS - 1
+    _fits(to_envelope(MaskedVector(pid, 2**31 - 1, session, top, masked)), limit)
+    ids = [f"{i:032d}".translate(str.maketrans("0123456789", "abcdefghij")) for i in range(1024)]
+    group = tuple(ids[:MAX_GROUP])
+    _fits(to_envelope(GroupMean(pid, 2**31 - 1, session, top, group, params)), limit)
+    # A vector one longer than the model is refused before any secure code sees it.
+    too_long = to_envelope(MaskedVector(pid, 0, session, 0, np.append(masked, np.uint32(0))))
+    with pytest.raises(WireError, match="element limit"):
+        group_from_envelope(too_long, max_dim=num_params)
     for pipeline in (("delta", "topk:1.0"), ("delta", "topk:1.0", "zstd:1"), ("delta", "topk:0.5")):
         encoder = UpdateEncoder(parse_pipeline(pipeline), keyframe_every=0)
         encoder.encode(params, 1)
         blob = encoder.encode(params + rng.normal(size=num_params).astype(np.float32), 2)
         _fits(CompressedModelUpdate(pid, 2, blob, 2**31 - 1), limit)
-    # The largest messages with no vector: well inside the headroom.
-    ids = [f"{i:032d}".translate(str.maketrans("0123456789", "abcdefghij")) for i in range(1024)]
-    announce = GroupAnnounce(
-        sender=pid,
-        round=2**31 - 1,
-        session=b"s" * 16,
-        group_size=MAX_PARTICIPANTS,
-        clip=1.0,
-        dim=num_params,
-        participants=tuple(ids[:MAX_PARTICIPANTS]),
-        keys=tuple(b"k" * ANNOUNCEMENT_LEN for _ in range(MAX_PARTICIPANTS)),
-        groups=tuple(tuple(range(i, i + 3)) for i in range(0, MAX_PARTICIPANTS - 3, 3)),
+    # The largest messages with no vector: inside the headroom. The biggest is an offer
+    # listing MAX_PARTICIPANTS choosers; one more cannot even be built.
+    choosers = tuple(ids[:MAX_PARTICIPANTS])
+    offer = GroupOffer(pid, 2**31 - 1, session, choosers, MAX_GROUP, MAX_GROUP, 1e6, num_params)
+    assert _fits(to_envelope(offer), FRAME_HEADROOM) > 30_000
+    with pytest.raises(ValueError, match="choosers"):
+        GroupOffer(pid, 0, session, (*choosers, "z" * 32), 3, 3, 1.0, num_params)
+    setup = (b"k" * 32, b"s" * 64, b"i" * 32, b"p" * 64)
+    _fits(
+        to_envelope(MaskList(pid, 2**31 - 1, session, top, group, (setup,) * MAX_GROUP)),
+        FRAME_HEADROOM,
     )
-    assert _fits(to_envelope(announce), FRAME_HEADROOM) > 150_000
+    share = b"x" * SHARE_LEN
+    seeds = tuple((p, share) for p in ids[:MAX_GROUP])
+    keys = tuple((p, share) for p in ids[MAX_GROUP : 2 * MAX_GROUP])
+    _fits(
+        to_envelope(Unmasking(pid, 2**31 - 1, session, top, b"z" * 32, seeds, keys)), FRAME_HEADROOM
+    )
     host = ".".join(["a" * 63] * 3 + ["b" * (MAX_ADDR_LEN - 6 - 3 * 64)])  # longest allowed
     peers = tuple((ids[i], f"{host}:65535") for i in range(MAX_PEERS))
     _fits(PeerList(pid, 2**31 - 1, peers), FRAME_HEADROOM)
