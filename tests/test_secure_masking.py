@@ -1,16 +1,22 @@
-"""Fixed point in Z_2^32 and pairwise masks: exact cancellation, bounded quantization."""
+"""Fixed point in Z_2^32 and pairwise masks: exact cancellation, bounded quantization,
+masked vectors that look uniform.
+
+Chi-square tests use p > 1e-6 as "uniform" (a false failure once in a million runs) and
+each comes with a control showing the same statistic catches structure.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from scipy.stats import chisquare
 
 from p2pfl.identity import Identity
-from p2pfl.secure.keys import SessionKey
 from p2pfl.secure.masking import (
     BLOCK_WORDS,
     LIMIT,
@@ -20,29 +26,34 @@ from p2pfl.secure.masking import (
     MaskContext,
     SumRejected,
     add_streams,
+    derive_seed,
     expand,
     fixed_point,
     mask_encoded,
-    pair_seed,
 )
+from p2pfl.secure.round_keys import RoundKey, RoundScope
 
 FED = "fed"
-KEYS = [SessionKey(Identity.generate(), FED, 1) for _ in range(8)]
-CTX = MaskContext(FED, 3, "aggregator", b"s" * 16, 0, 0)
+SCOPE = RoundScope(FED, 3, "leader", b"s" * 16, 0)
+KEYS = [RoundKey(Identity.from_seed(bytes([70 + i]) * 32), SCOPE) for i in range(8)]
+UNIFORM_P = 1e-6
 
 
 def _group_vectors(
-    keys: list[SessionKey], encoded: list[np.ndarray], ctx: MaskContext
+    keys: list[RoundKey], encoded: list[np.ndarray]
 ) -> tuple[list[np.ndarray], list[bytes]]:
     """What each member sends: its encoding plus pair masks and a self mask."""
     self_seeds = [bytes([i]) * 32 for i in range(len(keys))]
     out = []
     for me, enc, own in zip(keys, encoded, self_seeds, strict=True):
-        seeds = {
-            k.peer_id: pair_seed(me, k.peer_id, k.public_bytes, ctx) for k in keys if k is not me
-        }
+        seeds = {k.peer_id: me.pair_seed(k.peer_id, k.public) for k in keys if k is not me}
         out.append(mask_encoded(enc, me.peer_id, seeds, own))
     return out, self_seeds
+
+
+def _byte_p_value(v: np.ndarray) -> float:
+    counts = np.bincount(np.ascontiguousarray(v).view(np.uint8), minlength=256)
+    return float(chisquare(counts).pvalue)
 
 
 @settings(max_examples=40, deadline=None)
@@ -63,7 +74,7 @@ def test_masks_cancel_and_the_group_mean_is_exact_up_to_quantization(
     x = data.draw(values)
     codec = fixed_point(clip, g)
     encoded = [codec.encode(row) for row in x]
-    masked, self_seeds = _group_vectors(KEYS[:g], encoded, CTX)
+    masked, self_seeds = _group_vectors(KEYS[:g], encoded)
     total = np.zeros(d, dtype=np.uint32)
     for v in masked:
         total += v
@@ -81,7 +92,7 @@ def test_masks_cancel_and_the_group_mean_is_exact_up_to_quantization(
 def test_masked_vectors_differ_from_the_encoding_everywhere_that_matters() -> None:
     codec = fixed_point(4.0, 3)
     encoded = [codec.encode(np.zeros(4096, dtype=np.float32)) for _ in range(3)]
-    masked, _ = _group_vectors(KEYS[:3], encoded, CTX)
+    masked, _ = _group_vectors(KEYS[:3], encoded)
     for v in masked:
         assert np.count_nonzero(v == 0) < 10  # zeros would survive a broken mask
 
@@ -120,7 +131,7 @@ def test_uncancelled_masks_are_detected() -> None:
         codec.decode_mean(garbage, 4)
     # A group sum missing one member's vector is garbage too.
     encoded = [codec.encode(np.ones(1000, dtype=np.float32)) for _ in range(4)]
-    masked, self_seeds = _group_vectors(KEYS[:4], encoded, CTX)
+    masked, self_seeds = _group_vectors(KEYS[:4], encoded)
     partial = masked[0] + masked[1] + masked[2]
     add_streams(partial, minus=self_seeds[:3])
     with pytest.raises(SumRejected):
@@ -138,23 +149,47 @@ def test_encode_refuses_non_finite_and_non_vectors() -> None:
             FixedPoint(clip, n)
 
 
-def test_pair_seed_is_symmetric_and_bound_to_every_context_field() -> None:
+def test_pair_seed_info_is_symmetric_and_bound_to_every_context_field() -> None:
+    ctx = SCOPE.mask_context()
     a, b = KEYS[0], KEYS[1]
-    seed = pair_seed(a, b.peer_id, b.public_bytes, CTX)
-    assert seed == pair_seed(b, a.peer_id, a.public_bytes, CTX)
+    info = ctx.info(a.peer_id, a.public, b.peer_id, b.public)
+    assert info == ctx.info(b.peer_id, b.public, a.peer_id, a.public)  # both sides agree
+    # A round key's pair seed is exactly HKDF(X25519 agreement, this info), both ways.
+    private = X25519PrivateKey.from_private_bytes(a.secret_bytes())
+    secret = private.exchange(X25519PublicKey.from_public_bytes(b.public))
+    seed = derive_seed(secret, info)
+    assert seed == a.pair_seed(b.peer_id, b.public) == b.pair_seed(a.peer_id, a.public)
     variants = [
-        MaskContext("other", 3, "aggregator", b"s" * 16, 0, 0),
-        MaskContext(FED, 4, "aggregator", b"s" * 16, 0, 0),
+        MaskContext("other", 3, "leader", b"s" * 16, 0, 0),
+        MaskContext(FED, 4, "leader", b"s" * 16, 0, 0),
         MaskContext(FED, 3, "other", b"s" * 16, 0, 0),
-        MaskContext(FED, 3, "aggregator", b"t" * 16, 0, 0),
-        MaskContext(FED, 3, "aggregator", b"s" * 16, 1, 0),
-        MaskContext(FED, 3, "aggregator", b"s" * 16, 0, 1),
+        MaskContext(FED, 3, "leader", b"t" * 16, 0, 0),
+        MaskContext(FED, 3, "leader", b"s" * 16, 1, 0),
+        MaskContext(FED, 3, "leader", b"s" * 16, 0, 1),
     ]
-    seeds = {pair_seed(a, b.peer_id, b.public_bytes, c) for c in variants}
-    assert len(seeds) == len(variants) and seed not in seeds
-    assert pair_seed(a, KEYS[2].peer_id, KEYS[2].public_bytes, CTX) != seed
-    with pytest.raises(ValueError):
-        pair_seed(a, a.peer_id, a.public_bytes, CTX)
+    infos = [c.info(a.peer_id, a.public, b.peer_id, b.public) for c in variants]
+    infos.append(ctx.info(a.peer_id, a.public, KEYS[2].peer_id, b.public))  # another mate
+    infos.append(ctx.info(a.peer_id, a.public, b.peer_id, KEYS[2].public))  # another key
+    seeds = {derive_seed(secret, i) for i in infos}
+    assert len(seeds) == len(infos) and seed not in seeds
+
+
+def test_a_masked_vector_is_indistinguishable_from_uniform() -> None:
+    """Very non-uniform updates (zeros, a ramp): every masked vector looks uniform."""
+    d = 1 << 16  # 256 KiB of masked bytes: 1024 expected per byte value
+    ramp = np.linspace(-1, 1, d, dtype=np.float32)
+    codec = fixed_point(4.0, 3)
+    encoded = [codec.encode(ramp * i if i % 2 else np.zeros(d, np.float32)) for i in range(3)]
+    masked, _ = _group_vectors(KEYS[:3], encoded)
+    for v in masked:
+        assert _byte_p_value(v) > UNIFORM_P
+    # Control: the same members' encodings are glaringly non-uniform.
+    for e in encoded:
+        assert _byte_p_value(e) < 1e-12
+
+
+def test_expanded_mask_bytes_are_uniform() -> None:
+    assert _byte_p_value(expand(b"\x01" * 32, 1 << 16)) > UNIFORM_P
 
 
 def test_blockwise_streams_equal_one_aes256_ctr_keystream() -> None:

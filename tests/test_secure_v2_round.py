@@ -7,6 +7,7 @@ that the member side must stop is here, next to the honest runs it must not brea
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -525,3 +526,105 @@ def test_a_member_with_a_non_finite_update_leaves_before_committing() -> None:
     assert bad not in members and len(members) == 3
     want = np.mean([u for p, u in updates.items() if p != bad], axis=0)
     assert np.max(np.abs(mean - want)) <= _tol(4)
+
+
+# Ported from v1's tests (tests/test_secure_protocol.py, removed with v1): what a leader does
+# with messages it must not sum, and how far one member can move the group means.
+
+
+def test_a_leader_refuses_what_it_must_not_sum_and_the_round_still_completes() -> None:
+    ids = _identities(5)
+    net = Net(ids[:4])
+    updates = _updates(ids[:4], 13)
+    for me, m in net.members.items():
+        net.send(me, m.join())
+    leader = _leader(net)
+    (g,) = leader.groups
+    assert g.phase == "collect"
+    member = next(p for p in g.u1 if p != leader.me)
+    outsider = ids[4].peer_id
+    now, s = net.now, leader.session
+    zeros = np.zeros(DIM, np.uint32)
+    cases: list[tuple[str, str, GroupMessage]] = [
+        ("wrong_round", member, MaskedVector(member, ROUND + 1, s, 0, zeros)),
+        ("wrong_session", member, MaskedVector(member, ROUND, b"x" * 16, 0, zeros)),
+        ("not_in_group", outsider, MaskedVector(outsider, ROUND, s, 0, zeros)),
+        ("not_in_group", member, MaskedVector(member, ROUND, s, 1, zeros)),
+        ("wrong_dim", member, MaskedVector(member, ROUND, s, 0, np.zeros(DIM + 1, np.uint32))),
+        ("unexpected_reveal", member, Unmasking(member, ROUND, s, 0, b"z" * 32, (), ())),
+        ("unexpected_setup_done", member, SetupDone(member, ROUND, s, 0, *g.setups[member])),
+        ("not_for_leaders", member, UnmaskList(member, ROUND, s, 0, g.u1)),
+    ]
+    for reason, sender, msg in cases:
+        with pytest.raises(Refused) as exc:
+            leader.on_message(sender, msg, now)
+        assert exc.value.reason == reason, (reason, msg)
+    assert g.vectors == {}
+    for me, m in net.members.items():
+        net.send(me, m.set_update(updates[me]))
+    real = next(m for s_, _, m in net.seen if isinstance(m, MaskedVector) and s_ == member)
+    with pytest.raises(Refused) as exc:  # a second vector, once its first is in
+        leader.on_message(member, real, net.now)
+    assert exc.value.reason == "unexpected_vector"
+    for _ in range(3):
+        net.tick(30.0)
+    ((members, mean),) = leader.results()
+    assert len(members) == 4
+    assert np.max(np.abs(mean - np.mean(list(updates.values()), axis=0))) <= _tol(4)
+
+
+def test_a_garbage_masked_vector_fails_its_group_instead_of_skewing_the_mean() -> None:
+    """A member's vector is uniform on the ring to the leader, so it cannot be checked
+    on arrival; a random one makes the unmasked sum out of the range honest encodings
+    can reach, and the group fails (probability 1 - 2^-DIM) rather than decode noise."""
+    ids = _identities(4)
+    rng = np.random.default_rng(14)
+    forged: list[MaskedVector] = []
+
+    def corrupt(sender: str, to: str, msg: GroupMessage) -> bool:
+        if (
+            isinstance(msg, MaskedVector)
+            and sender == ids[1].peer_id
+            and all(msg is not f for f in forged)
+        ):
+            garbage = rng.integers(0, 2**32, DIM, dtype=np.uint32)
+            forged.append(dataclasses.replace(msg, masked=garbage))
+            net.send(sender, [GroupSend((to,), forged[-1])])
+            return False
+        return True
+
+    net = Net(ids, deliver=corrupt)
+    net.run(_updates(ids, 15))
+    leader = _leader(net)
+    assert leader.results() == []
+    (g,) = leader.groups
+    assert g.phase == "failed" and g.reason.startswith("unmask_failed")
+    assert "out of range" in g.reason
+
+
+def test_a_byzantine_member_moves_only_its_own_groups_mean_and_a_median_discards_it() -> None:
+    """Its update is clipped to [-R, R] before masking, so its group's mean moves by at
+    most about R / n; the other groups' means are exact, and a robust rule over group
+    means (here the coordinate-wise median) ignores the one it wrecked."""
+    ids = _identities(12)
+    net = Net(ids, group_size=4)
+    rng = np.random.default_rng(16)
+    honest = rng.normal(0.3, 0.05, DIM).astype(np.float32)
+    updates = {i.peer_id: honest + rng.normal(0, 0.01, DIM).astype(np.float32) for i in ids}
+    attacker = ids[5].peer_id
+    updates[attacker] = -100.0 * honest  # sign flip, scaled: clipped to -16 on the way in
+    net.run(updates)
+    results = _leader(net).results()
+    assert sorted(len(m) for m, _ in results) == [4, 4, 4]
+    means = np.stack([mean for _, mean in results])
+    deviation = np.abs(means - honest).max(axis=1)
+    bad = [k for k, (members, _) in enumerate(results) if attacker in members]
+    assert len(bad) == 1
+    assert deviation[bad[0]] > 0.5  # the attacker's group mean is wrecked ...
+    assert np.delete(deviation, bad[0]).max() < 0.05  # ... and only that one
+    clipped = np.clip(updates[attacker], -16.0, 16.0)
+    members, mean = results[bad[0]]
+    want = np.mean([clipped if p == attacker else updates[p] for p in members], axis=0)
+    assert np.max(np.abs(mean - want)) <= _tol(4)
+    assert np.abs(np.median(means, axis=0) - honest).max() < 0.05
+    assert np.abs(means.mean(axis=0) - honest).max() > 0.1  # a plain mean would not

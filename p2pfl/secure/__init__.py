@@ -1,34 +1,31 @@
-"""Secure aggregation inside small groups of neighbours, compatible with robust rules.
+"""Secure aggregation: each update enters one masked group sum per round.
 
-Each aggregator splits its neighbours into deterministic groups of g >= 3; members add
-pairwise masks (X25519 -> HKDF -> AES-256-CTR) to fixed-point updates in Z_2^32, so the
-aggregator learns only each group's sum and applies its robust rule across group means.
-See docs/secure-aggregation.md. Modules: shamir (checked secret sharing), keys (signed
-X25519 announcements), masking (fixed point + masks), grouping, messages (payloads),
-protocol (sans-IO state machines), simulate (in-process driver for tests/benchmarks).
+Every round a schedule no node controls picks leaders among neighbours; each node joins
+one group, masks its fixed-point update with pairwise masks (per-round X25519 keys
+signed by its identity key) and a self mask, deals Shamir shares of both to its mates,
+and the leader learns only the group's mean, which members forward to their neighbours
+for the robust rule. Modules: schedule (leaders, partition), round_keys (round keys,
+pair seeds, sealed mate-to-mate boxes), admission (membership proofs), shamir,
+masking (fixed point + mask streams), group_messages and wire (payloads and their
+wire checks), group_member / group_leader (sans-IO state machines), group_driver (one
+node across rounds), participant (what the node drives: neighbour keys, one outcome
+per round, the no-group policy), errors and keys (the refusals). See
+docs/secure-aggregation.md.
 """
 
-from p2pfl.secure.keys import KeyAnnouncement, KeyRejected, KeyStore, SessionKey
-from p2pfl.secure.protocol import (
-    AggregatorRound,
-    Refused,
-    SecureMember,
-    SecureResult,
-    SecureSettings,
-    SecureStats,
-    Send,
-)
+from p2pfl.secure.admission import Admission
+from p2pfl.secure.errors import Refused
+from p2pfl.secure.group_leader import LeaderSettings
+from p2pfl.secure.group_member import MemberPolicy
+from p2pfl.secure.keys import KeyRejected
+from p2pfl.secure.participant import Outcome, SecureParticipant
 
 __all__ = [
-    "AggregatorRound",
-    "KeyAnnouncement",
+    "Admission",
     "KeyRejected",
-    "KeyStore",
+    "LeaderSettings",
+    "MemberPolicy",
+    "Outcome",
     "Refused",
-    "SecureMember",
-    "SecureResult",
-    "SecureSettings",
-    "SecureStats",
-    "Send",
-    "SessionKey",
+    "SecureParticipant",
 ]

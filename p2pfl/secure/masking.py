@@ -1,7 +1,7 @@
 """Fixed-point encoding into Z_2^32 and pairwise masks that cancel in a group sum.
 
 Encoding. A float32 update is clipped to [-R, R] and scaled to integers q with
-|q| <= Q = floor(LIMIT / n), n the number of summands (members of the attempt) and
+|q| <= Q = floor(LIMIT / n), n the number of summands (members of the mask list) and
 LIMIT = 2^30 - 1. Any sum of n such values lies in [-LIMIT, LIMIT], so the uint32 ring
 sum read back as int32 is the exact integer sum: overflow is impossible by
 construction, not by luck. The spare bit (LIMIT is 2^30, not 2^31) is a check: a
@@ -15,9 +15,10 @@ With R = 16 and n = 5: s ~ 1.3e7, step 7.5e-8.
 A Byzantine member can move its group's mean by at most about R: the decoded mean is
 bounded by LIMIT / (s n) ~= R whatever it sends.
 
-Masks. Members j, k of a group derive a 32-byte seed: X25519(j, k) -> HKDF-SHA256 with
-info binding the federation, round, aggregator, the aggregator's session nonce, group,
-attempt, and both members (ids and X25519 keys, in peer id order). The seed is an
+Masks. Members j, k of a group derive a 32-byte seed: X25519 of their round keys
+(round_keys.py) -> HKDF-SHA256 with info binding the federation, round, leader, the
+leader's session nonce, group, attempt (always 0: a v2 group has one), and both members
+(ids and X25519 keys, in peer id order). The seed is an
 AES-256-CTR key (zero nonce: every seed is used for one mask only) whose keystream,
 read as little-endian uint32, is the mask: full 256-bit seeds, AES-NI speed (~8 GB/s
 here on 4 MB, ChaCha20 ~5 GB/s; AES-128 would be ~15% faster and as sound with an
@@ -25,12 +26,12 @@ HKDF-derived key, but every member must expand alike and the tests pin AES-256),
 generated in 256 KiB blocks that are added while in cache.
 The member with the smaller peer id adds the mask, the other subtracts it, so a
 complete group's masks cancel exactly in the ring sum. A member's own self-mask
-(random seed, revealed only once the aggregator holds every vector of the attempt;
-see protocol.py) is added on top.
+(random seed, revealed only once the leader shows it holds the member's vector; see
+group_member.py) is added on top.
 
 Cost. Each stream is about one plain encode's time, so masking is ~(1 + g) x plain
 fixed point in CPU. The whole mask does not depend on the update: `member_mask`
-computes it ahead (when the group is announced, while the update is still training)
+computes it ahead (once the mask list is known, while the update is still training)
 and `FixedPoint.encode_add` then masks with one encode and one add pass, ~1.25x plain.
 """
 
@@ -46,8 +47,6 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from p2pfl.secure.keys import SessionKey
 
 LIMIT = 2**30 - 1
 """Bound on |group sum| in ring units; one spare bit below int32 detects bad sums."""
@@ -240,14 +239,6 @@ def derive_seed(shared_secret: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=SEED_LEN, salt=None, info=info).derive(
         shared_secret
     )
-
-
-def pair_seed(me: SessionKey, peer_id: str, peer_x25519: bytes, ctx: MaskContext) -> bytes:
-    """The seed `me` shares with `peer_id` in context `ctx` (both compute the same)."""
-    if peer_id == me.peer_id:
-        raise ValueError("no pair seed with oneself")
-    info = ctx.info(me.peer_id, me.public_bytes, peer_id, peer_x25519)
-    return derive_seed(me.agree(peer_x25519), info)
 
 
 # ------------------------------------------------------------------ mask streams

@@ -1,12 +1,11 @@
-"""Secure-aggregation messages <-> the wire's `SecureEnvelope` (kind + msgpack body).
+"""Secure-aggregation group messages <-> the wire's `SecureEnvelope` (kind + msgpack body).
 
 The body is hostile input: every key must be exactly the message's fields, lists become
-tuples, the masked vector must be a 1-D uint32 tensor, and the message's own
+tuples, a vector must be a 1-D tensor of its kind's dtype, and the message's own
 `__post_init__` checks ranges. On top of that, what only the wire can know: ids of
 other peers must have the shape of real peer ids (sans-IO tests use short names, so
-`__post_init__` does not insist), an announced vector length must fit the local model,
-and no participant index may appear twice in a grouping. Anything wrong raises the
-wire's one typed error.
+`__post_init__` does not insist), and an offered vector length must fit the local
+model. Anything wrong raises the wire's one typed error.
 """
 
 from __future__ import annotations
@@ -29,14 +28,6 @@ from p2pfl.secure.group_messages import (
     UnmaskList,
 )
 from p2pfl.secure.group_messages import GroupMean as GroupMeanMsg
-from p2pfl.secure.messages import (
-    SECURE_MESSAGE_TYPES,
-    GroupAnnounce,
-    GroupRetry,
-    MaskedUpdate,
-    SecureMessage,
-    UnmaskRequest,
-)
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.messages import SecureEnvelope
 from p2pfl.wire.tensors import decode_tensor, encode_tensor
@@ -44,7 +35,7 @@ from p2pfl.wire.tensors import decode_tensor, encode_tensor
 _HEADER = ("sender", "round")
 
 
-def to_envelope(msg: SecureMessage | GroupMessage) -> SecureEnvelope:
+def to_envelope(msg: GroupMessage) -> SecureEnvelope:
     body: dict[str, Any] = {}
     for f in dataclasses.fields(msg):
         if f.name in _HEADER:
@@ -54,19 +45,9 @@ def to_envelope(msg: SecureMessage | GroupMessage) -> SecureEnvelope:
     return SecureEnvelope(msg.sender, msg.round, msg.TYPE, body)
 
 
-def from_envelope(env: SecureEnvelope, *, max_dim: int) -> SecureMessage:
-    cls = SECURE_MESSAGE_TYPES.get(env.kind)
-    if cls is None:
-        raise WireError("unknown_type", f"secure message kind {env.kind!r}")
-    tensor = ("masked", np.dtype(np.uint32)) if cls is MaskedUpdate else None
-    msg: SecureMessage = _build(env, cls, tensor, max_dim)
-    _check_wire_only(msg, max_dim)
-    return msg
-
-
 def group_from_envelope(env: SecureEnvelope, *, max_dim: int) -> GroupMessage:
-    """A v2 group message from its envelope (docs/secure-aggregation-v2.md), checked as
-    strictly as v1: exact field set, tensor dtype and size, real peer ids, dim bounds."""
+    """A group message from its envelope (docs/secure-aggregation.md): exact field set,
+    tensor dtype and size, real peer ids, dim bounds."""
     cls = GROUP_MESSAGE_TYPES.get(env.kind)
     if cls is None:
         raise WireError("unknown_type", f"group message kind {env.kind!r}")
@@ -115,31 +96,14 @@ def _build(
         raise WireError("bad_field", f"{env.kind}: {exc}") from None
 
 
-def _bad(msg: SecureMessage | GroupMessage, message: str) -> WireError:
+def _bad(msg: GroupMessage, message: str) -> WireError:
     return WireError("bad_field", f"{msg.TYPE}: {message}")
 
 
-def _check_ids(msg: SecureMessage | GroupMessage, name: str, ids: tuple[str, ...]) -> None:
+def _check_ids(msg: GroupMessage, name: str, ids: tuple[str, ...]) -> None:
     for i, peer in enumerate(ids):
         if not is_peer_id(peer):
             raise _bad(msg, f"{name}[{i}]: not a peer id")
-
-
-def _check_wire_only(msg: SecureMessage, max_dim: int) -> None:
-    """Checks that need the wire's context (real peer ids, the local model size)."""
-    if isinstance(msg, GroupAnnounce):
-        _check_ids(msg, "participants", msg.participants)
-        if msg.dim > max_dim:
-            raise _bad(msg, f"dim: {msg.dim} exceeds the local model size {max_dim}")
-        seen: set[int] = set()
-        for i, group in enumerate(msg.groups):
-            if len(set(group)) != len(group):
-                raise _bad(msg, f"groups[{i}]: a participant index appears twice")
-            if seen.intersection(group):
-                raise _bad(msg, f"groups[{i}]: shares a participant with an earlier group")
-            seen.update(group)
-    elif isinstance(msg, GroupRetry | UnmaskRequest):
-        _check_ids(msg, "members", msg.members)
 
 
 def _listify(value: object) -> object:
