@@ -370,28 +370,6 @@ def test_neighbour_count_larger_than_peers_sends_to_all() -> None:
     assert bc.to == ("a", "b")
 
 
-def test_preselect_fixes_the_neighbours_before_training_ends() -> None:
-    peers = [f"p{i}" for i in range(10)]
-    m = started(neighbour_count=4, rng=np.random.default_rng(3))
-    chosen = m.preselect(0, peers)
-    assert len(chosen) == 4
-    # More peers connected meanwhile and one of the chosen left: the round waits for
-    # the preselected ones still there, not for a fresh pick.
-    still = [p for p in [*peers, "q1", "q2"] if p != chosen[0]]
-    bc = only(m.trained(1.0, 0, full(1.0), 1, still), Broadcast)
-    assert bc.to == chosen[1:]
-    assert m.expected_this_round == 3
-    # The choice was for round 0 only.
-    m2 = started(neighbour_count=None)
-    assert m2.preselect(1, peers) == ()  # not the round being trained
-    assert only(m2.trained(1.0, 0, full(1.0), 1, ["a", "b"]), Broadcast).to == ("a", "b")
-
-
-def test_preselect_outside_training_does_nothing() -> None:
-    m = collecting()
-    assert m.preselect(m.round, ["x", "y"]) == ()
-
-
 # ---- peer loss ------------------------------------------------------------------------
 
 

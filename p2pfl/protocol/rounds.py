@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -118,7 +117,6 @@ class RoundMachine:
     _nudged: bool = False
     _resend_asked: set[str] = field(default_factory=set)
     _nudge_gap: float = 0.0
-    _preselected: tuple[int, tuple[str, ...]] | None = None
     # What the round's deferred aggregation reports besides the model (see _adopt).
     _deferred: _DeferredRound | None = None
     # Peers known not to answer (stalled readers): asked for state only as a last resort.
@@ -150,12 +148,7 @@ class RoundMachine:
         if self.phase is not Phase.TRAINING or round != self.round:
             return []  # a training run made obsolete by a catch-up
         self._own = _Pending(np.ascontiguousarray(params, dtype=np.float32), samples)
-        pre, self._preselected = self._preselected, None
-        if pre is not None and pre[0] == round:
-            connected = set(peers)
-            to = tuple(p for p in pre[1] if p in connected)
-        else:
-            to = self._choose_neighbours(peers)
+        to = self._choose_neighbours(peers)
         self._waiting_for = set(to) - self._abstained.get(round, set())
         self._expected = len(self._waiting_for)
         self.phase = Phase.COLLECTING
@@ -176,19 +169,6 @@ class RoundMachine:
             actions += self._ask_those_moved_on()
             self._nudge_early(now)
         return actions
-
-    def preselect(self, round: int, peers: list[str]) -> tuple[str, ...]:
-        """Fix `round`'s neighbours now, while training, instead of when it ends.
-
-        Secure aggregation announces its groups as training starts, so that members
-        compute their masks while they train; the neighbours we then wait for must be
-        those groups. `trained()` uses this choice (minus peers gone meanwhile).
-        """
-        if self.phase is not Phase.TRAINING or round != self.round:
-            return ()
-        chosen = self._choose_neighbours(peers)
-        self._preselected = (round, chosen)
-        return chosen
 
     def receive_update(
         self, now: float, sender: str, round: int, params: np.ndarray, samples: int
@@ -221,23 +201,6 @@ class RoundMachine:
         if round != self.round or self.phase is not Phase.COLLECTING:
             return []  # applied when that round collects (`trained`)
         return self._stop_waiting_for(now, sender)
-
-    def receive_group_means(
-        self, now: float, round: int, means: np.ndarray, weights: Sequence[int]
-    ) -> list[Action]:
-        """Secure aggregation finished for `round`: one mean per neighbour group.
-
-        The group means replace individual updates as the rule's inputs (the rule never
-        sees one neighbour's model), and the round ends now: the secure protocol has
-        its own quorum and timeouts.
-        """
-        if self.phase is not Phase.COLLECTING or round != self.round:
-            return []
-        self._received[round] = {
-            f"~group{i}": _Pending(np.ascontiguousarray(means[i], dtype=np.float32), int(w))
-            for i, w in enumerate(weights)
-        }
-        return self._maybe_aggregate(now, timed_out=False, force=True)
 
     def observe_peer_round(self, now: float, peer: str, round: int) -> list[Action]:
         """A peer told us its round (hello, heartbeat). Catch up if it is far ahead."""
@@ -479,13 +442,13 @@ class RoundMachine:
         ahead.sort(reverse=True)
         return [p for _, p in ahead]
 
-    def _maybe_aggregate(self, now: float, *, timed_out: bool, force: bool = False) -> list[Action]:
+    def _maybe_aggregate(self, now: float, *, timed_out: bool) -> list[Action]:
         assert self._own is not None
         received = self._received.get(self.round, {})
         need = math.ceil(self.settings.quorum * self._expected - 1e-9)
         # Nobody expected because everyone said they send nothing: no reason to wait.
         nobody = self._expected == 0 and not self._abstained.get(self.round)
-        if not (timed_out or force) and (nobody or len(received) < need):
+        if not timed_out and (nobody or len(received) < need):
             # With nobody to hear from we wait for the timeout: a peer may (re)connect,
             # and racing through rounds alone would leave the federation behind.
             return []
