@@ -35,7 +35,11 @@ log = logging.getLogger("p2pfl.secure")
 
 TO_LEADER = (GroupJoin, SetupDone, Sealed, MaskedVector, Unmasking)
 ROUND_WINDOW = 2  # rounds ahead of ours whose messages we keep until we get there
-HELD_PER_ROUND = 256  # messages kept per future round (a neighbour's burst is ~10)
+# Messages kept for a round we have not started: a neighbour legitimately sends at most
+# a join and an offer before we get there, so a few per sender suffice, and one sender's
+# burst cannot crowd out the others' declarations; the total bounds many senders.
+HELD_PER_SENDER = 8
+HELD_PER_ROUND = 1024
 
 
 class GroupDriver:
@@ -108,7 +112,8 @@ class GroupDriver:
                 self._refuse("round_too_far_ahead", sender)
                 return []
             held = self._held.setdefault(msg.round, [])
-            if len(held) >= HELD_PER_ROUND:
+            mine = sum(1 for s, _ in held if s == sender)
+            if mine >= HELD_PER_SENDER or len(held) >= HELD_PER_ROUND:
                 self._refuse("too_many_held", sender)
                 return []
             held.append((sender, msg))

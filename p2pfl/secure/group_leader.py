@@ -1,4 +1,4 @@
-"""A leader's side of one secure-aggregation v2 round (sans-IO; docs/secure-aggregation-v2.md).
+"""A leader's side of one secure-aggregation v2 round (sans-IO; docs/secure-aggregation.md).
 
 The leader only coordinates: it collects joins, announces the chooser list (members
 recompute the groups), fixes who masks (U1) and whose vectors are in (U2), rebuilds

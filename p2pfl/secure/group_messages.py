@@ -1,4 +1,4 @@
-"""Payloads of secure aggregation v2 (docs/secure-aggregation-v2.md), checked on construction.
+"""Payloads of secure aggregation v2 (docs/secure-aggregation.md), checked on construction.
 
 Flow for leader L, member v and v's mates in group G (round r):
     v -> L       GroupJoin    v chose L by the schedule

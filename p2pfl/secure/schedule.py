@@ -11,7 +11,7 @@ decides which:
    received over its own authenticated channels and that pass its own admission
    policy). Scores are a hash of public values, so no node steers the choice; a node
    that grinds identities for a low score only wins rounds it cannot predict far ahead
-   (see docs/secure-aggregation-v2.md for that limit).
+   (see docs/secure-aggregation.md for that limit).
 2. **Groups.** The leader splits the nodes that chose it (its "choosers") into groups
    with `partition`: order by a second hash that also binds the leader, cut into
    balanced groups of `min_group..` members. Every member recomputes the partition from

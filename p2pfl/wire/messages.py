@@ -126,7 +126,7 @@ class Bye:
 
 @dataclass(frozen=True, slots=True)
 class SecureEnvelope:
-    """One secure-aggregation message (see `p2pfl.secure.messages`), `kind` naming it.
+    """One secure-aggregation message (see `p2pfl.secure.group_messages`), `kind` naming it.
 
     The codec checks only the envelope; `p2pfl.secure.wire` validates the body into the
     typed secure message, as `UpdateDecoder` does for compressed blobs.
