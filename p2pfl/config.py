@@ -105,7 +105,7 @@ class NodeConfig:
     compression_keyframe_every: int = 10  # rounds between full (non-delta) updates
     # Secure aggregation (pairwise masks inside groups of neighbours).
     secure_aggregation: bool = False
-    group_size: int = 4
+    group_size: int = 3  # measured: more, smaller groups resist attackers better
     secure_min_group: int = 3  # the smallest group this node masks in (its privacy floor)
     secure_no_group: str = "wait"  # without a group: "wait", "skip" or "plain"
     # Group mates: "neighbours" (authenticated over our own links), "members" (also

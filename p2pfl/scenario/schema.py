@@ -130,12 +130,12 @@ class CompressionSpec:
 
 @dataclass(frozen=True)
 class SecureSpec:
-    """`[secure_aggregation] enabled = true, group_size = 4, min_group = 3, no_group =
+    """`[secure_aggregation] enabled = true, group_size = 3, min_group = 3, no_group =
     "wait"`: each update is masked in one group per round; the aggregation rule runs
     across the group means (docs/secure-aggregation.md)."""
 
     enabled: bool = False
-    group_size: int = 4
+    group_size: int = 3
     min_group: int = 3
     no_group: str = "wait"
     mates: str = "auto"
@@ -558,7 +558,7 @@ def _parse_secure(t: Table) -> SecureSpec:
         raise ScenarioError(
             "secure_aggregation.enabled", f"expected true or false, got {enabled!r}"
         )
-    group_size = t.get_int("group_size", 4, minimum=3)
+    group_size = t.get_int("group_size", 3, minimum=3)
     min_group = t.get_int("min_group", 3, minimum=3)
     if min_group > group_size:
         raise ScenarioError(
