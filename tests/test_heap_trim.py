@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,37 @@ async def test_a_process_node_trims_its_heap_periodically_a_simulated_one_does_n
             await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
         assert len(calls) >= expected_min if expected_min else calls == []
+
+
+class _Cycle:
+    """Garbage that only the cyclic collector frees, like a closed `trio.SSLStream`
+    (its handshake `_Once` holds the stream's own bound method)."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_a_process_node_collects_cyclic_garbage_that_python_would_leave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node's steady state frees about as many objects as it makes, so Python's own
+    # collections are rare; disabled here, the node's periodic collection must do it.
+    monkeypatch.setattr(daemon, "HEAP_TRIM_EVERY", 0.05)
+    monkeypatch.setattr(daemon, "trim_heap", lambda: True)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        garbage = _Cycle()
+        gone = weakref.ref(garbage)
+        del garbage
+        assert gone() is not None  # refcounting alone does not free a cycle
+        async with trio.open_nursery() as nursery:
+            for node in threaded_nodes(tmp_path, 2, rounds=0):
+                await nursery.start(node.run)
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        assert gone() is None
+    finally:
+        if was_enabled:
+            gc.enable()
