@@ -57,6 +57,8 @@ def test_names_are_the_contracted_ones() -> None:
         "zero",
         "random",
         "silent",
+        "mimic",
+        "tailored",
     )
     for kind in ATTACK_NAMES:
         assert make_attack(kind).kind == kind
