@@ -115,6 +115,11 @@ class NodeConfig:
     # Scenario studies only: a malicious node runs a real node with this attack.
     attack: str = ""
     attack_options: Mapping[str, Any] = field(default_factory=dict)
+    attack_start_round: int = 0  # honest before this round, malicious from it on
+    # Peers (ids or listen addresses) that get our honest model; the others the attack's.
+    attack_honest_to: tuple[str, ...] = ()
+    # Fellow attackers (ids or listen addresses): left out of what the attack overhears.
+    attack_colluders: tuple[str, ...] = ()
     seed: int = 0
     # Fault injection (studies and tests): a plan file applied to this node's own links.
     faults: Path | None = None
@@ -232,6 +237,7 @@ class NodeConfig:
         # node starts (that module needs numpy; this one stays stdlib-only for the CLI).
         _check(self.aggregation != "", "aggregation", "must name a rule")
         _check(self.tolerate >= 0, "tolerate", "must be >= 0")
+        self._check_attack()
         _check(self.group_size >= 3, "group_size", "must be >= 3")
         _check(
             3 <= self.secure_min_group <= self.group_size,
@@ -272,6 +278,25 @@ class NodeConfig:
         )
         return self
 
+    def _check_attack(self) -> None:
+        """The attack's own fields (its kind and options are checked when the node
+        builds it, in p2pfl.learning.attacks, which needs numpy)."""
+        _check(self.attack_start_round >= 0, "attack_start_round", "must be >= 0")
+        for name in ("attack_honest_to", "attack_colluders"):
+            _check(not getattr(self, name) or bool(self.attack), name, "needs an attack")
+        if self.attack_honest_to:
+            _check(
+                self.attack != "label_flip",
+                "attack_honest_to",
+                "label_flip poisons the training itself: there is no honest model to send",
+            )
+            _check(
+                not self.secure_aggregation,
+                "attack_honest_to",
+                "cannot be combined with secure_aggregation (a masked update goes to a "
+                "whole group, not per neighbour)",
+            )
+
     def replace(self, **changes: Any) -> NodeConfig:
         return dataclasses.replace(self, **changes)
 
@@ -284,6 +309,8 @@ LIST_FLAGS = {
     "compression": "compression",
     "aggregation_options": "aggregation-option",
     "attack_options": "attack-option",
+    "attack_honest_to": "attack-honest-to",
+    "attack_colluders": "attack-colluder",
 }
 
 
@@ -409,7 +436,14 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"expected an integer, got {value!r}")
         return value
-    if key in ("peers", "allow", "mdns_interfaces", "compression"):
+    if key in (
+        "peers",
+        "allow",
+        "mdns_interfaces",
+        "compression",
+        "attack_honest_to",
+        "attack_colluders",
+    ):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):

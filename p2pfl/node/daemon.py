@@ -30,7 +30,7 @@ from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.datadir import DataDir, check_socket_path
 from p2pfl.identity import Identity
 from p2pfl.learning import Dataset, Model
-from p2pfl.learning.attacks import Attack
+from p2pfl.learning.attacks import Attack, match_peers
 from p2pfl.learning.fingerprint import Fingerprint
 from p2pfl.membership import PeerTable
 from p2pfl.node.learner import Learner
@@ -156,7 +156,9 @@ class Node:
         self.outbox = UpdateOutbox(
             self.id,
             pipeline,
-            per_peer=config.neighbour_count is not None,
+            # An attacker with honest_to neighbours sends two models a round: compressed,
+            # each peer then needs its own stream.
+            per_peer=config.neighbour_count is not None or bool(config.attack_honest_to),
             keyframe_every=config.compression_keyframe_every,
             seed=config.seed,
         )
@@ -356,7 +358,8 @@ class Node:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action.round, action.params)
             elif isinstance(action, Broadcast):
-                if self.mesh.offload and self.secure is None and not self.outbox.compressing:
+                plain = self.secure is None and not self.outbox.compressing
+                if self.mesh.offload and plain and not self.config.attack_honest_to:
                     assert self._nursery is not None
                     self._encoded = trio.Event()
                     self._nursery.start_soon(self._broadcast_off_loop, action, self._encoded)
@@ -398,10 +401,14 @@ class Node:
 
     def _broadcast(self, action: Broadcast) -> None:
         """Our model for a round goes to the neighbours: masked inside the neighbours'
-        groups with secure aggregation, otherwise one (maybe compressed) payload for all."""
+        groups with secure aggregation, otherwise one (maybe compressed) payload for all
+        (a study attacker with `honest_to` neighbours: its honest model to those)."""
         params = self.learner.outgoing(action.round, action.params)
-        if params is None:
-            return  # a silent attacker
+        honest = self._honest_recipients(action.round, action.to)
+        if params is None:  # a silent attacker (maybe not towards everyone)
+            if honest:
+                self._send_model(action.round, action.params, action.samples, honest)
+            return
         if self.secure is not None:
             now = trio.current_time()
             self._contributions[action.round] = Broadcast(
@@ -410,13 +417,41 @@ class Node:
             self._send_groups(self.secure.contribute(action.round, params, now))
             self._secure_progress(now)
             return
-        self._send_model(action.round, params, action.samples, action.to)
+        instead = dict.fromkeys(honest, action.params) if honest else None
+        self._send_model(action.round, params, action.samples, action.to, instead=instead)
+
+    def _honest_recipients(self, round: int, to: tuple[str, ...]) -> tuple[str, ...]:
+        """The neighbours a study attacker sends its honest model to this round."""
+        if not self.config.attack_honest_to or not self.learner.attacking(round):
+            return ()
+        named = self._named_peers(self.config.attack_honest_to, to)
+        return tuple(p for p in to if p in named)
+
+    def _named_peers(self, names: tuple[str, ...], among: tuple[str, ...]) -> frozenset[str]:
+        """Which of `among` `names` designate (peer ids, or the listen addresses the
+        peers announced or we dialled them at)."""
+        if not names:
+            return frozenset()
+        addresses: dict[str, set[str]] = {}
+        for target in self.peers.targets.values():
+            if target.peer_id is not None:
+                addresses.setdefault(target.peer_id, set()).add(target.address)
+        for peer, rec in self.peers.peers.items():
+            if rec.address is not None:
+                addresses.setdefault(peer, set()).add(rec.address)
+        return match_peers(names, among, addresses)
 
     def _send_model(
-        self, round: int, params: np.ndarray, samples: int, to: tuple[str, ...]
+        self,
+        round: int,
+        params: np.ndarray,
+        samples: int,
+        to: tuple[str, ...],
+        *,
+        instead: dict[str, np.ndarray] | None = None,
     ) -> None:
         started = time.perf_counter()
-        payloads = self.outbox.payloads(round, params, samples, to)
+        payloads = self.outbox.payloads(round, params, samples, to, instead=instead)
         self._timing["encode_s"] = time.perf_counter() - started
         self._enqueue_update(round, payloads)
 
@@ -514,7 +549,11 @@ class Node:
 
     def _on_aggregated(self, agg: Aggregated) -> None:
         now = trio.current_time()
-        self.learner.overhear(agg.received)
+        if self.attack is not None:  # what the attack overhears: not its accomplices
+            colluders = self._named_peers(self.config.attack_colluders, agg.senders)
+            pairs = zip(agg.senders, agg.received, strict=True)
+            heard = [(s, m) for s, m in pairs if s not in colluders]
+            self.learner.overhear([m for _, m in heard], [s for s, _ in heard])
         row: dict[str, Any] = {
             "round": agg.round,
             "bytes_sent": self.mesh.bytes_sent,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from p2pfl.aggregation import make_rule
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.datadir import DataDir
 from p2pfl.learning import Dataset, Model
@@ -103,10 +104,14 @@ class Learner:
         self._x_test, self._y_test = ds.x_test, ds.y_test
         # The weight our update claims: a model that brings its own data says how much.
         self.samples = int(getattr(self.model, "num_samples", None) or len(self._y))
+        # The labels trained on once the attack starts (label_flip's poisoned ones).
+        self._y_attack = self._y
         if self.attack is not None:
-            self._y = self.attack.poison_labels(self._y, ds.n_classes)
+            self._y_attack = self.attack.poison_labels(self._y, ds.n_classes)
         self._round_start: tuple[int, np.ndarray] | None = None  # (round, model trained from)
-        self._overheard: np.ndarray | None = None  # neighbours' last deltas (attacks only)
+        # Neighbours' last deltas and who sent them (attacks only).
+        self._overheard: np.ndarray | None = None
+        self._overheard_from: tuple[str, ...] = ()
 
         self.datadir: DataDir | None = None  # set by `resume`
         self.history: list[dict[str, Any]] = []
@@ -157,14 +162,24 @@ class Learner:
         return built
 
     def _make_attack(self) -> Attack | None:
-        if not self.config.attack:
+        cfg = self.config
+        if not cfg.attack:
             return None
         try:
+            # The tailored attack optimises against the rule the federation aggregates
+            # with, which in a study is this node's own.
+            rule = (
+                make_rule(cfg.aggregation, f=cfg.tolerate, options=cfg.aggregation_options)
+                if cfg.attack == "tailored"
+                else None
+            )
             return make_attack(
-                self.config.attack,
-                options=dict(self.config.attack_options),
-                n=self.config.nodes,
-                f=self.config.tolerate,
+                cfg.attack,
+                options=dict(cfg.attack_options),
+                n=cfg.nodes,
+                f=cfg.tolerate,
+                start_round=cfg.attack_start_round,
+                rule=rule,
             )
         except ValueError as exc:
             raise ConfigError("attack", str(exc)) from None
@@ -218,12 +233,13 @@ class Learner:
         """
         seed = [self.config.seed, self.config.node_index, round]
         cfg = self.config
+        y = self._y_attack if self.attacking(round) else self._y
 
         def work() -> tuple[np.ndarray, float]:
             self.model.set_params(params)
             loss = self.model.fit(
                 self._x,
-                self._y,
+                y,
                 epochs=cfg.epochs,
                 lr=cfg.lr,
                 batch_size=cfg.batch_size,
@@ -253,9 +269,13 @@ class Learner:
             new = params
         return new, seconds
 
+    def attacking(self, round: int) -> bool:
+        """A malicious study node in a round of its attack (honest before it starts)."""
+        return self.attack is not None and self.attack.active(round)
+
     def outgoing(self, round: int, trained: np.ndarray) -> np.ndarray | None:
         """What we send: our model, or a malicious study node's crafted one (None = silent)."""
-        if self.attack is None:
+        if self.attack is None or not self.attack.active(round):
             return trained
         start = self._round_start[1] if self._round_start else trained
         crafted = self.attack.craft(
@@ -263,13 +283,16 @@ class Learner:
             trained=trained,
             overheard=self._overheard,
             rng=np.random.default_rng([self.config.seed, round, 7]),
+            senders=self._overheard_from,
         )
         return None if crafted is None else np.asarray(crafted, np.float32)
 
-    def overhear(self, received: Sequence[np.ndarray]) -> None:
-        """What an omniscient attacker overheard this round, for next round's attack."""
+    def overhear(self, received: Sequence[np.ndarray], senders: Sequence[str] = ()) -> None:
+        """What an omniscient attacker overheard this round (`senders` name the models),
+        for next round's attack. It listens before its attack starts too."""
         if self.attack is not None and received and self._round_start is not None:
             self._overheard = np.stack(received) - self._round_start[1]
+            self._overheard_from = tuple(senders)
 
     # ---- records: evaluation, metrics lines and checkpoints, in order -------------------
 

@@ -56,6 +56,7 @@ class UpdateOutbox:
         self._peers: dict[str, UpdateEncoder] = {}
         self._sent: dict[int, dict[str, bytes]] = {}
         self._models: dict[int, tuple[np.ndarray, int]] = {}  # round -> (params, samples)
+        self._instead: dict[int, Mapping[str, np.ndarray]] = {}  # round -> peer -> params
         self._last_round = -1  # the last round sent
         self._joined: dict[str, int] = {}  # peer -> the last round sent before it connected
         self.last_sizes: tuple[int, int] = (0, 0)  # (float32 bytes, wire bytes)
@@ -78,12 +79,17 @@ class UpdateOutbox:
         peers: Sequence[str],
         *,
         prepared: PlainUpdate | None = None,
+        instead: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, bytes]:
         """Encode our model for `round` for each of `peers` (shared bytes where possible).
 
         A round is encoded once: a compressed stream has one message per round, and a
         peer must not get two different models for one round. Asked again for a round
         already sent (a bug upstream), we log it and give what was sent then.
+
+        `instead` gives some peers another model than `params` (a study attacker's
+        `honest_to` neighbours); only such a node passes it, so everyone else keeps the
+        one-payload-for-all path. Compressed, it needs per-peer streams (`per_peer`).
         """
         if round <= self._last_round:
             log.warning(
@@ -97,7 +103,7 @@ class UpdateOutbox:
         kept: np.ndarray | None = None
         try:
             if prepared is not None:
-                if self.pipeline is not None or prepared.round != round:
+                if self.pipeline is not None or prepared.round != round or instead:
                     raise RuntimeError("a prepared plain update for another round or stream")
                 out = dict.fromkeys(peers, prepared.payload)
                 kept = prepared.params
@@ -105,11 +111,21 @@ class UpdateOutbox:
             elif not self.per_peer:
                 payload = self._encode(self._shared, round, params, samples)
                 out = dict.fromkeys(peers, payload)
+                if instead:
+                    if self.pipeline is not None:
+                        raise RuntimeError("per-peer models need per-peer compression streams")
+                    other: dict[int, bytes] = {}  # one encoding per distinct model
+                    for peer in (p for p in peers if p in instead):
+                        model = instead[peer]
+                        if id(model) not in other:
+                            other[id(model)] = self._encode(None, round, model, samples)
+                        out[peer] = other[id(model)]
             else:
                 for peer in peers:
                     encoder = self._peers.get(peer) or self._encoder()
                     self._peers[peer] = encoder  # type: ignore[assignment]
-                    out[peer] = self._encode(encoder, round, params, samples)
+                    model = instead.get(peer, params) if instead else params
+                    out[peer] = self._encode(encoder, round, model, samples)
         except ValueError as exc:
             # Our own model cannot be encoded (non-finite, overflowing, wrong size): a
             # local fault, never a reason to end the node. Nothing goes out this round;
@@ -120,10 +136,17 @@ class UpdateOutbox:
             return {}
         self._sent[round] = out
         self._models[round] = (params.copy() if kept is None else kept, samples)
+        if instead:
+            copies: dict[int, np.ndarray] = {}  # kept for resends, one copy per model
+            for model in instead.values():
+                if id(model) not in copies:
+                    copies[id(model)] = model.copy()
+            self._instead[round] = {peer: copies[id(m)] for peer, m in instead.items()}
         self._last_round = round
         for old in [r for r in self._sent if r < round - RESEND_ROUNDS]:
             del self._sent[old]
             self._models.pop(old, None)
+            self._instead.pop(old, None)
         for p in [p for p, r in self._joined.items() if r < round - RESEND_ROUNDS]:
             del self._joined[p]
         return out
@@ -141,8 +164,10 @@ class UpdateOutbox:
         kept = self._models.get(round)
         if kept is None or round > self._joined.get(peer, -1):
             return None
+        params, samples = kept
+        params = self._instead.get(round, {}).get(peer, params)
         try:
-            payload = self._late_payload(peer, round, *kept)
+            payload = self._late_payload(peer, round, params, samples)
         except ValueError as exc:  # pragma: no cover - it was encoded once already
             log.warning("round %d: cannot encode our model for %s (%s)", round, peer[:12], exc)
             return None
