@@ -98,16 +98,20 @@ class ProtocolSpec:
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """Which nodes are malicious and what they do ("" = nobody attacks).
+    """One attack assignment: which nodes, what they do, from when, and to whom not.
 
     `nodes` is resolved at parse time (a `fraction` becomes indices drawn from the
-    scenario seed) and `options` are complete (ALIE's z is computed here from the
-    node and attacker counts), so every runner and every process sees the same attack.
+    scenario seed) and `options` are complete (ALIE's z and the tailored attack's
+    copies are computed here from the node and attacker counts), so every runner and
+    every process sees the same attack. The nodes are honest before `start_round`, and
+    always send their honest model to the `honest_to` nodes.
     """
 
     kind: str = ""
     nodes: tuple[int, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    start_round: int = 0
+    honest_to: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,26 +160,55 @@ class Scenario:
     # "mdns": no --peer at all; nodes find each other with mDNS on 127.0.0.1 (real
     # processes only: the in-memory transport has no multicast, so it keeps bootstrap).
     discovery: str = "bootstrap"
-    attack: AttackSpec = field(default_factory=AttackSpec)
+    # [[attack]] (or one [attack] table): disjoint sets of malicious nodes.
+    attacks: tuple[AttackSpec, ...] = ()
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     compression: CompressionSpec = field(default_factory=CompressionSpec)
     # [[faults]]: crashes/restarts (process runner) and network faults (plan files).
     faults: tuple[FaultEvent, ...] = ()
     secure: SecureSpec = field(default_factory=SecureSpec)
 
-    def role(self, index: int) -> str:
-        """ "malicious" for the attack's nodes, else "honest"."""
-        return "malicious" if index in self.attack.nodes else "honest"
+    @property
+    def attack(self) -> AttackSpec:
+        """The scenario's one attack (an empty spec without any); with several
+        `[[attack]]` tables there is no single one: use `attacks` or `attack_of`."""
+        if len(self.attacks) > 1:
+            raise ValueError(f"{len(self.attacks)} attacks in this scenario: use .attacks")
+        return self.attacks[0] if self.attacks else AttackSpec()
 
-    def _robust_values(self, index: int) -> dict[str, Any]:
+    @property
+    def attackers(self) -> tuple[int, ...]:
+        """Every malicious node, sorted."""
+        return tuple(sorted(i for a in self.attacks for i in a.nodes))
+
+    def attack_of(self, index: int) -> AttackSpec | None:
+        """The attack node `index` runs (None: an honest node)."""
+        return next((a for a in self.attacks if index in a.nodes), None)
+
+    def role(self, index: int) -> str:
+        """ "malicious" for every attack's nodes (for the whole run, also before their
+        start_round), else "honest"."""
+        return "honest" if self.attack_of(index) is None else "malicious"
+
+    def _robust_values(self, index: int, addresses: Sequence[str]) -> dict[str, Any]:
         """Aggregation and attack fields of one node (only those that differ from the
-        defaults, so plain scenarios produce the same flags as before)."""
+        defaults, so plain scenarios produce the same flags as before). Nodes are named
+        to an attacker by listen address: known before any node has an identity, the
+        same for processes and in-memory nodes."""
         agg = self.aggregation
         out: dict[str, Any] = {}
         if (agg.rule, agg.f, agg.options) != ("mean", 0, {}):
             out.update(aggregation=agg.rule, tolerate=agg.f, aggregation_options=dict(agg.options))
-        if index in self.attack.nodes:
-            out.update(attack=self.attack.kind, attack_options=dict(self.attack.options))
+        attack = self.attack_of(index)
+        if attack is not None:
+            out.update(attack=attack.kind, attack_options=dict(attack.options))
+            if attack.start_round:
+                out["attack_start_round"] = attack.start_round
+            if attack.honest_to:
+                out["attack_honest_to"] = tuple(addresses[j] for j in attack.honest_to)
+            colluders = tuple(addresses[j] for j in self.attackers if j != index)
+            if colluders:
+                out["attack_colluders"] = colluders
         return out
 
     def edges(self) -> list[Edge]:
@@ -244,7 +277,7 @@ class Scenario:
                 "quorum": self.protocol.quorum,
                 "round_timeout": self.protocol.round_timeout,
                 "seed": node_seed(self.seed, i),
-                **self._robust_values(i),
+                **self._robust_values(i, addresses),
                 **(
                     {
                         "compression": self.compression.pipeline,
@@ -344,8 +377,8 @@ def parse_scenario(
             "discovery",
             "'mdns' finds every node, so it needs topology.kind = 'full' (use 'bootstrap')",
         )
-    attack = _parse_attack(top.table("attack"), nodes, seed)
-    aggregation = _parse_aggregation(top.table("aggregation"), len(attack.nodes))
+    attacks = _parse_attacks(top.raw("attack"), nodes, seed, rounds)
+    aggregation = _parse_aggregation(top.table("aggregation"), sum(len(a.nodes) for a in attacks))
     compression = _parse_compression(top.table("compression"))
     faults = parse_faults(top.raw("faults"), nodes, rounds)
     secure = _parse_secure(top.table("secure_aggregation"))
@@ -355,7 +388,7 @@ def parse_scenario(
     top.finish()
     scenario = Scenario(
         name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
-        attack, aggregation, compression, faults, secure,
+        attacks, aggregation, compression, faults, secure,
     )  # fmt: skip
     scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
     _cross_check(scenario)
@@ -493,44 +526,136 @@ def _parse_protocol(t: Table, nodes: int) -> ProtocolSpec:
     return spec
 
 
-def _parse_attack(t: Table, nodes: int, seed: int) -> AttackSpec:
-    """`[attack] kind = "...", nodes = [i, ...] | fraction = 0.2, <attack options>`."""
-    from p2pfl.learning.attacks import ATTACK_NAMES, alie_z, make_attack
+_ATTACK_KEYS = ("kind", "nodes", "fraction", "start_round", "honest_to")
 
-    if not t.present():
-        return AttackSpec()
+
+@dataclass(frozen=True)
+class _AttackDraft:
+    """One attack table read, before fractions are drawn (they depend on the others)."""
+
+    path: str
+    kind: str
+    nodes: tuple[int, ...] | None  # an explicit list, or None: `count` drawn
+    count: int
+    options: dict[str, Any]
+    start_round: int
+    honest_to: tuple[int, ...]
+
+
+def _parse_attacks(raw: Any, nodes: int, seed: int, rounds: int) -> tuple[AttackSpec, ...]:
+    """`[attack]` (one table) or `[[attack]]` (several), each `kind = "...", nodes =
+    [i, ...] | fraction = 0.2, start_round = 0, honest_to = [j, ...], <attack options>`.
+
+    Node sets are disjoint. Explicit lists are taken first; fractions are then drawn
+    from the scenario seed, in file order, among the nodes still honest (never among
+    the attack's own `honest_to` nodes), so a fraction never collides with a list and
+    a single `[attack]` table draws the same nodes as it always did.
+    """
+    if raw is None or raw == {} or raw == []:
+        return ()
+    items = raw if isinstance(raw, list) else [raw]
+    paths = [f"attack[{i}]" for i in range(len(items))] if isinstance(raw, list) else ["attack"]
+    drafts = [
+        _read_attack(Table(item, path), path, nodes, rounds)
+        for item, path in zip(items, paths, strict=True)
+    ]
+    taken: dict[int, str] = {}  # node -> the attack that has it
+    for d in drafts:
+        for i in d.nodes or ():
+            if i in taken:
+                raise ScenarioError(
+                    f"{d.path}.nodes", f"node {i} is already an attacker in {taken[i]}"
+                )
+            taken[i] = d.path
+    rng = random.Random(f"p2pfl-scenario-attack:{seed}")
+    chosen: list[tuple[int, ...]] = []
+    for d in drafts:
+        if d.nodes is not None:
+            chosen.append(d.nodes)
+            continue
+        free = [i for i in range(nodes) if i not in taken and i not in d.honest_to]
+        if d.count > len(free):
+            raise ScenarioError(
+                f"{d.path}.fraction",
+                f"needs {d.count} nodes, but only {len(free)} are neither attackers already "
+                "nor in its honest_to",
+            )
+        picked = tuple(sorted(rng.sample(free, d.count)))
+        taken.update(dict.fromkeys(picked, d.path))
+        chosen.append(picked)
+    if len(taken) >= nodes:
+        last = drafts[-1]
+        key = "nodes" if last.nodes is not None else "fraction"
+        raise ScenarioError(f"{last.path}.{key}", "at least one node must stay honest")
+    return tuple(_finish_attack(d, c, nodes) for d, c in zip(drafts, chosen, strict=True))
+
+
+def _read_attack(t: Table, path: str, nodes: int, rounds: int) -> _AttackDraft:
+    from p2pfl.learning.attacks import ATTACK_NAMES, make_attack
+
     kind = t.get_str("kind", "", choices=ATTACK_NAMES)
     if not kind:
-        raise ScenarioError("attack.kind", "is required (one of " + ", ".join(ATTACK_NAMES) + ")")
+        raise ScenarioError(f"{path}.kind", "is required (one of " + ", ".join(ATTACK_NAMES) + ")")
     if t.has("nodes") == t.has("fraction"):
-        raise ScenarioError("attack", "give exactly one of nodes = [indices] or fraction = 0.2")
+        raise ScenarioError(path, "give exactly one of nodes = [indices] or fraction = 0.2")
+    explicit: tuple[int, ...] | None = None
+    count = 0
     if t.has("nodes"):
-        raw = t.raw("nodes")
-        ok = isinstance(raw, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < nodes for v in raw
-        )
-        if not ok or not raw or len(set(raw)) != len(raw):
-            raise ScenarioError("attack.nodes", f"expected distinct indices in 0..{nodes - 1}")
-        chosen = tuple(sorted(raw))
+        explicit = _index_list(t.raw("nodes"), f"{path}.nodes", nodes)
+        count = len(explicit)
+        if count >= nodes:
+            raise ScenarioError(f"{path}.nodes", "at least one node must stay honest")
     else:
         fraction = t.get_float("fraction", 0.0, positive=True)
         count = math.floor(fraction * nodes + 0.5)
         if not 1 <= count < nodes:
-            raise ScenarioError("attack.fraction", f"makes {count} of {nodes} nodes malicious")
-        rng = random.Random(f"p2pfl-scenario-attack:{seed}")
-        chosen = tuple(sorted(rng.sample(range(nodes), count)))
-    if len(chosen) >= nodes:
-        raise ScenarioError("attack.nodes", "at least one node must stay honest")
-    options = {k: t.raw(k) for k in t.present() if k not in ("kind", "nodes", "fraction")}
+            raise ScenarioError(f"{path}.fraction", f"makes {count} of {nodes} nodes malicious")
+    start_round = t.get_int("start_round", 0, minimum=0)
+    if start_round >= rounds:
+        raise ScenarioError(
+            f"{path}.start_round", f"must be < rounds ({rounds}), or the attack never starts"
+        )
+    honest_to: tuple[int, ...] = ()
+    if t.has("honest_to"):
+        honest_to = _index_list(t.raw("honest_to"), f"{path}.honest_to", nodes)
+        if kind == "label_flip":
+            raise ScenarioError(
+                f"{path}.honest_to",
+                "label_flip poisons the training itself: there is no honest model to send",
+            )
+        own = sorted(set(honest_to) & set(explicit or ()))
+        if own:
+            raise ScenarioError(f"{path}.honest_to", f"lists the attack's own node {own[0]}")
+    options = {k: t.raw(k) for k in t.present() if k not in _ATTACK_KEYS}
     for key, value in options.items():
         try:
             make_attack(kind, options={key: value})
         except ValueError as exc:
-            raise ScenarioError(f"attack.{key}", str(exc)) from None
-    if kind == "alie" and "z" not in options:
-        options["z"] = round(alie_z(nodes, len(chosen)), 6)
+            raise ScenarioError(f"{path}.{key}", str(exc)) from None
     t.finish()
-    return AttackSpec(kind, chosen, options)
+    return _AttackDraft(path, kind, explicit, count, options, start_round, honest_to)
+
+
+def _index_list(raw: Any, path: str, nodes: int) -> tuple[int, ...]:
+    ok = isinstance(raw, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < nodes for v in raw
+    )
+    if not ok or not raw or len(set(raw)) != len(raw):
+        raise ScenarioError(path, f"expected distinct indices in 0..{nodes - 1}")
+    return tuple(sorted(raw))
+
+
+def _finish_attack(d: _AttackDraft, chosen: tuple[int, ...], nodes: int) -> AttackSpec:
+    """The options every node of the attack gets, complete: ALIE's z and the tailored
+    attack's copies count this attack's nodes (the ones sending the same vector)."""
+    from p2pfl.learning.attacks import alie_z
+
+    options = dict(d.options)
+    if d.kind == "alie" and "z" not in options:
+        options["z"] = round(alie_z(nodes, len(chosen)), 6)
+    if d.kind == "tailored" and "copies" not in options:
+        options["copies"] = len(chosen)
+    return AttackSpec(d.kind, chosen, options, d.start_round, d.honest_to)
 
 
 def _parse_aggregation(t: Table, attackers: int) -> AggregationSpec:
@@ -602,7 +727,9 @@ _CONFIG_FIELD_PATHS = {
     "heartbeat_timeout": "protocol.heartbeat_timeout",
     "aggregation": "aggregation.rule", "tolerate": "aggregation.f",
     "aggregation_options": "aggregation", "attack": "attack.kind",
-    "attack_options": "attack", "compression": "compression.pipeline",
+    "attack_options": "attack", "attack_start_round": "attack.start_round",
+    "attack_honest_to": "attack.honest_to", "attack_colluders": "attack",
+    "compression": "compression.pipeline",
 }  # fmt: skip
 
 
@@ -611,8 +738,8 @@ def _cross_check(scenario: Scenario) -> None:
     addrs = [f"127.0.0.1:{10000 + i}" for i in range(scenario.nodes)]
     dirs = [Path(".")] * scenario.nodes
     all_values = scenario.node_config_values(addrs, dirs)
-    # Node 0, and a malicious node too (its attack fields exist only there).
-    checked = [all_values[0], *(all_values[i] for i in scenario.attack.nodes[:1])]
+    # Node 0, and a node of each attack too (attack fields exist only there).
+    checked = [all_values[0], *(all_values[a.nodes[0]] for a in scenario.attacks)]
     try:
         for values in checked:
             NodeConfig(**values).validated()
