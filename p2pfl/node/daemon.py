@@ -212,6 +212,7 @@ class Node:
             rng=np.random.default_rng([config.seed, config.node_index]),
         )
         self.last_aggregation: dict[str, Any] | None = None
+        self._honest_logged: tuple[str, ...] = ()  # an attacker's honest_to peers, as logged
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
         self._encoded = trio.Event()  # the last off-loop broadcast is enqueued
@@ -425,7 +426,14 @@ class Node:
         if not self.config.attack_honest_to or not self.learner.attacking(round):
             return ()
         named = self._named_peers(self.config.attack_honest_to, to)
-        return tuple(p for p in to if p in named)
+        honest = tuple(p for p in to if p in named)
+        if honest != self._honest_logged:  # says when the matched set changes
+            self._honest_logged = honest
+            shown = ", ".join(p[:12] for p in honest) or "none"
+            log.info(
+                "attack: honest model to %d of %d neighbours (%s)", len(honest), len(to), shown
+            )
+        return honest
 
     def _named_peers(self, names: tuple[str, ...], among: tuple[str, ...]) -> frozenset[str]:
         """Which of `among` `names` designate (peer ids, or the listen addresses the
