@@ -16,14 +16,20 @@ import numpy as np
 def bucket_means(
     x: np.ndarray, weights: np.ndarray, s: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ceil(n/s), d) float32 bucket means and the summed weights of each bucket.
+    """(ceil(n/s), d) float32 bucket means and the summed weights of each bucket, the
+    buckets being consecutive runs of `rng.permutation(n)` (the last may be smaller)."""
+    return bucket_means_of(x, weights, s, rng.permutation(x.shape[0]))
 
-    Buckets are consecutive runs of `rng.permutation(n)`; the last may be smaller.
+
+def bucket_means_of(
+    x: np.ndarray, weights: np.ndarray, s: int, perm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`bucket_means` for a given permutation: bucket k holds perm[k*s : (k+1)*s].
+
     Each input is scaled by 1/size before adding, so a bucket of huge (finite) values
     cannot overflow; the loop runs over buckets, each step a whole-row numpy call.
     """
     n, d = x.shape
-    perm = rng.permutation(n)
     w = np.asarray(weights, dtype=np.float64)
     count = -(-n // s)
     means = np.empty((count, d), dtype=np.float32)
@@ -37,3 +43,22 @@ def bucket_means(
             row += x[i] * scale
         bucket_weights[k] = w[members].sum()
     return means, bucket_weights
+
+
+def bucket_of(perm: np.ndarray, s: int) -> np.ndarray:
+    """Index of the bucket each input landed in (inputs in their original order)."""
+    out = np.empty(len(perm), dtype=np.intp)
+    out[perm] = np.arange(len(perm)) // s
+    return out
+
+
+def safe_bucket_size(n: int, s: int, need: int) -> int:
+    """The largest bucket size <= s giving at least `need` buckets of n inputs (1, i.e.
+    no bucketing, when none does: then the inner rule sees as many inputs as exist).
+
+    f attackers spoil at most f buckets whatever their size, so the inner rule needs as
+    many buckets as it needs inputs to outvote f (`registry.min_inputs`)."""
+    size = s
+    while size > 1 and -(-n // size) < need:
+        size -= 1
+    return size

@@ -48,8 +48,15 @@ def _clip_factors(dist: np.ndarray, tau: float) -> np.ndarray:
 
 
 def centered_clipping_coefficients(
-    g: np.ndarray, *, f: int, tau: float | None, iterations: int
+    g: np.ndarray,
+    *,
+    f: int,
+    tau: float | None,
+    iterations: int,
+    clipped_out: np.ndarray | None = None,
 ) -> np.ndarray:
+    """Coefficients of the result; `clipped_out` (bool (n,)), if given, receives which
+    inputs the last step clipped (the step around the centre nearest the result)."""
     n = g.shape[0]
     beta = np.zeros(n, dtype=np.float64)  # centre = own model
     for _ in range(iterations):
@@ -57,6 +64,8 @@ def centered_clipping_coefficients(
         radius = adaptive_tau(dist, f) if tau is None else tau
         c = _clip_factors(dist, radius)
         beta = beta + (c - c.sum() * beta) / n
+        if clipped_out is not None:
+            clipped_out[:] = dist > radius
     return beta
 
 
@@ -67,19 +76,30 @@ def centered_clipping(
     f: int,
     tau: float | None = None,
     iterations: int = DEFAULT_ITERATIONS,
+    clipped_out: np.ndarray | None = None,
 ) -> np.ndarray:
     g = gram.centered_gram(x, own)
-    beta = centered_clipping_coefficients(g, f=f, tau=tau, iterations=iterations)
+    beta = centered_clipping_coefficients(
+        g, f=f, tau=tau, iterations=iterations, clipped_out=clipped_out
+    )
     return gram.combine(x, own, beta)
 
 
 def self_centered_clipping(
-    x: np.ndarray, own: np.ndarray, *, f: int, tau: float | None = None
+    x: np.ndarray,
+    own: np.ndarray,
+    *,
+    f: int,
+    tau: float | None = None,
+    clipped_out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """own + (1/n) sum_j clip(x_j - own, tau): one ClippedGossip step."""
+    """own + (1/n) sum_j clip(x_j - own, tau): one ClippedGossip step. `clipped_out`
+    (bool (n,)), if given, receives which inputs were clipped."""
     n = x.shape[0]
     dist = np.sqrt(row_sq_norms(x, own))
     radius = adaptive_tau(dist, f) if tau is None else tau
+    if clipped_out is not None:
+        clipped_out[:] = dist > radius
     beta = _clip_factors(dist, radius) / n
     return gram.combine(x, own, beta)
 

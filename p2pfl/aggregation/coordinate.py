@@ -17,6 +17,9 @@ from p2pfl.aggregation import sortnet
 # one input per side once there are three; "trimmed mean" that trims nothing would be
 # a silent mean.
 DEFAULT_BETA = 0.1
+# Coordinates `trimmed_shares` looks at: enough for a share within ~0.03 (two standard
+# errors at worst), few enough that it costs a small fraction of the trimmed mean itself.
+SHARE_SAMPLE = 1024
 
 
 def median(x: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
@@ -43,3 +46,27 @@ def trimmed_mean(x: np.ndarray, b: int) -> np.ndarray:
     total = sortnet.trimmed_sum(x, b)
     total /= n - 2 * b
     return total.astype(np.float32)
+
+
+def trimmed_shares(x: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarray:
+    """Per input, the share of coordinates on which a trimmed mean with b per side drops it.
+
+    An input is dropped at a coordinate when it lies strictly below the lowest kept
+    value or strictly above the highest one; ties with the kept band count as kept, so
+    identical inputs (a coordinate nobody's training moves) are never "trimmed". Models
+    with more than SHARE_SAMPLE coordinates are judged on that many coordinates drawn
+    from `rng` (an estimate; the model itself is computed on all of them elsewhere).
+    """
+    n, d = x.shape
+    if b == 0:
+        return np.zeros(n, dtype=np.float64)
+    cols = x if d <= SHARE_SAMPLE else x[:, np.sort(rng.integers(0, d, SHARE_SAMPLE))]
+    band = sortnet.select(np.ascontiguousarray(cols), tuple(sorted({b, n - 1 - b})))
+    dropped = (cols < band[0]) | (cols > band[-1])
+    return np.asarray(dropped.mean(axis=1, dtype=np.float64))
+
+
+def trimmed_flag_threshold(n: int, b: int) -> float:
+    """A share above this flags an input as trimmed: halfway between the share an input
+    among exchangeable honest ones expects (2b / n) and always (1)."""
+    return (1.0 + 2.0 * b / n) / 2.0

@@ -28,15 +28,37 @@ def scores(x: np.ndarray, own: np.ndarray, f: int) -> np.ndarray:
     return out
 
 
-def krum(x: np.ndarray, own: np.ndarray, f: int) -> np.ndarray:
-    """The input with the lowest score (ties: the first, i.e. the lowest peer id)."""
-    return np.array(x[int(np.argmin(scores(x, own, f)))])
+def excluded(sc: np.ndarray, f: int) -> np.ndarray:
+    """The f worst-scored inputs, as a bool mask: those Multi-Krum with m = n - f leaves
+    out. (Krum adopts one input; "not the chosen one" would flag every honest input.)"""
+    n = len(sc)
+    out = np.zeros(n, dtype=bool)
+    if f > 0:
+        out[np.argsort(sc, kind="stable")[max(0, n - f) :]] = True
+    return out
 
 
-def multi_krum(x: np.ndarray, own: np.ndarray, f: int, m: int) -> np.ndarray:
-    """Unweighted mean of the m lowest-scored inputs (m is clamped to n)."""
+def krum(
+    x: np.ndarray, own: np.ndarray, f: int, *, excluded_out: np.ndarray | None = None
+) -> np.ndarray:
+    """The input with the lowest score (ties: the first, i.e. the lowest peer id).
+    `excluded_out` (bool (n,)), if given, receives `excluded(scores, f)`."""
+    sc = scores(x, own, f)
+    if excluded_out is not None:
+        excluded_out[:] = excluded(sc, f)
+    return np.array(x[int(np.argmin(sc))])
+
+
+def multi_krum(
+    x: np.ndarray, own: np.ndarray, f: int, m: int, *, excluded_out: np.ndarray | None = None
+) -> np.ndarray:
+    """Unweighted mean of the m lowest-scored inputs (m is clamped to n).
+    `excluded_out` (bool (n,)), if given, receives `excluded(scores, f)`."""
     n = x.shape[0]
-    chosen = np.argsort(scores(x, own, f), kind="stable")[: min(m, n)]
+    sc = scores(x, own, f)
+    if excluded_out is not None:
+        excluded_out[:] = excluded(sc, f)
+    chosen = np.argsort(sc, kind="stable")[: min(m, n)]
     beta = np.zeros(n, dtype=np.float64)
     beta[chosen] = 1.0 / len(chosen)
     return gram.combine(x, own, beta)

@@ -1,11 +1,20 @@
 """Rule names and options -> a ready aggregation callable (`make_rule`).
 
 The callable (`Rule`) owns what the pure kernels should not: option validation, the
-rule's seeded generator (bucketing), and the explicit fallback when a rule gets fewer
-inputs than its guarantee needs (Krum with n <= 2f + 2, a trimmed mean that would
-trim everything). A fallback is logged on `p2pfl.aggregation` (a warning the first
-time per input count, then debug) and counted on the rule, never raised: a node on a
-sparse graph must keep training.
+rule's seeded generators (bucketing, diagnostics), and the checks of its parameters
+against each call's inputs:
+
+- a **fallback** when a rule gets fewer inputs than it can run on (Krum with
+  n <= 2f + 2, a trimmed mean that would trim everything): the coordinate-wise median;
+- a **guard** on bucketing: f attackers spoil up to f buckets whatever their size, so
+  the buckets must be as many as the inner rule needs inputs to outvote f; when they
+  are not, this call uses the largest bucket size that gives enough (or no bucketing);
+- a **warning event** when even that is short (a median of n <= 2f inputs).
+
+Each is a `RuleEvent` in the call's `AggregationReport` (`Rule.last_report`), logged on
+`p2pfl.aggregation` once per reason as a warning (then at debug level) and never
+raised: a node on a sparse graph must keep training. The node counts them in status
+and metrics (`aggregation.ledger`); docs/robustness.md has the conditions.
 """
 
 from __future__ import annotations
@@ -19,6 +28,17 @@ from typing import Any
 import numpy as np
 
 from p2pfl.aggregation import bucketing, clipping, coordinate, geomed, krum
+from p2pfl.aggregation.diagnostics import (
+    BUCKET_SIZE_REDUCED,
+    CLIPPED,
+    EXCLUDED,
+    F_NOT_OUTVOTED,
+    TOO_FEW_INPUTS,
+    TRIMMED,
+    AggregationReport,
+    Diagnostics,
+    RuleEvent,
+)
 from p2pfl.aggregation.rules import bounded_weights, mean
 
 log = logging.getLogger("p2pfl.aggregation")
@@ -46,29 +66,53 @@ _RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "centered_clipping": ("tau", "iterations"),
     "self_centered_clipping": ("tau",),
 }
+# Seed of the generator that picks the coordinates a trimmed mean's flags look at (it
+# only affects the diagnostics, never the model).
+_DIAGNOSTICS_SEED = 0x5EED
 
-# (stacked inputs, weights, own) -> aggregate, or None when there are too few inputs.
-Kernel = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray | None]
+# (stacked inputs, weights, own, diagnostics to fill) -> aggregate, or None when there
+# are too few inputs for the rule to run at all.
+Kernel = Callable[[np.ndarray, np.ndarray, np.ndarray, Diagnostics], np.ndarray | None]
 
 
 @dataclass
 class Rule:
     """An aggregation rule instance: call it like any `AggregationRule`.
 
-    `fallbacks` counts calls answered by the fallback, `last_fallback` says why the
-    latest one happened (None if the latest call used the rule itself); the node can
-    show both in its status.
+    `need` is the number of inputs (with bucketing: of buckets) the rule needs to
+    outvote f arbitrary ones. After each call, `last_report` says what the call did
+    (events and per-input flags); `fallbacks` counts calls answered by the median
+    fallback and `last_fallback` says why the latest one happened (None if the latest
+    call used the rule itself).
     """
 
     name: str
     f: int
     options: Mapping[str, Any]
     kernel: Kernel
+    need: int = 1
     fallbacks: int = 0
     last_fallback: str | None = None
-    _warned: set[int] = field(default_factory=set, repr=False)
+    last_report: AggregationReport | None = None
+    _logged: set[str] = field(default_factory=set, repr=False)
 
     def __call__(self, x: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
+        self.last_report = None  # a call that raises leaves no stale report behind
+        out, report = self.aggregate(x, weights, own)
+        self.last_report = report
+        fallback = report.fallback
+        self.last_fallback = None if fallback is None else fallback.detail
+        if fallback is not None:
+            self.fallbacks += 1
+        for event in report.events:
+            self._log(event)
+        return out
+
+    def aggregate(
+        self, x: np.ndarray, weights: np.ndarray, own: np.ndarray
+    ) -> tuple[np.ndarray, AggregationReport]:
+        """The aggregate and the report of this call, without logging or counting (the
+        bucketing wrapper runs its inner rule this way and reports for it)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         own = np.ascontiguousarray(own, dtype=np.float32)
         weights = bounded_weights(weights)
@@ -79,25 +123,44 @@ class Rule:
             )
         n = x.shape[0]
         if n == 0:
-            return own.copy()
+            return own.copy(), AggregationReport(0)
         if n == 1:
-            self.last_fallback = None
-            return np.array(x[0])
-        out = self.kernel(x, weights, own)
+            return np.array(x[0]), AggregationReport(1)
+        diag = Diagnostics()
+        out = self.kernel(x, weights, own, diag)
         if out is None:
-            reason = f"{self.name} with f={self.f} needs more than {n} inputs"
-            self._note_fallback(n, reason)
+            diag.events.append(
+                RuleEvent(
+                    "fallback",
+                    TOO_FEW_INPUTS,
+                    f"{self.name} with f={self.f} needs {self.need} inputs, had {n}: "
+                    "used the coordinate-wise median",
+                )
+            )
+            diag.flagged = diag.evidence = None
             out = coordinate.median(x, weights, own)
-        else:
-            self.last_fallback = None
-        return out
+        elif n < self.need and not any(
+            e.key in (TOO_FEW_INPUTS, F_NOT_OUTVOTED) for e in diag.events
+        ):
+            diag.events.append(
+                RuleEvent(
+                    "guard",
+                    F_NOT_OUTVOTED,
+                    f"{self.name} with f={self.f} on {n} inputs: f spoiled inputs are not "
+                    f"outvoted (needs {self.need})",
+                )
+            )
+        return out, AggregationReport(n, tuple(diag.events), diag.flagged, diag.evidence)
 
-    def _note_fallback(self, n: int, reason: str) -> None:
-        self.fallbacks += 1
-        self.last_fallback = f"{reason}; used median"
-        level = logging.DEBUG if n in self._warned else logging.WARNING
-        self._warned.add(n)
-        log.log(level, "%s; falling back to the coordinate-wise median", reason)
+    def _log(self, event: RuleEvent) -> None:
+        """A warning the first time per reason, then debug: a sparse node would
+        otherwise log the same line every round (status counts every one)."""
+        level = logging.DEBUG if event.key in self._logged else logging.WARNING
+        self._logged.add(event.key)
+        if event.kind == "fallback":
+            log.log(level, "%s (falling back; counted in status, logged once)", event.detail)
+        else:
+            log.log(level, "%s (guard %s; counted in status, logged once)", event.detail, event.key)
 
 
 def make_rule(name: str, *, f: int = 0, options: Mapping[str, Any] | None = None) -> Rule:
@@ -111,47 +174,96 @@ def make_rule(name: str, *, f: int = 0, options: Mapping[str, Any] | None = None
         raise ValueError(f"tolerate (f) must be an integer >= 0, got {f!r}")
     opts = _Options(name, options or {})
     kernel = _kernel(name, f, opts)
+    need = min_inputs(name, f, opts.optional_number("beta", low=0.0, below=0.5))
     s = opts.optional_integer("bucket_size", minimum=2)
     seed = opts.integer("bucket_seed", 0, minimum=0)
     opts.finish()
     full_name = name
     if s is not None:
-        inner = Rule(name, f, dict(opts.values), kernel)
+        inner = Rule(name, f, dict(opts.values), kernel, need=need)
         kernel = _bucketed(inner, s, np.random.default_rng(seed))
         full_name = f"{name}+bucketing({s})"
-    return Rule(full_name, f, dict(opts.values), kernel)
+    return Rule(full_name, f, dict(opts.values), kernel, need=need)
+
+
+def min_inputs(name: str, f: int, beta: float | None = None) -> int:
+    """Inputs the rule needs so that f arbitrary ones cannot decide the result.
+
+    Breakdown-1/2 rules (median, trimmed mean, geometric median) need an honest
+    majority, n >= 2f + 1; so do the clipping rules, whose adaptive radius is then an
+    honest input's distance and whose f clipped inputs then weigh less than half. Krum
+    needs n >= 2f + 3. The mean outvotes nobody (1). A trimmed mean also needs to keep
+    something (2b < n) at its `beta`.
+    """
+    if name == "mean":
+        return 1
+    if name in ("krum", "multi_krum"):
+        return krum.min_inputs(f)
+    need = 2 * f + 1
+    if name == "trimmed_mean":
+        while 2 * coordinate.trim_count(need, f=f, beta=beta) >= need:
+            need += 1
+    return need
 
 
 def _kernel(name: str, f: int, opts: _Options) -> Kernel:
     if name == "mean":
-        return mean
+        return lambda x, w, own, diag: mean(x, w, own)
     if name == "median":
-        return coordinate.median
+        return lambda x, w, own, diag: coordinate.median(x, w, own)
     if name == "trimmed_mean":
         return _trimmed_mean_kernel(f, opts.optional_number("beta", low=0.0, below=0.5))
     if name == "krum":
-        return lambda x, w, own: krum.krum(x, own, f) if x.shape[0] >= krum.min_inputs(f) else None
+        return _krum_kernel(f, multi=False)
     if name == "multi_krum":
-        m = opts.optional_integer("m", minimum=1)
-        return lambda x, w, own: (
-            krum.multi_krum(x, own, f, x.shape[0] - f if m is None else m)
-            if x.shape[0] >= krum.min_inputs(f)
-            else None
-        )
+        return _krum_kernel(f, multi=True, m=opts.optional_integer("m", minimum=1))
     if name == "geometric_median":
         iterations = opts.integer("iterations", geomed.DEFAULT_ITERATIONS, minimum=1)
         eps = opts.number("eps", geomed.DEFAULT_EPS, low=0.0, strict_low=True)
-        return lambda x, w, own: geomed.geometric_median(x, own, iterations=iterations, eps=eps)
+        return lambda x, w, own, diag: geomed.geometric_median(
+            x, own, iterations=iterations, eps=eps
+        )
     if name == "centered_clipping":
         tau = opts.optional_number("tau", low=0.0, strict_low=True)
         iterations = opts.integer("iterations", clipping.DEFAULT_ITERATIONS, minimum=1)
-        return lambda x, w, own: clipping.centered_clipping(
-            x, own, f=f, tau=tau, iterations=iterations
-        )
+
+        def centered(
+            x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics
+        ) -> np.ndarray | None:
+            diag.flagged, diag.evidence = np.zeros(x.shape[0], dtype=bool), CLIPPED
+            return clipping.centered_clipping(
+                x, own, f=f, tau=tau, iterations=iterations, clipped_out=diag.flagged
+            )
+
+        return centered
     if name == "self_centered_clipping":
         tau = opts.optional_number("tau", low=0.0, strict_low=True)
-        return lambda x, w, own: clipping.self_centered_clipping(x, own, f=f, tau=tau)
+
+        def self_centered(
+            x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics
+        ) -> np.ndarray:
+            diag.flagged, diag.evidence = np.zeros(x.shape[0], dtype=bool), CLIPPED
+            return clipping.self_centered_clipping(x, own, f=f, tau=tau, clipped_out=diag.flagged)
+
+        return self_centered
     raise AssertionError(name)  # RULE_NAMES and this function list the same rules
+
+
+def _krum_kernel(f: int, *, multi: bool, m: int | None = None) -> Kernel:
+    """Krum, or Multi-Krum of m inputs (default n - f); flags the f worst scores."""
+
+    def kernel(
+        x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics
+    ) -> np.ndarray | None:
+        n = x.shape[0]
+        if n < krum.min_inputs(f):
+            return None
+        diag.flagged, diag.evidence = np.zeros(n, dtype=bool), EXCLUDED
+        if not multi:
+            return krum.krum(x, own, f, excluded_out=diag.flagged)
+        return krum.multi_krum(x, own, f, n - f if m is None else m, excluded_out=diag.flagged)
+
+    return kernel
 
 
 def _trimmed_mean_kernel(f: int, beta: float | None) -> Kernel:
@@ -159,20 +271,57 @@ def _trimmed_mean_kernel(f: int, beta: float | None) -> Kernel:
         raise ValueError(
             f"aggregation option 'beta': 0 trims nothing, but tolerate={f} declares attackers"
         )
+    rng = np.random.default_rng(_DIAGNOSTICS_SEED)
 
-    def kernel(x: np.ndarray, w: np.ndarray, own: np.ndarray) -> np.ndarray | None:
-        b = coordinate.trim_count(x.shape[0], f=f, beta=beta)
-        if 2 * b >= x.shape[0]:
+    def kernel(
+        x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics
+    ) -> np.ndarray | None:
+        n = x.shape[0]
+        b = coordinate.trim_count(n, f=f, beta=beta)
+        if 2 * b >= n:
             return None
-        return coordinate.trimmed_mean(x, b)
+        out = coordinate.trimmed_mean(x, b)
+        if b > 0:
+            shares = coordinate.trimmed_shares(x, b, rng)
+            diag.flagged = shares > coordinate.trimmed_flag_threshold(n, b)
+            diag.evidence = TRIMMED
+        return out
 
     return kernel
 
 
 def _bucketed(inner: Rule, s: int, rng: np.random.Generator) -> Kernel:
-    def kernel(x: np.ndarray, w: np.ndarray, own: np.ndarray) -> np.ndarray:
-        means, bucket_weights = bucketing.bucket_means(x, w, s, rng)
-        return inner(means, bucket_weights, own)
+    """Bucket means of s inputs, then `inner` on them; with fewer buckets than
+    `inner.need`, smaller buckets for this call (`bucketing.safe_bucket_size`). An input
+    is flagged when the bucket it was averaged into is."""
+
+    def kernel(x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics) -> np.ndarray:
+        n = x.shape[0]
+        size = bucketing.safe_bucket_size(n, s, inner.need)
+        if size < s:
+            now = "no bucketing" if size == 1 else f"buckets of {size}"
+            diag.events.append(
+                RuleEvent(
+                    "guard",
+                    BUCKET_SIZE_REDUCED,
+                    f"{n} inputs in buckets of {s} make {-(-n // s)} buckets, but "
+                    f"{inner.name} with f={inner.f} needs {inner.need} to outvote f spoiled "
+                    f"buckets: {now} this round",
+                )
+            )
+        if size == 1:
+            out, report = inner.aggregate(x, w, own)
+            flagged = report.flagged
+        else:
+            perm = rng.permutation(n)
+            means, bucket_weights = bucketing.bucket_means_of(x, w, size, perm)
+            out, report = inner.aggregate(means, bucket_weights, own)
+            flagged = (
+                None if report.flagged is None else report.flagged[bucketing.bucket_of(perm, size)]
+            )
+        diag.events.extend(report.events)
+        diag.flagged, diag.evidence = flagged, report.evidence
+        return out
 
     return kernel
 
