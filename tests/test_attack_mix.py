@@ -109,16 +109,20 @@ def test_fractions_are_drawn_among_nodes_no_list_names() -> None:
     fraction, listed = mixed.attacks
     assert listed.nodes == drawn
     assert len(fraction.nodes) == 2 and not set(fraction.nodes) & set(drawn)
-    # A fraction never picks its own honest_to nodes either.
+    # A fraction never picks a node some honest_to names either.
     for seed in range(20):
         s = parse_scenario(
             {
                 "nodes": 6,
                 "seed": seed,
-                "attack": {"kind": "zero", "fraction": 0.5, "honest_to": [0, 1]},
+                "attack": [
+                    {"kind": "zero", "fraction": 0.34, "honest_to": [0]},
+                    {"kind": "ipm", "fraction": 0.17},
+                    {"kind": "alie", "nodes": [5], "honest_to": [1]},
+                ],
             }
         )
-        assert not {0, 1} & set(s.attack.nodes)
+        assert s.attackers == (2, 3, 4, 5)  # 0 and 1 are spared
 
 
 def test_the_single_table_and_a_one_element_array_are_the_same_attack() -> None:

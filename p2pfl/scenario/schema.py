@@ -547,9 +547,10 @@ def _parse_attacks(raw: Any, nodes: int, seed: int, rounds: int) -> tuple[Attack
     [i, ...] | fraction = 0.2, start_round = 0, honest_to = [j, ...], <attack options>`.
 
     Node sets are disjoint. Explicit lists are taken first; fractions are then drawn
-    from the scenario seed, in file order, among the nodes still honest (never among
-    the attack's own `honest_to` nodes), so a fraction never collides with a list and
-    a single `[attack]` table draws the same nodes as it always did.
+    from the scenario seed, in file order, among the nodes still honest and named in
+    no `honest_to` (a study names those to keep them honest), so a fraction never
+    collides with a list and a single `[attack]` table draws the same nodes as it
+    always did.
     """
     if raw is None or raw == {} or raw == []:
         return ()
@@ -567,18 +568,19 @@ def _parse_attacks(raw: Any, nodes: int, seed: int, rounds: int) -> tuple[Attack
                     f"{d.path}.nodes", f"node {i} is already an attacker in {taken[i]}"
                 )
             taken[i] = d.path
+    spared = {j for d in drafts for j in d.honest_to}
     rng = random.Random(f"p2pfl-scenario-attack:{seed}")
     chosen: list[tuple[int, ...]] = []
     for d in drafts:
         if d.nodes is not None:
             chosen.append(d.nodes)
             continue
-        free = [i for i in range(nodes) if i not in taken and i not in d.honest_to]
+        free = [i for i in range(nodes) if i not in taken and i not in spared]
         if d.count > len(free):
             raise ScenarioError(
                 f"{d.path}.fraction",
                 f"needs {d.count} nodes, but only {len(free)} are neither attackers already "
-                "nor in its honest_to",
+                "nor named in an honest_to",
             )
         picked = tuple(sorted(rng.sample(free, d.count)))
         taken.update(dict.fromkeys(picked, d.path))
