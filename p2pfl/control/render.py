@@ -81,6 +81,48 @@ def _secure_rows(secure: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _total(counts: Any) -> int:
+    """Sum of a {name: n} map's numbers (0 for anything else)."""
+    if not isinstance(counts, Mapping):
+        return 0
+    return int(sum(n for n in (_number(v) for v in counts.values()) if n is not None))
+
+
+def _events_text(counts: Mapping[str, Any], reasons: Mapping[str, Any]) -> str:
+    """'too_few_inputs 12 (krum with f=2 needs 7 inputs, had 5: ...)', per reason."""
+    parts = []
+    for key, n in counts.items():
+        why = reasons.get(key)
+        parts.append(f"{fmt_text(key)} {fmt_int(n)}" + (f" ({fmt_text(why)})" if why else ""))
+    return "; ".join(parts)
+
+
+def _robustness_rows(rob: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A line when the rule fell back, one when a guard changed what it did (neither
+    otherwise), and the three most suspected neighbours once any peer was observed."""
+    rows = []
+    reasons = _section(rob, "reasons")
+    fallbacks, guards = _section(rob, "fallbacks"), _section(rob, "guards")
+    if fallbacks:
+        rounds = f"{_total(fallbacks)} of {fmt_int(rob.get('aggregations'))} rounds"
+        rows.append(("rule fell back", f"{rounds}: {_events_text(fallbacks, reasons)}"))
+    if guards:
+        rows.append(("rule guards", _events_text(guards, reasons)))
+    suspicion = _section(rob, "suspicion")  # most suspected first
+    top = [(p, r) for p, r in suspicion.items() if isinstance(r, Mapping)][:3]
+    if top:
+        parts = []
+        for peer, rec in top:
+            flags = _section(rec, "flagged")
+            of = f"{_total(flags)} of {fmt_int(rec.get('observed'))}"
+            why = f"{'/'.join(str(k) for k in flags)} {of}" if flags else f"{of} flagged"
+            parts.append(f"{short_id(peer)} {fmt_float(rec.get('score'), 2)} ({why})")
+        suspects = len(_list(rob, "suspects"))
+        tail = f"; suspects: {suspects}" if suspects else ""
+        rows.append(("suspicion", ", ".join(parts) + tail))
+    return rows
+
+
 def _list(obj: Any, key: str) -> list[Any]:
     value = obj.get(key) if isinstance(obj, Mapping) else None
     return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else []
@@ -254,6 +296,7 @@ def status_header(status: Mapping[str, Any]) -> Panel:
                 f"{fmt_bytes(comp.get('wire_bytes'))} ({fmt_float(comp.get('ratio'), 1)}x)",
             )
         )
+    rows.extend(_robustness_rows(_section(status, "robustness")))
     secure = status.get("secure")
     if isinstance(secure, Mapping):
         rows.extend(_secure_rows(secure))

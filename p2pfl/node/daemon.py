@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from p2pfl.aggregation import Rule, make_rule
+from p2pfl.aggregation import RobustnessLedger, Rule, make_rule
 from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.datadir import DataDir, check_socket_path
@@ -212,6 +212,8 @@ class Node:
             rng=np.random.default_rng([config.seed, config.node_index]),
         )
         self.last_aggregation: dict[str, Any] | None = None
+        # The rule's fallbacks and guards by reason, and each neighbour's suspicion score.
+        self.ledger = RobustnessLedger(self.id)
         self._honest_logged: tuple[str, ...] = ()  # an attacker's honest_to peers, as logged
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
@@ -578,6 +580,10 @@ class Node:
         self._round_started_at = now
         if agg.timed_out:
             self.counters["timeouts"] += 1
+        # What the rule did this round (its report is the latest call's: the one that
+        # produced this aggregate), counted and attributed to the peers of its rows.
+        report = getattr(self.machine.rule, "last_report", None)
+        row["rule"] = rule_row = self.ledger.record(agg.round, agg.inputs, report, agg.rejected)
         self.last_aggregation = {
             "round": agg.round,
             "rule": agg.rule,
@@ -587,6 +593,8 @@ class Node:
             "timed_out": agg.timed_out,
             "fallbacks": getattr(self.machine.rule, "fallbacks", 0),
             "fallback": getattr(self.machine.rule, "last_fallback", None),
+            "guards": rule_row["guards"],
+            "flagged": rule_row["flagged"],
         }
         if self.secure is not None:
             self._public_params = public_model(agg.received)

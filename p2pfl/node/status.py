@@ -58,6 +58,7 @@ def node_status(node: Node) -> dict[str, Any]:
             "params": int(params.size),
         },
         "last_aggregation": node.last_aggregation,
+        "robustness": robustness_status(node),
         "compression": None
         if not node.outbox.compressing
         else {
@@ -84,6 +85,18 @@ def node_status(node: Node) -> dict[str, Any]:
             "bytes_received": node.mesh.bytes_received,
             **{k: v for k, v in node.counters.items() if k not in ("reconnects", "timeouts")},
         },
+    }
+
+
+def robustness_status(node: Node) -> dict[str, Any]:
+    """The rule as configured (`need`: inputs it needs to outvote f), its fallbacks and
+    guards counted by reason since start, and each neighbour's suspicion score."""
+    rule = node.machine.rule
+    return {
+        "rule": getattr(rule, "name", node.config.aggregation),
+        "f": node.config.tolerate,
+        "need": getattr(rule, "need", None),
+        **node.ledger.status(),
     }
 
 

@@ -55,6 +55,10 @@ class Aggregated:
     rule: str
     # The neighbours' models, aligned with `senders` (what an omniscient attacker overhears).
     received: tuple[np.ndarray, ...] = ()
+    # Who each row the rule aggregated came from, in the rule's order (ours included;
+    # with distinct_inputs, a model sent by several counts under its first sender):
+    # what the rule's per-input flags refer to.
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

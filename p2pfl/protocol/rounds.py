@@ -77,8 +77,11 @@ class RoundSettings:
     distinct_inputs: bool = False
 
 
-# (senders, timed_out, rejected, the senders' models): the round while its rule runs.
-_DeferredRound = tuple[tuple[str, ...], bool, tuple[tuple[str, str], ...], tuple[np.ndarray, ...]]
+# (senders, timed_out, rejected, the senders' models, whose each input row is): the
+# round while its rule runs.
+_DeferredRound = tuple[
+    tuple[str, ...], bool, tuple[tuple[str, str], ...], tuple[np.ndarray, ...], tuple[str, ...]
+]
 
 
 @dataclass
@@ -468,23 +471,24 @@ class RoundMachine:
         weights = np.array([p.samples for _, p in inputs], dtype=np.float64)
         rejected = tuple(self._rejected)
         received_params = tuple(received[s].params for s in senders)
+        ids = tuple(i for i, _ in inputs)
         if self.settings.defer_aggregation:
             self.phase = Phase.AGGREGATING
             self.deadline = None
             self.nudge_at = None
-            self._deferred = (senders, timed_out, rejected, received_params)
+            self._deferred = (senders, timed_out, rejected, received_params, ids)
             own = self._own.params
             return [Aggregate(self.round, tuple(p.params for _, p in inputs), weights, own)]
         new = self.rule(np.stack([p.params for _, p in inputs]), weights, self._own.params)
-        return self._adopt(now, new, senders, timed_out, rejected, received_params)
+        return self._adopt(now, new, senders, timed_out, rejected, received_params, ids)
 
     def aggregated(self, now: float, round: int, new: np.ndarray) -> list[Action]:
         """The rule's result for `round` (after an Aggregate action)."""
         if self.phase is not Phase.AGGREGATING or round != self.round or self._deferred is None:
             return []  # made obsolete meanwhile (a catch-up)
-        senders, timed_out, rejected, received_params = self._deferred
+        senders, timed_out, rejected, received_params, ids = self._deferred
         self._deferred = None
-        return self._adopt(now, new, senders, timed_out, rejected, received_params)
+        return self._adopt(now, new, senders, timed_out, rejected, received_params, ids)
 
     def _adopt(
         self,
@@ -494,6 +498,7 @@ class RoundMachine:
         timed_out: bool,
         rejected: tuple[tuple[str, str], ...],
         received_params: tuple[np.ndarray, ...],
+        ids: tuple[str, ...],
     ) -> list[Action]:
         """The round's aggregate becomes our model; on to the next round."""
         assert self._own is not None
@@ -516,6 +521,7 @@ class RoundMachine:
                 timed_out,
                 self.settings.rule_name,
                 received_params,
+                ids,
             )
         ]
         actions += guard

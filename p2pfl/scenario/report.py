@@ -215,6 +215,33 @@ def summarize(
         },
         "wall_seconds": round(wall, 3),
         "honest_nodes": len(counted),
+        "rule_events": rule_events(rows_by_node),
+    }
+
+
+def rule_events(rows_by_node: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """Node-rounds in which the aggregation rule fell back (`fallbacks`) or a guard
+    changed or qualified what it did (`guards`), by reason, and the nodes concerned
+    (`<kind>_nodes`; every node counts: an attacker's rule is a rule too)."""
+    counts: dict[str, dict[str, int]] = {"fallbacks": {}, "guards": {}}
+    nodes: dict[str, set[str]] = {"fallbacks": set(), "guards": set()}
+    for name, rows in rows_by_node.items():
+        for row in rows:
+            rule = row.get("rule")
+            if not isinstance(rule, Mapping):
+                continue  # a row from before rule reports existed
+            fallback = rule.get("fallback")
+            keys = {
+                "fallbacks": [fallback] if isinstance(fallback, str) else [],
+                "guards": [k for k in rule.get("guards") or () if isinstance(k, str)],
+            }
+            for kind, found in keys.items():
+                for key in found:
+                    counts[kind][key] = counts[kind].get(key, 0) + 1
+                    nodes[kind].add(name)
+    return {
+        **counts,
+        **{f"{kind}_nodes": sorted(names, key=_node_order) for kind, names in nodes.items()},
     }
 
 
@@ -301,6 +328,15 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
     timing = timing_text(f.get("timing_mean") or {})
     if timing:
         lines.append(f"\nCPU per round: {timing}")
+    events = summary.get("rule_events") or {}
+    for kind, label in (("fallbacks", "fell back to the median"), ("guards", "guards")):
+        counts = events.get(kind) or {}
+        if counts:
+            detail = ", ".join(f"{k} {v}" for k, v in counts.items())
+            lines.append(
+                f"\nrule {label}: {sum(counts.values())} node-rounds ({detail}) "
+                f"on {len(events.get(f'{kind}_nodes') or ())} nodes"
+            )
     table.caption = "".join(lines)
     return table
 
