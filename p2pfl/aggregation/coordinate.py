@@ -17,9 +17,10 @@ from p2pfl.aggregation import sortnet
 # one input per side once there are three; "trimmed mean" that trims nothing would be
 # a silent mean.
 DEFAULT_BETA = 0.1
-# Coordinates `trimmed_shares` looks at: enough for a share within ~0.03 (two standard
-# errors at worst), few enough that it costs a small fraction of the trimmed mean itself.
-SHARE_SAMPLE = 1024
+# Coordinates `trimmed_shares` looks at: a share within 0.06 (two standard errors at
+# worst) for 47-220 us (measured: 9% of the trimmed mean itself for 8 inputs of 1e5
+# coordinates, 5% for 16, under 1% at 1e6); 1024 coordinates cost 3-22% of it.
+SHARE_SAMPLE = 256
 
 
 def median(x: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
@@ -60,10 +61,11 @@ def trimmed_shares(x: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarra
     n, d = x.shape
     if b == 0:
         return np.zeros(n, dtype=np.float64)
-    cols = x if d <= SHARE_SAMPLE else x[:, np.sort(rng.integers(0, d, SHARE_SAMPLE))]
-    band = sortnet.select(np.ascontiguousarray(cols), tuple(sorted({b, n - 1 - b})))
-    dropped = (cols < band[0]) | (cols > band[-1])
-    return np.asarray(dropped.mean(axis=1, dtype=np.float64))
+    cols = x if d <= SHARE_SAMPLE else x[:, rng.integers(0, d, SHARE_SAMPLE)]
+    band = sortnet.select(cols, tuple(sorted({b, n - 1 - b})))
+    dropped = np.less(cols, band[0])
+    dropped |= np.greater(cols, band[-1])
+    return np.asarray(np.count_nonzero(dropped, axis=1) / cols.shape[1], dtype=np.float64)
 
 
 def trimmed_flag_threshold(n: int, b: int) -> float:
