@@ -251,7 +251,8 @@ def grouping_table(results: list[dict[str, Any]], topo: str) -> str:
                     texts.append("" if r is None else "-")
                     continue
                 s = r["secure"]
-                texts.append(f"{_pct(s['grouped_share'])} (min {_pct(s['grouped_share_min_node'])})")
+                share, worst = _pct(s["grouped_share"]), _pct(s["grouped_share_min_node"])
+                texts.append(f"{share} (min {worst})")
             if any(texts):
                 lines.append(f"| {rule} | {mode} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
