@@ -216,7 +216,8 @@ def test_honest_trimmed_shares_stay_near_their_expected_share() -> None:
     coordinates, far below the flag threshold."""
     x = np.random.default_rng(3).standard_normal((8, 4000)).astype(np.float32)
     shares = coordinate.trimmed_shares(x, 2, np.random.default_rng(0))
-    assert np.all(np.abs(shares - 0.5) < 0.12)  # 2b / n = 0.5; 4 standard errors
+    # 2b / n = 0.5, judged on 128 sampled coordinates: 4.5 standard errors.
+    assert np.all(np.abs(shares - 0.5) < 0.2)
     assert coordinate.trimmed_flag_threshold(8, 2) == 0.75
 
 

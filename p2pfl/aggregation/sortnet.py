@@ -163,21 +163,6 @@ def median(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def select(x: np.ndarray, positions: tuple[int, ...]) -> np.ndarray:
-    """The rows at `positions` (ascending, distinct) of the coordinate-wise sorted
-    stack, as a (len(positions), d) float32 array."""
-    n, d = x.shape
-    out = np.empty((len(positions), d), dtype=np.float32)
-    if n > MAX_NETWORK_ROWS:
-        part = np.partition(x, positions, axis=0)
-        out[:] = part[list(positions)]
-        return out
-    for s, e, rows in _blocks(x, positions, multiset=False):
-        for k, p in enumerate(positions):
-            out[k, s:e] = rows[p]
-    return out
-
-
 def trimmed_sum(x: np.ndarray, b: int) -> np.ndarray:
     """Per coordinate, the float64 sum of the values left after dropping the b smallest
     and the b largest. Summed directly, never as total minus tails: an outlier of 1e30
