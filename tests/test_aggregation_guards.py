@@ -325,3 +325,14 @@ def test_ledger_forgets_the_longest_unobserved_peer_beyond_its_cap() -> None:
     ledger.record(1, [], None, [("b", "non_finite")])
     ledger.record(2, [], None, [("c", "non_finite")])
     assert sorted(ledger.peers) == ["b", "c"]
+
+
+def test_ledger_counts_but_does_not_attribute_when_rows_are_not_single_peers() -> None:
+    x, is_bad, _ = sign_flip_set(0, honest=6, attackers=1)
+    rule = make_rule("self_centered_clipping", f=1)
+    rule(x, np.ones(7), own_row(x, is_bad))
+    ids = [f"p{i}" for i in range(7)]
+    ledger = RobustnessLedger("p0")
+    row = ledger.record(0, ids, rule.last_report, [("p5", "non_finite")], attribute=False)
+    assert row["flagged"] == {"p5": "rejected"} and list(ledger.peers) == ["p5"]
+    assert ledger.unattributed == 0

@@ -86,10 +86,14 @@ class RobustnessLedger:
         inputs: Sequence[str],
         report: AggregationReport | None,
         rejected: Iterable[tuple[str, str]] = (),
+        *,
+        attribute: bool = True,
     ) -> dict[str, Any]:
         """One finished round: `inputs` names the rule's input rows in order (ours
         among them), `rejected` the round machine's (peer, reason) drops. Returns the
-        round's part of the metrics row."""
+        round's part of the metrics row. With `attribute` False the rule's flags are
+        not charged to the peers named (their rows were not theirs alone: with secure
+        aggregation a row is a group's mean); events and rejections still count."""
         self.rounds += 1
         details: list[str] = []
         fallback: str | None = None
@@ -104,7 +108,7 @@ class RobustnessLedger:
                     fallback = fallback or event.key
                 else:
                     guards.append(event.key)
-            if report.flagged is not None and report.evidence is not None:
+            if attribute and report.flagged is not None and report.evidence is not None:
                 if report.n == len(inputs):
                     for peer, hit in zip(inputs, report.flagged.tolist(), strict=True):
                         seen[peer] = report.evidence if hit else None

@@ -581,9 +581,12 @@ class Node:
         if agg.timed_out:
             self.counters["timeouts"] += 1
         # What the rule did this round (its report is the latest call's: the one that
-        # produced this aggregate), counted and attributed to the peers of its rows.
+        # produced this aggregate), counted and attributed to the peers of its rows
+        # (not with secure aggregation: a row is then a group's mean, not a peer's).
         report = getattr(self.machine.rule, "last_report", None)
-        row["rule"] = rule_row = self.ledger.record(agg.round, agg.inputs, report, agg.rejected)
+        row["rule"] = rule_row = self.ledger.record(
+            agg.round, agg.inputs, report, agg.rejected, attribute=self.secure is None
+        )
         self.last_aggregation = {
             "round": agg.round,
             "rule": agg.rule,
