@@ -188,7 +188,8 @@ async def test_a_state_reply_in_secure_mode_never_carries_the_nodes_own_model(
         nursery.cancel_scope.cancel()
     [reply] = recorder.states
     own = nodes[0].machine.params
-    public = nodes[0]._public_params
+    assert nodes[0].secure is not None
+    public = nodes[0].secure.public_params
     assert public is not None and np.array_equal(reply.params, public)
     assert not np.array_equal(reply.params, own)
 

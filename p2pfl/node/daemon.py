@@ -38,6 +38,7 @@ from p2pfl.node.link import Link
 from p2pfl.node.loopwatch import LoopWatch
 from p2pfl.node.mesh import LOG_EVERY, Mesh
 from p2pfl.node.outbox import UpdateOutbox
+from p2pfl.node.secure_rounds import SecureRounds
 from p2pfl.node.status import node_status
 from p2pfl.node.transports import faulty_transport, read_secret, tcp_transport
 from p2pfl.protocol import (
@@ -56,11 +57,6 @@ from p2pfl.protocol import (
     Train,
 )
 from p2pfl.secure.admission import Admission
-from p2pfl.secure.group_leader import LeaderSettings
-from p2pfl.secure.group_member import MemberPolicy
-from p2pfl.secure.group_messages import Abstain, GroupMessage, GroupSend, IdentityKey
-from p2pfl.secure.participant import Outcome, SecureParticipant, public_model
-from p2pfl.secure.wire import group_from_envelope, to_envelope
 from p2pfl.supervision import Supervisor
 from p2pfl.transport.base import Transport
 from p2pfl.transport.budget import trim_heap
@@ -183,11 +179,7 @@ class Node:
         )
         # Always able to decode compressed updates: the sender's pipeline is self-described.
         self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=self.limits.max_bin_len)
-        self.secure = self._secure_participant() if config.secure_aggregation else None
-        # Our updates by round while their groups' outcomes are pending (secure mode).
-        self._contributions: dict[int, Broadcast] = {}
-        # What a peer asking for our state may get in secure mode: never our own model.
-        self._public_params: np.ndarray | None = None
+        self.secure = SecureRounds(self, self._admission) if config.secure_aggregation else None
         self._timing: dict[str, float] = {}  # this round's train/encode/aggregate/eval seconds
         self.machine = RoundMachine(
             params=params,
@@ -241,36 +233,6 @@ class Node:
             return parse_pipeline(self.config.compression)
         except ValueError as exc:
             raise ConfigError("compression", str(exc)) from None
-
-    def _secure_participant(self) -> SecureParticipant:
-        """Secure aggregation's timeouts as fractions of the round timeout: the leader
-        collects vectors while members may still train, so that step gets the most."""
-        c, rt = self.config, self.config.round_timeout
-        return SecureParticipant(
-            self.identity,
-            LeaderSettings(
-                c.federation,
-                group_size=c.group_size,
-                min_group=c.secure_min_group,
-                join_timeout=0.1 * rt,
-                setup_timeout=0.1 * rt,
-                collect_timeout=0.4 * rt,
-                reveal_timeout=0.1 * rt,
-            ),
-            MemberPolicy(
-                c.federation,
-                min_group=c.secure_min_group,
-                dim=self.model.num_params,
-                # "auto": mates beyond our neighbours only where a proof means something.
-                relayed_mates=c.secure_mates == "members"
-                or (c.secure_mates == "auto" and self._admission.closed),
-                admission=self._admission,
-            ),
-            no_group=c.secure_no_group,  # type: ignore[arg-type]  # checked by the config
-            # Past the leader's collect and reveal deadlines, so a group that completes
-            # with dropouts is not given up by its members just before.
-            mean_timeout=0.6 * rt,
-        )
 
     def close(self) -> None:
         """Release the data dir (its lock); `run()` does it when it ends."""
@@ -326,9 +288,7 @@ class Node:
     def _ready_peers(self) -> int:
         """Connected peers we can run a round with (with secure aggregation: keyed ones)."""
         connected = self.peers.connected_ids()
-        if self.secure is None:
-            return len(connected)
-        return len(self.secure.keyed(connected))
+        return len(connected) if self.secure is None else self.secure.ready(connected)
 
     async def _start_rounds(self) -> None:
         need = min(self.config.min_peers, self.config.max_peers)
@@ -355,9 +315,7 @@ class Node:
             if isinstance(action, Train):
                 self.learner.round_started(action.round, action.params)
                 if self.secure is not None:
-                    connected = self.secure.keyed(self.peers.connected_ids())
-                    now = trio.current_time()
-                    self._send_groups(self.secure.start_round(action.round, connected, now))
+                    self.secure.start_round(action.round, trio.current_time())
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action.round, action.params)
             elif isinstance(action, Broadcast):
@@ -399,8 +357,8 @@ class Node:
                 log.info("finished %d rounds", action.round)
                 self.learner.finish()  # after the last round's records
         self._wakeup.set()
-        if self._contributions:
-            self._secure_progress(trio.current_time())  # e.g. collecting again after a catch-up
+        if self.secure is not None and self.secure.contributions:
+            self.secure.progress(trio.current_time())  # e.g. collecting again after a catch-up
 
     def _broadcast(self, action: Broadcast) -> None:
         """Our model for a round goes to the neighbours: masked inside the neighbours'
@@ -413,12 +371,7 @@ class Node:
                 self._send_model(action.round, action.params, action.samples, honest)
             return
         if self.secure is not None:
-            now = trio.current_time()
-            self._contributions[action.round] = Broadcast(
-                action.round, params, action.samples, action.to
-            )
-            self._send_groups(self.secure.contribute(action.round, params, now))
-            self._secure_progress(now)
+            self.secure.contribute(action, params, trio.current_time())
             return
         instead = dict.fromkeys(honest, action.params) if honest else None
         self._send_model(action.round, params, action.samples, action.to, instead=instead)
@@ -492,53 +445,6 @@ class Node:
             else:
                 self.mesh.links[peer].update_queued(round)
 
-    def _send_groups(self, sends: list[GroupSend]) -> None:
-        for send in sends:
-            payload = codec.encode(to_envelope(send.message))
-            for peer in send.to:
-                self.mesh.enqueue(peer, payload)
-
-    def _secure_progress(self, now: float) -> None:
-        """Once our group's outcome for a round we contributed to is known: its mean
-        goes to the neighbours outside the group and, while we collect that round,
-        counts as each mate's input here (the mates send us nothing: they hold the same
-        mean); without a group, the policy applies. Neighbours may still collect a
-        round we have left, so what we owe them goes out even then."""
-        if self.secure is None:
-            return
-        for round in sorted(self._contributions):
-            c = self._contributions[round]
-            here = self.machine.round == round
-            if here and self.machine.phase is not Phase.COLLECTING:
-                continue  # aggregating, or catching up: our mates' copies can wait
-            outcome = self.secure.outcome(round)
-            if outcome is None:
-                if round < self.machine.round - 2:
-                    del self._contributions[round]  # long gone; nobody waits for it
-                continue
-            del self._contributions[round]
-            self._settle(c, outcome, now, inject=here)
-        self._wakeup.set()
-
-    def _settle(self, c: Broadcast, outcome: Outcome, now: float, *, inject: bool) -> None:
-        assert self.secure is not None
-        if outcome.mean is not None:
-            mean, members = outcome.mean.mean, outcome.mean.members
-            samples = min(c.samples * len(members), codec.MAX_SAMPLES - 1)
-            outside = tuple(p for p in c.to if p not in members)
-            self._send_model(c.round, mean, samples, outside)
-            self.secure.means_forwarded += len(outside)
-            for mate in (p for p in c.to if p in members and inject):
-                if self.machine.round != c.round:
-                    break  # the round ended on an earlier mate's copy
-                self._apply(self.machine.receive_update(now, mate, c.round, mean, samples))
-        elif self.secure.no_group == "plain":
-            self._send_model(c.round, c.params, c.samples, c.to)
-        else:
-            none = codec.encode(to_envelope(Abstain(self.id, c.round, outcome.reason[:64])))
-            for peer in c.to:
-                self.mesh.enqueue(peer, none)
-
     async def _train(self, round: int, params: np.ndarray) -> None:
         new, self._timing["train_s"] = await self.learner.train(round, params)
         self._apply(
@@ -600,7 +506,7 @@ class Node:
             "flagged": rule_row["flagged"],
         }
         if self.secure is not None:
-            self._public_params = public_model(agg.received)
+            self.secure.aggregated(agg.received)
         self.learner.record_round(agg.params, row, self.peers.connected_count())
         self._checkpoint()
 
@@ -625,8 +531,7 @@ class Node:
                 before = self.supervisor.total
                 with self.supervisor.guard("timer"):
                     if self.secure is not None:
-                        self._send_groups(self.secure.on_timeout(now))
-                        self._secure_progress(now)
+                        self.secure.on_timeout(now)
                     self._apply(self.machine.tick(now))
                 if self.supervisor.total != before:
                     await trio.sleep(FAILED_TICK_PAUSE)  # never spin on a failing deadline
@@ -655,11 +560,8 @@ class Node:
         self.outbox.peer_connected(peer)
 
     def _greeting(self) -> list[bytes]:
-        """What follows our Hello on a new link: with secure aggregation, our identity
-        key (mates check our round keys against it)."""
-        if self.secure is None:
-            return []
-        return [codec.encode(to_envelope(self.secure.greeting(self.machine.round)))]
+        """What follows our Hello on a new link (with secure aggregation, our key)."""
+        return [] if self.secure is None else [self.secure.greeting(self.machine.round)]
 
     def _on_peer_round(self, peer: str, round: int, now: float) -> None:
         self._apply(self.machine.observe_peer_round(now, peer, round))
@@ -671,8 +573,7 @@ class Node:
         """The peer's only link closed: every component lets go of it."""
         self._decoder.forget(peer)
         if self.secure is not None:
-            self._send_groups(self.secure.forget(peer, trio.current_time()))
-            self._secure_progress(trio.current_time())
+            self.secure.on_lost(peer, trio.current_time())
         self._apply(self.machine.peer_lost(trio.current_time(), peer))
 
     def _on_message(self, link: Link, msg: Message) -> bool:
@@ -684,13 +585,8 @@ class Node:
             case SecureEnvelope():
                 if self.secure is None:
                     self.mesh.count_rejection(peer, "secure_not_enabled", msg.kind)
-                    return True
-                try:
-                    group_msg = group_from_envelope(msg, max_dim=self.model.num_params)
-                except WireError as exc:
-                    self.mesh.count_rejection(peer, exc.reason, exc.detail)
-                    return True
-                self._on_group_message(peer, group_msg, now)
+                else:
+                    self.secure.on_envelope(peer, msg, now)
             case CompressedModelUpdate():
                 try:
                     params = self._decoder.decode(peer, msg.round, msg.blob)
@@ -733,26 +629,12 @@ class Node:
         """Our round and model for a peer that is behind. In secure mode the model is
         the mean of the group means we received, never one our own update shaped
         alone; before we have one, nothing (the peer asks others)."""
-        params = self.machine.params if self.secure is None else self._public_params
+        params = self.machine.params if self.secure is None else self.secure.public_params
         if params is None:
             self.counters["state_replies_withheld"] += 1
             return
         state = StateReply(self.id, self.machine.round, params, self.learner.samples)
         self.mesh.enqueue(peer, codec.encode(state))
-
-    def _on_group_message(self, peer: str, msg: GroupMessage, now: float) -> None:
-        assert self.secure is not None
-        if isinstance(msg, IdentityKey):
-            if self.secure.on_identity(peer, msg):
-                self.mesh.notify_peers_changed()  # a peer became ready for secure rounds
-            else:
-                self.mesh.count_rejection(peer, "identity_mismatch", "key hash is not its id")
-        elif isinstance(msg, Abstain):
-            self._send_groups(self.secure.on_abstain(peer, msg.round, now))
-            self._apply(self.machine.receive_abstain(now, peer, msg.round))
-        else:
-            self._send_groups(self.secure.on_message(peer, msg, now))
-            self._secure_progress(now)
 
     # ---- status ------------------------------------------------------------------------
 
