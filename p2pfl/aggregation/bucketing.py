@@ -4,8 +4,10 @@ Non-IID honest inputs are far apart, and robust rules mistake that spread for an
 attack (or an attacker hides inside it). Averaging random buckets of s inputs shrinks
 the honest spread by about sqrt(s) while f attackers still spoil at most f buckets, so
 the inner rule sees fewer, tighter inputs at the cost of tolerating a fraction of
-attackers s times smaller. The permutation comes from a seeded generator owned by the
-rule, so a run is reproducible.
+attackers s times smaller. That cost is checked on every call: the buckets must be as
+many as the inner rule needs inputs to outvote f, else the call uses smaller buckets
+(`safe_bucket_size`; the registry reports it). The permutation comes from a seeded
+generator owned by the rule, so a run is reproducible.
 """
 
 from __future__ import annotations
