@@ -85,6 +85,17 @@ _HELP = {
     "compression": "compression stage, in order (repeatable), e.g. topk:0.01",
     "attack": "scenario studies only: make this node malicious with this attack",
     "attack_options": "KEY=VALUE option of the attack (repeatable)",
+    "attack_start_round": "studies: honest before this round, malicious from it on",
+    "attack_honest_to": "studies: peer id or listen address that gets this attacker's "
+    "honest model (repeatable)",
+    "attack_colluders": "studies: peer id or listen address of an accomplice, left out of "
+    "what the attack overhears (repeatable)",
+    "secure_aggregation": "mask each update in one small group per round; neighbours see "
+    "only group means (docs/secure-aggregation.md)",
+    "group_size": "secure aggregation: target group size (>= 3)",
+    "secure_min_group": "secure aggregation: the smallest group this node masks in",
+    "secure_no_group": "secure aggregation without a group: wait, skip or plain",
+    "secure_mates": "secure aggregation mates: auto, neighbours or members (relayed)",
 }
 
 
