@@ -1,0 +1,64 @@
+"""Consensus step for compressed gossip (CHOCO-SGD, Koloskova et al. 2019), sans-IO.
+
+With compression a node's neighbours do not hold its model x_i but its public copy
+x_hat_i (what they rebuilt from its compressed messages). Plain aggregation mixes the
+node's *exact* model with the neighbours' *public copies*: on a sparse graph with
+non-IID shards, what top-k has not delivered yet (x_i - x_hat_i, large while models
+differ a lot) then enters every node's average asymmetrically, and the models drift
+apart instead of agreeing. CHOCO-Gossip instead moves each node by the disagreement
+between public copies only, which every party computes from the same numbers:
+
+    x_i <- x_i + gamma * sum_j w_ij (x_hat_j - x_hat_i)
+
+with x_i the node's model after local training and x_hat_* the copies *after* this
+round's messages (the sender's own x_hat_i is the encoder's, bit-identical to what its
+neighbours decoded). What compression withheld from x_i is kept by the node (it is
+sent later by error feedback) instead of being averaged away. gamma < 1 damps the
+step, which CHOCO needs when the copies lag far behind the models.
+
+With weights w_ij summing to one over the node and its neighbours, the sum equals
+mean(x_hat) - x_hat_i. For any other rule the same step is
+`rule(public copies) - x_hat_i`: the rule (median, trimmed mean, Krum, ...) sees only
+public copies, all in the same coordinates, so an outlier copy is discarded exactly
+as the rule would discard an outlier model, and the node's own exact model never
+enters the rule (it cannot outvote the rule by being off its own copy). With
+identity compression (x_hat = x) and gamma = 1 this is the plain aggregate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+RuleFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def consensus_step(
+    rule: RuleFn,
+    public: np.ndarray,
+    weights: np.ndarray,
+    own_index: int,
+    own_exact: np.ndarray,
+    gamma: float,
+) -> F32:
+    """x_i + gamma * (rule(public, weights) - x_hat_i), as float32.
+
+    `public` is (n, d): every input's public copy, the node's own x_hat_i at row
+    `own_index` (the rule's reference point is that copy, not the exact model).
+    """
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"consensus step must be in (0, 1], got {gamma}")
+    if public.ndim != 2 or not 0 <= own_index < public.shape[0]:
+        raise ValueError("public must be (n, d) with own_index one of its rows")
+    if own_exact.shape != public.shape[1:]:
+        raise ValueError(f"own model has shape {own_exact.shape}, copies {public.shape[1:]}")
+    own_public = public[own_index]
+    target = np.asarray(rule(public, weights, own_public), dtype=np.float64)
+    step: npt.NDArray[np.float64] = target - own_public
+    step *= gamma
+    step += own_exact
+    out: F32 = step.astype(np.float32)
+    return out
