@@ -13,6 +13,7 @@ its two neighbours decode into its x_hat, then each node aggregates:
 
 * plain: mean(own exact model, neighbours' x_hat)   (what the node does today)
 * consensus gamma: own + gamma * (mean(own x_hat, neighbours' x_hat) - own x_hat)
+  (CHOCO-SGD), and with keep < 1: own x_hat + keep * (own - own x_hat) + gamma * (...)
 
 "bytes/update" is the whole wire message to one neighbour (header included),
 averaged over rounds and nodes; accuracy is the test accuracy after aggregation,
@@ -47,6 +48,7 @@ ONE_PCT = ["delta", "topk:0.01", "quantize:8", "zstd:3"]
 def simulate(
     stages: list[str],
     gamma: float | None,
+    keep: float = 1.0,
     *,
     nodes: int,
     rounds: int,
@@ -114,7 +116,9 @@ def simulate(
                 params[j] = mean(np.stack(rows), w, trained[j])
             else:
                 rows = [own_public[j] if i == j else held[j][i] for i in order]
-                params[j] = consensus_step(mean, np.stack(rows), w, own_row, trained[j], gamma)
+                params[j] = consensus_step(
+                    mean, np.stack(rows), w, own_row, trained[j], gamma, keep
+                )
             evaluator.set_params(params[j])
             accs.append(evaluator.evaluate(ds.x_test, ds.y_test)["accuracy"])
         curve_mean.append(float(np.mean(accs)))
@@ -138,12 +142,14 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--keyframe-every", type=int, default=50)
     ap.add_argument("--gammas", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1])
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.6], help="with gamma 1")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    cases: list[tuple[str, list[str], float | None]] = [("none (float32)", [], None)]
+    cases: list[tuple[str, list[str], float | None, float]] = [("none (float32)", [], None, 1.0)]
     for label, stages in (("top-3%+int4+zstd", THIRTY_X), ("top-1%+int8+zstd", ONE_PCT)):
-        cases.append((label, stages, None))
-        cases += [(label, stages, g) for g in args.gammas]
+        cases.append((label, stages, None, 1.0))
+        cases += [(label, stages, g, 1.0) for g in args.gammas]
+        cases += [(label, stages, 1.0, k) for k in args.keeps]
     print(
         f"digits, MLP(32), {args.nodes} nodes {args.topology}, Dirichlet({args.alpha}), "
         f"{args.rounds} rounds, keyframes every {args.keyframe_every}, seeds {args.seeds}\n"
@@ -152,11 +158,12 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     rows = []
     start = time.perf_counter()
-    for label, stages, gamma in cases:
+    for label, stages, gamma, keep in cases:
         runs = [
             simulate(
                 stages,
                 gamma,
+                keep,
                 nodes=args.nodes,
                 rounds=args.rounds,
                 seed=s,
@@ -171,6 +178,7 @@ def main() -> None:
             "name": label,
             "stages": stages,
             "consensus_step": gamma,
+            "keep": keep,
             "bytes_per_update": per_update,
             "ratio_vs_float32": runs[0]["float32_bytes"] / per_update,
             "final_accuracy_mean": float(np.mean([r["final_mean"] for r in runs])),
@@ -183,6 +191,7 @@ def main() -> None:
         }
         rows.append(res)
         how = "plain" if gamma is None else f"consensus {gamma:g}"
+        how += f", keep {keep:g}" if keep != 1.0 else ""
         print(
             f"| {label} | {how} | {per_update:.0f} | {res['ratio_vs_float32']:.1f}x | "
             f"{res['final_accuracy_mean']:.4f} | {res['final_accuracy_worst_node']:.4f} |",

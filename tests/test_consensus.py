@@ -114,3 +114,25 @@ def test_step_size_out_of_range_is_refused(gamma: float) -> None:
     x = np.zeros((2, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="consensus step"):
         consensus_step(mean, x, np.ones(2), 0, x[0], gamma)
+
+
+def test_keep_equal_to_the_self_weight_is_the_plain_aggregate_of_the_exact_own_model() -> None:
+    """keep = w_ii, gamma = 1: rule(x_i, x_hat_j) exactly; keep = 1 differs from it by
+    (1 - w_ii)(x_i - x_hat_i), the unsent part CHOCO keeps whole."""
+    rng = np.random.default_rng(5)
+    public = rng.normal(size=(3, DIM)).astype(np.float32)
+    exact = public[0] + rng.normal(scale=0.2, size=DIM).astype(np.float32)
+    weights = np.array([2.0, 1.0, 1.0])
+    w_ii = 0.5
+    plain = mean(np.vstack([exact, public[1:]]), weights, exact)
+    got = consensus_step(mean, public, weights, 0, exact, 1.0, keep=w_ii)
+    np.testing.assert_allclose(got, plain, rtol=0, atol=1e-5)
+    choco = consensus_step(mean, public, weights, 0, exact, 1.0)
+    np.testing.assert_allclose(choco - plain, (1 - w_ii) * (exact - public[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [-0.1, 1.1, float("nan")])
+def test_keep_out_of_range_is_refused(keep: float) -> None:
+    x = np.zeros((2, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="keep"):
+        consensus_step(mean, x, np.ones(2), 0, x[0], 1.0, keep=keep)

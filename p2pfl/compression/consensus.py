@@ -23,6 +23,13 @@ public copies, all in the same coordinates, so an outlier copy is discarded exac
 as the rule would discard an outlier model, and the node's own exact model never
 enters the rule (it cannot outvote the rule by being off its own copy). With
 identity compression (x_hat = x) and gamma = 1 this is the plain aggregate.
+
+`keep` generalises the step to x_hat_i + keep * (x_i - x_hat_i) + gamma * (rule - x_hat_i):
+keep = 1 is CHOCO (the unsent part x_i - x_hat_i stays whole); with the mean, keep =
+w_ii and gamma = 1 is exactly today's plain aggregate rule(x_i, x_hat_j), which keeps
+only the self weight's share of it. The ring measurement in docs/compression.md is
+why this knob exists: there CHOCO (keep 1) loses to plain at every gamma, keep 0.6
+with gamma 1 beats plain.
 """
 
 from __future__ import annotations
@@ -43,14 +50,18 @@ def consensus_step(
     own_index: int,
     own_exact: np.ndarray,
     gamma: float,
+    keep: float = 1.0,
 ) -> F32:
-    """x_i + gamma * (rule(public, weights) - x_hat_i), as float32.
+    """x_hat_i + keep * (x_i - x_hat_i) + gamma * (rule(public, weights) - x_hat_i).
 
     `public` is (n, d): every input's public copy, the node's own x_hat_i at row
     `own_index` (the rule's reference point is that copy, not the exact model).
+    keep = 1 (the default) is CHOCO's x_i + gamma * (rule - x_hat_i).
     """
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"consensus step must be in (0, 1], got {gamma}")
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
     if public.ndim != 2 or not 0 <= own_index < public.shape[0]:
         raise ValueError("public must be (n, d) with own_index one of its rows")
     if own_exact.shape != public.shape[1:]:
@@ -59,6 +70,7 @@ def consensus_step(
     target = np.asarray(rule(public, weights, own_public), dtype=np.float64)
     step: npt.NDArray[np.float64] = target - own_public
     step *= gamma
-    step += own_exact
+    step += own_public
+    step += keep * (own_exact.astype(np.float64) - own_public)
     out: F32 = step.astype(np.float32)
     return out
