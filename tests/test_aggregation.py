@@ -492,5 +492,6 @@ def test_rule_names_are_the_contracted_ones() -> None:
         "geometric_median",
         "centered_clipping",
         "self_centered_clipping",
+        "clipped_gossip",
     )
     assert make_rule("median", options={"bucket_size": 2}).name == "median+bucketing(2)"

@@ -1,4 +1,5 @@
-"""Centred clipping (Karimireddy et al. 2021) and self-centred clipping (He et al. 2022).
+"""Centred clipping (Karimireddy et al. 2021), self-centred clipping and ClippedGossip
+(He et al. 2022).
 
 Both move from a centre v towards the inputs, but each input's pull is clipped to a
 radius tau: v <- v + (1/n) sum_i clip(x_i - v, tau). An attacker then shifts the result
@@ -18,6 +19,17 @@ radius of the farthest one that may be honest, and everything nearer passes
 unchanged. With f = 0 nothing is clipped (the rule is the mean); with f >= n - 1 the
 radius is 0 and the node keeps its own model. Weights are uniform 1/n, own included
 (as in gossip averaging); claimed sample counts are ignored.
+
+`clipped_gossip` is the same single step with the paper's own adaptive radius instead
+(He, Karimireddy and Jaggi 2022, the practical rule of its experiments): with gossip
+weights 1/n and a Byzantine weight delta = f/n, the radius is the one its analysis asks
+for, tau^2 = (1/delta) * sum over the n - f inputs nearest to my model of (1/n) d_j^2,
+i.e. tau = sqrt(sum of the n - f smallest d_j^2 / f). It bounds what the f clipped
+inputs can add (f * tau / n) by the honest spread itself, rather than clipping exactly
+the f farthest inputs as `adaptive_tau` does: when honest neighbours are close
+together and near me nobody is clipped (the step is plain gossip averaging), and an
+input far beyond the honest spread is cut down to it. With f = 0 the radius is
+infinite (the mean).
 
 Iterates are combinations own + beta @ (x - own) with distances from the Gram matrix,
 so the stack is read twice whatever the number of iterations.
@@ -98,6 +110,40 @@ def self_centered_clipping(
     n = x.shape[0]
     dist = np.sqrt(row_sq_norms(x, own))
     radius = adaptive_tau(dist, f) if tau is None else tau
+    if clipped_out is not None:
+        clipped_out[:] = dist > radius
+    beta = _clip_factors(dist, radius) / n
+    return gram.combine(x, own, beta)
+
+
+def clipped_gossip_tau(sq_dist: np.ndarray, f: int) -> float:
+    """ClippedGossip's adaptive radius from the squared distances to my model:
+    sqrt(sum of the n - f smallest / f); infinite with f = 0, 0 with f >= n."""
+    n = len(sq_dist)
+    if f == 0:
+        return float("inf")
+    if f >= n:
+        return 0.0
+    keep = n - f
+    nearest = np.partition(sq_dist, keep - 1)[:keep]
+    return float(np.sqrt(nearest.sum() / f))
+
+
+def clipped_gossip(
+    x: np.ndarray,
+    own: np.ndarray,
+    *,
+    f: int,
+    tau: float | None = None,
+    clipped_out: np.ndarray | None = None,
+) -> np.ndarray:
+    """own + (1/n) sum_j clip(x_j - own, tau) with ClippedGossip's adaptive radius
+    (`clipped_gossip_tau`) unless a fixed `tau` is given. `clipped_out` (bool (n,)), if
+    given, receives which inputs were clipped."""
+    n = x.shape[0]
+    sq = row_sq_norms(x, own)
+    dist = np.sqrt(sq)
+    radius = clipped_gossip_tau(sq, f) if tau is None else tau
     if clipped_out is not None:
         clipped_out[:] = dist > radius
     beta = _clip_factors(dist, radius) / n

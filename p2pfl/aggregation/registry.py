@@ -52,6 +52,7 @@ RULE_NAMES: tuple[str, ...] = (
     "geometric_median",
     "centered_clipping",
     "self_centered_clipping",
+    "clipped_gossip",
 )
 
 # Options every rule accepts (bucketing wraps any rule).
@@ -65,6 +66,7 @@ _RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "geometric_median": ("iterations", "eps"),
     "centered_clipping": ("tau", "iterations"),
     "self_centered_clipping": ("tau",),
+    "clipped_gossip": ("tau",),
 }
 # Seed of the generator that picks the coordinates a trimmed mean's flags look at (it
 # only affects the diagnostics, never the model).
@@ -246,6 +248,14 @@ def _kernel(name: str, f: int, opts: _Options) -> Kernel:
             return clipping.self_centered_clipping(x, own, f=f, tau=tau, clipped_out=diag.flagged)
 
         return self_centered
+    if name == "clipped_gossip":
+        tau = opts.optional_number("tau", low=0.0, strict_low=True)
+
+        def gossip(x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics) -> np.ndarray:
+            diag.flagged, diag.evidence = np.zeros(x.shape[0], dtype=bool), CLIPPED
+            return clipping.clipped_gossip(x, own, f=f, tau=tau, clipped_out=diag.flagged)
+
+        return gossip
     raise AssertionError(name)  # RULE_NAMES and this function list the same rules
 
 
