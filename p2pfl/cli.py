@@ -67,6 +67,8 @@ _HELP = {
     "quorum": "fraction of expected neighbours to wait for before aggregating",
     "round_timeout": "seconds to wait for neighbours' models before aggregating anyway",
     "rounds": "rounds to run (0 = forever); the node keeps serving peers afterwards",
+    "worker_momentum": "send start + an exponential average (beta) of the round updates, "
+    "0 = off (docs/robustness.md)",
     "dataset": (
         "a built-in data set (<datasets>) cut into this node's shard, your own .npz/.csv "
         "file, package.module:callable or path/to/file.py:callable"

@@ -94,6 +94,9 @@ class NodeConfig:
     epochs: int = 1
     lr: float = 0.05
     batch_size: int = 32
+    # Worker momentum (Karimireddy et al. 2021): the round's update that leaves the node
+    # is an exponential average of its recent updates, beta in [0, 1); 0 = off.
+    worker_momentum: float = 0.0
     neighbours: str = "all"
     quorum: float = 1.0
     round_timeout: float = 30.0
@@ -222,6 +225,7 @@ class NodeConfig:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(0.0 <= self.worker_momentum < 1.0, "worker_momentum", "must be in [0, 1)")
         _check(
             self.neighbours == "all" or (self.neighbours.isdigit() and int(self.neighbours) >= 1),
             "neighbours",

@@ -33,6 +33,7 @@ from p2pfl.learning.attacks import Attack, make_attack
 from p2pfl.learning.datasets import MissingExtra
 from p2pfl.learning.fingerprint import fingerprint
 from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
+from p2pfl.learning.worker_momentum import WorkerMomentum
 from p2pfl.node.records import Done, Evaluate, RecordItem, RecordQueue, Save
 from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pfl.supervision import Supervisor
@@ -109,6 +110,10 @@ class Learner:
         if self.attack is not None:
             self._y_attack = self.attack.poison_labels(self._y, ds.n_classes)
         self._round_start: tuple[int, np.ndarray] | None = None  # (round, model trained from)
+        # Round-level momentum of what we send (off at 0; learning/worker_momentum.py).
+        self.worker_momentum = (
+            WorkerMomentum(config.worker_momentum) if config.worker_momentum > 0 else None
+        )
         # Neighbours' last deltas and who sent them (attacks only).
         self._overheard: np.ndarray | None = None
         self._overheard_from: tuple[str, ...] = ()
@@ -267,6 +272,11 @@ class Learner:
             self.counters["training_diverged"] += 1
             self.model.reset_optimizer()
             new = params
+            if self.worker_momentum is not None:
+                self.worker_momentum.reset()
+        elif self.worker_momentum is not None:
+            # What leaves the node (and counts as our own input) is the smoothed update.
+            new = self.worker_momentum.apply(params, new)
         return new, seconds
 
     def attacking(self, round: int) -> bool:

@@ -84,6 +84,7 @@ class TrainingSpec:
     epochs: int = 1
     lr: float = 0.05
     batch_size: int = 32
+    worker_momentum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,7 @@ class Scenario:
                 "epochs": self.training.epochs,
                 "lr": self.training.lr,
                 "batch_size": self.training.batch_size,
+                "worker_momentum": self.training.worker_momentum,
                 "neighbours": self.protocol.neighbours,
                 "quorum": self.protocol.quorum,
                 "round_timeout": self.protocol.round_timeout,
@@ -493,6 +495,7 @@ def _parse_training(t: Table) -> TrainingSpec:
         epochs=t.get_int("epochs", 1, minimum=1),
         lr=t.get_float("lr", 0.05, positive=True),
         batch_size=t.get_int("batch_size", 32, minimum=1),
+        worker_momentum=t.get_float("worker_momentum", 0.0),
     )
     t.finish()
     return spec
@@ -723,6 +726,7 @@ _CONFIG_FIELD_PATHS = {
     "clusters": "data.clusters", "label_column": "data.label_column", "classes": "data.classes",
     "model": "model.name", "hidden": "model.hidden", "epochs": "training.epochs",
     "lr": "training.lr", "batch_size": "training.batch_size", "rounds": "rounds",
+    "worker_momentum": "training.worker_momentum",
     "nodes": "nodes", "neighbours": "protocol.neighbours", "quorum": "protocol.quorum",
     "round_timeout": "protocol.round_timeout",
     "heartbeat_interval": "protocol.heartbeat_interval",
