@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from p2pfl.aggregation import bucketing, clipping, coordinate, geomed, krum
+from p2pfl.aggregation import bucketing, clipping, coordinate, geomed, krum, nnm
 from p2pfl.aggregation.diagnostics import (
     BUCKET_SIZE_REDUCED,
     CLIPPED,
@@ -55,8 +55,8 @@ RULE_NAMES: tuple[str, ...] = (
     "clipped_gossip",
 )
 
-# Options every rule accepts (bucketing wraps any rule).
-_COMMON_OPTIONS = ("bucket_size", "bucket_seed")
+# Options every rule accepts (bucketing, or nearest-neighbour mixing, wraps any rule).
+_COMMON_OPTIONS = ("bucket_size", "bucket_seed", "nnm")
 _RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "mean": (),
     "median": (),
@@ -179,8 +179,17 @@ def make_rule(name: str, *, f: int = 0, options: Mapping[str, Any] | None = None
     need = min_inputs(name, f, opts.optional_number("beta", low=0.0, below=0.5))
     s = opts.optional_integer("bucket_size", minimum=2)
     seed = opts.integer("bucket_seed", 0, minimum=0)
+    mixing = opts.boolean("nnm", False)
     opts.finish()
+    if mixing and s is not None:
+        raise ValueError(
+            "aggregation options 'nnm' and 'bucket_size' are alternatives (both reduce the "
+            "honest spread before the rule); choose one"
+        )
     full_name = name
+    if mixing:
+        kernel = _mixed(kernel, f)
+        full_name = f"{name}+nnm"
     if s is not None:
         inner = Rule(name, f, dict(opts.values), kernel, need=need)
         kernel = _bucketed(inner, s, np.random.default_rng(seed))
@@ -300,6 +309,18 @@ def _trimmed_mean_kernel(f: int, beta: float | None) -> Kernel:
     return kernel
 
 
+def _mixed(inner: Kernel, f: int) -> Kernel:
+    """Nearest-neighbour mixing (`nnm.mix`) before the rule; row i of the mixed stack is
+    input i's mixture, so the rule's per-input flags keep their meaning of "input i"."""
+
+    def kernel(
+        x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics
+    ) -> np.ndarray | None:
+        return inner(nnm.mix(x, own, f), w, own, diag)
+
+    return kernel
+
+
 def _bucketed(inner: Rule, s: int, rng: np.random.Generator) -> Kernel:
     """Bucket means of s inputs, then `inner` on them; with fewer buckets than
     `inner.need`, smaller buckets for this call (`bucketing.safe_bucket_size`). An input
@@ -364,6 +385,14 @@ class _Options:
             raise self._bad(key, f"expected an integer, got {value!r}")
         if value < minimum:
             raise self._bad(key, f"must be >= {minimum}, got {value}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, f"expected true or false, got {value!r}")
         return value
 
     def number(self, key: str, default: float, *, low: float, strict_low: bool = False) -> float:
