@@ -1,0 +1,206 @@
+"""Evidence for docs/robustness.md's "Heterogeneous sparse setting": the issue's case.
+
+Run: nice python benchmarks/hetero_grid.py [--rounds 20] [--jobs 2] [--rules ...]
+     [--momenta 0,0.9] [--seeds 0] [--attacks ...]   (docs/robustness.md has the runs)
+
+20 nodes on a random 6-regular graph (seed 0), digits split Dirichlet(0.3), the MLP,
+1 local epoch per round, 4 attackers (20%, chosen from the seed). Rows: robust rules,
+each without and with worker momentum (`[training] worker_momentum`); columns: no
+attack, sign-flip x10, Gaussian sigma 10, IPM epsilon 1, ALIE (z from n and f), and a
+mix of the four (`[[attack]]` tables, one attacker each). Every node declares f = 2:
+its own neighbourhood is 7 inputs, which outvote at most 3, and 4 attackers among 20
+put 2 or fewer next to most nodes (the declared f is what each rule clips or trims
+for, not the global count). A rule spec "name+nnm@f3" adds nearest-neighbour mixing
+(`nnm = true`) and declares f = 3 instead. With several seeds the table averages
+them (the seed picks the graph, the split and the attackers).
+
+Each cell is one `--in-process` scenario run (real Node code on the in-memory
+transport). Reported: the honest nodes' mean final test accuracy (and their minimum).
+Results go to benchmarks/results/hetero_grid.json and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pfl.scenario import parse_scenario
+from p2pfl.scenario.inprocess import run_in_process
+from p2pfl.scenario.report import build_metrics
+
+RESULTS = Path(__file__).resolve().parent / "results" / "hetero_grid.json"
+# A "+nnm" suffix runs the rule after nearest-neighbour mixing (`nnm = true`); an
+# "@fK" suffix declares f = K instead of F.
+RULES = ("median", "centered_clipping", "self_centered_clipping", "clipped_gossip")
+# (column name, [[attack]] tables)
+ATTACKS: dict[str, list[dict[str, Any]]] = {
+    "none": [],
+    "sign_flip x10": [{"kind": "sign_flip", "fraction": 0.2, "scale": 10.0}],
+    "gaussian s10": [{"kind": "gaussian", "fraction": 0.2, "sigma": 10.0}],
+    "ipm e1": [{"kind": "ipm", "fraction": 0.2, "epsilon": 1.0}],
+    "alie": [{"kind": "alie", "fraction": 0.2}],
+    "mix": [
+        {"kind": "sign_flip", "fraction": 0.05, "scale": 10.0},
+        {"kind": "gaussian", "fraction": 0.05, "sigma": 10.0},
+        {"kind": "ipm", "fraction": 0.05, "epsilon": 1.0},
+        {"kind": "alie", "fraction": 0.05},
+    ],
+}
+NODES = 20
+F = 2
+
+
+def parse_rule(spec: str) -> tuple[str, bool, int]:
+    """ "name[+nnm][@fK]" -> (rule name, nearest-neighbour mixing, declared f)."""
+    body, _, f = spec.partition("@f")
+    return body.removesuffix("+nnm"), body.endswith("+nnm"), int(f) if f else F
+
+
+def scenario_doc(
+    rule: str, momentum: float, attack: str, rounds: int, seed: int = 0
+) -> dict[str, Any]:
+    spec_name, mixing, f = parse_rule(rule)
+    doc: dict[str, Any] = {
+        "name": re.sub(r"[^A-Za-z0-9._-]", "-", f"hetero-{rule}-m{momentum}-{attack}-s{seed}"),
+        "nodes": NODES,
+        "rounds": rounds,
+        "seed": seed,
+        "topology": {"kind": "kregular", "degree": 6},
+        "data": {"dataset": "digits", "partition": "dirichlet", "alpha": 0.3},
+        "model": {"name": "mlp"},
+        "training": {"epochs": 1, "lr": 0.05, "batch_size": 32, "worker_momentum": momentum},
+        "protocol": {"round_timeout": 30.0},
+        "aggregation": {"rule": spec_name, "f": f},
+    }
+    if mixing:  # nearest-neighbour mixing before the rule
+        doc["aggregation"]["nnm"] = True
+    if ATTACKS[attack]:
+        doc["attack"] = [dict(t) for t in ATTACKS[attack]]
+    return doc
+
+
+Cell = tuple[str, float, str, int, int]
+
+
+def run_cell(args: Cell) -> dict[str, Any]:
+    rule, momentum, attack, rounds, seed = args
+    scenario = parse_scenario(scenario_doc(rule, momentum, attack, rounds, seed))
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        records, _ = run_in_process(scenario, Path(tmp))
+    wall = time.monotonic() - started
+    metrics = build_metrics(scenario, records, wall_seconds=wall, mode="in-process")
+    final = metrics["summary"]["final"]
+    return {
+        "rule": rule,
+        "worker_momentum": momentum,
+        "attack": attack,
+        "rounds": rounds,
+        "seed": seed,
+        "f": parse_rule(rule)[2],
+        "honest_accuracy_mean": final["accuracy_mean"],
+        "honest_accuracy_min": final["accuracy_min"],
+        "malicious": metrics["summary"]["malicious_nodes"],
+        "wall_seconds": round(wall, 2),
+    }
+
+
+def _key(r: dict[str, Any]) -> tuple[str, float, str, int, int]:
+    return (r["rule"], r["worker_momentum"], r["attack"], r["rounds"], r.get("seed", 0))
+
+
+def markdown(results: list[dict[str, Any]], rules: tuple[str, ...]) -> str:
+    """One row per rule x momentum: each cell the honest mean accuracy averaged over
+    the seeds run (and the worst honest node over them); the last column is the largest
+    drop of an attacked column below the row's own clean run."""
+    attacks = [a for a in ATTACKS if any(r["attack"] == a for r in results)]
+    seeds = sorted({r.get("seed", 0) for r in results})
+    lines = [
+        "| rule | worker momentum | "
+        + " | ".join(a.replace("none", "no attack") for a in attacks)
+        + " | worst drop |",
+        "|---|---:|" + "---:|" * (len(attacks) + 1),
+    ]
+    momenta = sorted({r["worker_momentum"] for r in results})
+    for rule in rules:
+        for m in momenta:
+            means: dict[str, float] = {}
+            texts = []
+            for a in attacks:
+                hit = [
+                    r
+                    for r in results
+                    if r["rule"] == rule
+                    and r["worker_momentum"] == m
+                    and r["attack"] == a
+                    and r["honest_accuracy_mean"] is not None
+                ]
+                if len(hit) != len(seeds):
+                    texts.append("")
+                    continue
+                means[a] = sum(r["honest_accuracy_mean"] for r in hit) / len(hit)
+                low = min(r["honest_accuracy_min"] for r in hit)
+                texts.append(f"{100 * means[a]:.1f} (min {100 * low:.1f})")
+            if not means:
+                continue
+            drops = [means["none"] - v for a, v in means.items() if a != "none" and "none" in means]
+            worst = f"{100 * max(drops):.1f}" if drops else ""
+            lines.append(f"| {rule} | {m:g} | " + " | ".join(texts) + f" | {worst} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--momenta", default="0,0.9")
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--seeds", default="0", help="comma-separated scenario seeds")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    rules = tuple(r for r in args.rules.split(",") if r)
+    momenta = [float(m) for m in args.momenta.split(",") if m]
+    attacks = [a for a in args.attacks.split(",") if a]
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    todo: list[Cell] = [
+        (rule, m, a, args.rounds, seed)
+        for seed in seeds
+        for rule in rules
+        for m in momenta
+        for a in attacks
+    ]
+    started = time.monotonic()
+    results: list[dict[str, Any]] = []
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        for i, r in enumerate(pool.imap_unordered(run_cell, todo), 1):
+            results.append(r)
+            acc = r["honest_accuracy_mean"]
+            print(
+                f"[{i}/{len(todo)}] {r['rule']:24} m={r['worker_momentum']:g} {r['attack']:14} "
+                f"acc={acc if acc is None else round(acc, 4)} {r['wall_seconds']}s",
+                flush=True,
+            )
+    previous = json.loads(args.out.read_text())["results"] if args.out.exists() else []
+    done = {_key(r) for r in results}
+    keep = [r for r in previous if _key(r) not in done]
+    merged = keep + results
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps({"results": merged}, indent=1) + "\n")
+    print(
+        f"\n### hetero ({args.rounds} rounds, seeds {args.seeds}; honest mean final "
+        "accuracy, %, averaged over seeds; min = worst honest node)\n"
+    )
+    shown = [r for r in merged if r["rounds"] == args.rounds and r.get("seed", 0) in seeds]
+    print(markdown(shown, tuple(dict.fromkeys((*RULES, *rules)))))
+    print(f"\n{len(todo)} runs in {time.monotonic() - started:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
