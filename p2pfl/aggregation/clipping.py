@@ -29,7 +29,8 @@ inputs can add (f * tau / n) by the honest spread itself, rather than clipping e
 the f farthest inputs as `adaptive_tau` does: when honest neighbours are close
 together and near me nobody is clipped (the step is plain gossip averaging), and an
 input far beyond the honest spread is cut down to it. With f = 0 the radius is
-infinite (the mean).
+infinite (the mean). (From the paper's adaptive-radius formula with uniform weights;
+the text was not at hand while implementing: re-check the constant against it.)
 
 Iterates are combinations own + beta @ (x - own) with distances from the Gram matrix,
 so the stack is read twice whatever the number of iterations.
