@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p2pfl.scenario import parse_scenario
+from p2pfl.scenario import parse_scenario, topology
 from p2pfl.scenario.inprocess import run_in_process
 from p2pfl.scenario.report import build_metrics
 
@@ -115,6 +115,34 @@ def _key(r: dict[str, Any]) -> tuple[str, float, str, int, int]:
     return (r["rule"], r["worker_momentum"], r["attack"], r["rounds"], r.get("seed", 0))
 
 
+def breakdown(rule: str, attack: str, rounds: int, seed: int) -> list[str]:
+    """Honest nodes grouped by how many attackers they neighbour: the group's mean final
+    accuracy clean and under `attack` (same graph, split and attackers), and its worst
+    node under attack. Shows whether damage stays where the attackers are."""
+    finals = {}
+    for a in ("none", attack):
+        scenario = parse_scenario(scenario_doc(rule, 0.0, a, rounds, seed))
+        with tempfile.TemporaryDirectory() as tmp:
+            records, _ = run_in_process(scenario, Path(tmp))
+        metrics = build_metrics(scenario, records, wall_seconds=0.0, mode="in-process")
+        finals[a] = {k: v["rounds"][-1]["accuracy"] for k, v in metrics["nodes"].items()}
+        malicious = {int(name[1:]) for name in metrics["summary"]["malicious_nodes"]}
+    adj = topology.adjacency(scenario.nodes, scenario.edges())
+    groups: dict[int, list[str]] = {}
+    for i in range(scenario.nodes):
+        if i not in malicious:
+            groups.setdefault(sum(j in malicious for j in adj[i]), []).append(f"n{i}")
+    lines = []
+    for bad, names in sorted(groups.items()):
+        clean = sum(finals["none"][k] for k in names) / len(names)
+        hit = [finals[attack][k] for k in names]
+        lines.append(
+            f"| {seed} | {bad} | {len(names)} | {100 * clean:.1f} | "
+            f"{100 * sum(hit) / len(hit):.1f} | {100 * min(hit):.1f} |"
+        )
+    return lines
+
+
 def markdown(results: list[dict[str, Any]], rules: tuple[str, ...]) -> str:
     """One row per rule x momentum: each cell the honest mean accuracy averaged over
     the seeds run (and the worst honest node over them); the last column is the largest
@@ -164,7 +192,20 @@ def main() -> None:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--seeds", default="0", help="comma-separated scenario seeds")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--breakdown",
+        metavar="RULE:ATTACK",
+        help="instead of the grid: per-node groups by attacking neighbours (no JSON)",
+    )
     args = parser.parse_args()
+    if args.breakdown:
+        rule, _, attack = args.breakdown.partition(":")
+        print(f"### {rule} under {attack}, {args.rounds} rounds\n")
+        print("| seed | attacking neighbours | honest nodes | clean | attacked | worst |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for seed in (int(x) for x in args.seeds.split(",") if x):
+            print("\n".join(breakdown(rule, attack, args.rounds, seed)), flush=True)
+        return
     rules = tuple(r for r in args.rules.split(",") if r)
     momenta = [float(m) for m in args.momenta.split(",") if m]
     attacks = [a for a in args.attacks.split(",") if a]
