@@ -108,12 +108,23 @@ def self_centered_clipping(
 ) -> np.ndarray:
     """own + (1/n) sum_j clip(x_j - own, tau): one ClippedGossip step. `clipped_out`
     (bool (n,)), if given, receives which inputs were clipped."""
-    n = x.shape[0]
     dist = np.sqrt(row_sq_norms(x, own))
     radius = adaptive_tau(dist, f) if tau is None else tau
+    return _clipped_step(x, own, dist, radius, clipped_out)
+
+
+def _clipped_step(
+    x: np.ndarray,
+    own: np.ndarray,
+    dist: np.ndarray,
+    radius: float,
+    clipped_out: np.ndarray | None,
+) -> np.ndarray:
+    """own + (1/n) sum_j clip(x_j - own, radius), given each input's distance to own:
+    the one step both self-centred rules take; they differ only in the radius."""
     if clipped_out is not None:
         clipped_out[:] = dist > radius
-    beta = _clip_factors(dist, radius) / n
+    beta = _clip_factors(dist, radius) / x.shape[0]
     return gram.combine(x, own, beta)
 
 
@@ -141,14 +152,9 @@ def clipped_gossip(
     """own + (1/n) sum_j clip(x_j - own, tau) with ClippedGossip's adaptive radius
     (`clipped_gossip_tau`) unless a fixed `tau` is given. `clipped_out` (bool (n,)), if
     given, receives which inputs were clipped."""
-    n = x.shape[0]
     sq = row_sq_norms(x, own)
-    dist = np.sqrt(sq)
     radius = clipped_gossip_tau(sq, f) if tau is None else tau
-    if clipped_out is not None:
-        clipped_out[:] = dist > radius
-    beta = _clip_factors(dist, radius) / n
-    return gram.combine(x, own, beta)
+    return _clipped_step(x, own, np.sqrt(sq), radius, clipped_out)
 
 
 def row_sq_norms(x: np.ndarray, own: np.ndarray) -> np.ndarray:
