@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from p2pfl.aggregation import mean
-from p2pfl.compression import UpdateDecoder, UpdateEncoder, parse_pipeline
+from p2pfl.compression import Pipeline, UpdateDecoder, UpdateEncoder, parse_pipeline
 from p2pfl.learning import build_model, load_dataset, node_shard
 from p2pfl.scenario.schema import node_seed
 from p2pfl.wire.codec import encode
@@ -53,6 +53,45 @@ ROWS: list[tuple[str, list[str]]] = [
 ]
 
 
+def codecs(
+    stages: list[str], nodes: int, seed: int, dim: int, keyframe_every: int
+) -> tuple[list[str], list[int], Pipeline | None, list[UpdateEncoder], list[UpdateDecoder]]:
+    """Peer ids, per-node seeds, and each node's encoder (none without a pipeline) and
+    decoder, as real nodes would have them."""
+    # 32 characters, like real peer ids (base32 of 20 bytes); sorted order = index order
+    ids = [f"node{i:028d}" for i in range(nodes)]
+    seeds = [node_seed(seed, i) for i in range(nodes)]
+    pipeline = parse_pipeline(stages) if stages else None
+    encoders = [
+        UpdateEncoder(pipeline, keyframe_every=keyframe_every, seed=seeds[i])
+        for i in range(nodes)
+        if pipeline is not None
+    ]
+    decoders = [UpdateDecoder(dim, max_frame_size=1 << 26) for _ in range(nodes)]
+    return ids, seeds, pipeline, encoders, decoders
+
+
+def train_round(
+    models: list[Any],
+    params: list[np.ndarray],
+    shards: list[tuple[np.ndarray, np.ndarray]],
+    seeds: list[int],
+    r: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+) -> list[np.ndarray]:
+    """Every node's local training for round r, from its current parameters."""
+    trained = []
+    for i, model in enumerate(models):
+        model.set_params(params[i])
+        x, y = shards[i]
+        rng = np.random.default_rng([seeds[i], i, r])
+        model.fit(x, y, epochs=epochs, lr=lr, batch_size=batch_size, rng=rng)
+        trained.append(model.get_params())
+    return trained
+
+
 def simulate(
     stages: list[str],
     *,
@@ -74,32 +113,11 @@ def simulate(
     evaluator = build_model("mlp", ds.n_features, ds.n_classes, seed=seed, hidden=hidden)
     params = [m.get_params() for m in models]
     dim = params[0].size
-    # 32 characters, like real peer ids (base32 of 20 bytes); sorted order = index order
-    ids = [f"node{i:028d}" for i in range(nodes)]
-    seeds = [node_seed(seed, i) for i in range(nodes)]
-    pipeline = parse_pipeline(stages) if stages else None
-    encoders = [
-        UpdateEncoder(pipeline, keyframe_every=keyframe_every, seed=seeds[i])
-        for i in range(nodes)
-        if pipeline is not None
-    ]
-    decoders = [UpdateDecoder(dim, max_frame_size=1 << 26) for _ in range(nodes)]
+    ids, seeds, pipeline, encoders, decoders = codecs(stages, nodes, seed, dim, keyframe_every)
     accuracy: list[float] = []
     message_bytes: list[int] = []
     for r in range(rounds):
-        trained = []
-        for i, model in enumerate(models):
-            model.set_params(params[i])
-            x, y = shards[i]
-            model.fit(
-                x,
-                y,
-                epochs=epochs,
-                lr=lr,
-                batch_size=batch_size,
-                rng=np.random.default_rng([seeds[i], i, r]),
-            )
-            trained.append(model.get_params())
+        trained = train_round(models, params, shards, seeds, r, epochs, lr, batch_size)
         # received[j][i]: what node j holds for sender i after this round's message
         received = [list(trained) for _ in range(nodes)]
         for i in range(nodes):

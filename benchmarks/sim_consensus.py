@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sim_compression import codecs, train_round  # same directory: run as a script
 
 from p2pfl.aggregation import mean
-from p2pfl.compression import UpdateDecoder, UpdateEncoder, parse_pipeline
 from p2pfl.compression.consensus import consensus_step
 from p2pfl.learning import build_model, load_dataset, node_shard
-from p2pfl.scenario.schema import node_seed
 from p2pfl.scenario.topology import adjacency, edges
 from p2pfl.wire.codec import encode
 from p2pfl.wire.messages import CompressedModelUpdate, ModelUpdate
@@ -68,28 +67,13 @@ def simulate(
     params = [m.get_params() for m in models]
     dim = params[0].size
     neigh = adjacency(nodes, edges(topology, nodes, seed=seed))
-    ids = [f"node{i:028d}" for i in range(nodes)]
-    seeds = [node_seed(seed, i) for i in range(nodes)]
+    ids, seeds, pipeline, encoders, decoders = codecs(stages, nodes, seed, dim, keyframe_every)
     samples = np.array([len(s[1]) for s in shards], dtype=np.float64)
-    pipeline = parse_pipeline(stages) if stages else None
-    encoders = [
-        UpdateEncoder(pipeline, keyframe_every=keyframe_every, seed=seeds[i])
-        for i in range(nodes)
-        if pipeline is not None
-    ]
-    decoders = [UpdateDecoder(dim, max_frame_size=1 << 26) for _ in range(nodes)]
     curve_mean: list[float] = []
     curve_min: list[float] = []
     message_bytes: list[int] = []
     for r in range(rounds):
-        trained = []
-        for i, model in enumerate(models):
-            model.set_params(params[i])
-            x, y = shards[i]
-            model.fit(
-                x, y, epochs=1, lr=0.05, batch_size=32, rng=np.random.default_rng([seeds[i], i, r])
-            )
-            trained.append(model.get_params())
+        trained = train_round(models, params, shards, seeds, r, 1, 0.05, 32)
         # held[j][i]: what node j holds for node i after this round (own: exact model)
         held: list[dict[int, np.ndarray]] = [{} for _ in range(nodes)]
         own_public = list(trained)
