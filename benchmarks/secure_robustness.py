@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +207,14 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def accuracy_table(results: list[dict[str, Any]], topo: str) -> str:
+def _table(
+    results: list[dict[str, Any]],
+    topo: str,
+    modes: tuple[str, ...],
+    cell: Callable[[dict[str, Any]], str],
+) -> str:
+    """A markdown table of rule x mode rows and attack columns; `cell` renders one run
+    (a missing run is an empty cell, a row with no run at all is left out)."""
     rows = {_key(r)[1:4]: r for r in results if r["topology"] == topo}
     attacks = [a for a, _, _ in ATTACKS if any(k[0] == a for k in rows)]
     lines = [
@@ -214,48 +222,39 @@ def accuracy_table(results: list[dict[str, Any]], topo: str) -> str:
         "|---|---|" + "---:|" * len(attacks),
     ]
     for rule in RULES:
-        for mode in MODES:
-            texts = []
-            for a in attacks:
-                r = rows.get((a, rule, mode))
-                if r is None:
-                    texts.append("")
-                elif "error" in r:
-                    texts.append("FAILED")
-                else:
-                    t = f"{_pct(r['honest_accuracy_mean'])} ({_pct(r['honest_accuracy_min'])})"
-                    if r["timed_out_node_rounds"]:
-                        t += f" T{r['timed_out_node_rounds']}"
-                    if r["fallback_aggregations"]:
-                        share = r["fallback_aggregations"] / max(r["node_rounds"], 1)
-                        t += f" *{100 * share:.0f}%"
-                    texts.append(t)
+        for mode in modes:
+            found = [rows.get((a, rule, mode)) for a in attacks]
+            texts = ["" if r is None else cell(r) for r in found]
             if any(texts):
                 lines.append(f"| {rule} | {mode} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
+
+
+def _accuracy_cell(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return "FAILED"
+    t = f"{_pct(r['honest_accuracy_mean'])} ({_pct(r['honest_accuracy_min'])})"
+    if r["timed_out_node_rounds"]:
+        t += f" T{r['timed_out_node_rounds']}"
+    if r["fallback_aggregations"]:
+        share = r["fallback_aggregations"] / max(r["node_rounds"], 1)
+        t += f" *{100 * share:.0f}%"
+    return t
+
+
+def _grouping_cell(r: dict[str, Any]) -> str:
+    if "error" in r or "secure" not in r:
+        return "-"
+    s = r["secure"]
+    return f"{_pct(s['grouped_share'])} (min {_pct(s['grouped_share_min_node'])})"
+
+
+def accuracy_table(results: list[dict[str, Any]], topo: str) -> str:
+    return _table(results, topo, MODES, _accuracy_cell)
 
 
 def grouping_table(results: list[dict[str, Any]], topo: str) -> str:
-    rows = {_key(r)[1:4]: r for r in results if r["topology"] == topo}
-    attacks = [a for a, _, _ in ATTACKS if any(k[0] == a for k in rows)]
-    lines = [
-        "| rule | mode | " + " | ".join(ATTACK_TITLES[a] for a in attacks) + " |",
-        "|---|---|" + "---:|" * len(attacks),
-    ]
-    for rule in RULES:
-        for mode in MODES[1:]:
-            texts = []
-            for a in attacks:
-                r = rows.get((a, rule, mode))
-                if r is None or "error" in r or "secure" not in r:
-                    texts.append("" if r is None else "-")
-                    continue
-                s = r["secure"]
-                share, worst = _pct(s["grouped_share"]), _pct(s["grouped_share_min_node"])
-                texts.append(f"{share} (min {worst})")
-            if any(texts):
-                lines.append(f"| {rule} | {mode} | " + " | ".join(texts) + " |")
-    return "\n".join(lines)
+    return _table(results, topo, MODES[1:], _grouping_cell)
 
 
 def _git_commit() -> str | None:
