@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
+from test_node_inmemory import run_until_done
 
 from p2pfl.aggregation import make_rule
 from p2pfl.cli import build_parser
@@ -493,12 +494,7 @@ async def test_a_mixed_attack_scenario_runs_with_the_right_attack_on_each_node(
     assert tailored not in (1, 2, 5)
     nodes = build_nodes(scenario, tmp_path)
     sent = Sent(nodes)
-    async with trio.open_nursery() as nursery:
-        for node in nodes:
-            await nursery.start(node.run)
-        for node in nodes:
-            await node.done.wait()
-        nursery.cancel_scope.cancel()
+    await run_until_done(nodes)
 
     ids = [n.id for n in nodes]
     for i, node in enumerate(nodes):
