@@ -73,6 +73,18 @@ class PeerTable:
 
     # ---- addresses -------------------------------------------------------------------
 
+    def addresses(self) -> dict[str, set[str]]:
+        """Peer id -> the addresses we know it by: those we dialled it at and the one
+        it announced."""
+        known: dict[str, set[str]] = {}
+        for target in self.targets.values():
+            if target.peer_id is not None:
+                known.setdefault(target.peer_id, set()).add(target.address)
+        for peer, rec in self.peers.items():
+            if rec.address is not None:
+                known.setdefault(peer, set()).add(rec.address)
+        return known
+
     def add_address(self, address: str, *, peer_id: str | None, found_via: str) -> bool:
         """Remember a place to dial. Returns True if it is new."""
         if peer_id == self.local_id:

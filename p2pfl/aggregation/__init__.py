@@ -10,7 +10,15 @@ rule guarantees and its defaults. After each call a `Rule` holds an
 
 from p2pfl.aggregation.diagnostics import AggregationReport, RuleEvent
 from p2pfl.aggregation.ledger import RobustnessLedger
-from p2pfl.aggregation.registry import RULE_NAMES, RULES, Rule, get_rule, make_rule, min_inputs
+from p2pfl.aggregation.registry import (
+    RULE_NAMES,
+    RULES,
+    Rule,
+    TimedRule,
+    get_rule,
+    make_rule,
+    min_inputs,
+)
 from p2pfl.aggregation.rules import AggregationRule, mean
 
 __all__ = [
@@ -21,6 +29,7 @@ __all__ = [
     "RobustnessLedger",
     "Rule",
     "RuleEvent",
+    "TimedRule",
     "get_rule",
     "make_rule",
     "mean",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +164,25 @@ class Rule:
             log.log(level, "%s (falling back; counted in status, logged once)", event.detail)
         else:
             log.log(level, "%s (guard %s; counted in status, logged once)", event.detail, event.key)
+
+
+class TimedRule:
+    """A rule whose every call is timed into `timing["aggregate_s"]` (the node's round
+    row); otherwise the rule itself (its counters, reports and name read through)."""
+
+    def __init__(self, rule: Rule, timing: dict[str, float]) -> None:
+        self.rule = rule
+        self.timing = timing
+
+    def __call__(self, x: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return self.rule(x, weights, own)
+        finally:
+            self.timing["aggregate_s"] = time.perf_counter() - started
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.rule, name)
 
 
 def make_rule(name: str, *, f: int = 0, options: Mapping[str, Any] | None = None) -> Rule:

@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import trio
 
-from p2pfl.aggregation import RobustnessLedger, Rule, make_rule
+from p2pfl.aggregation import RobustnessLedger, Rule, TimedRule, make_rule
 from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.datadir import DataDir, check_socket_path
 from p2pfl.identity import Identity
 from p2pfl.learning import Dataset, Model
-from p2pfl.learning.attacks import Attack, match_peers
+from p2pfl.learning.attacks import Attack
 from p2pfl.learning.fingerprint import Fingerprint
 from p2pfl.membership import PeerTable
 from p2pfl.node.learner import Learner
@@ -40,6 +40,7 @@ from p2pfl.node.mesh import LOG_EVERY, Mesh
 from p2pfl.node.outbox import UpdateOutbox
 from p2pfl.node.secure_rounds import SecureRounds
 from p2pfl.node.status import node_status
+from p2pfl.node.study_attack import StudyAttack
 from p2pfl.node.transports import faulty_transport, read_secret, tcp_transport
 from p2pfl.protocol import (
     Action,
@@ -180,10 +181,12 @@ class Node:
         # Always able to decode compressed updates: the sender's pipeline is self-described.
         self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=self.limits.max_bin_len)
         self.secure = SecureRounds(self, self._admission) if config.secure_aggregation else None
+        # A malicious study node's wire behaviour (honest_to, accomplices); None if honest.
+        self.study = None if self.attack is None else StudyAttack(config, self.learner, self.peers)
         self._timing: dict[str, float] = {}  # this round's train/encode/aggregate/eval seconds
         self.machine = RoundMachine(
             params=params,
-            rule=_TimedRule(rule, self._timing),
+            rule=TimedRule(rule, self._timing),
             settings=RoundSettings(
                 target_rounds=config.rounds,
                 quorum=config.quorum,
@@ -206,7 +209,6 @@ class Node:
         self.last_aggregation: dict[str, Any] | None = None
         # The rule's fallbacks and guards by reason, and each neighbour's suspicion score.
         self.ledger = RobustnessLedger(self.id)
-        self._honest_logged: tuple[str, ...] = ()  # an attacker's honest_to peers, as logged
         self._nursery: trio.Nursery | None = None
         self._wakeup = trio.Event()
         self._encoded = trio.Event()  # the last off-loop broadcast is enqueued
@@ -365,7 +367,7 @@ class Node:
         groups with secure aggregation, otherwise one (maybe compressed) payload for all
         (a study attacker with `honest_to` neighbours: its honest model to those)."""
         params = self.learner.outgoing(action.round, action.params)
-        honest = self._honest_recipients(action.round, action.to)
+        honest = () if self.study is None else self.study.honest_recipients(action.round, action.to)
         if params is None:  # a silent attacker (maybe not towards everyone)
             if honest:
                 self._send_model(action.round, action.params, action.samples, honest)
@@ -375,34 +377,6 @@ class Node:
             return
         instead = dict.fromkeys(honest, action.params) if honest else None
         self._send_model(action.round, params, action.samples, action.to, instead=instead)
-
-    def _honest_recipients(self, round: int, to: tuple[str, ...]) -> tuple[str, ...]:
-        """The neighbours a study attacker sends its honest model to this round."""
-        if not self.config.attack_honest_to or not self.learner.attacking(round):
-            return ()
-        named = self._named_peers(self.config.attack_honest_to, to)
-        honest = tuple(p for p in to if p in named)
-        if honest != self._honest_logged:  # says when the matched set changes
-            self._honest_logged = honest
-            shown = ", ".join(p[:12] for p in honest) or "none"
-            log.info(
-                "attack: honest model to %d of %d neighbours (%s)", len(honest), len(to), shown
-            )
-        return honest
-
-    def _named_peers(self, names: tuple[str, ...], among: tuple[str, ...]) -> frozenset[str]:
-        """Which of `among` `names` designate (peer ids, or the listen addresses the
-        peers announced or we dialled them at)."""
-        if not names:
-            return frozenset()
-        addresses: dict[str, set[str]] = {}
-        for target in self.peers.targets.values():
-            if target.peer_id is not None:
-                addresses.setdefault(target.peer_id, set()).add(target.address)
-        for peer, rec in self.peers.peers.items():
-            if rec.address is not None:
-                addresses.setdefault(peer, set()).add(rec.address)
-        return match_peers(names, among, addresses)
 
     def _send_model(
         self,
@@ -465,11 +439,8 @@ class Node:
 
     def _on_aggregated(self, agg: Aggregated) -> None:
         now = trio.current_time()
-        if self.attack is not None:  # what the attack overhears: not its accomplices
-            colluders = self._named_peers(self.config.attack_colluders, agg.senders)
-            pairs = zip(agg.senders, agg.received, strict=True)
-            heard = [(s, m) for s, m in pairs if s not in colluders]
-            self.learner.overhear([m for _, m in heard], [s for s, _ in heard])
+        if self.study is not None:  # what the attack overhears: not its accomplices
+            self.study.overhear(agg.senders, agg.received)
         row: dict[str, Any] = {
             "round": agg.round,
             "bytes_sent": self.mesh.bytes_sent,
@@ -713,22 +684,3 @@ class Node:
     def done(self) -> trio.Event:
         """Set once the last round's records are written."""
         return self.learner.done
-
-
-class _TimedRule:
-    """The aggregation rule, timed into the round's metrics row; otherwise the rule
-    itself (its fallback counters and name read through)."""
-
-    def __init__(self, rule: Rule, timing: dict[str, float]) -> None:
-        self.rule = rule
-        self.timing = timing
-
-    def __call__(self, x: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
-        started = time.perf_counter()
-        try:
-            return self.rule(x, weights, own)
-        finally:
-            self.timing["aggregate_s"] = time.perf_counter() - started
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.rule, name)
