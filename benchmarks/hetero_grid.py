@@ -11,7 +11,8 @@ mix of the four (`[[attack]]` tables, one attacker each). Every node declares f 
 its own neighbourhood is 7 inputs, which outvote at most 3, and 4 attackers among 20
 put 2 or fewer next to most nodes (the declared f is what each rule clips or trims
 for, not the global count). A rule spec "name+nnm@f3" adds nearest-neighbour mixing
-(`nnm = true`) and declares f = 3 instead. With several seeds the table averages
+(`nnm = true`) and declares f = 3 instead; a suffix ":key=value;..." adds rule
+options ("centered_clipping@f3:outlier=3"). With several seeds the table averages
 them (the seed picks the graph, the split and the attackers).
 
 Each cell is one `--in-process` scenario run (real Node code on the in-memory
@@ -56,16 +57,25 @@ NODES = 20
 F = 2
 
 
-def parse_rule(spec: str) -> tuple[str, bool, int]:
-    """ "name[+nnm][@fK]" -> (rule name, nearest-neighbour mixing, declared f)."""
+def parse_rule(spec: str) -> tuple[str, bool, int, dict[str, Any]]:
+    """ "name[+nnm][@fK][:key=value;...]" -> (rule name, nearest-neighbour mixing,
+    declared f, further [aggregation] options, values parsed as numbers when they are)."""
+    spec, _, extra = spec.partition(":")
     body, _, f = spec.partition("@f")
-    return body.removesuffix("+nnm"), body.endswith("+nnm"), int(f) if f else F
+    options: dict[str, Any] = {}
+    for item in filter(None, extra.split(";")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            options[key] = float(value)
+    return body.removesuffix("+nnm"), body.endswith("+nnm"), int(f) if f else F, options
 
 
 def scenario_doc(
     rule: str, momentum: float, attack: str, rounds: int, seed: int = 0
 ) -> dict[str, Any]:
-    spec_name, mixing, f = parse_rule(rule)
+    spec_name, mixing, f, options = parse_rule(rule)
     doc: dict[str, Any] = {
         "name": re.sub(r"[^A-Za-z0-9._-]", "-", f"hetero-{rule}-m{momentum}-{attack}-s{seed}"),
         "nodes": NODES,
@@ -76,7 +86,7 @@ def scenario_doc(
         "model": {"name": "mlp"},
         "training": {"epochs": 1, "lr": 0.05, "batch_size": 32, "worker_momentum": momentum},
         "protocol": {"round_timeout": 30.0},
-        "aggregation": {"rule": spec_name, "f": f},
+        "aggregation": {"rule": spec_name, "f": f, **options},
     }
     if mixing:  # nearest-neighbour mixing before the rule
         doc["aggregation"]["nnm"] = True
