@@ -65,9 +65,9 @@ _RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "krum": (),
     "multi_krum": ("m",),
     "geometric_median": ("iterations", "eps"),
-    "centered_clipping": ("tau", "iterations"),
-    "self_centered_clipping": ("tau",),
-    "clipped_gossip": ("tau",),
+    "centered_clipping": ("tau", "iterations", "reject"),
+    "self_centered_clipping": ("tau", "reject"),
+    "clipped_gossip": ("tau", "reject"),
 }
 # Seed of the generator that picks the coordinates a trimmed mean's flags look at (it
 # only affects the diagnostics, never the model).
@@ -257,32 +257,45 @@ def _kernel(name: str, f: int, opts: _Options) -> Kernel:
     if name == "centered_clipping":
         tau = opts.optional_number("tau", low=0.0, strict_low=True)
         iterations = opts.integer("iterations", clipping.DEFAULT_ITERATIONS, minimum=1)
+        reject = opts.optional_number("reject", low=1.0, strict_low=True)
 
         def centered(
             x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics
         ) -> np.ndarray | None:
             diag.flagged, diag.evidence = np.zeros(x.shape[0], dtype=bool), CLIPPED
             return clipping.centered_clipping(
-                x, own, f=f, tau=tau, iterations=iterations, clipped_out=diag.flagged
+                x,
+                own,
+                f=f,
+                tau=tau,
+                iterations=iterations,
+                reject=reject,
+                clipped_out=diag.flagged,
             )
 
         return centered
     if name == "self_centered_clipping":
         tau = opts.optional_number("tau", low=0.0, strict_low=True)
+        reject = opts.optional_number("reject", low=1.0, strict_low=True)
 
         def self_centered(
             x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics
         ) -> np.ndarray:
             diag.flagged, diag.evidence = np.zeros(x.shape[0], dtype=bool), CLIPPED
-            return clipping.self_centered_clipping(x, own, f=f, tau=tau, clipped_out=diag.flagged)
+            return clipping.self_centered_clipping(
+                x, own, f=f, tau=tau, reject=reject, clipped_out=diag.flagged
+            )
 
         return self_centered
     if name == "clipped_gossip":
         tau = opts.optional_number("tau", low=0.0, strict_low=True)
+        reject = opts.optional_number("reject", low=1.0, strict_low=True)
 
         def gossip(x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics) -> np.ndarray:
             diag.flagged, diag.evidence = np.zeros(x.shape[0], dtype=bool), CLIPPED
-            return clipping.clipped_gossip(x, own, f=f, tau=tau, clipped_out=diag.flagged)
+            return clipping.clipped_gossip(
+                x, own, f=f, tau=tau, reject=reject, clipped_out=diag.flagged
+            )
 
         return gossip
     raise AssertionError(name)  # RULE_NAMES and this function list the same rules
