@@ -209,7 +209,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.breakdown:
-        rule, _, attack = args.breakdown.partition(":")
+        rule, _, attack = args.breakdown.rpartition(":")  # rule specs may hold ":"
         print(f"### {rule} under {attack}, {args.rounds} rounds\n")
         print("| seed | attacking neighbours | honest nodes | clean | attacked | worst |")
         print("|---:|---:|---:|---:|---:|---:|")
