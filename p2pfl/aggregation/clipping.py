@@ -30,7 +30,10 @@ the f farthest inputs as `adaptive_tau` does: when honest neighbours are close
 together and near me nobody is clipped (the step is plain gossip averaging), and an
 input far beyond the honest spread is cut down to it. With f = 0 the radius is
 infinite (the mean). (From the paper's adaptive-radius formula with uniform weights;
-the text was not at hand while implementing: re-check the constant against it.)
+the text was not at hand while implementing: re-check the constant against it. The
+authors' code, epfml/byzantine-robust-decentralized-optimizer codes/aggregator.py,
+uses as its adaptive radius the second largest neighbour distance, which is
+`self_centered_clipping` with f = 1; the dumbbell its paper plots uses a fixed tau = 1.)
 
 Far-outlier cut (`reject`, off unless given): clipping bounds an attacker's pull to
 tau / n per step, but an attacker far outside the honest spread gets that pull every
