@@ -10,6 +10,12 @@ Reported: best-of-reps time, throughput in inputs x coordinates per second, and 
 rule's time as a multiple of the bound and of np.median. Below the rules, the numpy
 floor of the median and trimmed mean: their sorting networks' pass count times one
 measured in-cache `np.minimum` pass (a lower bound for any numpy-only network).
+When Flower (`flwr`) is importable, its server-side helpers run on the same arrays in
+the same interleaved loop (`aggregate` for the weighted mean, `aggregate_median`,
+`aggregate_trimmed_avg`, `aggregate_krum` and its Multi-Krum form) and each p2pfl rule
+is reported as a speed-up over its Flower counterpart; without it the table says so.
+The weighted mean's largest relative error against a float64 computation of the same
+mean is reported too (p2pfl accumulates in float32).
 Writes benchmarks/results/bench_aggregation.json.
 """
 
@@ -91,6 +97,34 @@ def network_passes(n: int, f: int) -> dict[str, int]:
     return {"median": len(median_steps), "trimmed_mean": len(trim_steps) + n - 2 * b - 1}
 
 
+# p2pfl rule -> the Flower helper that computes the same thing
+FLOWER_OF = {
+    "mean": "flwr aggregate",
+    "median": "flwr aggregate_median",
+    "trimmed_mean": "flwr aggregate_trimmed_avg",
+    "krum": "flwr aggregate_krum",
+    "multi_krum": "flwr aggregate_krum (multi)",
+}
+
+
+def flower_helpers(x: np.ndarray, w: np.ndarray, f: int) -> dict[str, Callable[[], object]] | None:
+    """Flower's server-side aggregation helpers on the same inputs (each input one
+    single-layer NDArrays with its sample count), or None when flwr is not installed."""
+    try:
+        from flwr.server.strategy import aggregate as fl
+    except ImportError:
+        return None
+    results = [([x[i]], int(w[i])) for i in range(x.shape[0])]
+    trim = trim_count(x.shape[0], f=f, beta=None) / x.shape[0]
+    return {
+        "flwr aggregate": lambda: fl.aggregate(results),
+        "flwr aggregate_median": lambda: fl.aggregate_median(results),
+        "flwr aggregate_trimmed_avg": lambda: fl.aggregate_trimmed_avg(results, trim),
+        "flwr aggregate_krum": lambda: fl.aggregate_krum(results, f, 0),
+        "flwr aggregate_krum (multi)": lambda: fl.aggregate_krum(results, f, x.shape[0] - f),
+    }
+
+
 def bench(n: int, d: int, reps: int) -> dict[str, Any]:
     x, w, own = _inputs(n, d)
     f = n // 5
@@ -103,6 +137,8 @@ def bench(n: int, d: int, reps: int) -> dict[str, Any]:
     rules += [make_rule(name, f=f, options={"bucket_size": 2}) for name in BUCKETED]
     for rule in rules:
         fns[rule.name] = functools.partial(rule, x, w, own)
+    flower = flower_helpers(x, w, f)
+    fns.update(flower or {})
     secs = _interleaved(fns, reps)
     bound, med, mean = secs["np.sum (bound)"], secs["np.median"], secs["np.mean"]
     rows = {
@@ -115,22 +151,45 @@ def bench(n: int, d: int, reps: int) -> dict[str, Any]:
         }
         for name, t in secs.items()
     }
+    for name, flower_name in FLOWER_OF.items():
+        if name in rows and flower_name in secs:
+            rows[name]["x_faster_than_flower"] = secs[flower_name] / rows[name]["seconds"]
+    reference = (w / w.sum()) @ x.astype(np.float64)
+    mean_error = float(
+        np.max(np.abs(make_rule("mean")(x, w, own) - reference)) / np.max(np.abs(reference))
+    )
     # The numpy floor: no network of ufunc calls can beat (passes x one pass's time).
     per_coord = _pass_seconds_per_coordinate()
     floors = {
         name: {"passes": p, "seconds": p * d * per_coord, "x_bound": p * d * per_coord / bound}
         for name, p in network_passes(n, f).items()
     }
-    return {"n": n, "d": d, "f": f, "rows": rows, "numpy_network_floor": floors}
+    return {
+        "n": n,
+        "d": d,
+        "f": f,
+        "rows": rows,
+        "numpy_network_floor": floors,
+        "flower": flower is not None,
+        "mean_max_relative_error_vs_float64": mean_error,
+    }
 
 
 def _table(result: dict[str, Any]) -> Table:
     n, d, f = result["n"], result["d"], result["f"]
-    table = Table(title=f"n = {n} inputs, d = {d:.0e} coordinates, f = {f}")
-    for col in ("rule", "ms", "Gcoord/s", "x bound (np.sum)", "x np.median", "x np.mean"):
+    caption = (
+        f"mean: largest relative error vs float64 "
+        f"{result['mean_max_relative_error_vs_float64']:.1e}; "
+        + ("Flower's helpers ran in the same loop" if result["flower"] else
+           "flwr not installed: no Flower columns (pip install flwr)")
+    )  # fmt: skip
+    table = Table(title=f"n = {n} inputs, d = {d:.0e} coordinates, f = {f}", caption=caption)
+    cols = ("rule", "ms", "Gcoord/s", "x bound (np.sum)", "x np.median", "x np.mean", "vs Flower")
+    for col in cols:
         table.add_column(col, justify="right" if col != "rule" else "left")
     for name, r in result["rows"].items():
-        style = "dim" if name in BASELINES else None
+        style = "dim" if name in BASELINES or name.startswith("flwr") else None
+        faster = r.get("x_faster_than_flower")
         table.add_row(
             name,
             f"{r['seconds'] * 1e3:.2f}",
@@ -138,6 +197,7 @@ def _table(result: dict[str, Any]) -> Table:
             f"{r['x_bound']:.1f}",
             f"{r['x_np_median']:.2f}",
             f"{r['x_np_mean']:.1f}",
+            "" if faster is None else f"{faster:.1f}x faster",
             style=style,
         )
     for name, fl in result["numpy_network_floor"].items():
@@ -146,6 +206,7 @@ def _table(result: dict[str, Any]) -> Table:
             f"{fl['seconds'] * 1e3:.2f}",
             f"{n * d / fl['seconds'] / 1e9:.2f}",
             f"{fl['x_bound']:.1f}",
+            "",
             "",
             "",
             style="dim",

@@ -306,6 +306,23 @@ def test_mean_is_sample_weighted() -> None:
     assert mean(x, np.zeros(2), x[0])[0] == 2.0  # all-zero weights: uniform
 
 
+def test_mean_is_within_float32_rounding_of_float64_and_survives_overflow() -> None:
+    """One float32 BLAS pass: a few ulps from the float64 weighted mean; a product
+    that overflows float32 at the edge of its range is redone in float64."""
+    rng = np.random.default_rng(3)
+    x = (1.0 + 0.01 * rng.standard_normal((13, 5000))).astype(np.float32)
+    w = rng.integers(10, 100, 13).astype(np.float64)
+    ref = (w / w.sum()) @ x.astype(np.float64)
+    out = mean(x, w, x[0])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=4 * np.finfo(np.float32).eps)
+    big = np.finfo(np.float32).max
+    edge = np.full((10, 4), big, dtype=np.float32)
+    with np.errstate(over="ignore"):  # 10 x float32(1/10) > 1: the float32 sum is inf
+        assert not np.isfinite(np.einsum("i,ij->j", np.full(10, 0.1, np.float32), edge)).any()
+    np.testing.assert_array_equal(mean(edge, np.ones(10), edge[0]), edge[0])
+
+
 # ---- breakdown properties -------------------------------------------------------------
 
 finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
