@@ -4,7 +4,8 @@ Run: python benchmarks/robustness_grid.py [--rounds 20] [--jobs 2] [--only iid,r
 
 Grids (20 nodes, full mesh, digits, softmax, 1 local epoch per round, seed 0):
 - `iid`, `dirichlet`: rows = rules (mean, median, trimmed mean, Krum, geometric median,
-  centred clipping, self-centred clipping), each without and with bucketing s=2;
+  centred clipping, self-centred clipping, ClippedGossip, centred clipping with the
+  far-outlier cut `reject = 3`), each without and with bucketing s=2;
   columns = no attack, sign-flip, Gaussian, label-flip, IPM, ALIE with 20% attackers
   (4 nodes chosen from the seed) and every node declaring f = 4.
 - `strong`: Dirichlet(0.5), the attacks that barely registered at their defaults with
@@ -46,6 +47,9 @@ RULES = (
     "geometric_median",
     "centered_clipping",
     "self_centered_clipping",
+    "clipped_gossip",
+    # the far-outlier cut, as docs/robustness.md recommends it ("rule:key=value;...")
+    "centered_clipping:reject=3",
 )
 ATTACKS = ("none", "sign_flip", "gaussian", "label_flip", "ipm", "alie")
 # Stronger settings of the attacks that did little at their defaults ("kind:key=value").
@@ -58,10 +62,12 @@ def scenario_doc(grid: str, rule: str, bucketed: bool, attack: str, rounds: int)
     # "strong" runs on Dirichlet(0.5); the dumbbell's cliques (nodes 0-9, 10-19) hold
     # digits 0-4 and 5-9: the "clusters" partition cuts nodes and labels into 2 blocks.
     partition = {"iid": "iid", "dumbbell": "clusters"}.get(grid, "dirichlet")
+    name, _, extra = rule.partition(":")
+    options = {k: float(v) for k, _, v in (o.partition("=") for o in extra.split(";") if o)}
     doc: dict[str, Any] = {
-        "name": f"{grid}-{rule}{'-b2' if bucketed else ''}-{attack}".replace(":", "-").replace(
-            "=", ""
-        ),
+        "name": f"{grid}-{rule}{'-b2' if bucketed else ''}-{attack}".replace(":", "-")
+        .replace("=", "")
+        .replace(";", "-"),
         "nodes": NODES,
         "rounds": rounds,
         "seed": 0,
@@ -69,7 +75,7 @@ def scenario_doc(grid: str, rule: str, bucketed: bool, attack: str, rounds: int)
         "model": {"name": "softmax"},
         "training": {"epochs": 1, "lr": 0.05, "batch_size": 32},
         "protocol": {"round_timeout": 30.0},
-        "aggregation": {"rule": rule, "f": 1 if grid in ("ring", "dumbbell") else 4},
+        "aggregation": {"rule": name, "f": 1 if grid in ("ring", "dumbbell") else 4, **options},
     }
     if bucketed:
         doc["aggregation"]["bucket_size"] = 2
