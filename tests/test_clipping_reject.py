@@ -33,7 +33,7 @@ def neighbourhood(far: float, n_far: int = 1, d: int = 40, seed: int = 0) -> np.
 
 def test_far_outliers_only_among_the_f_farthest_and_beyond_the_factor() -> None:
     dist = np.array([0.0, 1.0, 1.1, 0.9, 1.2, 30.0, 2.5])
-    # median 1.1: 30 is beyond 3x, 2.5 is not
+    # the others' (the neighbours') median is 1.15: 30 is beyond 3x, 2.5 is not
     assert far_outliers(dist, 2, 3.0).tolist() == [False] * 5 + [True, False]
     # 2.5 is beyond 2x the median, but with f = 1 only the farthest may go
     assert far_outliers(dist, 1, 2.0).tolist() == [False] * 5 + [True, False]
@@ -41,6 +41,14 @@ def test_far_outliers_only_among_the_f_farthest_and_beyond_the_factor() -> None:
     assert far_outliers(dist, 2, None) is None
     assert far_outliers(dist, 0, 3.0) is None
     assert far_outliers(np.array([0.0, 1.0, 1.0]), 1, 3.0) is None
+
+
+def test_on_a_ring_the_reference_is_both_neighbours_not_the_nearer_one() -> None:
+    """Own at 0 and two neighbours: the reference is their median (mean), so an honest
+    neighbour is never cut for being farther than the other; both far means cut."""
+    assert far_outliers(np.array([0.0, 1.0, 3.5]), 1, 3.0) is None
+    assert far_outliers(np.array([0.0, 1.0, 100.0]), 1, 3.0) is None  # 100 < 3 x 50.5
+    assert far_outliers(np.array([0.0, 1.0]), 1, 3.0) is None  # one neighbour: no reference
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -40,7 +40,8 @@ tau / n per step, but an attacker far outside the honest spread gets that pull e
 round, always in the same direction (a scaled sign-flip, measured at 9x the median
 distance here while honest neighbours stay within 1.8x it under Dirichlet 0.3). With
 `reject = c`, those of the f farthest inputs whose distance from the node's own model
-exceeds c times the median distance are given no pull at all (clipped to radius 0)
+exceeds c times the median distance of the neighbours (the other inputs) are given no
+pull at all (clipped to radius 0)
 instead of tau. It never removes more than f inputs, so the honest majority's
 guarantees are those of clipping; an attacker that stays inside c times the median is
 clipped as before (the in-spread attacks: ALIE, IPM, mimic). Only the distance from my
@@ -70,14 +71,18 @@ def adaptive_tau(dist: np.ndarray, f: int) -> float:
 
 def far_outliers(dist: np.ndarray, f: int, reject: float | None) -> np.ndarray | None:
     """Which of the f farthest inputs lie beyond `reject` times the median distance
-    (bool (n,)), or None when nothing is cut."""
-    if reject is None or f <= 0:
-        return None
+    of the others (bool (n,)), or None when nothing is cut. `dist` is measured from
+    the node's own model, which is one of the inputs (at 0): the median is taken over
+    the rest, the neighbours, so that on a ring (own plus two) the reference is the
+    two neighbours' mean distance and not the nearer one's."""
     n = len(dist)
+    if reject is None or f <= 0 or n < 3:
+        return None
     order = np.argsort(dist, kind="stable")
-    farthest = order[max(0, n - f) :]
+    reference = float(np.median(dist[order[1:]]))
+    farthest = order[max(1, n - f) :]
     cut = np.zeros(n, dtype=bool)
-    cut[farthest] = dist[farthest] > reject * float(np.median(dist))
+    cut[farthest] = dist[farthest] > reject * reference
     return cut if cut.any() else None
 
 
