@@ -69,6 +69,14 @@ _HELP = {
     "rounds": "rounds to run (0 = forever); the node keeps serving peers afterwards",
     "worker_momentum": "send start + an exponential average (beta) of the round updates, "
     "0 = off (docs/robustness.md)",
+    "prox_mu": "FedProx: add mu/2 ||w - w_start||^2 to local training, 0 = off "
+    "(docs/optimizers.md)",
+    "outer": "what the node does with its round's aggregate: fedavg (adopt it), fedavgm, "
+    "fedadam, fedyogi or fedadagrad (docs/optimizers.md)",
+    "outer_lr": "outer optimizer's learning rate, 0 = its default",
+    "outer_beta1": "fedavgm: server momentum; fedadam/fedyogi/fedadagrad: first-moment decay",
+    "outer_beta2": "fedadam/fedyogi: second-moment decay",
+    "outer_tau": "fedadam/fedyogi/fedadagrad: adaptivity floor tau (> 0)",
     "dataset": (
         "a built-in data set (<datasets>) cut into this node's shard, your own .npz/.csv "
         "file, package.module:callable or path/to/file.py:callable"

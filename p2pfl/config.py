@@ -8,6 +8,7 @@ so a typo in a config file is reported as `config field 'round_timeout': ...`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ class ConfigError(ValueError):
 
 PARTITIONS = ("iid", "dirichlet", "clusters")
 """How a training set can be split across nodes (`p2pfl.learning.partition`)."""
+
+OUTER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+"""What a node does with its round's aggregate (`p2pfl.learning.outer`); fedavg adopts it."""
 
 
 def default_dataset() -> str:
@@ -97,6 +101,15 @@ class NodeConfig:
     # Worker momentum (Karimireddy et al. 2021): the round's update that leaves the node
     # is an exponential average of its recent updates, beta in [0, 1); 0 = off.
     worker_momentum: float = 0.0
+    # FedProx (Li et al. 2020): local training adds mu/2 ||w - w_start||^2; 0 = off.
+    prox_mu: float = 0.0
+    # The outer optimizer applied to (aggregate - model before the round) (Reddi et al.
+    # 2021; learning/outer.py): fedavg adopts the aggregate. outer_lr 0 = its default.
+    outer: str = "fedavg"
+    outer_lr: float = 0.0
+    outer_beta1: float = 0.9  # fedavgm: the server momentum; adaptive: the first moment
+    outer_beta2: float = 0.99
+    outer_tau: float = 1e-3
     neighbours: str = "all"
     quorum: float = 1.0
     round_timeout: float = 30.0
@@ -226,6 +239,16 @@ class NodeConfig:
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(0.0 <= self.worker_momentum < 1.0, "worker_momentum", "must be in [0, 1)")
+        _check(0.0 <= self.prox_mu < math.inf, "prox_mu", "must be a finite number >= 0")
+        _check(
+            self.outer in OUTER_OPTIMIZERS,
+            "outer",
+            f"unknown outer optimizer {self.outer!r}; choose one of {', '.join(OUTER_OPTIMIZERS)}",
+        )
+        _check(0.0 <= self.outer_lr < math.inf, "outer_lr", "must be > 0 (or 0 for the default)")
+        _check(0.0 <= self.outer_beta1 < 1.0, "outer_beta1", "must be in [0, 1)")
+        _check(0.0 <= self.outer_beta2 < 1.0, "outer_beta2", "must be in [0, 1)")
+        _check(0.0 < self.outer_tau < math.inf, "outer_tau", "must be a finite number > 0")
         _check(
             self.neighbours == "all" or (self.neighbours.isdigit() and int(self.neighbours) >= 1),
             "neighbours",

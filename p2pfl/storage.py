@@ -40,6 +40,9 @@ class Checkpoint:
     model: str = ""
     # Sender-side compression state (public copy x_hat, error-feedback residual).
     compression: dict[str, np.ndarray] = field(default_factory=dict)
+    # The outer optimizer's moments and step (`p2pfl.learning.outer`); absent from
+    # checkpoints written before it existed, which load with none (a fresh optimizer).
+    outer: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -51,6 +54,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "optimizer": {k: encode_tensor(v) for k, v in ckpt.optimizer.items()},
         "history": ckpt.history,
         "compression": {k: encode_tensor(v) for k, v in ckpt.compression.items()},
+        "outer": {k: encode_tensor(v) for k, v in ckpt.outer.items()},
     }
     atomic_write(path, msgpack.packb(doc, use_bin_type=True))
 
@@ -72,8 +76,15 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         compression = {
             str(k): decode_tensor(v).copy() for k, v in doc.get("compression", {}).items()
         }
+        outer = {str(k): decode_tensor(v).copy() for k, v in doc.get("outer", {}).items()}
         return Checkpoint(
-            rnd, params.copy(), optimizer, list(doc["history"]), str(doc["model"]), compression
+            rnd,
+            params.copy(),
+            optimizer,
+            list(doc["history"]),
+            str(doc["model"]),
+            compression,
+            outer,
         )
     except CheckpointError:
         raise

@@ -177,6 +177,7 @@ class TorchModel:
         self._data = _as_source(data, "data")
         self._test_data = _as_source(test_data, "test_data")
         self._array_cache: tuple[Any, ...] | None = None
+        self.prox_mu = 0.0  # FedProx's mu (`set_proximal`); 0 = plain training
 
     # --- construction ---------------------------------------------------------------------
     def _flatten(self) -> tuple[torch.Tensor, list[_Slot], int]:
@@ -376,6 +377,25 @@ class TorchModel:
     def reset_optimizer(self) -> None:
         self.optimizer.state.clear()
 
+    def set_proximal(self, mu: float) -> None:
+        """FedProx: `fit` adds mu * (w - w_start) to every parameter's gradient (the
+        gradient of mu/2 ||w - w_start||^2, w_start the parameters when `fit` starts),
+        so each node's round stays near the model it started from. 0 = off, and `fit`
+        is then exactly what it was. Shared buffers are not trained, so not pulled."""
+        if not (math.isfinite(mu) and mu >= 0):
+            raise ValueError(f"FedProx mu must be a finite number >= 0, got {mu!r}")
+        self.prox_mu = float(mu)
+
+    def _add_proximal(self, anchor: torch.Tensor) -> None:
+        """p.grad += mu * (p - anchor view), one vectorised op per parameter tensor."""
+        with torch.no_grad():
+            for slot in self._slots[: self._n_params_tensors]:
+                p = slot.current()
+                if p.grad is None:
+                    continue  # not trained this step (frozen or unused)
+                start = anchor[slot.offset : slot.offset + slot.numel].view_as(p)
+                p.grad.add_(p.detach() - start, alpha=self.prox_mu)
+
     # --- training and evaluation ----------------------------------------------------------
     def fit(
         self,
@@ -403,6 +423,7 @@ class TorchModel:
         was_training = self.module.training
         self.module.train()
         epoch_loss = 0.0
+        anchor = self._flat.detach().clone() if self.prox_mu > 0 else None
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(global_seed)
@@ -415,6 +436,8 @@ class TorchModel:
                         out = self.module(xb)
                         loss = self.loss(out, self._target(yb, out))
                         torch.autograd.backward(loss)
+                        if anchor is not None:
+                            self._add_proximal(anchor)
                         self.optimizer.step()
                         total += loss.detach().double() * xb.shape[0]
                         count += int(xb.shape[0])

@@ -128,6 +128,9 @@ class FlatParamModel(ABC):
         self._grad: F32 = np.zeros(num_params, dtype=np.float32)
         self._momentum: F32 = np.zeros(num_params, dtype=np.float32)
         self._step: F32 = np.zeros(num_params, dtype=np.float32)
+        # FedProx (Li et al. 2020): mu of the proximal term mu/2 ||w - w_start||^2 that
+        # `fit` adds to the objective, w_start being the model the call starts from.
+        self.prox_mu = np.float32(0.0)
 
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """Names and shapes of the tensors inside the flat vector, in order.
@@ -181,6 +184,24 @@ class FlatParamModel(ABC):
     def reset_optimizer(self) -> None:
         self._momentum.fill(0.0)
 
+    def set_proximal(self, mu: float) -> None:
+        """FedProx: from now on `fit` minimises the loss plus mu/2 ||w - w_start||^2.
+
+        Why: on skewed shards many local steps drift each node towards its own optimum
+        and the average of drifted models is a poor model; the proximal term keeps each
+        node's round near the model it started from. 0 turns it off and leaves `fit`
+        bit-identical to plain SGD (the term is never computed).
+        """
+        if not (np.isfinite(mu) and mu >= 0):
+            raise ValueError(f"FedProx mu must be a finite number >= 0, got {mu!r}")
+        self.prox_mu = np.float32(mu)
+
+    def _add_proximal(self, anchor: F32) -> None:
+        """grad += mu * (w - anchor), in place, through the `_step` scratch buffer."""
+        np.subtract(self._params, anchor, out=self._step)
+        self._step *= self.prox_mu
+        self._grad += self._step
+
     # --- training and evaluation ----------------------------------------------------------
     def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[F32, npt.NDArray[np.int64]]:
         x32 = np.asarray(x, dtype=np.float32)
@@ -193,13 +214,22 @@ class FlatParamModel(ABC):
             raise ValueError(f"labels must lie in [0, {self.n_classes})")
         return x32, y64
 
-    def loss_and_gradient(self, x: np.ndarray, y: np.ndarray) -> tuple[float, F32]:
+    def loss_and_gradient(
+        self, x: np.ndarray, y: np.ndarray, *, anchor: np.ndarray | None = None
+    ) -> tuple[float, F32]:
         """Mean cross-entropy and a copy of the full gradient (incl. weight decay).
 
-        Not part of the protocol; exposed for gradient checks and diagnostics.
+        With an `anchor` (FedProx's w_start) and mu > 0, both include the proximal term
+        mu/2 ||w - anchor||^2 exactly as `fit` adds it. Not part of the protocol;
+        exposed for gradient checks and diagnostics.
         """
         x32, y64 = self._check_xy(x, y)
         loss = self._forward_backward(x32, y64)
+        if anchor is not None and self.prox_mu > 0:
+            self._check_vector(anchor, "anchor")
+            self._add_proximal(anchor)
+            gap = np.subtract(self._params, anchor, dtype=np.float64)
+            loss += 0.5 * float(self.prox_mu) * float(gap @ gap)
         return loss, self._grad.copy()
 
     def fit(
@@ -216,7 +246,9 @@ class FlatParamModel(ABC):
 
         The momentum buffer persists across calls (one optimizer across rounds);
         call `reset_optimizer` to drop it. The returned loss is the sample-weighted
-        mean cross-entropy of the last epoch's minibatches (weight decay excluded).
+        mean cross-entropy of the last epoch's minibatches (weight decay and FedProx's
+        proximal term excluded). With `set_proximal(mu)`, mu > 0, each step's gradient
+        also carries mu * (w - w_start), w_start being the parameters at this call.
         """
         x32, y64 = self._check_xy(x, y)
         n = x32.shape[0]
@@ -227,6 +259,7 @@ class FlatParamModel(ABC):
                 f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs=} {batch_size=} {lr=}"
             )
         neg_lr = np.float32(-lr)
+        anchor = self._params.copy() if self.prox_mu > 0 else None
         epoch_loss = 0.0
         for _ in range(epochs):
             order = rng.permutation(n)
@@ -234,6 +267,8 @@ class FlatParamModel(ABC):
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 total += self._forward_backward(x32[idx], y64[idx]) * idx.size
+                if anchor is not None:
+                    self._add_proximal(anchor)
                 self._momentum *= MOMENTUM
                 self._momentum += self._grad
                 np.multiply(self._momentum, neg_lr, out=self._step)

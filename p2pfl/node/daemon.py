@@ -186,7 +186,9 @@ class Node:
         self._timing: dict[str, float] = {}  # this round's train/encode/aggregate/eval seconds
         self.machine = RoundMachine(
             params=params,
-            rule=TimedRule(rule, self._timing),
+            # The outer optimizer (FedAvgM, FedAdam, ...) turns the aggregate into our
+            # next model; with FedAvg this is the timed rule itself.
+            rule=self.learner.outer_rule(TimedRule(rule, self._timing)),
             settings=RoundSettings(
                 target_rounds=config.rounds,
                 quorum=config.quorum,

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,13 +26,14 @@ from typing import Any
 import numpy as np
 import trio
 
-from p2pfl.aggregation import make_rule
+from p2pfl.aggregation import AggregationRule, make_rule
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.datadir import DataDir
 from p2pfl.learning import Dataset, Model
 from p2pfl.learning.attacks import Attack, make_attack
 from p2pfl.learning.datasets import MissingExtra
 from p2pfl.learning.fingerprint import fingerprint
+from p2pfl.learning.outer import OuterOptimizer
 from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
 from p2pfl.learning.worker_momentum import WorkerMomentum
 from p2pfl.node.records import Done, Evaluate, RecordItem, RecordQueue, Save
@@ -114,6 +116,23 @@ class Learner:
         self.worker_momentum = (
             WorkerMomentum(config.worker_momentum) if config.worker_momentum > 0 else None
         )
+        # FedProx's proximal term in local training, and the outer optimizer that turns
+        # the round's aggregate into our next model (learning/outer.py; None = FedAvg).
+        self._set_proximal(config.prox_mu)
+        self.outer = (
+            None
+            if config.outer == "fedavg"
+            else OuterOptimizer(
+                config.outer,
+                lr=config.outer_lr,
+                beta1=config.outer_beta1,
+                beta2=config.outer_beta2,
+                tau=config.outer_tau,
+            )
+        )
+        # The rule runs in a worker thread; a checkpoint or a catch-up may read the
+        # outer state meanwhile, and must never copy half a step.
+        self._outer_lock = threading.Lock()
         # Neighbours' last deltas and who sent them (attacks only).
         self._overheard: np.ndarray | None = None
         self._overheard_from: tuple[str, ...] = ()
@@ -189,6 +208,20 @@ class Learner:
         except ValueError as exc:
             raise ConfigError("attack", str(exc)) from None
 
+    def _set_proximal(self, mu: float) -> None:
+        """Hand FedProx's mu to the model; a model without the hook cannot honour it,
+        which must be said at start-up rather than silently train plain FedAvg."""
+        if mu == 0:
+            return
+        set_proximal = getattr(self.model, "set_proximal", None)
+        if set_proximal is None:
+            raise ConfigError(
+                "prox_mu",
+                f"the model {self.model_name} has no set_proximal(mu) for FedProx; "
+                "set prox_mu = 0 or use a built-in or the PyTorch adapter",
+            )
+        set_proximal(mu)
+
     def resume(self, datadir: DataDir) -> Checkpoint | None:
         """Take the data dir the records go to; load its checkpoint, if any, into the
         model, optimizer and history (the caller restores the rest of its state)."""
@@ -199,6 +232,16 @@ class Learner:
             if ckpt.optimizer:
                 self.model.set_optimizer_state(ckpt.optimizer)
             self.history = ckpt.history[-HISTORY_KEPT:]
+            if self.outer is not None:
+                try:
+                    loaded = self.outer.load_state(ckpt.outer, self.model.num_params)
+                except ValueError as exc:
+                    loaded = False
+                    log.warning("checkpoint's %s; starting the outer optimizer afresh", exc)
+                if not loaded and ckpt.round > 0:
+                    log.info(
+                        "no %s state in the checkpoint: its moments start afresh", self.outer.name
+                    )
         return ckpt
 
     def _load_checkpoint(self, datadir: DataDir) -> Checkpoint | None:
@@ -272,12 +315,37 @@ class Learner:
             self.counters["training_diverged"] += 1
             self.model.reset_optimizer()
             new = params
+            if self.outer is not None:
+                with self._outer_lock:
+                    self.outer.reset()
             if self.worker_momentum is not None:
                 self.worker_momentum.reset()
         elif self.worker_momentum is not None:
             # What leaves the node (and counts as our own input) is the smoothed update.
             new = self.worker_momentum.apply(params, new)
         return new, seconds
+
+    def outer_rule(self, rule: AggregationRule) -> AggregationRule:
+        """`rule` followed by the outer optimizer: what the round machine adopts is then
+        the outer step from the round's start model along (aggregate - start). FedAvg
+        gets `rule` itself, so its rounds stay exactly what they were."""
+        if self.outer is None:
+            return rule
+        return _OuterRule(rule, self)
+
+    def outer_step(self, aggregate: np.ndarray) -> np.ndarray:
+        """The next model from the round's aggregate (called where the rule runs)."""
+        if self.outer is None or self._round_start is None:
+            return aggregate
+        with self._outer_lock:
+            return self.outer.step(self._round_start[1], aggregate)
+
+    def outer_state(self) -> dict[str, np.ndarray]:
+        """Copies of the outer optimizer's moments, for a checkpoint."""
+        if self.outer is None:
+            return {}
+        with self._outer_lock:
+            return self.outer.state()
 
     def attacking(self, round: int) -> bool:
         """A malicious study node in a round of its attack (honest before it starts)."""
@@ -324,6 +392,7 @@ class Learner:
                     [],
                     self.fingerprint.digest,  # what the parameters mean; resume checks it
                     compression,
+                    self.outer_state(),  # copies
                 )
             )
         )
@@ -460,6 +529,21 @@ class Learner:
         finally:
             self._last_eval_s = time.perf_counter() - started
         return metrics
+
+
+class _OuterRule:
+    """An aggregation rule whose result goes through the node's outer optimizer; its
+    name, counters and reports read through to the rule (status, the ledger)."""
+
+    def __init__(self, rule: AggregationRule, learner: Learner) -> None:
+        self.rule = rule
+        self.learner = learner
+
+    def __call__(self, x: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
+        return self.learner.outer_step(self.rule(x, weights, own))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.rule, name)
 
 
 def _human(n: float) -> str:

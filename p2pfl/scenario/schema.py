@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.config import (
+    OUTER_OPTIMIZERS,
     PARTITIONS,
     ConfigError,
     NodeConfig,
@@ -85,6 +86,12 @@ class TrainingSpec:
     lr: float = 0.05
     batch_size: int = 32
     worker_momentum: float = 0.0
+    prox_mu: float = 0.0
+    outer: str = "fedavg"
+    outer_lr: float = 0.0
+    outer_beta1: float = 0.9
+    outer_beta2: float = 0.99
+    outer_tau: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,12 @@ class Scenario:
                 "lr": self.training.lr,
                 "batch_size": self.training.batch_size,
                 "worker_momentum": self.training.worker_momentum,
+                "prox_mu": self.training.prox_mu,
+                "outer": self.training.outer,
+                "outer_lr": self.training.outer_lr,
+                "outer_beta1": self.training.outer_beta1,
+                "outer_beta2": self.training.outer_beta2,
+                "outer_tau": self.training.outer_tau,
                 "neighbours": self.protocol.neighbours,
                 "quorum": self.protocol.quorum,
                 "round_timeout": self.protocol.round_timeout,
@@ -478,6 +491,12 @@ def _parse_training(t: Table) -> TrainingSpec:
         lr=t.get_float("lr", 0.05, positive=True),
         batch_size=t.get_int("batch_size", 32, minimum=1),
         worker_momentum=t.get_float("worker_momentum", 0.0),
+        prox_mu=t.get_float("prox_mu", 0.0),
+        outer=t.get_str("outer", "fedavg", choices=OUTER_OPTIMIZERS),
+        outer_lr=t.get_float("outer_lr", 0.0),
+        outer_beta1=t.get_float("outer_beta1", 0.9),
+        outer_beta2=t.get_float("outer_beta2", 0.99),
+        outer_tau=t.get_float("outer_tau", 1e-3, positive=True),
     )
     t.finish()
     return spec
@@ -574,7 +593,10 @@ _CONFIG_FIELD_PATHS = {
     "clusters": "data.clusters", "label_column": "data.label_column", "classes": "data.classes",
     "model": "model.name", "hidden": "model.hidden", "epochs": "training.epochs",
     "lr": "training.lr", "batch_size": "training.batch_size", "rounds": "rounds",
-    "worker_momentum": "training.worker_momentum",
+    "worker_momentum": "training.worker_momentum", "prox_mu": "training.prox_mu",
+    "outer": "training.outer", "outer_lr": "training.outer_lr",
+    "outer_beta1": "training.outer_beta1", "outer_beta2": "training.outer_beta2",
+    "outer_tau": "training.outer_tau",
     "nodes": "nodes", "neighbours": "protocol.neighbours", "quorum": "protocol.quorum",
     "round_timeout": "protocol.round_timeout",
     "heartbeat_interval": "protocol.heartbeat_interval",
