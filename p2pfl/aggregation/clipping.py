@@ -38,12 +38,13 @@ uses as its adaptive radius the second largest neighbour distance, which is
 Far-outlier cut (`reject`, off unless given): clipping bounds an attacker's pull to
 tau / n per step, but an attacker far outside the honest spread gets that pull every
 round, always in the same direction (a scaled sign-flip, measured at 9x the median
-distance here while honest neighbours stay within 1.8x it under Dirichlet 0.3). With
+distance on the 6-regular Dirichlet(0.3) grid, where honest neighbours stay within
+1.8x it; docs/robustness.md). With
 `reject = c`, those of the f farthest inputs whose distance from the node's own model
-exceeds c times the median distance of the neighbours (the other inputs) are given no
-pull at all (clipped to radius 0)
+exceeds c times the (f+1)-th farthest distance (the adaptive radius: the farthest an
+input can be and still be honest) are given no pull at all (clipped to radius 0)
 instead of tau. It never removes more than f inputs, so the honest majority's
-guarantees are those of clipping; an attacker that stays inside c times the median is
+guarantees are those of clipping; an attacker that stays inside c times that radius is
 clipped as before (the in-spread attacks: ALIE, IPM, mimic). Only the distance from my
 own model is used, so it costs nothing beyond the distances clipping computes.
 
@@ -70,19 +71,18 @@ def adaptive_tau(dist: np.ndarray, f: int) -> float:
 
 
 def far_outliers(dist: np.ndarray, f: int, reject: float | None) -> np.ndarray | None:
-    """Which of the f farthest inputs lie beyond `reject` times the median distance
-    of the others (bool (n,)), or None when nothing is cut. `dist` is measured from
-    the node's own model, which is one of the inputs (at 0): the median is taken over
-    the rest, the neighbours, so that on a ring (own plus two) the reference is the
-    two neighbours' mean distance and not the nearer one's."""
-    n = len(dist)
-    if reject is None or f <= 0 or n < 3:
+    """Which of the f farthest inputs lie beyond `reject` times the reference distance
+    (bool (n,)), or None when nothing is cut. The reference is the (f+1)-th farthest
+    distance, `adaptive_tau`: the farthest an input can be and still be honest when
+    at most f are not, whatever the f attackers send. (A median of all distances
+    moves with the attackers once they are close to half of the neighbours.)"""
+    if reject is None or f <= 0:
         return None
+    n = len(dist)
     order = np.argsort(dist, kind="stable")
-    reference = float(np.median(dist[order[1:]]))
-    farthest = order[max(1, n - f) :]
+    farthest = order[max(0, n - f) :]
     cut = np.zeros(n, dtype=bool)
-    cut[farthest] = dist[farthest] > reject * reference
+    cut[farthest] = dist[farthest] > reject * adaptive_tau(dist, f)
     return cut if cut.any() else None
 
 
