@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from p2pfl.learning.model import F32, FlatParamModel, softmax_cross_entropy
+from p2pfl.learning.model import F32, FlatParamModel, clip_factors, softmax_cross_entropy
 
 WEIGHT_DECAY = 1e-4
 
@@ -68,6 +68,38 @@ class MLP(FlatParamModel):
         self._gw1 += self.weight_decay * self._w1
         np.sum(da, axis=0, out=self._gb1)
         return loss
+
+    def _clipped_backward(self, x: F32, y: npt.NDArray[np.int64], clip: float) -> float:
+        # Per example: (a_i outer dz_i, dz_i) for the output layer, (x_i outer da_i,
+        # da_i) for the hidden one; each outer product's norm is the product of the
+        # two norms, so the squared norm needs only row norms. da is linear in dz row
+        # by row, so scaling dz's rows scales both layers' per-example gradients.
+        a = self._hidden(x)
+        z: F32 = a @ self._w2
+        z += self._b2
+        loss, dz = softmax_cross_entropy(z, y)
+        dz *= np.float32(x.shape[0])  # per-example gradients, not the batch mean's
+        da: F32 = dz @ self._w2.T
+        da *= a > 0
+        sq = (_row_sq(a) + 1.0) * _row_sq(dz) + (_row_sq(x) + 1.0) * _row_sq(da)
+        c = clip_factors(sq, clip)[:, None]
+        dz *= c
+        da *= c
+        np.matmul(a.T, dz, out=self._gw2)
+        np.sum(dz, axis=0, out=self._gb2)
+        np.matmul(x.T, da, out=self._gw1)
+        np.sum(da, axis=0, out=self._gb1)
+        return loss
+
+    def _add_weight_decay(self) -> None:
+        self._gw2 += self.weight_decay * self._w2
+        self._gw1 += self.weight_decay * self._w1
+
+
+def _row_sq(m: F32) -> np.ndarray:
+    """Squared L2 norm of every row."""
+    out: np.ndarray = np.einsum("ij,ij->i", m, m, dtype=np.float64)
+    return out
 
 
 def _views(flat: F32, d: int, h: int, k: int) -> tuple[F32, F32, F32, F32]:

@@ -86,6 +86,13 @@ def check_flat_vector(vec: np.ndarray, num_params: int, what: str, model: str) -
         raise ValueError(f"{what} contains NaN or infinite values")
 
 
+def clip_factors(sq_norms: np.ndarray, clip: float) -> F32:
+    """Per-example scale min(1, clip / ||g_i||) from the squared gradient norms."""
+    norms = np.sqrt(np.maximum(sq_norms, 0.0))
+    out: F32 = np.minimum(1.0, clip / np.maximum(norms, 1e-12)).astype(np.float32)
+    return out
+
+
 def softmax_cross_entropy(logits: F32, y: npt.NDArray[np.int64]) -> tuple[float, F32]:
     """Mean cross-entropy and its gradient w.r.t. the logits.
 
@@ -131,6 +138,11 @@ class FlatParamModel(ABC):
         # FedProx (Li et al. 2020): mu of the proximal term mu/2 ||w - w_start||^2 that
         # `fit` adds to the objective, w_start being the model the call starts from.
         self.prox_mu = np.float32(0.0)
+        # DP-SGD (Abadi et al. 2016): per-example clip norm and noise multiplier; a clip
+        # of 0 is off. See `set_dp_sgd`.
+        self.dp_clip = 0.0
+        self.dp_noise = 0.0
+        self._dp_rng: np.random.Generator | None = None
 
     def layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """Names and shapes of the tensors inside the flat vector, in order.
@@ -148,6 +160,20 @@ class FlatParamModel(ABC):
     @abstractmethod
     def _forward_backward(self, x: F32, y: npt.NDArray[np.int64]) -> float:
         """Fill `self._grad` with d(objective)/d(params); return the mean cross-entropy."""
+
+    def _clipped_backward(self, x: F32, y: npt.NDArray[np.int64], clip: float) -> float:
+        """Fill `self._grad` with the sum over the batch of each example's cross-entropy
+        gradient clipped to L2 norm `clip` (no weight decay); return the mean loss.
+        Models that support DP-SGD implement it without materialising per-example
+        gradients (a layer's per-example gradient is an outer product, whose norm is
+        the product of two vector norms)."""
+        raise NotImplementedError(f"{self.name} does not support DP-SGD")
+
+    def _add_weight_decay(self) -> None:
+        """Add the data-independent regulariser's gradient to `self._grad` (DP-SGD adds
+        it after clipping and noise: it reveals nothing about the examples). None by
+        default."""
+        return None
 
     # --- parameters -----------------------------------------------------------------------
     @property
@@ -195,6 +221,39 @@ class FlatParamModel(ABC):
         if not (np.isfinite(mu) and mu >= 0):
             raise ValueError(f"FedProx mu must be a finite number >= 0, got {mu!r}")
         self.prox_mu = np.float32(mu)
+
+    def set_dp_sgd(self, clip: float, noise_multiplier: float, *, seed: int) -> None:
+        """Example-level DP-SGD (Abadi et al. 2016) from now on: each minibatch gradient
+        is the sum of the examples' gradients, each clipped to L2 norm `clip`, plus
+        Gaussian noise of std `noise_multiplier * clip`, divided by the batch size.
+        Weight decay and FedProx's term are added afterwards (they depend on no
+        example). `clip = 0` turns it off (`fit` is then bit-identical to plain SGD).
+        The privacy this buys is for the examples of this node's training data, per
+        step; accounting over steps and rounds is `p2pfl.privacy`'s job.
+        """
+        if not (np.isfinite(clip) and clip >= 0):
+            raise ValueError(f"DP-SGD clip must be a finite number >= 0, got {clip!r}")
+        if not (np.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ValueError(f"DP-SGD noise multiplier must be >= 0, got {noise_multiplier!r}")
+        if clip > 0:
+            probe = np.zeros((1, self.n_features), dtype=np.float32)
+            self._clipped_backward(probe, np.zeros(1, dtype=np.int64), float(clip))
+        self.dp_clip = float(clip)
+        self.dp_noise = float(noise_multiplier)
+        self._dp_rng = np.random.default_rng(seed) if clip > 0 else None
+
+    def _dp_backward(self, x: F32, y: npt.NDArray[np.int64]) -> float:
+        """`self._grad` = (sum of clipped per-example gradients + N(0, (noise*clip)^2))
+        / batch size, then the weight decay; returns the mean loss."""
+        assert self._dp_rng is not None
+        loss = self._clipped_backward(x, y, self.dp_clip)
+        if self.dp_noise > 0:
+            noise = self._dp_rng.standard_normal(self.num_params, dtype=np.float32)
+            noise *= np.float32(self.dp_noise * self.dp_clip)
+            self._grad += noise
+        self._grad /= np.float32(x.shape[0])
+        self._add_weight_decay()
+        return loss
 
     def _add_proximal(self, anchor: F32) -> None:
         """grad += mu * (w - anchor), in place, through the `_step` scratch buffer."""
@@ -266,7 +325,10 @@ class FlatParamModel(ABC):
             total = 0.0
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                total += self._forward_backward(x32[idx], y64[idx]) * idx.size
+                if self.dp_clip > 0:
+                    total += self._dp_backward(x32[idx], y64[idx]) * idx.size
+                else:
+                    total += self._forward_backward(x32[idx], y64[idx]) * idx.size
                 if anchor is not None:
                     self._add_proximal(anchor)
                 self._momentum *= MOMENTUM

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from p2pfl.learning.model import F32, FlatParamModel, softmax_cross_entropy
+from p2pfl.learning.model import F32, FlatParamModel, clip_factors, softmax_cross_entropy
 
 WEIGHT_DECAY = 1e-4
 
@@ -44,3 +44,18 @@ class SoftmaxRegression(FlatParamModel):
         self._gw += self.weight_decay * self._w
         np.sum(dz, axis=0, out=self._gb)
         return loss
+
+    def _clipped_backward(self, x: F32, y: npt.NDArray[np.int64], clip: float) -> float:
+        # Example i's gradient is (x_i outer g_i, g_i), g_i its row of the logits'
+        # gradient: squared norm (||x_i||^2 + 1) ||g_i||^2. Scaling the rows of g scales
+        # each example's gradient, so one matmul gives the clipped sum.
+        loss, dz = softmax_cross_entropy(self.logits(x), y)
+        dz *= np.float32(x.shape[0])  # per-example gradients, not the batch mean's
+        sq = (np.einsum("ij,ij->i", x, x) + 1.0) * np.einsum("ij,ij->i", dz, dz)
+        dz *= clip_factors(sq, clip)[:, None]
+        np.matmul(x.T, dz, out=self._gw)
+        np.sum(dz, axis=0, out=self._gb)
+        return loss
+
+    def _add_weight_decay(self) -> None:
+        self._gw += self.weight_decay * self._w
