@@ -106,6 +106,12 @@ _HELP = {
     "secure_min_group": "secure aggregation: the smallest group this node masks in",
     "secure_no_group": "secure aggregation without a group: wait, skip or plain",
     "secure_mates": "secure aggregation mates: auto, neighbours or members (relayed)",
+    "dp_epsilon": "differential privacy: the node's epsilon budget; it stops contributing "
+    "updates once spent (docs/privacy.md; needs p2pfl[dp])",
+    "dp_delta": "differential privacy: the delta that epsilon is reported at",
+    "dp_clip": "differential privacy: L2 norm each round's update is clipped to",
+    "dp_noise": "differential privacy: noise multiplier (std / clip); default: derived "
+    "from --dp-epsilon and --rounds",
 }
 
 

@@ -128,6 +128,15 @@ class NodeConfig:
     # non-neighbours with a membership proof, relayed by the leader), "auto" (members
     # with a federation secret or an allow list, where a proof means something).
     secure_mates: str = "auto"
+    # Node-level differential privacy (docs/privacy.md): each round's update is clipped
+    # to L2 norm dp_clip and noised with N(0, (dp_noise * dp_clip)^2). dp_epsilon is the
+    # budget (at dp_delta) after which the node stops contributing updates; dp_noise the
+    # noise multiplier, derived from dp_epsilon and `rounds` when left out. Privacy is on
+    # when either is set (None = not set).
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    dp_noise: float | None = None
     # Scenario studies only: a malicious node runs a real node with this attack.
     attack: str = ""
     attack_options: Mapping[str, Any] = field(default_factory=dict)
@@ -141,6 +150,11 @@ class NodeConfig:
     faults: Path | None = None
     # Operation.
     log_level: str = "info"
+
+    @property
+    def privacy(self) -> bool:
+        """Node-level differential privacy is on (a budget or a noise multiplier is set)."""
+        return self.dp_epsilon is not None or self.dp_noise is not None
 
     @property
     def neighbour_count(self) -> int | None:
@@ -265,6 +279,7 @@ class NodeConfig:
         _check(self.aggregation != "", "aggregation", "must name a rule")
         _check(self.tolerate >= 0, "tolerate", "must be >= 0")
         self._check_attack()
+        self._check_privacy()
         _check(self.group_size >= 3, "group_size", "must be >= 3")
         _check(
             3 <= self.secure_min_group <= self.group_size,
@@ -323,6 +338,36 @@ class NodeConfig:
                 "cannot be combined with secure_aggregation (a masked update goes to a "
                 "whole group, not per neighbour)",
             )
+
+    def _check_privacy(self) -> None:
+        """The DP fields, alone and together (the accountant, which needs the dp extra,
+        derives the noise when the node starts)."""
+        _check(0.0 < self.dp_delta < 1.0, "dp_delta", "must be in (0, 1), e.g. 1e-5")
+        _check(0.0 < self.dp_clip < math.inf, "dp_clip", "must be a finite L2 norm > 0")
+        if self.dp_epsilon is not None:
+            _check(0.0 < self.dp_epsilon < math.inf, "dp_epsilon", "must be a finite budget > 0")
+        if self.dp_noise is not None:
+            _check(
+                self.dp_noise > 0 and math.isfinite(self.dp_noise),
+                "dp_noise",
+                f"must be a finite noise multiplier > 0 (0 adds no noise: a round would "
+                f"spend infinite epsilon{'' if self.dp_epsilon is None else ' of any budget'}; "
+                "leave dp_noise out to derive it from dp_epsilon and rounds)",
+            )
+        if not self.privacy:
+            return
+        _check(
+            self.dp_noise is not None or self.rounds > 0,
+            "dp_epsilon",
+            "the noise is derived from the budget and the planned rounds, and rounds = 0 "
+            "(forever) plans none: set rounds, or dp_noise",
+        )
+        _check(
+            not self.secure_aggregation,
+            "secure_aggregation",
+            "cannot be combined with differential privacy yet (distributed DP, each group "
+            "member adding a share of the noise, is not implemented); drop one of them",
+        )
 
     def replace(self, **changes: Any) -> NodeConfig:
         return dataclasses.replace(self, **changes)
@@ -455,6 +500,14 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, str):
             raise TypeError(f"expected a string, got {value!r}")
         return value
+    if key in OPTIONAL_FLOATS:
+        if value is None or value == "":
+            return None
+        if isinstance(value, str):
+            return float(value)  # a flag; a ValueError names the text
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"expected a number, got {value!r}")
+        return float(value)
     if key == "classes":
         if value is None or value == "":
             return None
@@ -503,6 +556,12 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
 
 PLUGIN_FIELDS = ("model", "dataset")
 """Fields naming a model or data set: a built-in, a data file or a plugin."""
+
+OPTIONAL_FLOATS = ("dp_epsilon", "dp_noise")
+"""Number fields whose default, None, means "not set"."""
+
+PRIVACY_KEYS = ("epsilon", "delta", "clip", "noise")
+"""Keys of a node file's `[privacy]` table: `epsilon` is the field dp_epsilon, and so on."""
 
 AUTO_FIELDS = ("max_frame_size", "receive_budget", "max_inbound")
 """Integer fields whose default, "auto", is derived when the node starts."""
@@ -564,11 +623,28 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     if "node" in data and isinstance(data["node"], dict):
         data = {**{k: v for k, v in data.items() if k != "node"}, **data["node"]}
+    data = _privacy_table(data, path)
     values = coerce(data, source=str(path))
     for key in PLUGIN_FIELDS:
         if key in values:
             values[key] = relative_to(values[key], path.parent)
     return values
+
+
+def _privacy_table(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A `[privacy]` table (epsilon, delta, clip, noise) as the dp_* fields."""
+    if "privacy" not in data:
+        return data
+    table = data["privacy"]
+    if not isinstance(table, dict):
+        raise ConfigError("privacy", f"must be a table in {path}")
+    for key in table:
+        if key not in PRIVACY_KEYS:
+            raise ConfigError(
+                f"privacy.{key}", f"unknown key in {path}; known: {', '.join(PRIVACY_KEYS)}"
+            )
+    rest = {k: v for k, v in data.items() if k != "privacy"}
+    return {**rest, **{f"dp_{k}": v for k, v in table.items()}}
 
 
 def relative_to(spec: str, base: Path) -> str:

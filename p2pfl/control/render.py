@@ -81,6 +81,31 @@ def _secure_rows(secure: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _privacy_rows(privacy: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Epsilon spent (of the budget), at what delta, noise and clip; and a warning line
+    once the budget is spent and the node no longer contributes updates."""
+    budget = privacy.get("budget")
+    of = f" of {fmt_float(budget, 3)}" if _number(budget) is not None else " (no budget)"
+    rows = [
+        (
+            "privacy",
+            f"epsilon {fmt_float(privacy.get('epsilon'), 3)}{of} spent at delta "
+            f"{fmt_text(privacy.get('delta'))} over {fmt_int(privacy.get('rounds'))} rounds; "
+            f"noise {fmt_float(privacy.get('noise_multiplier'), 3)} x clip "
+            f"{fmt_text(privacy.get('clip'))}",
+        )
+    ]
+    if privacy.get("exhausted") is True:
+        rows.append(
+            (
+                "privacy SPENT",
+                f"budget spent: no updates since round {fmt_int(privacy.get('stopped_at'))} "
+                "(sends its start model; still serves peers and aggregates)",
+            )
+        )
+    return rows
+
+
 def _total(counts: Any) -> int:
     """Sum of a {name: n} map's numbers (0 for anything else)."""
     if not isinstance(counts, Mapping):
@@ -300,6 +325,9 @@ def status_header(status: Mapping[str, Any]) -> Panel:
     secure = status.get("secure")
     if isinstance(secure, Mapping):
         rows.extend(_secure_rows(secure))
+    privacy = status.get("privacy")
+    if isinstance(privacy, Mapping):
+        rows.extend(_privacy_rows(privacy))
     loop = status.get("event_loop")
     if isinstance(loop, Mapping):
         stalls = [s for s in _list(loop, "recent_stalls") if isinstance(s, Mapping)]

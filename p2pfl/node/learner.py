@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from p2pfl.learning.outer import OuterOptimizer
 from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
 from p2pfl.learning.worker_momentum import WorkerMomentum
 from p2pfl.node.records import Done, Evaluate, RecordItem, RecordQueue, Save
+from p2pfl.privacy.node import NodePrivacy
 from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pfl.supervision import Supervisor
 
@@ -133,6 +135,8 @@ class Learner:
         # The rule runs in a worker thread; a checkpoint or a catch-up may read the
         # outer state meanwhile, and must never copy half a step.
         self._outer_lock = threading.Lock()
+        # Node-level DP on what leaves the node, and its budget (None = off).
+        self.privacy = NodePrivacy.from_config(config)
         # Neighbours' last deltas and who sent them (attacks only).
         self._overheard: np.ndarray | None = None
         self._overheard_from: tuple[str, ...] = ()
@@ -227,6 +231,8 @@ class Learner:
         model, optimizer and history (the caller restores the rest of its state)."""
         self.datadir = datadir
         ckpt = self._load_checkpoint(datadir)
+        if self.privacy is not None:  # the spent budget, whatever became of the checkpoint
+            self.privacy.attach(datadir, 0 if ckpt is None else ckpt.round)
         if ckpt is not None:
             self.model.set_params(ckpt.params)
             if ckpt.optimizer:
@@ -277,8 +283,13 @@ class Learner:
         """Train from `params`; the new parameters and the seconds it took.
 
         A model that fails, or training that diverges, gives back `params` (the round
-        still ends and peers are not left waiting for us).
+        still ends and peers are not left waiting for us). With privacy on, the result
+        is clipped, noised and charged; once the budget is spent, `params` is given back
+        untrained: a zero update, so peers still hear from us on time (their quorum) and
+        our model keeps mixing, while nothing new about our data leaves (docs/privacy.md).
         """
+        if self.privacy is not None and not self.privacy.allows(round):
+            return params, 0.0
         seed = [self.config.seed, self.config.node_index, round]
         cfg = self.config
         y = self._y_attack if self.attacking(round) else self._y
@@ -323,6 +334,9 @@ class Learner:
         elif self.worker_momentum is not None:
             # What leaves the node (and counts as our own input) is the smoothed update.
             new = self.worker_momentum.apply(params, new)
+        if self.privacy is not None:  # what leaves the node, and counts as our own input
+            release = functools.partial(self.privacy.release, round, params, new)
+            new = await trio.to_thread.run_sync(release) if self.threaded else release()
         return new, seconds
 
     def outer_rule(self, rule: AggregationRule) -> AggregationRule:
@@ -376,6 +390,8 @@ class Learner:
 
     def record_round(self, params: np.ndarray, row: dict[str, Any], connected: int) -> None:
         """Evaluate a round's aggregate and write its metrics line (and history row)."""
+        if self.privacy is not None:  # what this node has spent, as of this round
+            row = {**row, "privacy": self.privacy.status()}
         self._record(Evaluate(params, row, connected))
 
     def checkpoint(

@@ -68,6 +68,7 @@ def node_status(node: Node) -> dict[str, Any]:
             "ratio": round(node.outbox.last_sizes[0] / max(1, node.outbox.last_sizes[1]), 2),
         },
         "secure": None if node.secure is None else node.secure.status(),
+        "privacy": None if node.learner.privacy is None else node.learner.privacy.status(),
         "event_loop": None if node.loopwatch is None else node.loopwatch.status(),
         "records": node.learner.records_status(),
         "memory": memory_status(),

@@ -186,6 +186,7 @@ def summarize(
                 "seconds_mean": secs,
                 "timing_mean": _timing_means(rows),
                 "bytes_sent": int(sum(_num(x.get("bytes_sent")) or 0 for x in rows)),
+                **_round_epsilon(rows),
             }
         )
     last = [rows[-1] for rows in rows_by_node.values() if rows]
@@ -216,6 +217,45 @@ def summarize(
         "wall_seconds": round(wall, 3),
         "honest_nodes": len(counted),
         "rule_events": rule_events(rows_by_node),
+        **privacy_summary(rows_by_node),
+    }
+
+
+def _epsilon(row: Mapping[str, Any]) -> float | None:
+    privacy = row.get("privacy")
+    return _num(privacy.get("epsilon")) if isinstance(privacy, Mapping) else None
+
+
+def _round_epsilon(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The largest epsilon any node had spent by this round (only with privacy on)."""
+    spent = [e for e in map(_epsilon, rows) if e is not None]
+    return {"epsilon_max": max(spent)} if spent else {}
+
+
+def privacy_summary(rows_by_node: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """Every node's spent epsilon at its last row, the budget, and the nodes whose budget
+    ran out ({} without privacy: reports of other runs stay as they were)."""
+    last = {
+        name: rows[-1]["privacy"]
+        for name, rows in rows_by_node.items()
+        if rows and isinstance(rows[-1].get("privacy"), Mapping)
+    }
+    if not last:
+        return {}
+    spent = {name: _num(p.get("epsilon")) for name, p in last.items()}
+    finite = [e for e in spent.values() if e is not None]
+    budgets = {b for p in last.values() if (b := _num(p.get("budget"))) is not None}
+    return {
+        "privacy": {
+            "epsilon_by_node": spent,
+            "epsilon_max": max(finite, default=None),
+            "epsilon_min": min(finite, default=None),
+            "budget": max(budgets) if budgets else None,
+            "delta": next(iter(last.values())).get("delta"),
+            "exhausted_nodes": sorted(
+                (n for n, p in last.items() if p.get("exhausted") is True), key=_node_order
+            ),
+        }
     }
 
 
@@ -299,6 +339,9 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
         p = _short(primary)
         cols += [f"{p} mean", f"{p} min", f"{p} max"]
     cols += [_short(n) for n in others]
+    privacy = summary.get("privacy")
+    if isinstance(privacy, Mapping):
+        cols.append("eps max")
     for col in (*cols, "sent (all)"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -309,6 +352,8 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
         if primary is not None:
             cells += [_fmt(_num(d.get(primary))) for d in (means, lows, highs)]
         cells += [_fmt(_num(means.get(n))) for n in others]
+        if isinstance(privacy, Mapping):
+            cells.append(_fmt(_num(r.get("epsilon_max"))))
         table.add_row(*cells, format_bytes(r["bytes_sent"]))
     f = summary["final"]
     finals = f.get("metrics_mean") or {}
@@ -328,6 +373,16 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
     timing = timing_text(f.get("timing_mean") or {})
     if timing:
         lines.append(f"\nCPU per round: {timing}")
+    if isinstance(privacy, Mapping):
+        budget = _num(privacy.get("budget"))
+        spent_out = privacy.get("exhausted_nodes") or []
+        lines.append(
+            f"\nprivacy: epsilon spent {_fmt(_num(privacy.get('epsilon_min')))}.."
+            f"{_fmt(_num(privacy.get('epsilon_max')))} per node"
+            + (f" of a budget of {_fmt(budget)}" if budget is not None else "")
+            + f" at delta {privacy.get('delta')}"
+            + (f"; budget spent on {len(spent_out)} nodes" if spent_out else "")
+        )
     events = summary.get("rule_events") or {}
     for kind, label in (("fallbacks", "fell back to the median"), ("guards", "guards")):
         counts = events.get(kind) or {}

@@ -136,6 +136,22 @@ class SecureSpec:
 
 
 @dataclass(frozen=True)
+class PrivacySpec:
+    """`[privacy] epsilon = 4, delta = 1e-5, clip = 1.0, noise = ...`: node-level DP on
+    every node (docs/privacy.md); on when epsilon or noise is given, and checked by the
+    node's own validation (`NodeConfig._check_privacy`)."""
+
+    epsilon: float | None = None
+    delta: float = 1e-5
+    clip: float = 1.0
+    noise: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None or self.noise is not None
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     nodes: int
@@ -157,6 +173,7 @@ class Scenario:
     # [[faults]]: crashes/restarts (process runner) and network faults (plan files).
     faults: tuple[FaultEvent, ...] = ()
     secure: SecureSpec = field(default_factory=SecureSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
 
     @property
     def attack(self) -> AttackSpec:
@@ -294,6 +311,16 @@ class Scenario:
                     if self.secure.enabled
                     else {}
                 ),
+                **(
+                    {
+                        "dp_epsilon": self.privacy.epsilon,
+                        "dp_delta": self.privacy.delta,
+                        "dp_clip": self.privacy.clip,
+                        "dp_noise": self.privacy.noise,
+                    }
+                    if self.privacy.enabled
+                    else {}
+                ),
                 **({"faults": plan_path(data_dirs[i])} if i in faulty else {}),
             }
             for i in range(self.nodes)
@@ -379,13 +406,14 @@ def parse_scenario(
     compression = _parse_compression(top.table("compression"))
     faults = parse_faults(top.raw("faults"), nodes, rounds)
     secure = _parse_secure(top.table("secure_aggregation"))
+    privacy = _parse_privacy(top.table("privacy"))
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
     top.finish()
     scenario = Scenario(
         name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
-        attacks, aggregation, compression, faults, secure,
+        attacks, aggregation, compression, faults, secure, privacy,
     )  # fmt: skip
     scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
     _cross_check(scenario)
@@ -567,6 +595,16 @@ def _parse_secure(t: Table) -> SecureSpec:
     return SecureSpec(enabled, group_size, min_group, no_group, mates)
 
 
+def _parse_privacy(t: Table) -> PrivacySpec:
+    """`[privacy]`: the node fields dp_epsilon, dp_delta, dp_clip, dp_noise (their
+    combinations are checked by the node's validation, through `_cross_check`)."""
+    epsilon = t.get_float("epsilon", 0.0) if t.has("epsilon") else None
+    noise = t.get_float("noise", 0.0) if t.has("noise") else None
+    spec = PrivacySpec(epsilon, t.get_float("delta", 1e-5), t.get_float("clip", 1.0), noise)
+    t.finish()
+    return spec
+
+
 def _parse_compression(t: Table) -> CompressionSpec:
     """`[compression] pipeline = ["delta", "topk:0.01", "quantize:8", "zstd:3"]`."""
     from p2pfl.compression import parse_pipeline
@@ -606,6 +644,8 @@ _CONFIG_FIELD_PATHS = {
     "attack_options": "attack", "attack_start_round": "attack.start_round",
     "attack_honest_to": "attack.honest_to", "attack_colluders": "attack",
     "compression": "compression.pipeline",
+    "dp_epsilon": "privacy.epsilon", "dp_delta": "privacy.delta", "dp_clip": "privacy.clip",
+    "dp_noise": "privacy.noise", "secure_aggregation": "secure_aggregation.enabled",
 }  # fmt: skip
 
 
