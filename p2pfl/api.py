@@ -35,6 +35,7 @@ from p2pfl.fatal import CannotBind, FatalError
 from p2pfl.identity import Identity
 from p2pfl.learning.datasets import Dataset
 from p2pfl.learning.model import Model
+from p2pfl.logs import event
 from p2pfl.node import Node
 
 log = logging.getLogger("p2pfl.node")
@@ -98,7 +99,12 @@ async def _run_until_done(
 
             async def until_signal() -> None:
                 async for signum in signals:
-                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    name = signal.Signals(signum).name
+                    log.info(
+                        "received %s: shutting down",
+                        name,
+                        extra=event("node.stopping", signal=name),
+                    )
                     waiters.cancel_scope.cancel()
                     return
 

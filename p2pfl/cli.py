@@ -106,6 +106,7 @@ _HELP = {
     "secure_min_group": "secure aggregation: the smallest group this node masks in",
     "secure_no_group": "secure aggregation without a group: wait, skip or plain",
     "secure_mates": "secure aggregation mates: auto, neighbours or members (relayed)",
+    "log_format": "text (readable lines) or json (one object per line; docs/operations.md)",
     "dp_epsilon": "differential privacy: the node's epsilon budget; it stops contributing "
     "updates once spent (docs/privacy.md; needs p2pfl[dp])",
     "dp_delta": "differential privacy: the delta that epsilon is reported at",
@@ -258,7 +259,7 @@ def _run_node(args: argparse.Namespace) -> int:
         return 2
     from p2pfl.logs import setup_logging
 
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     import signal
 
     import trio
@@ -282,6 +283,7 @@ async def _node_main(config: NodeConfig) -> None:
 
     import trio
 
+    from p2pfl.logs import event
     from p2pfl.node import Node
 
     # Opened first, so a signal during start-up is answered by a clean stop too.
@@ -299,7 +301,9 @@ async def _node_main(config: NodeConfig) -> None:
                 raise bind from None
             async for signum in signals:
                 logging.getLogger("p2pfl.node").info(
-                    "received %s: shutting down", signal.Signals(signum).name
+                    "received %s: shutting down",
+                    signal.Signals(signum).name,
+                    extra=event("node.stopping", signal=signal.Signals(signum).name),
                 )
                 break
             await node.stop()

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from p2pfl.logs import LOG_FORMATS
+
 DEFAULT_PORT = 7470
 DEFAULT_DATA_DIR = Path("~/.p2pfl")
 
@@ -150,6 +152,7 @@ class NodeConfig:
     faults: Path | None = None
     # Operation.
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (docs/operations.md)
 
     @property
     def privacy(self) -> bool:
@@ -317,6 +320,11 @@ class NodeConfig:
             self.log_level in ("debug", "info", "warning", "error"),
             "log_level",
             "must be one of debug, info, warning, error",
+        )
+        _check(
+            self.log_format in LOG_FORMATS,
+            "log_format",
+            f"must be one of {', '.join(LOG_FORMATS)}",
         )
         return self
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from p2pfl.fatal import FatalError, exception_leaves
+from p2pfl.logs import event
 
 
 class Supervisor:
@@ -81,6 +82,14 @@ class Supervisor:
             type(exc).__name__,
             _short(exc),
             self.contained[kind],
+            extra=event(
+                "error.contained",
+                where=where,
+                peer=peer,
+                error=type(exc).__name__,
+                detail=_short(exc),
+                count=self.contained[kind],
+            ),
         )
         self.log.debug("traceback of the contained error", exc_info=exc)
 

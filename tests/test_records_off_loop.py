@@ -103,7 +103,7 @@ async def test_shutdown_writes_what_is_still_queued(tmp_path: Path) -> None:
     node.learner.record_round(node.machine.params, row, connected=0)
     node.machine.round = 4  # a later snapshot
     node._checkpoint()
-    node.learner.finish()
+    node.learner.finish(4)
     assert not (node.data_dir / "checkpoint.msgpack").exists()
     with trio.CancelScope() as scope:
         scope.cancel()

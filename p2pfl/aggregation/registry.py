@@ -41,6 +41,7 @@ from p2pfl.aggregation.diagnostics import (
     RuleEvent,
 )
 from p2pfl.aggregation.rules import bounded_weights, mean
+from p2pfl.logs import event
 
 log = logging.getLogger("p2pfl.aggregation")
 
@@ -107,8 +108,8 @@ class Rule:
         self.last_fallback = None if fallback is None else fallback.detail
         if fallback is not None:
             self.fallbacks += 1
-        for event in report.events:
-            self._log(event)
+        for rule_event in report.events:
+            self._log(rule_event)
         return out
 
     def aggregate(
@@ -155,15 +156,24 @@ class Rule:
             )
         return out, AggregationReport(n, tuple(diag.events), diag.flagged, diag.evidence)
 
-    def _log(self, event: RuleEvent) -> None:
+    def _log(self, ev: RuleEvent) -> None:
         """A warning the first time per reason, then debug: a sparse node would
         otherwise log the same line every round (status counts every one)."""
-        level = logging.DEBUG if event.key in self._logged else logging.WARNING
-        self._logged.add(event.key)
-        if event.kind == "fallback":
-            log.log(level, "%s (falling back; counted in status, logged once)", event.detail)
+        level = logging.DEBUG if ev.key in self._logged else logging.WARNING
+        self._logged.add(ev.key)
+        fields = event(f"aggregation.{ev.kind}", rule=self.name, reason=ev.key, detail=ev.detail)
+        if ev.kind == "fallback":
+            log.log(
+                level, "%s (falling back; counted in status, logged once)", ev.detail, extra=fields
+            )
         else:
-            log.log(level, "%s (guard %s; counted in status, logged once)", event.detail, event.key)
+            log.log(
+                level,
+                "%s (guard %s; counted in status, logged once)",
+                ev.detail,
+                ev.key,
+                extra=fields,
+            )
 
 
 class TimedRule:

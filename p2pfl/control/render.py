@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from p2pfl.metrics import fmt_metric, metric_names, row_metrics, row_timing, timing_text
+from p2pfl.units import format_bytes
 
 MISSING = "-"
 ID_WIDTH = 12
@@ -181,15 +182,9 @@ def fmt_float(value: Any, digits: int = 4) -> str:
 
 
 def fmt_bytes(value: Any) -> str:
-    """1536 -> '1.5 KiB': binary units, as model sizes are powers of two of floats."""
+    """1536 -> '1.5 KiB' (p2pfl.units, the one convention); '-' when missing."""
     number = _number(value)
-    if number is None or number < 0:
-        return MISSING
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if number < 1024 or unit == "TiB":
-            return f"{int(number)} B" if unit == "B" else f"{number:.1f} {unit}"
-        number /= 1024
-    raise AssertionError("unreachable")
+    return MISSING if number is None or number < 0 else format_bytes(number)
 
 
 def fmt_duration(value: Any) -> str:

@@ -32,6 +32,7 @@ from p2pfl.identity import Identity
 from p2pfl.learning import Dataset, Model
 from p2pfl.learning.attacks import Attack
 from p2pfl.learning.fingerprint import Fingerprint
+from p2pfl.logs import event
 from p2pfl.membership import PeerTable
 from p2pfl.node.learner import Learner
 from p2pfl.node.link import Link
@@ -147,8 +148,7 @@ class Node:
         params = self.model.get_params()
         ckpt = self.learner.resume(self.datadir)
         if ckpt is not None:
-            start_round, params = ckpt.round, ckpt.params
-            log.info("resuming from checkpoint at round %d", start_round)
+            start_round, params = ckpt.round, ckpt.params  # (the learner logs it)
 
         self.outbox = UpdateOutbox(
             self.id,
@@ -273,6 +273,7 @@ class Node:
                     self.id,
                     ", ".join(self.listen_addresses),
                     self.config.federation,
+                    extra=event("node.started", peer_id=self.id, listen=self.listen_addresses),
                 )
                 task_status.started()
         finally:
@@ -351,6 +352,9 @@ class Node:
                     action.from_round,
                     action.round,
                     len(action.sources),
+                    extra=event(
+                        "round.caught_up", round=action.round, from_round=action.from_round
+                    ),
                 )
                 self.counters["catch_ups"] += 1
                 self._round_started_at = trio.current_time()
@@ -358,8 +362,7 @@ class Node:
             elif isinstance(action, Rejected):
                 self.mesh.count_rejection(action.peer, action.reason, f"round {action.round}")
             elif isinstance(action, Finished):
-                log.info("finished %d rounds", action.round)
-                self.learner.finish()  # after the last round's records
+                self.learner.finish(action.round)  # logs it; after the last round's records
         self._wakeup.set()
         if self.secure is not None and self.secure.contributions:
             self.secure.progress(trio.current_time())  # e.g. collecting again after a catch-up

@@ -37,10 +37,12 @@ from p2pfl.learning.fingerprint import fingerprint
 from p2pfl.learning.outer import OuterOptimizer
 from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
 from p2pfl.learning.worker_momentum import WorkerMomentum
+from p2pfl.logs import event
 from p2pfl.node.records import Done, Evaluate, RecordItem, RecordQueue, Save
 from p2pfl.privacy.node import NodePrivacy
 from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pfl.supervision import Supervisor
+from p2pfl.units import format_bytes
 
 log = logging.getLogger("p2pfl.node")
 
@@ -234,6 +236,11 @@ class Learner:
         if self.privacy is not None:  # the spent budget, whatever became of the checkpoint
             self.privacy.attach(datadir, 0 if ckpt is None else ckpt.round)
         if ckpt is not None:
+            log.info(
+                "resuming from checkpoint at round %d",
+                ckpt.round,
+                extra=event("checkpoint.resumed", round=ckpt.round),
+            )
             self.model.set_params(ckpt.params)
             if ckpt.optimizer:
                 self.model.set_optimizer_state(ckpt.optimizer)
@@ -257,7 +264,12 @@ class Learner:
         except CheckpointError as exc:
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             os.replace(path, aside)
-            log.error("%s; moved aside to %s, starting from the initial model", exc, aside)
+            log.error(
+                "%s; moved aside to %s, starting from the initial model",
+                exc,
+                aside,
+                extra=event("checkpoint.unreadable", path=path, moved_to=aside, error=str(exc)),
+            )
             return None
         if ckpt is not None and (
             ckpt.model != self.fingerprint.digest or ckpt.params.shape != (self.model.num_params,)
@@ -278,6 +290,7 @@ class Learner:
     def round_started(self, round: int, params: np.ndarray) -> None:
         """The model a round's training starts from (what an attack crafts against)."""
         self._round_start = (round, params)
+        log.debug("round %d started", round, extra=event("round.started", round=round))
 
     async def train(self, round: int, params: np.ndarray) -> tuple[np.ndarray, float]:
         """Train from `params`; the new parameters and the seconds it took.
@@ -322,7 +335,11 @@ class Learner:
         if not np.isfinite(new).all():
             # Local training diverged (e.g. from a poisoned aggregate): send the model we
             # started from rather than NaNs, and restart the optimizer.
-            log.warning("round %d: local training diverged; keeping the round's start model", round)
+            log.warning(
+                "round %d: local training diverged; keeping the round's start model",
+                round,
+                extra=event("round.diverged", round=round),
+            )
             self.counters["training_diverged"] += 1
             self.model.reset_optimizer()
             new = params
@@ -413,8 +430,9 @@ class Learner:
             )
         )
 
-    def finish(self) -> None:
+    def finish(self, rounds: int) -> None:
         """The run is done once the records queued so far are written."""
+        log.info("finished %d rounds", rounds, extra=event("run.finished", rounds=rounds))
         self._record(Done())
 
     def _record(self, item: RecordItem) -> None:
@@ -493,9 +511,13 @@ class Learner:
         if isinstance(item, Save):
             # A full disk or an unusable data dir raises a FatalError, which no guard
             # contains: it ends the node with its exit code.
-            save_checkpoint(
-                self.datadir.path / CHECKPOINT_FILE,
-                dataclasses.replace(item.checkpoint, history=list(self.history)),
+            path = self.datadir.path / CHECKPOINT_FILE
+            save_checkpoint(path, dataclasses.replace(item.checkpoint, history=list(self.history)))
+            saved = item.checkpoint.round
+            log.debug(
+                "checkpoint written (a restart resumes at round %d)",
+                saved,
+                extra=event("checkpoint.written", round=saved, path=path),
             )
         return None
 
@@ -518,9 +540,20 @@ class Learner:
                 row["peers_heard"],
                 item.connected,
                 " (timeout)" if row["timed_out"] else "",
-                _human(row["bytes_sent"]),
-                _human(row["bytes_received"]),
+                format_bytes(row["bytes_sent"]),
+                format_bytes(row["bytes_received"]),
                 row["seconds"],
+                extra=event(
+                    "round.finished",
+                    round=row["round"],
+                    metrics=row["metrics"],
+                    peers_heard=row["peers_heard"],
+                    peers_connected=item.connected,
+                    timed_out=row["timed_out"],
+                    bytes_sent=row["bytes_sent"],
+                    bytes_received=row["bytes_received"],
+                    seconds=row["seconds"],
+                ),
             )
         elif isinstance(item, Done):
             self.done.set()
@@ -560,11 +593,3 @@ class _OuterRule:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.rule, name)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

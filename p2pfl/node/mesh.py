@@ -22,6 +22,7 @@ import trio
 from p2pfl import __version__
 from p2pfl.config import NodeConfig
 from p2pfl.learning.fingerprint import Fingerprint
+from p2pfl.logs import event
 from p2pfl.membership import PeerState, PeerTable
 from p2pfl.node.link import Link, closed_cause
 from p2pfl.node.transports import bound_transport
@@ -169,6 +170,9 @@ class Mesh:
                     "peer %s is not reading; dropping messages (%d so far)",
                     peer[:12],
                     self.counters["send_queue_full"],
+                    extra=event(
+                        "peer.send_dropped", peer=peer, dropped=self.counters["send_queue_full"]
+                    ),
                 )
             return False
         return True
@@ -183,7 +187,14 @@ class Mesh:
         if rec is not None:
             rec.rejected += 1
         level = logging.DEBUG if reason in ("stale", "duplicate") else logging.WARNING
-        log.log(level, "rejected message from %s (%s): %s", peer[:12], what, reason)
+        log.log(
+            level,
+            "rejected message from %s (%s): %s",
+            peer[:12],
+            what,
+            reason,
+            extra=event("message.rejected", peer=peer, reason=reason, what=what),
+        )
 
     def _peer_list_payload(self) -> bytes:
         return codec.encode(
@@ -231,7 +242,10 @@ class Mesh:
                 link.bad_messages += 1
                 if link.bad_messages > MAX_BAD_MESSAGES:
                     log.warning(
-                        "peer %s sent %d bad messages; closing", peer[:12], link.bad_messages
+                        "peer %s sent %d bad messages; closing",
+                        peer[:12],
+                        link.bad_messages,
+                        extra=event("peer.closing", peer=peer, reason="bad_messages"),
                     )
                     return
                 continue
@@ -247,7 +261,11 @@ class Mesh:
                 # The message was dropped; a peer whose messages keep failing is cut off.
                 link.bad_messages += 1
                 if link.bad_messages > MAX_BAD_MESSAGES:
-                    log.warning("peer %s: too many failed messages; closing", peer[:12])
+                    log.warning(
+                        "peer %s: too many failed messages; closing",
+                        peer[:12],
+                        extra=event("peer.closing", peer=peer, reason="failed_messages"),
+                    )
                     return
             if keep is False:
                 return
@@ -302,7 +320,12 @@ class Mesh:
                         ):
                             self.notify_peers_changed()
             case Bye():
-                log.info("peer %s left (%s)", peer[:12], msg.reason or "bye")
+                log.info(
+                    "peer %s left (%s)",
+                    peer[:12],
+                    msg.reason or "bye",
+                    extra=event("peer.disconnected", peer=peer, how="left", reason=msg.reason),
+                )
                 link.closed_state = PeerState.LEFT
                 self.peers.hold_off_peer(peer, now, 2.0)
                 return False
@@ -328,6 +351,7 @@ class Mesh:
                 "and task",
                 peer[:12],
                 why,
+                extra=event("peer.refused", peer=peer, reason="incompatible", detail=why),
             )
 
     # ---- heartbeats --------------------------------------------------------------------
@@ -451,12 +475,27 @@ class Mesh:
             self.peers.dial_failed(address, trio.current_time())
             self.peers.hold_off(address, trio.current_time(), MISMATCH_HOLD_OFF)
             self.counters["handshake_failures"] += 1
-            log.warning("refused %s: %s", address, exc)
+            log.warning(
+                "refused %s: %s",
+                address,
+                exc,
+                extra=event(
+                    "handshake.failed", address=address, direction="outbound", reason=str(exc)
+                ),
+            )
             return
         except (OSError, trio.TooSlowError) as exc:
             delay = self.peers.dial_failed(address, trio.current_time())
             self.counters["dial_failures"] += 1
-            log.debug("dial %s failed (%s); retry in %.1fs", address, exc, delay)
+            log.debug(
+                "dial %s failed (%s); retry in %.1fs",
+                address,
+                exc,
+                delay,
+                extra=event(
+                    "dial.failed", address=address, error=str(exc), retry_s=round(delay, 3)
+                ),
+            )
             return
         except Exception:
             # Anything else (an address no transport can dial, a bug) backs off like a
@@ -495,7 +534,11 @@ class Mesh:
             return
         if self.config.allow and peer not in self.config.allow:
             self.counters["not_admitted"] += 1
-            log.warning("peer %s is not in the allow list; closing", peer[:12])
+            log.warning(
+                "peer %s is not in the allow list; closing",
+                peer[:12],
+                extra=event("peer.refused", peer=peer, reason="not_allowed", detail=""),
+            )
             await conn.aclose()
             return
         if self.stopping:
@@ -511,6 +554,19 @@ class Mesh:
             self.on_connected(peer)
             self.notify_peers_changed()
             self._send_greeting(peer)
+            log.info(
+                "peer %s connected (%s%s)",
+                peer[:12],
+                "outbound" if conn.outbound else "inbound",
+                "" if found_via == "inbound" else f", found via {found_via}",
+                extra=event(
+                    "peer.connected",
+                    peer=peer,
+                    direction="outbound" if conn.outbound else "inbound",
+                    found_via=found_via,
+                    address=dialed,
+                ),
+            )
         elif self._preferred(conn.outbound, peer) and not self._preferred(
             existing.conn.outbound, peer
         ):
@@ -535,7 +591,14 @@ class Mesh:
                 del self.links[peer]
                 if link.close_reason is not None and link.closed_state is not PeerState.LEFT:
                     # One line per lost peer (a Bye was logged as "left" already).
-                    log.warning("lost peer %s: %s", peer[:12], link.close_reason)
+                    log.warning(
+                        "lost peer %s: %s",
+                        peer[:12],
+                        link.close_reason,
+                        extra=event(
+                            "peer.disconnected", peer=peer, how="lost", reason=link.close_reason
+                        ),
+                    )
                 with self.supervisor.guard("peer_lost", peer):
                     self._forget_link(peer, link)
             with trio.CancelScope(shield=True), trio.move_on_after(1):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.identity import Identity
+from p2pfl.logs import redact
 from p2pfl.transport.base import Transport, TransportLimits
 from p2pfl.wire import codec
 
@@ -25,11 +26,13 @@ def read_secret(config: NodeConfig) -> bytes | None:
     if config.secret_file is None:
         return None
     try:
-        return Path(config.secret_file).read_bytes().strip()
+        secret = Path(config.secret_file).read_bytes().strip()
     except OSError as exc:
         raise ConfigError(
             "secret_file", f"cannot read {config.secret_file}: {exc.strerror}"
         ) from None
+    redact(secret)  # masked in every log line from now on, should it ever reach one
+    return secret
 
 
 def tcp_transport(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pfl.config import ConfigError, NodeConfig
+from p2pfl.logs import TextFormatter
 from p2pfl.scenario.processes import node_rows
 from p2pfl.scenario.report import RoundProgress
 from p2pfl.scenario.schema import RunFailed, Scenario, node_identity_seed
@@ -168,7 +169,7 @@ def _record(node: Node) -> dict[str, Any]:
 def _log_to(path: Path) -> Iterator[None]:
     logger = logging.getLogger("p2pfl")
     handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(TextFormatter())  # the node's own text format (p2pfl.logs)
     saved = (logger.level, logger.propagate)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

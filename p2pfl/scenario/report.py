@@ -35,6 +35,7 @@ from p2pfl.metrics import (
 )
 from p2pfl.scenario.faults import fault_table, mark_faults, report_timeline
 from p2pfl.scenario.schema import Scenario
+from p2pfl.units import format_bytes
 
 MAX_TABLE_ROWS = 25
 NodeRecord = Mapping[str, Any]
@@ -301,14 +302,6 @@ def _fmt(v: float | None) -> str:
 def _short(name: str) -> str:
     """Column header for a metric ('accuracy' -> 'acc', as the table always said)."""
     return "acc" if name == "accuracy" else name
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"  # unreachable, keeps mypy happy
 
 
 def summary_table(metrics: Mapping[str, Any]) -> Table:

@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from p2pfl.identity import Identity, peer_id_from_public_key
+from p2pfl.logs import event
 from p2pfl.secure.group_driver import GroupDriver
 from p2pfl.secure.group_leader import LeaderSettings
 from p2pfl.secure.group_member import MemberPolicy
@@ -161,6 +162,9 @@ class SecureParticipant:
                     "secure aggregation: in a group again at round %d after %d rounds without",
                     outcome.round,
                     self._out_streak,
+                    extra=event(
+                        "secure.regrouped", round=outcome.round, rounds_without=self._out_streak
+                    ),
                 )
             self._out_streak = 0
         else:
@@ -174,6 +178,12 @@ class SecureParticipant:
                     "sending the update in the clear"
                     if self.no_group == "plain"
                     else "withholding the update this round",
+                    extra=event(
+                        "secure.no_group",
+                        round=outcome.round,
+                        reason=outcome.reason,
+                        policy=self.no_group,
+                    ),
                 )
             self._out_streak += 1
         return outcome

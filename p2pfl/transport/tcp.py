@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from p2pfl.identity import Identity
+from p2pfl.logs import event
 from p2pfl.transport.base import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     Connection,
@@ -82,6 +83,17 @@ def _tls_reason(exc: BaseException) -> str:
     if cause is not None:
         return f"{type(cause).__name__}: {cause}"
     return str(exc) or type(exc).__name__
+
+
+def _handshake_failed(remote: str, reason: str) -> None:
+    """One line per failed inbound handshake, with the reason (a wrong federation name
+    or secret shows here on the side that was dialed)."""
+    log.warning(
+        "inbound handshake from %s failed: %s",
+        remote,
+        reason,
+        extra=event("handshake.failed", address=remote, direction="inbound", reason=reason),
+    )
 
 
 def _refused(peer_id: str, address: str, what: str) -> str:
@@ -433,15 +445,15 @@ class TcpTransport:
                 await ssl_stream.do_handshake()
                 peer_id = peer_id_of(ssl_stream)
         except trio.TooSlowError:
-            log.warning("inbound handshake from %s timed out", remote)
+            _handshake_failed(remote, "timed out")
             await trio.aclose_forcefully(stream)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.warning("inbound handshake from %s failed: %s", remote, _tls_reason(exc))
+            _handshake_failed(remote, _tls_reason(exc))
             await trio.aclose_forcefully(stream)
             return
         except HandshakeError as exc:
-            log.warning("inbound handshake from %s failed: %s", remote, exc)
+            _handshake_failed(remote, str(exc))
             await trio.aclose_forcefully(stream)
             return
         if self._inbound >= self.limits.max_inbound:
@@ -455,12 +467,12 @@ class TcpTransport:
                 await ssl_stream.send_all(ACCEPT)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._inbound -= 1
-            log.warning("inbound handshake from %s failed: %s", remote, _tls_reason(exc))
+            _handshake_failed(remote, _tls_reason(exc))
             await trio.aclose_forcefully(stream)
             return
         if accept_scope.cancelled_caught:
             self._inbound -= 1
-            log.warning("inbound handshake from %s timed out", remote)
+            _handshake_failed(remote, "timed out")
             await trio.aclose_forcefully(stream)
             return
         conn = self._connection(ssl_stream, peer_id, remote, outbound=False)
@@ -490,6 +502,13 @@ class TcpTransport:
                 remote,
                 self._inbound,
                 self.events["inbound_refused"],
+                extra=event(
+                    "connection.refused",
+                    peer=peer_id,
+                    remote=remote,
+                    reason="max_inbound",
+                    refused=self.events["inbound_refused"],
+                ),
             )
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await ssl_stream.send_all(BUSY)
