@@ -171,7 +171,6 @@ def test_node_privacy_refuses_to_release_once_spent() -> None:
         ({"dp_noise": 0.0}, "dp_noise", "infinite epsilon"),
         ({"dp_epsilon": 4.0, "dp_clip": 0.0}, "dp_clip", "> 0"),
         ({"dp_epsilon": 4.0, "rounds": 0}, "dp_epsilon", "rounds = 0"),
-        ({"dp_epsilon": 4.0, "secure_aggregation": True}, "secure_aggregation", "distributed"),
     ],
 )
 def test_bad_privacy_combinations_are_one_line_config_errors(
@@ -246,9 +245,8 @@ def test_scenario_privacy_errors_name_the_key(privacy: dict[str, object], path: 
     assert info.value.path == path
 
 
-def test_scenario_refuses_privacy_with_secure_aggregation() -> None:
-    with pytest.raises(ScenarioError, match="distributed DP") as info:
-        parse_scenario(
-            {"nodes": 4, "privacy": {"epsilon": 4}, "secure_aggregation": {"enabled": True}}
-        )
-    assert info.value.path == "secure_aggregation.enabled"
+def test_scenario_takes_privacy_with_secure_aggregation_as_distributed_dp() -> None:
+    s = parse_scenario(
+        {"nodes": 4, "privacy": {"epsilon": 4}, "secure_aggregation": {"enabled": True}}
+    )
+    assert s.privacy.epsilon == 4 and s.secure.enabled

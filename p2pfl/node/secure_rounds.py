@@ -167,7 +167,11 @@ class SecureRounds:
                     break  # the round ended on an earlier mate's copy
                 node._apply(node.machine.receive_update(now, mate, c.round, mean, samples))
         elif self.participant.no_group == "plain":
-            node._send_model(c.round, c.params, c.samples, c.to)
+            # In the clear: with distributed DP it carries only this node's share of
+            # the noise, so the rest is added first (privacy/node.py, top_up).
+            privacy = node.learner.privacy
+            params = c.params if privacy is None else privacy.top_up(c.params)
+            node._send_model(c.round, params, c.samples, c.to)
         else:
             notice = Abstain(node.id, c.round, outcome.reason[:64])
             payload = codec.encode(to_envelope(notice))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import threading
 from pathlib import Path
@@ -43,11 +44,20 @@ class NodePrivacy:
         clip: float,
         noise_multiplier: float,
         derived: bool = False,
+        group_min: int = 1,
         rng: np.random.Generator | None = None,
         epsilon_of: EpsilonOf = epsilon_spent,
     ) -> None:
+        if group_min < 1:
+            raise ValueError(f"group_min must be >= 1, got {group_min}")
         self.clip = clip
         self.derived = derived  # the noise was derived from the target and the rounds
+        # Distributed DP (with secure aggregation): each member of a group of at least
+        # `group_min` adds 1/group_min of the noise variance, so the group's sum, the
+        # only thing the group reveals, carries at least the full noise. 1 = local DP.
+        self.group_min = group_min
+        self.share = 1.0 / group_min
+        self.topped_up = 0  # rounds whose update went out in the clear, full noise added
         self._epsilon_of = epsilon_of
         self.budget = PrivacyBudget(
             target=target, delta=delta, noise_multiplier=noise_multiplier, epsilon_of=epsilon_of
@@ -80,6 +90,7 @@ class NodePrivacy:
                 clip=config.dp_clip,
                 noise_multiplier=noise,
                 derived=derived,
+                group_min=config.secure_min_group if config.secure_aggregation else 1,
             )
         except AccountingUnavailable as exc:
             raise ConfigError(field, str(exc)) from None
@@ -166,16 +177,31 @@ class NodePrivacy:
                 start,
                 trained,
                 clip=self.clip,
-                noise_multiplier=self.budget.noise_multiplier,
+                noise_multiplier=self.budget.noise_multiplier * math.sqrt(self.share),
                 rng=self._rng,
             )
             self.clipped_rounds += out.clipped
         return out.params
 
+    def top_up(self, params: np.ndarray) -> np.ndarray:
+        """A distributed-DP update about to leave in the clear (no group this round,
+        policy "plain"): add the noise the group would have added, N(0, (1 - share)
+        (sigma C)^2), so that what leaves carries the full noise its round was charged
+        for (independent Gaussians add their variances)."""
+        if self.share >= 1.0:
+            return params
+        std = self.budget.noise_multiplier * self.clip * math.sqrt(1.0 - self.share)
+        with self._lock:
+            noise = self._rng.standard_normal(params.size, dtype=np.float32)
+            self.topped_up += 1
+        noise *= np.float32(std)
+        out: np.ndarray = np.asarray(params, dtype=np.float32) + noise
+        return out
+
     def status(self) -> dict[str, Any]:
         """For `p2pfl status`, each metrics row and the scenario report."""
         with self._lock:
-            return {
+            out = {
                 **self.budget.status(),
                 "clip": self.clip,
                 "noise_derived": self.derived,
@@ -183,3 +209,19 @@ class NodePrivacy:
                 "last_round": self.budget.last_round,
                 "stopped_at": self.stopped_at,
             }
+            if self.share < 1.0:
+                # Against group mates who pool their own noise: all group_min - 1 others
+                # of a smallest group leave only this node's share in the sum.
+                worst = [(s * math.sqrt(self.share), n) for s, n in self.budget.history]
+                colluding = self._epsilon_of(worst, self.budget.delta)
+                out["distributed"] = {
+                    "group_min": self.group_min,
+                    "noise_share": round(self.share, 6),
+                    "epsilon_if_mates_collude": _finite(colluding),
+                    "topped_up_rounds": self.topped_up,
+                }
+            return out
+
+
+def _finite(x: float) -> float | None:
+    return round(x, 6) if math.isfinite(x) else None
