@@ -134,7 +134,8 @@ class NodeConfig:
     # to L2 norm dp_clip and noised with N(0, (dp_noise * dp_clip)^2). dp_epsilon is the
     # budget (at dp_delta) after which the node stops contributing updates; dp_noise the
     # noise multiplier, derived from dp_epsilon and `rounds` when left out. Privacy is on
-    # when either is set (None = not set).
+    # when either is set (None = not set). With secure aggregation it is distributed:
+    # each member adds 1/secure_min_group of the noise variance (docs/privacy.md).
     dp_epsilon: float | None = None
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
@@ -369,12 +370,6 @@ class NodeConfig:
             "dp_epsilon",
             "the noise is derived from the budget and the planned rounds, and rounds = 0 "
             "(forever) plans none: set rounds, or dp_noise",
-        )
-        _check(
-            not self.secure_aggregation,
-            "secure_aggregation",
-            "cannot be combined with differential privacy yet (distributed DP, each group "
-            "member adding a share of the noise, is not implemented); drop one of them",
         )
 
     def replace(self, **changes: Any) -> NodeConfig:
