@@ -140,6 +140,10 @@ class NodeConfig:
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
     dp_noise: float | None = None
+    # Example-level DP-SGD (docs/privacy.md): per-example clip norm (0 = off) and noise
+    # multiplier of every minibatch gradient; reported at dp_delta, no budget.
+    dp_sgd_clip: float = 0.0
+    dp_sgd_noise: float = 0.0
     # Scenario studies only: a malicious node runs a real node with this attack.
     attack: str = ""
     attack_options: Mapping[str, Any] = field(default_factory=dict)
@@ -363,6 +367,28 @@ class NodeConfig:
                 f"spend infinite epsilon{'' if self.dp_epsilon is None else ' of any budget'}; "
                 "leave dp_noise out to derive it from dp_epsilon and rounds)",
             )
+        _check(
+            0.0 <= self.dp_sgd_clip < math.inf,
+            "dp_sgd_clip",
+            "must be a finite norm >= 0 (0 = off)",
+        )
+        _check(
+            0.0 <= self.dp_sgd_noise < math.inf,
+            "dp_sgd_noise",
+            "must be a finite noise multiplier >= 0",
+        )
+        if self.dp_sgd_clip > 0:
+            _check(
+                self.dp_sgd_noise > 0,
+                "dp_sgd_noise",
+                "must be > 0 with dp_sgd_clip (clipping without noise protects no example)",
+            )
+        else:
+            _check(
+                self.dp_sgd_noise == 0,
+                "dp_sgd_clip",
+                "must be > 0 when dp_sgd_noise is set (the noise is scaled by the clip norm)",
+            )
         if not self.privacy:
             return
         _check(
@@ -563,7 +589,7 @@ PLUGIN_FIELDS = ("model", "dataset")
 OPTIONAL_FLOATS = ("dp_epsilon", "dp_noise")
 """Number fields whose default, None, means "not set"."""
 
-PRIVACY_KEYS = ("epsilon", "delta", "clip", "noise")
+PRIVACY_KEYS = ("epsilon", "delta", "clip", "noise", "sgd_clip", "sgd_noise")
 """Keys of a node file's `[privacy]` table: `epsilon` is the field dp_epsilon, and so on."""
 
 AUTO_FIELDS = ("max_frame_size", "receive_budget", "max_inbound")

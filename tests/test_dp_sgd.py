@@ -95,3 +95,72 @@ def test_a_model_without_per_example_gradients_refuses() -> None:
 
     with pytest.raises(NotImplementedError, match="DP-SGD"):
         Opaque(10, 4, seed=0).set_dp_sgd(1.0, 1.0, seed=0)
+
+
+# ---- wiring: config, accounting, a running node ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"dp_sgd_clip": 1.0}, "dp_sgd_noise", "protects no example"),
+        ({"dp_sgd_noise": 1.0}, "dp_sgd_clip", "scaled by the clip"),
+        ({"dp_sgd_clip": -1.0, "dp_sgd_noise": 1.0}, "dp_sgd_clip", ">= 0"),
+        ({"dp_sgd_clip": 1.0, "dp_sgd_noise": float("inf")}, "dp_sgd_noise", "finite"),
+    ],
+)
+def test_dp_sgd_config_errors_are_one_line(
+    fields: dict[str, float], field: str, words: str
+) -> None:
+    from p2pfl.config import ConfigError, NodeConfig
+
+    with pytest.raises(ConfigError) as info:
+        NodeConfig(**fields).validated()  # type: ignore[arg-type]
+    assert info.value.field == field and words in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_example_level_epsilon_composes_over_steps_with_subsampling() -> None:
+    dpa = pytest.importorskip("dp_accounting")
+    from p2pfl.privacy.accountant import dp_sgd_epsilon
+
+    assert dp_sgd_epsilon(0.1, 1.0, 0, 1e-5) == 0.0
+    eps = [dp_sgd_epsilon(0.1, 1.0, steps, 1e-5) for steps in (10, 100, 1000)]
+    assert eps[0] < eps[1] < eps[2]
+    accountant = dpa.rdp.RdpAccountant()
+    accountant.compose(
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(1.0)), 100)
+    )
+    assert eps[1] == pytest.approx(accountant.get_epsilon(1e-5))
+    # Subsampling amplifies: the same steps on full batches cost much more.
+    assert dp_sgd_epsilon(1.0, 1.0, 100, 1e-5) > 5 * eps[1]
+
+
+async def test_a_node_with_dp_sgd_reports_example_level_epsilon(tmp_path, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("dp_accounting")
+    import io
+
+    from rich.console import Console
+    from test_node_inmemory import make_nodes, run_until_done
+
+    from p2pfl.control.render import render_status
+    from p2pfl.transport.memory import MemoryNetwork
+
+    nodes = make_nodes(tmp_path, 2, MemoryNetwork(), rounds=3, dp_sgd_clip=1.0, dp_sgd_noise=1.0)
+    await run_until_done(nodes)
+    for node in nodes:
+        rows = node.all_rows()
+        eps = [r["privacy_examples"]["epsilon"] for r in rows]
+        assert eps[0] > 0 and eps == sorted(eps) and eps[0] < eps[-1]
+        status = node.status()["privacy_examples"]
+        assert status["rounds"] == 3 and status["steps"] == 3 * node.learner.dp_sgd.steps_per_round
+        out = io.StringIO()
+        Console(file=out, width=200, color_system=None).print(render_status(node.status()))
+        assert "DP-SGD" in out.getvalue()
+
+
+def test_the_scenario_privacy_table_takes_dp_sgd() -> None:
+    from p2pfl.scenario import parse_scenario
+
+    s = parse_scenario({"nodes": 2, "privacy": {"sgd_clip": 1.0, "sgd_noise": 0.8}})
+    assert s.privacy.sgd_clip == 1.0 and s.privacy.sgd_noise == 0.8

@@ -96,6 +96,16 @@ def _privacy_rows(privacy: Mapping[str, Any]) -> list[tuple[str, str]]:
             f"{fmt_text(privacy.get('clip'))}",
         )
     ]
+    distributed = privacy.get("distributed")
+    if isinstance(distributed, Mapping):
+        rows.append(
+            (
+                "privacy (groups)",
+                f"distributed: each member adds 1/{fmt_int(distributed.get('group_min'))} of "
+                f"the noise; epsilon {fmt_float(distributed.get('epsilon_if_mates_collude'), 3)}"
+                " if a smallest group's other members collude",
+            )
+        )
     if privacy.get("exhausted") is True:
         rows.append(
             (
@@ -323,6 +333,17 @@ def status_header(status: Mapping[str, Any]) -> Panel:
     privacy = status.get("privacy")
     if isinstance(privacy, Mapping):
         rows.extend(_privacy_rows(privacy))
+    examples = status.get("privacy_examples")
+    if isinstance(examples, Mapping):
+        rows.append(
+            (
+                "DP-SGD",
+                f"example-level epsilon {fmt_float(examples.get('epsilon'), 3)} at delta "
+                f"{fmt_text(examples.get('delta'))} after {fmt_int(examples.get('steps'))} "
+                f"steps; noise {fmt_float(examples.get('noise_multiplier'), 3)} x clip "
+                f"{fmt_text(examples.get('clip'))}",
+            )
+        )
     loop = status.get("event_loop")
     if isinstance(loop, Mapping):
         stalls = [s for s in _list(loop, "recent_stalls") if isinstance(s, Mapping)]

@@ -39,6 +39,7 @@ from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
 from p2pfl.learning.worker_momentum import WorkerMomentum
 from p2pfl.logs import event
 from p2pfl.node.records import Done, Evaluate, RecordItem, RecordQueue, Save
+from p2pfl.privacy.examples import ExampleLevelDP
 from p2pfl.privacy.node import NodePrivacy
 from p2pfl.storage import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from p2pfl.supervision import Supervisor
@@ -139,6 +140,8 @@ class Learner:
         self._outer_lock = threading.Lock()
         # Node-level DP on what leaves the node, and its budget (None = off).
         self.privacy = NodePrivacy.from_config(config)
+        # Example-level DP-SGD inside local training (None = off).
+        self.dp_sgd = ExampleLevelDP.attach(self.model, config, len(self._y))
         # Neighbours' last deltas and who sent them (attacks only).
         self._overheard: np.ndarray | None = None
         self._overheard_from: tuple[str, ...] = ()
@@ -235,6 +238,8 @@ class Learner:
         ckpt = self._load_checkpoint(datadir)
         if self.privacy is not None:  # the spent budget, whatever became of the checkpoint
             self.privacy.attach(datadir, 0 if ckpt is None else ckpt.round)
+        if self.dp_sgd is not None and ckpt is not None:  # the rounds trained before
+            self.dp_sgd.rounds = ckpt.round
         if ckpt is not None:
             log.info(
                 "resuming from checkpoint at round %d",
@@ -332,6 +337,8 @@ class Learner:
                 self.supervisor.failed("training", exc)
                 new = np.full_like(params, np.nan)
             seconds = time.perf_counter() - started
+            if self.dp_sgd is not None:
+                self.dp_sgd.rounds += 1
         if not np.isfinite(new).all():
             # Local training diverged (e.g. from a poisoned aggregate): send the model we
             # started from rather than NaNs, and restart the optimizer.
@@ -409,6 +416,8 @@ class Learner:
         """Evaluate a round's aggregate and write its metrics line (and history row)."""
         if self.privacy is not None:  # what this node has spent, as of this round
             row = {**row, "privacy": self.privacy.status()}
+        if self.dp_sgd is not None:
+            row = {**row, "privacy_examples": self.dp_sgd.status()}
         self._record(Evaluate(params, row, connected))
 
     def checkpoint(

@@ -85,3 +85,27 @@ def noise_for_epsilon(epsilon: float, delta: float, rounds: int) -> float:
     while epsilon_spent([(sigma, rounds)], delta) > epsilon:
         sigma *= 1.0001
     return sigma
+
+
+@functools.lru_cache(maxsize=256)
+def dp_sgd_epsilon(
+    sampling_rate: float, noise_multiplier: float, steps: int, delta: float
+) -> float:
+    """Example-level epsilon at `delta` after `steps` DP-SGD steps, each a Gaussian
+    mechanism with `noise_multiplier` on a batch that is a `sampling_rate` fraction of
+    the node's examples (RDP of the Poisson-subsampled Gaussian, as in Abadi et al.
+    2016 and TensorFlow Privacy). The built-in models shuffle and take fixed-size
+    batches rather than Poisson samples; accounting them as Poisson-sampled is the
+    common approximation (Opacus and TF Privacy report the same), said in the docs."""
+    if steps <= 0:
+        return 0.0
+    if not noise_multiplier > 0:
+        return math.inf
+    dpa = dp_accounting()
+    q = min(1.0, max(0.0, float(sampling_rate)))
+    event = dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(float(noise_multiplier))), int(steps)
+    )
+    accountant = dpa.rdp.RdpAccountant()
+    accountant.compose(event)
+    return float(accountant.get_epsilon(delta))

@@ -145,6 +145,8 @@ class PrivacySpec:
     delta: float = 1e-5
     clip: float = 1.0
     noise: float | None = None
+    sgd_clip: float = 0.0  # example-level DP-SGD (0 = off)
+    sgd_noise: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -319,6 +321,15 @@ class Scenario:
                         "dp_noise": self.privacy.noise,
                     }
                     if self.privacy.enabled
+                    else {}
+                ),
+                **(
+                    {
+                        "dp_sgd_clip": self.privacy.sgd_clip,
+                        "dp_sgd_noise": self.privacy.sgd_noise,
+                        "dp_delta": self.privacy.delta,
+                    }
+                    if self.privacy.sgd_clip > 0 or self.privacy.sgd_noise > 0
                     else {}
                 ),
                 **({"faults": plan_path(data_dirs[i])} if i in faulty else {}),
@@ -600,7 +611,14 @@ def _parse_privacy(t: Table) -> PrivacySpec:
     combinations are checked by the node's validation, through `_cross_check`)."""
     epsilon = t.get_float("epsilon", 0.0) if t.has("epsilon") else None
     noise = t.get_float("noise", 0.0) if t.has("noise") else None
-    spec = PrivacySpec(epsilon, t.get_float("delta", 1e-5), t.get_float("clip", 1.0), noise)
+    spec = PrivacySpec(
+        epsilon,
+        t.get_float("delta", 1e-5),
+        t.get_float("clip", 1.0),
+        noise,
+        t.get_float("sgd_clip", 0.0),
+        t.get_float("sgd_noise", 0.0),
+    )
     t.finish()
     return spec
 
@@ -645,7 +663,8 @@ _CONFIG_FIELD_PATHS = {
     "attack_honest_to": "attack.honest_to", "attack_colluders": "attack",
     "compression": "compression.pipeline",
     "dp_epsilon": "privacy.epsilon", "dp_delta": "privacy.delta", "dp_clip": "privacy.clip",
-    "dp_noise": "privacy.noise", "secure_aggregation": "secure_aggregation.enabled",
+    "dp_noise": "privacy.noise", "dp_sgd_clip": "privacy.sgd_clip",
+    "dp_sgd_noise": "privacy.sgd_noise", "secure_aggregation": "secure_aggregation.enabled",
 }  # fmt: skip
 
 
