@@ -123,6 +123,42 @@ class _Slot:
         return value
 
 
+class _DpSgd:
+    """Opacus's per-example gradients (a GradSampleModule's hooks on the module) and its
+    DPOptimizer around the node's optimizer, which is rebuilt per `fit` because it
+    needs the batch size to average by."""
+
+    def __init__(self, module: torch.nn.Module, clip: float, noise: float, seed: int) -> None:
+        try:
+            from opacus import GradSampleModule
+        except ImportError as exc:
+            raise NotImplementedError(
+                f"DP-SGD for the PyTorch adapter needs Opacus: pip install 'p2pfl[dp]' ({exc})"
+            ) from None
+        try:
+            self.grad_sample = GradSampleModule(module)
+        except Exception as exc:  # Opacus refuses layers it cannot do per example
+            raise NotImplementedError(f"Opacus cannot do DP-SGD on this module: {exc}") from None
+        self.clip = clip
+        self.noise = noise
+        # Seeded by the caller from OS entropy, never from a configured seed.
+        self.generator = torch.Generator().manual_seed(seed % 2**63)
+
+    def wrap(
+        self, optimizer: torch.optim.Optimizer, batch_size: int
+    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.optim.Optimizer]:
+        from opacus.optimizers import DPOptimizer
+
+        dp = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise,
+            max_grad_norm=self.clip,
+            expected_batch_size=batch_size,
+            generator=self.generator,
+        )
+        return self.grad_sample, dp
+
+
 class TorchModel:
     """A `torch.nn.Module` with a loss, an optimizer factory and optional data, as a Model."""
 
@@ -178,6 +214,7 @@ class TorchModel:
         self._test_data = _as_source(test_data, "test_data")
         self._array_cache: tuple[Any, ...] | None = None
         self.prox_mu = 0.0  # FedProx's mu (`set_proximal`); 0 = plain training
+        self._dp: _DpSgd | None = None  # example-level DP-SGD through Opacus (`set_dp_sgd`)
 
     # --- construction ---------------------------------------------------------------------
     def _flatten(self) -> tuple[torch.Tensor, list[_Slot], int]:
@@ -424,6 +461,15 @@ class TorchModel:
         self.module.train()
         epoch_loss = 0.0
         anchor = self._flat.detach().clone() if self.prox_mu > 0 else None
+        forward: Callable[[torch.Tensor], torch.Tensor] = self.module
+        optimizer: torch.optim.Optimizer = self.optimizer
+        if self._dp is not None:
+            if anchor is not None:
+                raise ValueError(
+                    "FedProx (prox_mu > 0) and DP-SGD together are not supported by the "
+                    "PyTorch adapter (Opacus rewrites each step's gradient); choose one"
+                )
+            forward, optimizer = self._dp.wrap(self.optimizer, batch_size)
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(global_seed)
@@ -432,13 +478,13 @@ class TorchModel:
                     count = 0
                     for xb, yb in _batches(source, batch_size, shuffler):
                         xb, yb = self._prepare(xb, yb)
-                        self.optimizer.zero_grad(set_to_none=True)
-                        out = self.module(xb)
+                        optimizer.zero_grad(set_to_none=True)
+                        out = forward(xb)
                         loss = self.loss(out, self._target(yb, out))
                         torch.autograd.backward(loss)
                         if anchor is not None:
                             self._add_proximal(anchor)
-                        self.optimizer.step()
+                        optimizer.step()
                         total += loss.detach().double() * xb.shape[0]
                         count += int(xb.shape[0])
                     if count == 0:
@@ -448,6 +494,23 @@ class TorchModel:
             self.module.train(was_training)
         self._check_views()
         return epoch_loss
+
+    def set_dp_sgd(self, clip: float, noise_multiplier: float, *, seed: int) -> None:
+        """Example-level DP-SGD through Opacus from now on (`pip install 'p2pfl[dp]'`):
+        Opacus computes per-example gradients with hooks on the module, clips each to
+        L2 norm `clip` and adds N(0, (noise_multiplier * clip)^2) before every step of
+        the node's own optimizer. `clip = 0` turns it off. NotImplementedError when
+        Opacus is missing or cannot handle a layer of the module, so the node refuses
+        to start rather than train without the privacy it was asked for.
+        """
+        if not (math.isfinite(clip) and clip >= 0):
+            raise ValueError(f"DP-SGD clip must be a finite number >= 0, got {clip!r}")
+        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+            raise ValueError(f"DP-SGD noise multiplier must be >= 0, got {noise_multiplier!r}")
+        if clip == 0:
+            self._dp = None
+            return
+        self._dp = _DpSgd(self.module, clip, noise_multiplier, seed)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Mean loss (and accuracy for classification) on `test_data`, else on `x, y`."""
