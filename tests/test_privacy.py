@@ -250,3 +250,11 @@ def test_scenario_takes_privacy_with_secure_aggregation_as_distributed_dp() -> N
         {"nodes": 4, "privacy": {"epsilon": 4}, "secure_aggregation": {"enabled": True}}
     )
     assert s.privacy.epsilon == 4 and s.secure.enabled
+
+
+def test_scenario_dp_table_is_the_privacy_table() -> None:
+    s = parse_scenario({"nodes": 3, "rounds": 5, "dp": {"epsilon": 4, "clip": 0.5}})
+    assert s.privacy.epsilon == 4 and s.privacy.clip == 0.5
+    with pytest.raises(ScenarioError, match="another name") as info:
+        parse_scenario({"nodes": 3, "dp": {"epsilon": 4}, "privacy": {"epsilon": 4}})
+    assert info.value.path == "dp"

@@ -417,7 +417,9 @@ def parse_scenario(
     compression = _parse_compression(top.table("compression"))
     faults = parse_faults(top.raw("faults"), nodes, rounds)
     secure = _parse_secure(top.table("secure_aggregation"))
-    privacy = _parse_privacy(top.table("privacy"))
+    if top.has("dp") and top.has("privacy"):
+        raise ScenarioError("dp", "[dp] is another name for [privacy]: give one of them")
+    privacy = _parse_privacy(top.table("dp" if top.has("dp") else "privacy"))
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
