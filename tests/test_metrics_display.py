@@ -337,3 +337,21 @@ async def test_regression_nodes_end_to_end_through_report_and_status(
     assert "loss mean" in table and "mae" in table and "CPU per round: train" in table
     status = text_of(render_status(nodes[0].status()))
     assert "round 3: loss " in status and ", mae " in status and "round timing" in status
+
+
+def test_with_privacy_the_plot_has_an_epsilon_axis_up_to_the_budget() -> None:
+    s = parse_scenario({"name": "private", "nodes": 3, "rounds": 4})
+    nodes = _classification_nodes()
+    for rec in nodes.values():
+        for r in rec["rounds"]:
+            r["privacy"] = {"epsilon": 0.5 * r["round"], "budget": 4.0, "delta": 1e-5}
+    metrics = build_metrics(s, nodes, wall_seconds=1.0, mode="test")
+    fig = metric_figure(metrics)
+    ax, eps = fig.axes
+    assert ax.get_ylabel() == "test accuracy"
+    assert "epsilon" in eps.get_ylabel()
+    (line,) = eps.get_lines()
+    assert list(line.get_ydata()) == [0.5, 1.0, 1.5, 2.0]
+    assert eps.get_ylim()[1] >= 4.0  # the budget is in view
+    plain = metric_figure(build_metrics(s, _classification_nodes(), wall_seconds=1.0, mode="test"))
+    assert len(plain.axes) == 1  # no privacy, no second axis

@@ -487,6 +487,7 @@ def metric_figure(metrics: Mapping[str, Any]) -> Any:
         label = "honest mean" if summary.get("malicious_nodes") else "mean"
         ax.plot(xs, ys, color="tab:red", linewidth=2.5, label=label, marker="o", markersize=3)
         ax.legend(loc="lower right" if higher_is_better(metric) else "upper right")
+    _plot_epsilon(ax, summary)
     if metrics.get("faults"):
         mark_faults(ax, metrics["faults"])  # vertical lines and labels at the fault rounds
     ax.autoscale_view()
@@ -500,6 +501,28 @@ def metric_figure(metrics: Mapping[str, Any]) -> Any:
     ax.set_title(f"{metrics.get('scenario', {}).get('name', 'scenario')}: {metric} per node")
     fig.tight_layout()
     return fig
+
+
+def _plot_epsilon(ax: Any, summary: Mapping[str, Any]) -> None:
+    """With differential privacy on: the largest epsilon any node has spent, per round,
+    on a second y axis (up to the budget, when there is one), so the privacy cost sits
+    beside the accuracy it bought."""
+    spent = [
+        (r["round"], e)
+        for r in summary["per_round"]
+        if (e := _num(r.get("epsilon_max"))) is not None
+    ]
+    if not spent:
+        return
+    eps = ax.twinx()
+    xs, ys = zip(*spent, strict=True)
+    eps.plot(xs, ys, color="tab:green", linewidth=1.5, linestyle="--", label="epsilon spent (max)")
+    privacy = summary.get("privacy") or {}
+    budget = _num(privacy.get("budget")) if isinstance(privacy, Mapping) else None
+    top = max(ys) if budget is None else max(budget, max(ys))
+    eps.set_ylim(0.0, 1.05 * top if top > 0 else 1.0)
+    eps.set_ylabel("epsilon spent (max over nodes)", color="tab:green")
+    eps.legend(loc="center right")
 
 
 plot_accuracy = plot_metrics  # the name it had when every model was a classifier
