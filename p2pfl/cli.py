@@ -113,6 +113,8 @@ _HELP = {
     "dp_clip": "differential privacy: L2 norm each round's update is clipped to",
     "dp_noise": "differential privacy: noise multiplier (std / clip); default: derived "
     "from --dp-epsilon and --rounds",
+    "metrics_listen": "serve Prometheus metrics on HOST:PORT (a bare port: loopback); "
+    "needs p2pfl[metrics]",
     "dp_sgd_clip": "example-level DP-SGD: per-example gradient clip norm (0 = off)",
     "dp_sgd_noise": "example-level DP-SGD: noise multiplier of each minibatch gradient",
 }

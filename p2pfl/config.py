@@ -8,6 +8,7 @@ so a typo in a config file is reported as `config field 'round_timeout': ...`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import tomllib
 from collections.abc import Mapping
@@ -158,6 +159,9 @@ class NodeConfig:
     # Operation.
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (docs/operations.md)
+    # Prometheus endpoint "HOST:PORT" (a bare port is loopback); "" = off. Needs the
+    # metrics extra (docs/operations.md).
+    metrics_listen: str = ""
 
     @property
     def privacy(self) -> bool:
@@ -326,6 +330,7 @@ class NodeConfig:
             "log_level",
             "must be one of debug, info, warning, error",
         )
+        self._check_metrics()
         _check(
             self.log_format in LOG_FORMATS,
             "log_format",
@@ -351,6 +356,22 @@ class NodeConfig:
                 "cannot be combined with secure_aggregation (a masked update goes to a "
                 "whole group, not per neighbour)",
             )
+
+    def _check_metrics(self) -> None:
+        """A metrics address that parses, and the library that serves it."""
+        if not self.metrics_listen:
+            return
+        from p2pfl.node.prometheus import EXTRA_HINT, metrics_address
+
+        try:
+            metrics_address(self.metrics_listen)
+        except ValueError as exc:
+            raise ConfigError("metrics_listen", f"{exc} (give HOST:PORT or a port)") from None
+        _check(
+            importlib.util.find_spec("prometheus_client") is not None,
+            "metrics_listen",
+            f"the metrics endpoint needs the metrics extra: {EXTRA_HINT}",
+        )
 
     def _check_privacy(self) -> None:
         """The DP fields, alone and together (the accountant, which needs the dp extra,

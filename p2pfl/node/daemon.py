@@ -38,6 +38,7 @@ from p2pfl.node.learner import Learner
 from p2pfl.node.link import Link
 from p2pfl.node.loopwatch import LoopWatch
 from p2pfl.node.mesh import LOG_EVERY, Mesh
+from p2pfl.node.observers import serve_observers
 from p2pfl.node.outbox import UpdateOutbox
 from p2pfl.node.secure_rounds import SecureRounds
 from p2pfl.node.status import node_status
@@ -254,14 +255,7 @@ class Node:
                 self._nursery = nursery
                 self.learner.running = True
                 await self.mesh.listen(nursery)
-                if self.control_socket:
-                    from p2pfl.control.server import serve_control
-
-                    await nursery.start(
-                        serve_control,
-                        self.data_dir / CONTROL_SOCKET,
-                        {"status": lambda _req: self.status()},
-                    )
+                self.metrics_port = await serve_observers(self, nursery)
                 self.mesh.start(nursery)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._start_rounds)
