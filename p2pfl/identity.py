@@ -140,6 +140,12 @@ class Identity:
         return theirs
 
 
+def load_identity(data_dir: Path) -> Identity | None:
+    """The identity in `data_dir`, None if it has none; never creates one (for readers
+    of a stopped node's data dir, such as `p2pfl status --offline`)."""
+    return _load(Path(data_dir) / KEY_FILE_NAME)
+
+
 def _load(path: Path) -> Identity | None:
     """The identity in `path`, None if there is none; IdentityError if it cannot be trusted."""
     try:

@@ -344,3 +344,74 @@ def test_memory_status_reports_the_process() -> None:
     if sys.platform == "linux":
         assert after["rss_bytes"] is not None and after["rss_bytes"] > 10 * 2**20
     del hoard
+
+
+# --- watching into a pipe, offline status, history, per-peer round --------------------------
+
+
+async def test_watch_into_a_pipe_prints_one_line_per_change(node_socket: Path) -> None:
+    out = io.StringIO()
+    code = await trio.to_thread.run_sync(
+        lambda: watch_status(
+            node_socket,
+            interval=1.0,
+            timeout=3.0,
+            as_json=False,
+            sleep=StopAfter(3),
+            out=out,
+            lines=True,
+        )
+    )
+    assert code == 0
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1  # three polls of an unchanged node: one line
+    assert NODE_ID[:12] in lines[0] and "round" in lines[0] and "\x1b" not in lines[0]
+
+
+def test_watch_into_a_pipe_says_when_the_node_goes_away(sock_dir: Path) -> None:
+    out = io.StringIO()
+    code = watch_status(
+        sock_dir / SOCKET_NAME, interval=1.0, timeout=1.0, as_json=False,
+        sleep=StopAfter(2), out=out, lines=True,
+    )  # fmt: skip
+    assert code == 0
+    assert out.getvalue().count("unreachable") == 1
+
+
+def test_offline_status_reads_a_stopped_nodes_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from p2pfl.identity import Identity
+
+    ident = Identity.load_or_create(tmp_path)
+    rows = [{"round": r, "accuracy": 0.5 + 0.1 * r, "loss": 1.0 / (r + 1)} for r in range(4)]
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in rows) + '\n{"round": 4, "accu'  # cut by a crash
+    )
+    assert run_status(parse("--data-dir", str(tmp_path), "--offline", "--json")) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["node"]["id"] == ident.peer_id and status["node"]["state"] == "stopped"
+    assert status["round"]["last_metrics_round"] == 3 and len(status["history"]) == 4
+    assert "1 unreadable line" in status["node"]["problems"][0]
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run_status(parse("--data-dir", str(tmp_path), "--offline")) == 0
+    out = capsys.readouterr().out
+    assert "STOPPED" in out and "accuracy" in out and "▁" in out and "█" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_status(parse("--data-dir", str(empty), "--offline")) == 1
+    assert "holds no p2pfl node" in capsys.readouterr().err
+
+
+def test_status_shows_each_peers_round_and_a_history_sparkline() -> None:
+    from p2pfl.control.render import history_text, sparkline
+
+    assert sparkline([0.0, 0.5, 1.0]) == "▁▅█"
+    assert sparkline([2.0, 2.0]) == "▄▄"
+    history = [{"round": r, "accuracy": a} for r, a in enumerate((0.2, 0.6, 0.9))]
+    assert history_text(history) == "accuracy ▁▅█ 0.200 -> 0.900 (last 3 rounds)"
+    status = {**FULL_STATUS, "peers": [{**FULL_STATUS["peers"][0], "round": 41}]}
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(render_status(status))
+    header = next(line for line in out.getvalue().splitlines() if " rnd " in f" {line} ")
+    assert "rnd" in header and " 41 " in out.getvalue()

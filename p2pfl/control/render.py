@@ -16,7 +16,14 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from p2pfl.metrics import fmt_metric, metric_names, row_metrics, row_timing, timing_text
+from p2pfl.metrics import (
+    fmt_metric,
+    metric_names,
+    primary_metric,
+    row_metrics,
+    row_timing,
+    timing_text,
+)
 from p2pfl.units import format_bytes
 
 MISSING = "-"
@@ -295,6 +302,54 @@ def _last_timing_text(history: list[Any]) -> str | None:
     return timing_text(timing)
 
 
+SPARK = "▁▂▃▄▅▆▇█"
+SPARK_ROUNDS = 30
+
+
+def sparkline(values: list[float]) -> str:
+    """Unicode block sparkline of `values`, scaled to their own range (flat: mid blocks)."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    if high - low < 1e-12:
+        return SPARK[3] * len(values)
+    top = len(SPARK) - 1
+    return "".join(SPARK[round((v - low) / (high - low) * top)] for v in values)
+
+
+def history_text(history: list[Any]) -> str | None:
+    """The primary metric over the last SPARK_ROUNDS rounds, as a sparkline with its range."""
+    rows = [r for r in history if isinstance(r, Mapping)][-SPARK_ROUNDS:]
+    names = metric_names(rows)
+    metric = primary_metric(names)
+    if metric is None:
+        return None
+    values = [v for r in rows if (v := row_metrics(r).get(metric)) is not None]
+    if len(values) < 2:
+        return None
+    return (
+        f"{metric} {sparkline(values)} {fmt_float(values[0], 3)} -> {fmt_float(values[-1], 3)} "
+        f"(last {len(values)} rounds)"
+    )
+
+
+def status_line(status: Mapping[str, Any]) -> str:
+    """One line for logs and pipes (`p2pfl status --watch` when stdout is not a terminal):
+    round and phase, peers connected of known, the last round's primary metric."""
+    rnd = _section(status, "round")
+    peers = [p for p in _list(status, "peers") if isinstance(p, Mapping)]
+    connected = sum(1 for p in peers if p.get("state") == "connected")
+    history = _list(status, "history")
+    last = row_metrics(history[-1]) if history and isinstance(history[-1], Mapping) else {}
+    metric = primary_metric(list(last))
+    shown = f" {metric} {fmt_float(last[metric], 4)}" if metric is not None else ""
+    node = _section(status, "node")
+    return (
+        f"node {short_id(node.get('id'))} round {_round_text(rnd)} "
+        f"peers {connected}/{len(peers)} connected{shown}"
+    )
+
+
 def status_header(status: Mapping[str, Any]) -> Panel:
     node = _section(status, "node")
     listen = [fmt_text(a) for a in _list(node, "listen")]
@@ -313,9 +368,18 @@ def status_header(status: Mapping[str, Any]) -> Panel:
         ("last aggregation", _aggregation_text(_section(status, "last_aggregation"))),
         ("last round", _last_metrics_text(_list(status, "history"))),
     ]
+    if node.get("state") == "stopped":  # `p2pfl status --offline`
+        problems = "; ".join(fmt_text(p) for p in _list(node, "problems"))
+        rows.insert(
+            0,
+            ("state", "STOPPED: read from its data dir" + (f" ({problems})" if problems else "")),
+        )
     timing = _last_timing_text(_list(status, "history"))
     if timing is not None:
         rows.append(("round timing", timing))
+    trend = history_text(_list(status, "history"))
+    if trend is not None:
+        rows.append(("history", trend))
     comp = status.get("compression")
     if isinstance(comp, Mapping):
         stages = " > ".join(fmt_text(x) for x in _list(comp, "pipeline")) or MISSING
@@ -373,7 +437,7 @@ def status_header(status: Mapping[str, Any]) -> Panel:
 
 def peers_table(status: Mapping[str, Any]) -> Table:
     peers = [p for p in _list(status, "peers") if isinstance(p, Mapping)]
-    # A borderless table with short headers fits 9 columns in an 80-column terminal.
+    # A borderless table with short headers fits 10 columns in an 80-column terminal.
     table = Table(
         title=f"peers ({len(peers)})",
         title_justify="left",
@@ -388,6 +452,7 @@ def peers_table(status: Mapping[str, Any]) -> Table:
         ("address", "left"),
         ("state", "left"),
         ("via", "left"),
+        ("rnd", "right"),
         ("seen", "right"),
         ("rtt", "right"),
         ("in", "right"),
@@ -407,6 +472,7 @@ def peers_table(status: Mapping[str, Any]) -> Table:
             fmt_text(peer.get("address")),
             Text(_SHORT.get(state, state), style=_STATE_STYLES.get(state, "")),
             _SHORT.get(fmt_text(peer.get("found_via")), fmt_text(peer.get("found_via"))),
+            fmt_int(peer.get("round")),
             fmt_ago(peer.get("last_seen_s")).removesuffix(" ago"),
             fmt_float(peer.get("rtt_ms"), 1),
             fmt_bytes(peer.get("bytes_in")),

@@ -45,9 +45,16 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the raw status as JSON")
     parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="read a stopped node's data dir (identity, checkpoint, metrics.jsonl) instead "
+        "of asking a running node",
+    )
+    parser.add_argument(
         "--watch",
         action="store_true",
-        help="refresh in place until Ctrl-C (with --json: one JSON line per refresh)",
+        help="refresh in place until Ctrl-C (with --json: one JSON line per refresh; "
+        "when stdout is not a terminal: one line per change)",
     )
     parser.add_argument(
         "--interval",
@@ -87,10 +94,13 @@ def watch_status(
     as_json: bool,
     sleep: Callable[[float], Any] = time.sleep,
     out: TextIO | None = None,
+    lines: bool | None = None,
 ) -> int:
     """Poll forever, redrawing in place; an unreachable node is shown, not fatal. 0 on Ctrl-C.
 
-    `sleep` and `out` exist so tests can stop the loop and read what was drawn.
+    `sleep` and `out` exist so tests can stop the loop and read what was drawn. `lines`:
+    one line per change instead of a redrawn screen; by default when stdout is not a
+    terminal (a pipe, a file, a service's journal).
     """
     stream = out if out is not None else sys.stdout
     try:
@@ -102,6 +112,8 @@ def watch_status(
                 except ControlError as exc:
                     print(f"p2pfl status: {exc}", file=sys.stderr, flush=True)
                 sleep(interval)
+        if lines if lines is not None else out is None and not stream.isatty():
+            return _watch_lines(path, interval=interval, timeout=timeout, sleep=sleep, out=stream)
         from rich.live import Live
 
         from p2pfl.control.render import render_error, render_status
@@ -118,8 +130,49 @@ def watch_status(
         return 0
 
 
+def _watch_lines(
+    path: Path, *, interval: float, timeout: float, sleep: Callable[[float], Any], out: TextIO
+) -> int:
+    """`--watch` into a pipe or a file: one line when something changed (a redrawn screen
+    would be escape codes nobody reads), each stamped with the local time."""
+    from p2pfl.control.render import status_line
+
+    last = None
+    while True:
+        try:
+            line = status_line(query(path, "status", timeout))
+        except ControlError as exc:
+            line = f"unreachable: {exc}"
+        if line != last:
+            out.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+            out.flush()
+            last = line
+        sleep(interval)
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    """`--offline`: 0 with the stopped node's status, 1 when the dir holds no node."""
+    from p2pfl.control.offline import offline_status
+
+    data_dir = Path(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR).expanduser()
+    try:
+        result = offline_status(data_dir)
+    except ValueError as exc:
+        print(f"p2pfl status: {exc}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return 0
+    from p2pfl.control.render import render_status
+
+    _console().print(render_status(result))
+    return 0
+
+
 def run_status(args: argparse.Namespace) -> int:
     """Exit code 0 when the node answered, 1 (message on stderr) when it did not."""
+    if getattr(args, "offline", False):
+        return run_offline(args)
     path = socket_path(args)
     timeout = float(getattr(args, "timeout", 3.0))
     as_json = bool(getattr(args, "json", False))
@@ -140,4 +193,4 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_status_arguments", "run_status", "socket_path", "watch_status"]
+__all__ = ["add_status_arguments", "run_offline", "run_status", "socket_path", "watch_status"]
