@@ -122,6 +122,10 @@ class NodeConfig:
     # Compression pipeline for sent updates, e.g. ("delta", "topk:0.01", "quantize:8").
     compression: tuple[str, ...] = ()
     compression_keyframe_every: int = 10  # rounds between full (non-delta) updates
+    # The consensus step (CHOCO-SGD) on compressed gossip: gamma in (0, 1], 0 = off;
+    # keep = how much of its unsent progress x - x_hat a node keeps (docs/compression.md).
+    compression_consensus: float = 0.0
+    compression_consensus_keep: float = 1.0
     # Secure aggregation (pairwise masks inside groups of neighbours).
     secure_aggregation: bool = False
     group_size: int = 3  # measured: more, smaller groups resist attackers better
@@ -318,6 +322,28 @@ class NodeConfig:
             self.compression_keyframe_every >= 0,
             "compression_keyframe_every",
             "must be >= 0 (0 = only when a peer needs one)",
+        )
+        _check(
+            math.isfinite(self.compression_consensus) and 0 <= self.compression_consensus <= 1,
+            "compression_consensus",
+            f"must be in (0, 1] (the step size gamma) or 0 (off), got {self.compression_consensus}",
+        )
+        _check(
+            math.isfinite(self.compression_consensus_keep)
+            and 0 <= self.compression_consensus_keep <= 1,
+            "compression_consensus_keep",
+            f"must be in [0, 1], got {self.compression_consensus_keep}",
+        )
+        _check(
+            not self.compression_consensus or bool(self.compression),
+            "compression_consensus",
+            "needs a compression pipeline (without one every copy is exact: nothing to do)",
+        )
+        _check(
+            not self.compression_consensus or self.neighbour_count is None,
+            "compression_consensus",
+            "needs neighbours = all (k random neighbours get per-peer streams, one public "
+            "copy each, and the step needs the one copy all neighbours hold)",
         )
         for address in self.mdns_interfaces:
             _check(

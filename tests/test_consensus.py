@@ -7,7 +7,7 @@ import pytest
 
 from p2pfl.aggregation import get_rule, mean
 from p2pfl.compression import UpdateDecoder, UpdateEncoder, parse_pipeline
-from p2pfl.compression.consensus import consensus_step
+from p2pfl.compression.consensus import ConsensusRule, consensus_step
 
 RING = 6
 DIM = 400
@@ -136,3 +136,41 @@ def test_keep_out_of_range_is_refused(keep: float) -> None:
     x = np.zeros((2, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="keep"):
         consensus_step(mean, x, np.ones(2), 0, x[0], 1.0, keep=keep)
+
+
+def test_the_node_wrapper_on_a_compressed_ring_equals_the_step_on_public_copies() -> None:
+    """ConsensusRule gets what the round machine gives a rule (the exact own model among
+    the neighbours' copies) and the encoder's x_hat; it must compute the step above."""
+    pipeline = parse_pipeline(["delta", "topk:0.05", "quantize:4", "zstd:3"])
+    neigh = _ring_neighbours(RING)
+    enc = [UpdateEncoder(pipeline, keyframe_every=0, seed=i) for i in range(RING)]
+    dec = [UpdateDecoder(DIM, max_frame_size=1 << 20) for _ in range(RING)]
+    rng = np.random.default_rng(6)
+    models = [rng.normal(size=DIM).astype(np.float32) for _ in range(RING)]
+    for r in range(5):
+        trained = [m + rng.normal(scale=0.3, size=DIM).astype(np.float32) for m in models]
+        held: list[dict[int, np.ndarray]] = [{} for _ in range(RING)]
+        for i in range(RING):
+            blob = enc[i].encode(trained[i], r)
+            for j in neigh[i]:
+                held[j][i] = dec[j].decode(f"n{i}", r, blob)
+        new = []
+        for j in range(RING):
+            order = sorted([j, *neigh[j]])
+            w = np.ones(len(order))
+            exact = np.stack([trained[j] if i == j else held[j][i] for i in order])
+            rule = ConsensusRule(mean, lambda j=j: enc[j].x_hat, 0.5, keep=0.6)
+            got = rule(exact, w, trained[j])
+            pub = exact.copy()
+            pub[order.index(j)] = enc[j].x_hat
+            want = consensus_step(mean, pub, w, order.index(j), trained[j], 0.5, keep=0.6)
+            np.testing.assert_array_equal(got, want)
+            assert rule.plain_rounds == 0
+            new.append(got)
+        models = new
+
+
+@pytest.mark.parametrize(("gamma", "keep"), [(0.0, 1.0), (1.5, 1.0), (0.5, -0.1), (0.5, 2.0)])
+def test_the_node_wrapper_refuses_out_of_range_values(gamma: float, keep: float) -> None:
+    with pytest.raises(ValueError, match=r"consensus step|keep"):
+        ConsensusRule(mean, lambda: None, gamma, keep)

@@ -5,17 +5,21 @@ See docs/compression.md for the design (why deltas are taken against x_hat, keyf
 missing_base) and the measurements.
 """
 
+from p2pfl.compression.consensus import ConsensusRule, consensus_step, with_consensus
 from p2pfl.compression.decoder import REASONS, UpdateDecoder
 from p2pfl.compression.encoder import UpdateEncoder
 from p2pfl.compression.pipeline import Pipeline, Quantize, TopK, Zstd, parse_pipeline
 
 __all__ = [
     "REASONS",
+    "ConsensusRule",
     "Pipeline",
     "Quantize",
     "TopK",
     "UpdateDecoder",
     "UpdateEncoder",
     "Zstd",
+    "consensus_step",
     "parse_pipeline",
+    "with_consensus",
 ]

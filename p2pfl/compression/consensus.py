@@ -35,9 +35,13 @@ with gamma 1 beats plain.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from p2pfl.config import NodeConfig
 
 F32 = npt.NDArray[np.float32]
 RuleFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -74,3 +78,64 @@ def consensus_step(
     step += keep * (own_exact.astype(np.float64) - own_public)
     out: F32 = step.astype(np.float32)
     return out
+
+
+class ConsensusRule:
+    """A node's aggregation rule with the consensus step (`[compression] consensus`).
+
+    The round machine hands the rule its inputs as usual: the node's exact model and
+    the neighbours' models, which with compression are their public copies x_hat_j
+    (the decoder's, one per neighbour). `own_public()` gives the node's own public copy
+    x_hat_i for the round being aggregated (the encoder's, after this round's message),
+    or None when there is none to use (nothing sent yet, an encoding failure, per-peer
+    streams); then the plain rule runs. Otherwise the own row is replaced by x_hat_i
+    and the result is `consensus_step(rule, copies, weights, own row, own, gamma, keep)`.
+    Counters, reports and the name read through to the wrapped rule.
+    """
+
+    def __init__(
+        self,
+        rule: RuleFn,
+        own_public: Callable[[], np.ndarray | None],
+        gamma: float,
+        keep: float = 1.0,
+    ) -> None:
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"consensus step must be in (0, 1], got {gamma}")
+        if not 0.0 <= keep <= 1.0:
+            raise ValueError(f"keep must be in [0, 1], got {keep}")
+        self.rule = rule
+        self.own_public = own_public
+        self.gamma = gamma
+        self.keep = keep
+        self.plain_rounds = 0  # rounds aggregated without a public copy of our own
+
+    def __call__(self, x: np.ndarray, weights: np.ndarray, own: np.ndarray) -> np.ndarray:
+        public = self.own_public()
+        if public is None or public.shape != own.shape:
+            self.plain_rounds += 1
+            return self.rule(x, weights, own)
+        # Our exact model's row (inputs come sorted by node id, ours among them). With a
+        # lossy pipeline no copy equals it bit for bit; if one did, the rows are equal.
+        rows = np.flatnonzero((x == own).all(axis=1))
+        if rows.size == 0:
+            self.plain_rounds += 1
+            return self.rule(x, weights, own)
+        row = int(rows[0])
+        copies = np.array(x, dtype=np.float32, copy=True)
+        copies[row] = public
+        return consensus_step(self.rule, copies, weights, row, own, self.gamma, self.keep)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.rule, name)
+
+
+def with_consensus(
+    rule: RuleFn, config: NodeConfig, own_public: Callable[[], np.ndarray | None]
+) -> RuleFn:
+    """`rule` with the node's consensus step (`compression_consensus`), or `rule`
+    itself when that is off (0, the default): then rounds are exactly as before."""
+    gamma = config.compression_consensus
+    if gamma == 0 or not config.compression:
+        return rule
+    return ConsensusRule(rule, own_public, gamma, config.compression_consensus_keep)

@@ -25,7 +25,7 @@ import numpy as np
 import trio
 
 from p2pfl.aggregation import RobustnessLedger, Rule, TimedRule, make_rule
-from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline
+from p2pfl.compression import Pipeline, UpdateDecoder, parse_pipeline, with_consensus
 from p2pfl.config import ConfigError, NodeConfig
 from p2pfl.datadir import DataDir, check_socket_path
 from p2pfl.identity import Identity
@@ -188,8 +188,10 @@ class Node:
         self.machine = RoundMachine(
             params=params,
             # The outer optimizer (FedAvgM, FedAdam, ...) turns the aggregate into our
-            # next model; with FedAvg this is the timed rule itself.
-            rule=self.learner.outer_rule(TimedRule(rule, self._timing)),
+            # next model; with FedAvg (and no consensus step) this is the timed rule.
+            rule=self.learner.outer_rule(
+                with_consensus(TimedRule(rule, self._timing), config, self.outbox.public_copy)
+            ),
             settings=RoundSettings(
                 target_rounds=config.rounds,
                 quorum=config.quorum,
@@ -202,8 +204,9 @@ class Node:
                 # Every member of a group forwards the same group mean: count it once.
                 distinct_inputs=config.secure_aggregation,
                 rule_name=config.aggregation,
-                # A real node runs the rule in a worker thread (see _aggregate).
-                defer_aggregation=train_in_thread,
+                # A real node runs the rule in a worker thread (see _aggregate); so does
+                # the consensus step, which needs our round's message encoded first.
+                defer_aggregation=train_in_thread or config.compression_consensus > 0,
             ),
             round=start_round,
             node_id=self.id,

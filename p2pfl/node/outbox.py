@@ -205,6 +205,13 @@ class UpdateOutbox:
             self._peers[peer].force_keyframe()  # its own stream goes on from a keyframe
         return codec.encode(CompressedModelUpdate(self.node_id, round, blob, samples))
 
+    def public_copy(self) -> np.ndarray | None:
+        """Our public copy x_hat: what every neighbour has rebuilt of our model from our
+        messages (after a round that could not go out, still the previous one's). The
+        consensus step's reference; None without one shared compressed stream (plain
+        updates, per-peer streams) or before our first message."""
+        return None if self.per_peer or self._shared is None else self._shared.x_hat
+
     def state(self) -> dict[str, np.ndarray]:
         return self._shared.state() if self._shared is not None else {}
 

@@ -120,6 +120,8 @@ class CompressionSpec:
 
     pipeline: tuple[str, ...] = ()
     keyframe_every: int = 10
+    consensus: float = 0.0  # the consensus step's gamma (0 = off)
+    consensus_keep: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,8 @@ class Scenario:
                     {
                         "compression": self.compression.pipeline,
                         "compression_keyframe_every": self.compression.keyframe_every,
+                        "compression_consensus": self.compression.consensus,
+                        "compression_consensus_keep": self.compression.consensus_keep,
                     }
                     if self.compression.pipeline
                     else {}
@@ -631,8 +635,12 @@ def _parse_compression(t: Table) -> CompressionSpec:
 
     raw = t.raw("pipeline")
     keyframe_every = t.get_int("keyframe_every", 10, minimum=0)
+    consensus = t.get_float("consensus", 0.0)
+    keep = t.get_float("consensus_keep", 1.0)
     t.finish()
     if raw is None:
+        if consensus:
+            raise ScenarioError("compression.consensus", "needs a compression pipeline")
         return CompressionSpec()
     if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
         raise ScenarioError(
@@ -642,7 +650,7 @@ def _parse_compression(t: Table) -> CompressionSpec:
         parse_pipeline(raw)
     except ValueError as exc:
         raise ScenarioError("compression.pipeline", str(exc)) from None
-    return CompressionSpec(tuple(raw), keyframe_every)
+    return CompressionSpec(tuple(raw), keyframe_every, consensus, keep)
 
 
 # Where each NodeConfig field comes from, to translate its errors back to the file.
@@ -663,7 +671,8 @@ _CONFIG_FIELD_PATHS = {
     "aggregation_options": "aggregation", "attack": "attack.kind",
     "attack_options": "attack", "attack_start_round": "attack.start_round",
     "attack_honest_to": "attack.honest_to", "attack_colluders": "attack",
-    "compression": "compression.pipeline",
+    "compression": "compression.pipeline", "compression_consensus": "compression.consensus",
+    "compression_consensus_keep": "compression.consensus_keep",
     "dp_epsilon": "privacy.epsilon", "dp_delta": "privacy.delta", "dp_clip": "privacy.clip",
     "dp_noise": "privacy.noise", "dp_sgd_clip": "privacy.sgd_clip",
     "dp_sgd_noise": "privacy.sgd_noise", "secure_aggregation": "secure_aggregation.enabled",
