@@ -56,6 +56,10 @@ def default_model() -> str:
 class NodeConfig:
     # Where identity, checkpoints, metrics and the control socket live.
     data_dir: Path = DEFAULT_DATA_DIR
+    # Write a checkpoint after every k-th round (and after the last); 0 = never. A crash
+    # loses at most k-1 rounds, which the node catches up from its peers on restart;
+    # in-process scenarios, which cannot crash a node alone, default to 0.
+    checkpoint_every: int = 1
     # Network.
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     peers: tuple[str, ...] = ()
@@ -265,6 +269,7 @@ class NodeConfig:
         _plugin_kind(self.model, "model")
         _check(self.hidden >= 1, "hidden", "must be >= 1")
         _check(self.rounds >= 0, "rounds", "must be >= 0 (0 runs forever)")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = never)")
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -28,8 +28,9 @@ class Recorder:
             self.ended.append(conn.peer_id)
 
 
-async def test_round_trip_and_ids() -> None:
-    net = MemoryNetwork()
+@pytest.mark.parametrize("direct", [False, True])
+async def test_round_trip_and_ids(direct: bool) -> None:
+    net = MemoryNetwork(direct=direct)
     a = MemoryTransport(net, Identity.from_seed(b"\x01" * 32), "mem:a")
     b = MemoryTransport(net, "peer-b", "mem:b")
     rec = Recorder()
@@ -70,8 +71,9 @@ async def test_unknown_address_and_mismatch() -> None:
         await b.connect("mem:a")
 
 
-async def test_close_semantics() -> None:
-    net = MemoryNetwork()
+@pytest.mark.parametrize("direct", [False, True])
+async def test_close_semantics(direct: bool) -> None:
+    net = MemoryNetwork(direct=direct)
     a = MemoryTransport(net, "peer-a", "mem:a")
     b = MemoryTransport(net, "peer-b", "mem:b")
     server_conns: list[Connection] = []
@@ -103,8 +105,9 @@ async def test_close_semantics() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_close_wakes_blocked_receiver() -> None:
-    net = MemoryNetwork()
+@pytest.mark.parametrize("direct", [False, True])
+async def test_close_wakes_blocked_receiver(direct: bool) -> None:
+    net = MemoryNetwork(direct=direct)
     a = MemoryTransport(net, "peer-a", "mem:a")
     b = MemoryTransport(net, "peer-b", "mem:b")
     rec = Recorder()
@@ -155,8 +158,9 @@ async def test_backpressure_blocks_sender() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_oversize_payload_is_wire_error() -> None:
-    net = MemoryNetwork()
+@pytest.mark.parametrize("direct", [False, True])
+async def test_oversize_payload_is_wire_error(direct: bool) -> None:
+    net = MemoryNetwork(direct=direct)
     a = MemoryTransport(net, "peer-a", "mem:a", max_frame_size=10)
     b = MemoryTransport(net, "peer-b", "mem:b")  # the receiver's limit applies
     errors: list[BaseException] = []
@@ -181,9 +185,10 @@ async def test_oversize_payload_is_wire_error() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_many_nodes_full_mesh() -> None:
+@pytest.mark.parametrize("direct", [False, True])
+async def test_many_nodes_full_mesh(direct: bool) -> None:
     """150 nodes, each dialing 4 others: cheap enough for large simulations."""
-    net = MemoryNetwork()
+    net = MemoryNetwork(direct=direct)
     n = 150
     transports = [MemoryTransport(net, f"p{i}", f"mem:{i}") for i in range(n)]
     received: list[int] = [0] * n

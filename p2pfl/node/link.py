@@ -9,6 +9,10 @@ parts it slips between (see p2pfl/wire/framing.py). The link also
 remembers where each recent round's model update sits in that queue, so that a resend
 request for an update still waiting to be written is recognised as such: the update is
 on its way, and resending it would only duplicate the transfer.
+
+On a direct in-memory connection (`p2pfl.transport.memory.DirectConnection`, in-process
+scenarios) there is no queue and no writer: `offer` hands the payload to the peer's end
+at once, under the same byte budget, counted against what the peer has not yet read.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import trio
 
 from p2pfl.membership import PeerState
 from p2pfl.transport.base import Connection, ConnectionClosed
+from p2pfl.transport.memory import DirectConnection
 
 UPDATE_ROUNDS_KEPT = 3
 """Recent rounds whose update position a link remembers (senders resend the last two)."""
@@ -53,6 +58,9 @@ class Link:
     _update_at: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.direct = self.conn if isinstance(self.conn, DirectConnection) else None
+        self._on_written: Callable[[int], None] | None = None
+        self._unreported = 0  # bytes written directly before `pump` gave its callback
         self._normal: deque[bytes] = deque()
         self._urgent: deque[bytes] = deque()
         self._wake = {True: trio.Event(), False: trio.Event()}  # by lane: urgent or not
@@ -60,6 +68,8 @@ class Link:
     def offer(self, payload: bytes, limit: float, *, urgent: bool = False) -> bool:
         """Queue `payload` unless the queue would exceed `limit` bytes; `urgent`
         messages (heartbeats) are written before everything queued normally."""
+        if self.direct is not None:
+            return self._write_now(self.direct, payload, limit, urgent)
         if self.queued_bytes + len(payload) > limit:
             return False
         self.queued_bytes += len(payload)
@@ -69,6 +79,32 @@ class Link:
             self.enqueued += 1
             self._normal.append(payload)
         self._wake[urgent].set()
+        return True
+
+    def _write_now(
+        self, conn: DirectConnection, payload: bytes, limit: float, urgent: bool
+    ) -> bool:
+        """`offer` on a direct connection: written at once (the peer's unread bytes are
+        the queue); like a queued message, one that fails closes the link."""
+        if conn.unread_bytes + len(payload) > limit:
+            return False
+        if not urgent:
+            self.enqueued += 1
+        if self.closing:  # behind our Bye: never written, as on a queue
+            return True
+        try:
+            conn.send_nowait(payload)
+        except ConnectionClosed as exc:
+            if self.close_reason is None:
+                self.close_reason = closed_cause(exc)
+            self.scope.cancel()
+            return True
+        if not urgent:
+            self.written += 1
+        if self._on_written is None:
+            self._unreported += len(payload) + 4
+        else:
+            self._on_written(len(payload) + 4)
         return True
 
     def update_queued(self, round: int) -> None:
@@ -125,7 +161,14 @@ class Link:
 
     async def pump(self, on_written: Callable[[int], None]) -> None:
         """Write queued messages until the connection fails (then cancel the link) or
-        the link closes: one writer per lane, so heartbeats never queue behind updates."""
+        the link closes: one writer per lane, so heartbeats never queue behind updates.
+        A direct link has nothing to pump: it only takes the byte counter."""
+        if self.direct is not None:
+            self._on_written = on_written
+            if self._unreported:
+                on_written(self._unreported)
+                self._unreported = 0
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump_lane, True, on_written)
             await self._pump_lane(False, on_written)

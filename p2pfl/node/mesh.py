@@ -460,12 +460,15 @@ class Mesh:
                 self._nursery.start_soon(
                     self._dial, target.address, target.peer_id, target.found_via
                 )
-            with trio.move_on_after(0.25):
+            # Until a backoff ends or the table changes (no polling: docs/scenarios.md).
+            with trio.move_on_at(self.peers.next_dial_at(now)):
                 await self._peers_changed.wait()
 
     async def _dial(self, address: str, expected: str | None, found_via: str) -> None:
         with self.supervisor.guard("dial", expected):
             await self._dial_unguarded(address, expected, found_via)
+        # The dial's end set this address's backoff: the dial loop recomputes its wake-up.
+        self.notify_peers_changed()
 
     async def _dial_unguarded(self, address: str, expected: str | None, found_via: str) -> None:
         try:

@@ -178,6 +178,10 @@ class Scenario:
     faults: tuple[FaultEvent, ...] = ()
     secure: SecureSpec = field(default_factory=SecureSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    # Every node's checkpoint_every; None = by mode: 1 for real processes (crash and
+    # restart faults resume from checkpoints), 0 (none) in-process, where no node can
+    # crash alone and 1000 nodes' checkpoints cost more than their training.
+    checkpoint_every: int | None = None
 
     @property
     def attack(self) -> AttackSpec:
@@ -254,9 +258,12 @@ class Scenario:
         faulty = set(fault_plan_nodes(self.faults, self.nodes))
         full = self.topology.kind == "full"
         mdns = self.discovery == "mdns" and not any(a.startswith("mem:") for a in addresses)
+        in_process = any(a.startswith("mem:") for a in addresses)
+        every = self.checkpoint_every
         return [
             {
                 "data_dir": Path(data_dirs[i]),
+                "checkpoint_every": (0 if in_process else 1) if every is None else every,
                 "listen": addresses[i],
                 "peers": () if mdns else tuple(addresses[j] for j in adj[i]),
                 "peer_exchange": full,
@@ -424,13 +431,16 @@ def parse_scenario(
     if top.has("dp") and top.has("privacy"):
         raise ScenarioError("dp", "[dp] is another name for [privacy]: give one of them")
     privacy = _parse_privacy(top.table("dp" if top.has("dp") else "privacy"))
+    checkpoint_every = (
+        top.get_int("checkpoint_every", 0, minimum=0) if top.has("checkpoint_every") else None
+    )
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
     top.finish()
     scenario = Scenario(
         name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
-        attacks, aggregation, compression, faults, secure, privacy,
+        attacks, aggregation, compression, faults, secure, privacy, checkpoint_every,
     )  # fmt: skip
     scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
     _cross_check(scenario)

@@ -2,9 +2,13 @@
 
 A connection is two bounded trio memory channels, one per direction, carrying whole
 payloads (no framing, no copies). The bound gives the same backpressure a TCP window
-does: a slow reader eventually blocks its sender. Peer ids are taken on trust (there is
-no handshake to prove them); the network only checks `expected_peer_id` against the
-listener's declared id, which is what a test of id pinning needs.
+does: a slow reader eventually blocks its sender. `MemoryNetwork(direct=True)` makes
+`DirectConnection`s instead, for simulations of many nodes: a payload is handed to the
+receiving end as it is sent, with no channel and no writer task in between.
+
+Peer ids are taken on trust (there is no handshake to prove them); the network only
+checks `expected_peer_id` against the listener's declared id, which is what a test of
+id pinning needs.
 
 Of the resource bounds (`TransportLimits`) the frame limit and the inbound connection
 cap apply here as over TCP; there are no partial frames, so no receive budget or frame
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections import Counter
+from collections import Counter, deque
 
 import trio
 
@@ -54,8 +58,9 @@ class _Listener:
 class MemoryNetwork:
     """Registry of listening addresses ("mem:<name>") shared by the transports of a run."""
 
-    def __init__(self, capacity: int = CHANNEL_CAPACITY) -> None:
+    def __init__(self, capacity: int = CHANNEL_CAPACITY, *, direct: bool = False) -> None:
         self.capacity = capacity
+        self.direct = direct  # connections are DirectConnections (no channels)
         self._listeners: dict[str, _Listener] = {}
 
     def listening(self, address: str) -> bool:
@@ -138,6 +143,94 @@ class MemoryConnection:
         await self._receive.aclose()
 
 
+class DirectConnection:
+    """One end of a direct in-memory connection (`MemoryNetwork(direct=True)`).
+
+    `send_nowait` puts a payload in the receiving end's queue at once: the sender
+    needs no writer task and no channel (at 1000 in-process nodes, per-link writer tasks
+    and channel hand-offs were most of the scheduling). `receive` is the same as
+    MemoryConnection's: whole payloads in order, ConnectionClosed once the peer closed
+    and everything it sent was read, WireError for a payload over our frame limit.
+    There is no channel bound: instead `unread_bytes` (sent, not yet received by the
+    peer) is what a sender's queue limit applies to (`p2pfl.node.link.Link.offer`),
+    like bytes stuck in a TCP send queue to a peer that stopped reading.
+    """
+
+    def __init__(
+        self, peer_id: str, remote_address: str, *, outbound: bool, max_frame_size: int
+    ) -> None:
+        self._peer_id = peer_id
+        self._remote_address = remote_address
+        self._outbound = outbound
+        self.max_frame_size = max_frame_size
+        self.other: DirectConnection = self  # the peer's end, set by `pair`
+        self.unread_bytes = 0
+        self.closed = False
+        self._queue: deque[bytes] = deque()
+        self._peer_closed = False
+        self._arrived = trio.Event()
+
+    @staticmethod
+    def pair(a: DirectConnection, b: DirectConnection) -> None:
+        a.other, b.other = b, a
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    @property
+    def remote_address(self) -> str:
+        return self._remote_address
+
+    @property
+    def outbound(self) -> bool:
+        return self._outbound
+
+    def __repr__(self) -> str:
+        way = "to" if self._outbound else "from"
+        return f"<DirectConnection {way} {self._peer_id} at {self._remote_address}>"
+
+    def send_nowait(self, payload: bytes) -> None:
+        """Hand `payload` to the peer's end; ConnectionClosed if either end closed."""
+        if self.closed or self.other.closed:
+            raise ConnectionClosed(f"connection to {self._peer_id} is closed")
+        payload = bytes(payload)  # no copy for bytes; never alias a buffer
+        self.unread_bytes += len(payload)
+        self.other._queue.append(payload)
+        self.other._arrived.set()
+
+    async def send(self, payload: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.send_nowait(payload)
+
+    async def receive(self) -> bytes:
+        while not self._queue:
+            if self._peer_closed or self.closed:
+                raise ConnectionClosed(f"connection to {self._peer_id} is closed")
+            self._arrived = trio.Event()
+            await self._arrived.wait()
+        payload = self._queue.popleft()
+        self.other.unread_bytes -= len(payload)
+        if len(payload) > self.max_frame_size:
+            raise WireError(
+                "oversize",
+                f"frame of {len(payload)} bytes received, limit is {self.max_frame_size}",
+            )
+        return payload
+
+    async def aclose(self) -> None:
+        # As MemoryConnection: the peer reads what we sent, then EOF; its sends fail now.
+        await trio.lowlevel.checkpoint()
+        if self.closed:
+            return
+        self.closed = True
+        self.other.unread_bytes -= sum(len(p) for p in self._queue)
+        self._queue.clear()
+        self._arrived.set()
+        self.other._peer_closed = True
+        self.other._arrived.set()
+
+
 class MemoryTransport:
     """Transport over a MemoryNetwork; same interface as TcpTransport."""
 
@@ -209,6 +302,19 @@ class MemoryTransport:
                 "it has as many inbound connections as it accepts (max_inbound)"
             )
         server.inbound += 1
+        if self.network.direct:
+            mine = DirectConnection(
+                listener.peer_id, address, outbound=True, max_frame_size=self.max_frame_size
+            )
+            other = DirectConnection(
+                self._local_id,
+                self.address,
+                outbound=False,
+                max_frame_size=server.max_frame_size,
+            )
+            DirectConnection.pair(mine, other)
+            listener.nursery.start_soon(_run_handler, listener.handler, other, server)
+            return mine
         out_send, out_receive = trio.open_memory_channel[bytes](self.network.capacity)
         in_send, in_receive = trio.open_memory_channel[bytes](self.network.capacity)
         ours = MemoryConnection(
@@ -232,7 +338,7 @@ class MemoryTransport:
 
 
 async def _run_handler(
-    handler: ConnectionHandler, conn: MemoryConnection, server: MemoryTransport
+    handler: ConnectionHandler, conn: MemoryConnection | DirectConnection, server: MemoryTransport
 ) -> None:
     """Mirror TcpTransport: a closed or misbehaving peer ends only its own connection."""
     try:
