@@ -113,6 +113,9 @@ _HELP = {
     "dp_clip": "differential privacy: L2 norm each round's update is clipped to",
     "dp_noise": "differential privacy: noise multiplier (std / clip); default: derived "
     "from --dp-epsilon and --rounds",
+    "personalize": "personalization: 'ditto' keeps a personal model beside the shared one",
+    "personal_lambda": "Ditto's pull of the personal model towards the shared one",
+    "personal_test_fraction": "share of this node's data held out to test both models",
     "metrics_listen": "serve Prometheus metrics on HOST:PORT (a bare port: loopback); "
     "needs p2pfl[metrics]",
     "dp_sgd_clip": "example-level DP-SGD: per-example gradient clip norm (0 = off)",

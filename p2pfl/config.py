@@ -108,6 +108,12 @@ class NodeConfig:
     # Worker momentum (Karimireddy et al. 2021): the round's update that leaves the node
     # is an exponential average of its recent updates, beta in [0, 1); 0 = off.
     worker_momentum: float = 0.0
+    # Personalization (docs/heterogeneity.md): "ditto" keeps a personal model beside the
+    # shared one, pulled towards it with personal_lambda, evaluated on a split of this
+    # node's shard (personal_test_fraction) held out from training; "" = off.
+    personalize: str = ""
+    personal_lambda: float = 0.1
+    personal_test_fraction: float = 0.2
     # FedProx (Li et al. 2020): local training adds mu/2 ||w - w_start||^2; 0 = off.
     prox_mu: float = 0.0
     # The outer optimizer applied to (aggregate - model before the round) (Reddi et al.
@@ -274,6 +280,23 @@ class NodeConfig:
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(0.0 <= self.worker_momentum < 1.0, "worker_momentum", "must be in [0, 1)")
+        _check(self.personalize in ("", "ditto"), "personalize", "must be 'ditto' or '' (off)")
+        _check(
+            0.0 <= self.personal_lambda < math.inf,
+            "personal_lambda",
+            "must be a finite number >= 0",
+        )
+        _check(
+            0.0 < self.personal_test_fraction < 1.0,
+            "personal_test_fraction",
+            "must be in (0, 1)",
+        )
+        _check(
+            self.personal_lambda * self.lr < 2.0,
+            "personal_lambda",
+            f"x lr must be < 2 (here {self.personal_lambda * self.lr:g}): a larger pull "
+            "overshoots the shared model at every step and the personal model diverges",
+        )
         _check(0.0 <= self.prox_mu < math.inf, "prox_mu", "must be a finite number >= 0")
         _check(
             self.outer in OUTER_OPTIMIZERS,

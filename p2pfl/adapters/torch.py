@@ -214,6 +214,7 @@ class TorchModel:
         self._test_data = _as_source(test_data, "test_data")
         self._array_cache: tuple[Any, ...] | None = None
         self.prox_mu = 0.0  # FedProx's mu (`set_proximal`); 0 = plain training
+        self._prox_anchor: torch.Tensor | None = None  # None: where `fit` starts
         self._dp: _DpSgd | None = None  # example-level DP-SGD through Opacus (`set_dp_sgd`)
 
     # --- construction ---------------------------------------------------------------------
@@ -414,14 +415,20 @@ class TorchModel:
     def reset_optimizer(self) -> None:
         self.optimizer.state.clear()
 
-    def set_proximal(self, mu: float) -> None:
+    def set_proximal(self, mu: float, anchor: np.ndarray | None = None) -> None:
         """FedProx: `fit` adds mu * (w - w_start) to every parameter's gradient (the
         gradient of mu/2 ||w - w_start||^2, w_start the parameters when `fit` starts),
         so each node's round stays near the model it started from. 0 = off, and `fit`
-        is then exactly what it was. Shared buffers are not trained, so not pulled."""
+        is then exactly what it was. Shared buffers are not trained, so not pulled.
+        With `anchor` (a flat vector), the pull is towards it instead (Ditto)."""
         if not (math.isfinite(mu) and mu >= 0):
             raise ValueError(f"FedProx mu must be a finite number >= 0, got {mu!r}")
+        if anchor is not None:
+            self._check_vector(anchor, "proximal anchor")
         self.prox_mu = float(mu)
+        self._prox_anchor = (
+            None if anchor is None else torch.from_numpy(np.array(anchor)).to(self.device)
+        )
 
     def _add_proximal(self, anchor: torch.Tensor) -> None:
         """p.grad += mu * (p - anchor view), one vectorised op per parameter tensor."""
@@ -460,7 +467,10 @@ class TorchModel:
         was_training = self.module.training
         self.module.train()
         epoch_loss = 0.0
-        anchor = self._flat.detach().clone() if self.prox_mu > 0 else None
+        anchor = None
+        if self.prox_mu > 0:
+            fixed = self._prox_anchor
+            anchor = fixed if fixed is not None else self._flat.detach().clone()
         forward: Callable[[torch.Tensor], torch.Tensor] = self.module
         optimizer: torch.optim.Optimizer = self.optimizer
         if self._dp is not None:

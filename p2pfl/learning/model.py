@@ -138,6 +138,7 @@ class FlatParamModel(ABC):
         # FedProx (Li et al. 2020): mu of the proximal term mu/2 ||w - w_start||^2 that
         # `fit` adds to the objective, w_start being the model the call starts from.
         self.prox_mu = np.float32(0.0)
+        self.prox_anchor: F32 | None = None  # None: the parameters `fit` starts from
         # DP-SGD (Abadi et al. 2016): per-example clip norm and noise multiplier; a clip
         # of 0 is off. See `set_dp_sgd`.
         self.dp_clip = 0.0
@@ -210,17 +211,22 @@ class FlatParamModel(ABC):
     def reset_optimizer(self) -> None:
         self._momentum.fill(0.0)
 
-    def set_proximal(self, mu: float) -> None:
+    def set_proximal(self, mu: float, anchor: np.ndarray | None = None) -> None:
         """FedProx: from now on `fit` minimises the loss plus mu/2 ||w - w_start||^2.
 
         Why: on skewed shards many local steps drift each node towards its own optimum
         and the average of drifted models is a poor model; the proximal term keeps each
         node's round near the model it started from. 0 turns it off and leaves `fit`
-        bit-identical to plain SGD (the term is never computed).
+        bit-identical to plain SGD (the term is never computed). With `anchor`, the
+        term pulls towards that vector instead of w_start (Ditto's personal model is
+        kept near the global one, not near where it started).
         """
         if not (np.isfinite(mu) and mu >= 0):
             raise ValueError(f"FedProx mu must be a finite number >= 0, got {mu!r}")
+        if anchor is not None:
+            self._check_vector(anchor, "proximal anchor")
         self.prox_mu = np.float32(mu)
+        self.prox_anchor = None if anchor is None else np.array(anchor, dtype=np.float32)
 
     def set_dp_sgd(self, clip: float, noise_multiplier: float, *, seed: int) -> None:
         """Example-level DP-SGD (Abadi et al. 2016) from now on: each minibatch gradient
@@ -318,7 +324,9 @@ class FlatParamModel(ABC):
                 f"need epochs >= 1, batch_size >= 1, lr > 0; got {epochs=} {batch_size=} {lr=}"
             )
         neg_lr = np.float32(-lr)
-        anchor = self._params.copy() if self.prox_mu > 0 else None
+        anchor = None
+        if self.prox_mu > 0:
+            anchor = self.prox_anchor if self.prox_anchor is not None else self._params.copy()
         epoch_loss = 0.0
         for _ in range(epochs):
             order = rng.permutation(n)

@@ -35,6 +35,7 @@ from p2pfl.learning.attacks import Attack, make_attack
 from p2pfl.learning.datasets import MissingExtra
 from p2pfl.learning.fingerprint import fingerprint
 from p2pfl.learning.outer import OuterOptimizer
+from p2pfl.learning.personal import Ditto, local_split
 from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
 from p2pfl.learning.worker_momentum import WorkerMomentum
 from p2pfl.logs import event
@@ -109,6 +110,9 @@ class Learner:
         ds = self.data
         self.attack = self._make_attack()
         self._x, self._y = ds.x_train, ds.y_train
+        # Personalization (Ditto): a personal model beside the shared one, evaluated on a
+        # test split held out from our own shard, which neither model trains on.
+        self.personal = self._make_personal(model)
         self._x_test, self._y_test = ds.x_test, ds.y_test
         # The weight our update claims: a model that brings its own data says how much.
         self.samples = int(getattr(self.model, "num_samples", None) or len(self._y))
@@ -217,6 +221,25 @@ class Learner:
         except ValueError as exc:
             raise ConfigError("attack", str(exc)) from None
 
+    def _make_personal(self, model: Model | Callable[[NodeConfig], Model] | None) -> Ditto | None:
+        cfg = self.config
+        if cfg.personalize != "ditto":
+            return None
+        seed = cfg.seed * 1_000_003 + cfg.node_index
+        self._x, self._y, x_test, y_test = local_split(
+            self._x, self._y, cfg.personal_test_fraction, seed
+        )
+        try:
+            return Ditto(
+                self._build_model(model, second=True),
+                self._build_model(model, second=True),
+                x_test,
+                y_test,
+                lam=cfg.personal_lambda,
+            )
+        except ValueError as exc:
+            raise ConfigError("personalize", str(exc)) from None
+
     def _set_proximal(self, mu: float) -> None:
         """Hand FedProx's mu to the model; a model without the hook cannot honour it,
         which must be said at start-up rather than silently train plain FedAvg."""
@@ -322,6 +345,11 @@ class Learner:
                 batch_size=cfg.batch_size,
                 rng=np.random.default_rng(seed),
             )
+            if self.personal is not None:  # v from the round's shared model
+                self.personal.step(
+                    params, self._x, y, epochs=cfg.epochs, lr=cfg.lr,
+                    batch_size=cfg.batch_size, rng=np.random.default_rng([*seed, 1]),
+                )  # fmt: skip
             return self.model.get_params(), loss
 
         async with self._train_lock:
@@ -583,7 +611,9 @@ class Learner:
         started = time.perf_counter()
         self.eval_model.set_params(params)
         try:
-            raw = self.eval_model.evaluate(self._x_test, self._y_test)
+            raw = dict(self.eval_model.evaluate(self._x_test, self._y_test))
+            if self.personal is not None:
+                raw.update(self.personal.evaluate(params, lambda m, x, y: m.evaluate(x, y)))
             metrics = {
                 str(k): round(float(v), 6) for k, v in raw.items() if math.isfinite(float(v))
             }

@@ -87,6 +87,9 @@ class TrainingSpec:
     batch_size: int = 32
     worker_momentum: float = 0.0
     prox_mu: float = 0.0
+    personalize: str = ""  # "ditto": a personal model per node (docs/heterogeneity.md)
+    personal_lambda: float = 0.1
+    personal_test_fraction: float = 0.2
     outer: str = "fedavg"
     outer_lr: float = 0.0
     outer_beta1: float = 0.9
@@ -293,6 +296,9 @@ class Scenario:
                 "batch_size": self.training.batch_size,
                 "worker_momentum": self.training.worker_momentum,
                 "prox_mu": self.training.prox_mu,
+                "personalize": self.training.personalize,
+                "personal_lambda": self.training.personal_lambda,
+                "personal_test_fraction": self.training.personal_test_fraction,
                 "outer": self.training.outer,
                 "outer_lr": self.training.outer_lr,
                 "outer_beta1": self.training.outer_beta1,
@@ -547,6 +553,9 @@ def _parse_training(t: Table) -> TrainingSpec:
         batch_size=t.get_int("batch_size", 32, minimum=1),
         worker_momentum=t.get_float("worker_momentum", 0.0),
         prox_mu=t.get_float("prox_mu", 0.0),
+        personalize=t.get_str("personalize", "", choices=("", "ditto")),
+        personal_lambda=t.get_float("personal_lambda", 0.1),
+        personal_test_fraction=t.get_float("personal_test_fraction", 0.2),
         outer=t.get_str("outer", "fedavg", choices=OUTER_OPTIMIZERS),
         outer_lr=t.get_float("outer_lr", 0.0),
         outer_beta1=t.get_float("outer_beta1", 0.9),
@@ -670,6 +679,8 @@ _CONFIG_FIELD_PATHS = {
     "model": "model.name", "hidden": "model.hidden", "epochs": "training.epochs",
     "lr": "training.lr", "batch_size": "training.batch_size", "rounds": "rounds",
     "worker_momentum": "training.worker_momentum", "prox_mu": "training.prox_mu",
+    "personalize": "training.personalize", "personal_lambda": "training.personal_lambda",
+    "personal_test_fraction": "training.personal_test_fraction",
     "outer": "training.outer", "outer_lr": "training.outer_lr",
     "outer_beta1": "training.outer_beta1", "outer_beta2": "training.outer_beta2",
     "outer_tau": "training.outer_tau",

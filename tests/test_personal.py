@@ -1,0 +1,95 @@
+"""Personalization (Ditto): the node's own test split, the personal model's pull towards
+the shared one, and a node that reports both models on its split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio.testing
+from test_node_inmemory import make_nodes, run_until_done
+
+from p2pfl.config import ConfigError, NodeConfig
+from p2pfl.learning.personal import Ditto, local_split
+from p2pfl.learning.softmax import SoftmaxRegression
+from p2pfl.transport.memory import MemoryNetwork
+
+
+def data(n: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = (rng.standard_normal((n, 6)) + 2.0 * np.eye(6)[y]).astype(np.float32)
+    return x, y
+
+
+def test_the_local_split_is_disjoint_stratified_and_keeps_singletons_for_training() -> None:
+    x, y = data()
+    y[0] = 5  # a class seen once: it stays in the training part
+    xf, yf, xt, yt = local_split(x, y, 0.2, seed=3)
+    assert len(yf) + len(yt) == len(y) and 0.15 < len(yt) / len(y) < 0.25
+    assert 5 in yf and 5 not in yt
+    assert set(np.unique(yt)) == set(np.unique(y)) - {5}  # every other class in the test
+    rows = {tuple(r) for r in xf.tolist()}
+    assert not any(tuple(r) in rows for r in xt.tolist())
+    again = local_split(x, y, 0.2, seed=3)
+    np.testing.assert_array_equal(again[3], yt)  # the same seed, the same split
+    with pytest.raises(ValueError):
+        local_split(x, y, 1.0, seed=0)
+
+
+def test_lambda_sets_how_far_the_personal_model_strays_from_the_shared_one() -> None:
+    x, y = data()
+    shared = SoftmaxRegression(6, 4, seed=0).get_params()
+    distances = []
+    for lam in (0.0, 1.0, 8.0):  # lambda x lr < 2: the pull itself stays stable
+        ditto = Ditto(
+            SoftmaxRegression(6, 4, seed=0), SoftmaxRegression(6, 4, seed=0), x, y, lam=lam
+        )
+        for _ in range(3):
+            ditto.step(shared, x, y, epochs=2, lr=0.1, batch_size=16, rng=np.random.default_rng(0))
+        assert ditto.params is not None
+        distances.append(float(np.linalg.norm(ditto.params - shared)))
+    assert distances[0] > distances[1] > distances[2]
+    assert distances[2] < 0.1 * distances[0]
+
+
+def test_evaluation_reports_the_personal_and_the_shared_model_on_the_own_split() -> None:
+    x, y = data()
+    model = SoftmaxRegression(6, 4, seed=0)
+    ditto = Ditto(model, SoftmaxRegression(6, 4, seed=0), x[:40], y[:40], lam=0.1)
+    shared = model.get_params()
+    assert set(ditto.evaluate(shared, lambda m, a, b: m.evaluate(a, b))) == {
+        "local_loss",
+        "local_accuracy",
+    }
+    ditto.step(shared, x, y, epochs=3, lr=0.1, batch_size=16, rng=np.random.default_rng(0))
+    out = ditto.evaluate(shared, lambda m, a, b: m.evaluate(a, b))
+    assert out["personal_accuracy"] > out["local_accuracy"]  # trained vs the untrained shared
+
+
+async def test_a_node_with_ditto_reports_both_models_and_trains_on_its_split_only(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = make_nodes(tmp_path, 3, MemoryNetwork(), rounds=3, personalize="ditto")
+    plain = make_nodes(tmp_path / "plain", 3, MemoryNetwork(), rounds=1)
+    await run_until_done(nodes)
+    for node, same_shard in zip(nodes, plain, strict=True):
+        row = node.all_rows()[-1]
+        assert {"personal_accuracy", "local_accuracy", "accuracy"} <= set(row["metrics"])
+        personal = node.learner.personal
+        assert personal is not None and personal.rounds == 3
+        # The held-out split is not trained on: the claimed samples shrink by its size.
+        assert node.learner.samples + len(personal.y_test) == same_shard.learner.samples
+
+
+def test_config_errors() -> None:
+    for fields, field in (
+        ({"personalize": "fedper"}, "personalize"),
+        ({"personalize": "ditto", "personal_lambda": -1.0}, "personal_lambda"),
+        ({"personalize": "ditto", "personal_test_fraction": 0.0}, "personal_test_fraction"),
+        ({"personalize": "ditto", "personal_lambda": 50.0, "lr": 0.05}, "personal_lambda"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            NodeConfig(**fields).validated()  # type: ignore[arg-type]
+        assert info.value.field == field
