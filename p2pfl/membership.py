@@ -43,6 +43,9 @@ class PeerRecord:
     refused: str | None = None  # why we refused it (e.g. another model), if we did
 
 
+MAX_ERROR_TEXT = 200  # characters of a dial error kept per target
+
+
 @dataclass
 class DialTarget:
     address: str
@@ -52,6 +55,7 @@ class DialTarget:
     next_attempt: float = 0.0
     dialing: bool = False
     is_self: bool = False
+    last_error: str | None = None  # why the last dial failed (status shows it)
 
 
 class PeerTable:
@@ -171,14 +175,40 @@ class PeerTable:
             default=math.inf,
         )
 
+    def dial_status(self, now: float) -> list[dict[str, Any]]:
+        """Dial targets that are failing or not connected, for status: where the node
+        tries to go, why it last failed and when it tries again (an operator's first
+        question when a node sits alone)."""
+        out = []
+        for t in sorted(self.targets.values(), key=lambda t: (-t.failures, t.address)):
+            connected = t.peer_id is not None and self.is_connected(t.peer_id)
+            if t.is_self or (connected and t.failures == 0):
+                continue
+            out.append(
+                {
+                    "address": t.address,
+                    "peer_id": t.peer_id,
+                    "found_via": t.found_via,
+                    "connected": connected,
+                    "failures": t.failures,
+                    "last_error": t.last_error,
+                    "dialing": t.dialing,
+                    "retry_in_s": None if t.dialing else round(max(0.0, t.next_attempt - now), 3),
+                }
+            )
+        return out
+
     def dial_started(self, address: str) -> None:
         self.targets[address].dialing = True
 
-    def dial_failed(self, address: str, now: float) -> float:
-        """Record a failed dial; returns the backoff delay (exponential, jittered)."""
+    def dial_failed(self, address: str, now: float, error: str | None = None) -> float:
+        """Record a failed dial and why; returns the backoff delay (exponential,
+        jittered)."""
         t = self.targets[address]
         t.dialing = False
         t.failures += 1
+        if error is not None:
+            t.last_error = error[:MAX_ERROR_TEXT]
         delay = min(self.backoff_max, self.backoff_base * 2.0 ** min(t.failures - 1, 16))
         delay *= 0.5 + self._rng.random()
         t.next_attempt = now + delay
@@ -191,6 +221,7 @@ class PeerTable:
         t = self.targets[address]
         t.dialing = False
         t.peer_id = peer_id
+        t.last_error = None
         if peer_id == self.local_id:
             t.is_self = True
 

@@ -415,3 +415,26 @@ def test_status_shows_each_peers_round_and_a_history_sparkline() -> None:
     Console(file=out, width=200, color_system=None).print(render_status(status))
     header = next(line for line in out.getvalue().splitlines() if " rnd " in f" {line} ")
     assert "rnd" in header and " 41 " in out.getvalue()
+
+
+async def test_status_names_failing_dial_targets_with_their_error_and_retry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from test_node_inmemory import make_nodes
+
+    from p2pfl.transport.memory import MemoryNetwork
+
+    (node,) = make_nodes(tmp_path, 1, MemoryNetwork(), rounds=1, total=2)  # n1 never starts
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        await trio.sleep(30)
+        status = node.status()
+        nursery.cancel_scope.cancel()
+    (target,) = status["dial_targets"]
+    assert target["address"] == "mem:n1" and target["failures"] >= 2
+    assert target["last_error"] and not target["connected"]
+    assert target["retry_in_s"] is None or target["retry_in_s"] >= 0
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(render_status(status))
+    text = out.getvalue()
+    assert "dial mem:n1" in text and "failures" in text and target["last_error"][:20] in text

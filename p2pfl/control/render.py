@@ -482,6 +482,29 @@ def peers_table(status: Mapping[str, Any]) -> Table:
     return table
 
 
+def dial_lines(status: Mapping[str, Any]) -> Text | None:
+    """Failing dial targets: where, how often, the last error and the next retry (what
+    "dial failures 6" never said: a wrong federation, a closed port, a bad address)."""
+    failing = [
+        t for t in _list(status, "dial_targets") if isinstance(t, Mapping) and t.get("failures")
+    ]
+    if not failing:
+        return None
+    text = Text()
+    for t in failing[:8]:
+        retry = (
+            "dialing now" if t.get("dialing") else f"retry in {fmt_duration(t.get('retry_in_s'))}"
+        )
+        text.append(f"dial {fmt_text(t.get('address'))}", style="yellow")
+        text.append(
+            f" ({fmt_text(t.get('found_via'))}): {fmt_int(t.get('failures'))} failures, "
+            f"last: {fmt_text(t.get('last_error'))}; {retry}\n"
+        )
+    if len(failing) > 8:
+        text.append(f"... and {len(failing) - 8} more failing targets (--json has all)\n")
+    return text
+
+
 def counters_line(status: Mapping[str, Any]) -> Text:
     """'frames rejected 3 (too_large 2, bad_msgpack 1) · reconnects 4 · ...'."""
     counters = _section(status, "counters")
@@ -499,7 +522,12 @@ def counters_line(status: Mapping[str, Any]) -> Text:
 
 def render_status(status: Mapping[str, Any]) -> RenderableType:
     """The whole `p2pfl status` screen for one status dict."""
-    return Group(status_header(status), peers_table(status), counters_line(status))
+    parts: list[RenderableType] = [status_header(status), peers_table(status)]
+    dials = dial_lines(status)
+    if dials is not None:
+        parts.append(dials)
+    parts.append(counters_line(status))
+    return Group(*parts)
 
 
 def render_error(message: str) -> RenderableType:

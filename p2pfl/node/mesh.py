@@ -475,7 +475,7 @@ class Mesh:
             with trio.fail_after(10):
                 conn = await self.transport.connect(address, expected)
         except HandshakeError as exc:
-            self.peers.dial_failed(address, trio.current_time())
+            self.peers.dial_failed(address, trio.current_time(), f"handshake: {exc}")
             self.peers.hold_off(address, trio.current_time(), MISMATCH_HOLD_OFF)
             self.counters["handshake_failures"] += 1
             log.warning(
@@ -488,7 +488,8 @@ class Mesh:
             )
             return
         except (OSError, trio.TooSlowError) as exc:
-            delay = self.peers.dial_failed(address, trio.current_time())
+            why = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            delay = self.peers.dial_failed(address, trio.current_time(), why)
             self.counters["dial_failures"] += 1
             log.debug(
                 "dial %s failed (%s); retry in %.1fs",
@@ -500,10 +501,10 @@ class Mesh:
                 ),
             )
             return
-        except Exception:
+        except Exception as exc:
             # Anything else (an address no transport can dial, a bug) backs off like a
             # failed dial and is contained by the caller's guard.
-            self.peers.dial_failed(address, trio.current_time())
+            self.peers.dial_failed(address, trio.current_time(), f"{type(exc).__name__}: {exc}")
             self.counters["dial_failures"] += 1
             raise
         self.peers.dial_succeeded(address, conn.peer_id)

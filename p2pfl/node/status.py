@@ -75,6 +75,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "memory": memory_status(),
         "history": list(node.history),  # bounded: the learner keeps the last rows
         "peers": node.peers.snapshot(now),
+        "dial_targets": node.peers.dial_status(now),
         "counters": {
             "faults_injected": dict(counts())
             if callable(counts := getattr(node.transport, "counts", None))
