@@ -113,6 +113,8 @@ _HELP = {
     "dp_clip": "differential privacy: L2 norm each round's update is clipped to",
     "dp_noise": "differential privacy: noise multiplier (std / clip); default: derived "
     "from --dp-epsilon and --rounds",
+    "train_when": "train only when this holds: ac_power, cpu_below:PERCENT, hours:H1-H2 "
+    "(repeatable, all must hold; needs p2pfl[device] for the first two)",
     "personalize": "personalization: 'ditto' keeps a personal model beside the shared one",
     "personal_lambda": "Ditto's pull of the personal model towards the shared one",
     "personal_test_fraction": "share of this node's data held out to test both models",

@@ -111,6 +111,9 @@ class NodeConfig:
     # Personalization (docs/heterogeneity.md): "ditto" keeps a personal model beside the
     # shared one, pulled towards it with personal_lambda, evaluated on a split of this
     # node's shard (personal_test_fraction) held out from training; "" = off.
+    # Device-aware participation (node/participation.py): conditions under which this
+    # node trains (ac_power, cpu_below:P, hours:H1-H2); () = always.
+    train_when: tuple[str, ...] = ()
     personalize: str = ""
     personal_lambda: float = 0.1
     personal_test_fraction: float = 0.2
@@ -281,6 +284,13 @@ class NodeConfig:
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(0.0 <= self.worker_momentum < 1.0, "worker_momentum", "must be in [0, 1)")
         _check(self.personalize in ("", "ditto"), "personalize", "must be 'ditto' or '' (off)")
+        if self.train_when:
+            from p2pfl.node.participation import parse_conditions
+
+            try:
+                parse_conditions(self.train_when)
+            except ValueError as exc:
+                raise ConfigError("train_when", str(exc)) from None
         _check(
             0.0 <= self.personal_lambda < math.inf,
             "personal_lambda",
@@ -487,6 +497,7 @@ LIST_FLAGS = {
     "attack_options": "attack-option",
     "attack_honest_to": "attack-honest-to",
     "attack_colluders": "attack-colluder",
+    "train_when": "train-when",
 }
 
 
@@ -627,6 +638,7 @@ def _coerce_value(key: str, value: Any, default: Any) -> Any:
         "compression",
         "attack_honest_to",
         "attack_colluders",
+        "train_when",
     ):
         if isinstance(value, str):
             value = [value]

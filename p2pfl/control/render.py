@@ -397,6 +397,16 @@ def status_header(status: Mapping[str, Any]) -> Panel:
     privacy = status.get("privacy")
     if isinstance(privacy, Mapping):
         rows.extend(_privacy_rows(privacy))
+    part = status.get("participation")
+    if isinstance(part, Mapping):
+        when = ", ".join(fmt_text(c) for c in _list(part, "conditions"))
+        state = (
+            "training"
+            if part.get("training") is not False
+            else f"IDLE: {fmt_text(part.get('reason'))}"
+        )
+        sat = fmt_int(part.get("idle_rounds"))
+        rows.append(("participation", f"{state}  (when {when}; {sat} rounds sat out)"))
     examples = status.get("privacy_examples")
     if isinstance(examples, Mapping):
         rows.append(

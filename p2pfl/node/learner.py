@@ -39,6 +39,7 @@ from p2pfl.learning.personal import Ditto, local_split
 from p2pfl.learning.plugins import PluginError, resolve_data, resolve_model
 from p2pfl.learning.worker_momentum import WorkerMomentum
 from p2pfl.logs import event
+from p2pfl.node.participation import Participation, parse_conditions
 from p2pfl.node.records import Done, Evaluate, RecordItem, RecordQueue, Save
 from p2pfl.privacy.examples import ExampleLevelDP
 from p2pfl.privacy.node import NodePrivacy
@@ -142,6 +143,8 @@ class Learner:
         # The rule runs in a worker thread; a checkpoint or a catch-up may read the
         # outer state meanwhile, and must never copy half a step.
         self._outer_lock = threading.Lock()
+        # Device-aware participation: train only when the device allows it (None = always).
+        self.participation = self._make_participation()
         # Node-level DP on what leaves the node, and its budget (None = off).
         self.privacy = NodePrivacy.from_config(config)
         # Example-level DP-SGD inside local training (None = off).
@@ -240,6 +243,33 @@ class Learner:
         except ValueError as exc:
             raise ConfigError("personalize", str(exc)) from None
 
+    def _make_participation(self) -> Participation | None:
+        if not self.config.train_when:
+            return None
+        try:
+            return Participation(parse_conditions(self.config.train_when))
+        except ValueError as exc:  # a condition that needs psutil, without it
+            raise ConfigError("train_when", str(exc)) from None
+
+    def _may_train(self, round: int) -> bool:
+        """Check the device's conditions; say it once each time the answer changes."""
+        assert self.participation is not None
+        ok = self.participation.check()
+        if self.participation.changed:
+            if ok:
+                log.info("round %d: conditions met again, training", round,
+                         extra=event("participation.training", round=round))  # fmt: skip
+            else:
+                log.info(
+                    "round %d: not training (%s); still serving peers and aggregating",
+                    round,
+                    self.participation.reason,
+                    extra=event(
+                        "participation.idle", round=round, reason=self.participation.reason
+                    ),
+                )
+        return ok
+
     def _set_proximal(self, mu: float) -> None:
         """Hand FedProx's mu to the model; a model without the hook cannot honour it,
         which must be said at start-up rather than silently train plain FedAvg."""
@@ -331,6 +361,8 @@ class Learner:
         """
         if self.privacy is not None and not self.privacy.allows(round):
             return params, 0.0
+        if self.participation is not None and not self._may_train(round):
+            return params, 0.0  # a zero update: peers' quorums hold, no battery spent
         seed = [self.config.seed, self.config.node_index, round]
         cfg = self.config
         y = self._y_attack if self.attacking(round) else self._y

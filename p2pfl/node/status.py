@@ -70,6 +70,9 @@ def node_status(node: Node) -> dict[str, Any]:
         "secure": None if node.secure is None else node.secure.status(),
         "privacy": None if node.learner.privacy is None else node.learner.privacy.status(),
         "privacy_examples": None if node.learner.dp_sgd is None else node.learner.dp_sgd.status(),
+        "participation": None
+        if node.learner.participation is None
+        else node.learner.participation.status(),
         "event_loop": None if node.loopwatch is None else node.loopwatch.status(),
         "records": node.learner.records_status(),
         "memory": memory_status(),
