@@ -219,3 +219,25 @@ def test_next_dial_at_is_the_earliest_backoff_not_yet_due() -> None:
     table.connected("peer-b", now=10.0, found_via="bootstrap")
     table.connected("peer-x", now=10.0, found_via="inbound")
     assert table.next_dial_at(10.0) == math.inf  # max_peers reached: no dial is due
+
+
+def test_a_failure_in_the_inbox_ends_only_that_link(tmp_path: Path) -> None:
+    """A bug while handling one direct link's payload is contained like a reader's: that
+    link ends (and is redialed), the node and its other links go on."""
+    nodes = ring_nodes(tmp_path, 3, MemoryNetwork(direct=True), rounds=2)
+    mesh = nodes[0].mesh
+    real = mesh._take
+    failed: list[str] = []
+
+    async def take_once_failing(link: Link, item: bytes | Exception) -> bool:
+        if not failed:
+            failed.append(link.peer_id)
+            raise RuntimeError("bug")
+        return await real(link, item)
+
+    mesh._take = take_once_failing  # type: ignore[method-assign]
+    trio.run(run_until_done, nodes, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(failed) == 1
+    assert nodes[0].supervisor.contained["connection:RuntimeError"] == 1
+    assert all(len(n.history) == 2 for n in nodes)
+    assert mesh.peers.peers[failed[0]].connects == 2  # that link ended and was redialed

@@ -59,6 +59,7 @@ class Link:
 
     def __post_init__(self) -> None:
         self.direct = self.conn if isinstance(self.conn, DirectConnection) else None
+        self.ended = trio.Event()  # a direct link's inbox is done with it (`Mesh._take`)
         self._on_written: Callable[[int], None] | None = None
         self._unreported = 0  # bytes written directly before `pump` gave its callback
         self._normal: deque[bytes] = deque()

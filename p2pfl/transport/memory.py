@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections import Counter, deque
+from collections.abc import Callable
 
 import trio
 
@@ -154,6 +155,11 @@ class DirectConnection:
     There is no channel bound: instead `unread_bytes` (sent, not yet received by the
     peer) is what a sender's queue limit applies to (`p2pfl.node.link.Link.offer`),
     like bytes stuck in a TCP send queue to a peer that stopped reading.
+
+    Instead of `receive`, a receiver may `attach` a callback that gets each payload (or
+    the WireError/ConnectionClosed `receive` would raise) as it arrives, in order: one
+    task can then serve all of a node's connections. It calls `taken` for each payload
+    it has dealt with.
     """
 
     def __init__(
@@ -169,6 +175,7 @@ class DirectConnection:
         self._queue: deque[bytes] = deque()
         self._peer_closed = False
         self._arrived = trio.Event()
+        self._deliver: Callable[[bytes | Exception], None] | None = None
 
     @staticmethod
     def pair(a: DirectConnection, b: DirectConnection) -> None:
@@ -196,8 +203,34 @@ class DirectConnection:
             raise ConnectionClosed(f"connection to {self._peer_id} is closed")
         payload = bytes(payload)  # no copy for bytes; never alias a buffer
         self.unread_bytes += len(payload)
-        self.other._queue.append(payload)
-        self.other._arrived.set()
+        self.other._arrive(payload)
+
+    def _arrive(self, payload: bytes) -> None:
+        if self._deliver is None:
+            self._queue.append(payload)
+            self._arrived.set()
+        elif len(payload) > self.max_frame_size:
+            self.taken(len(payload))
+            self._deliver(self._oversize(payload))
+        else:
+            self._deliver(payload)
+
+    def attach(self, deliver: Callable[[bytes | Exception], None]) -> None:
+        """From now on hand every payload to `deliver` (see the class docstring)."""
+        self._deliver = deliver
+        while self._queue:
+            self._arrive(self._queue.popleft())
+        if self._peer_closed:
+            deliver(ConnectionClosed(f"connection to {self._peer_id} is closed"))
+
+    def taken(self, n: int) -> None:
+        """The receiver dealt with a payload of `n` bytes: the sender's budget frees."""
+        self.other.unread_bytes -= n
+
+    def _oversize(self, payload: bytes) -> WireError:
+        return WireError(
+            "oversize", f"frame of {len(payload)} bytes received, limit is {self.max_frame_size}"
+        )
 
     async def send(self, payload: bytes) -> None:
         await trio.lowlevel.checkpoint()
@@ -210,12 +243,9 @@ class DirectConnection:
             self._arrived = trio.Event()
             await self._arrived.wait()
         payload = self._queue.popleft()
-        self.other.unread_bytes -= len(payload)
+        self.taken(len(payload))
         if len(payload) > self.max_frame_size:
-            raise WireError(
-                "oversize",
-                f"frame of {len(payload)} bytes received, limit is {self.max_frame_size}",
-            )
+            raise self._oversize(payload)
         return payload
 
     async def aclose(self) -> None:
@@ -229,6 +259,9 @@ class DirectConnection:
         self._arrived.set()
         self.other._peer_closed = True
         self.other._arrived.set()
+        if self.other._deliver is not None and not self.other.closed:
+            peer = self.other._peer_id  # us, as the other end names us
+            self.other._deliver(ConnectionClosed(f"connection to {peer} is closed"))
 
 
 class MemoryTransport:
