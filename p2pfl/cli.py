@@ -113,6 +113,8 @@ _HELP = {
     "dp_clip": "differential privacy: L2 norm each round's update is clipped to",
     "dp_noise": "differential privacy: noise multiplier (std / clip); default: derived "
     "from --dp-epsilon and --rounds",
+    "checkpoint_every": "write a checkpoint every k-th round and after the last (0 = never); "
+    "a crash loses at most k-1 rounds, caught up from peers",
     "train_when": "train only when this holds: ac_power, cpu_below:PERCENT, hours:H1-H2 "
     "(repeatable, all must hold; needs p2pfl[device] for the first two)",
     "personalize": "personalization: 'ditto' keeps a personal model beside the shared one",
