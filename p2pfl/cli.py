@@ -178,7 +178,11 @@ def _add_node_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(*names, type=kind, metavar=metavar, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `only` set to the command about to run, that
+    command's arguments and the others' names and help lines: their modules (the
+    scenario schema, the status client) then stay unimported, which keeps a node's RSS
+    and start-up down (docs/architecture.md, "Node footprint")."""
     parser = argparse.ArgumentParser(
         prog="p2pfl",
         description="Decentralized peer-to-peer federated learning (no server).",
@@ -199,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the state of a running node",
         description="Show the state of a running node.",
     )
-    from p2pfl.control.status_cli import add_status_arguments
+    if only in (None, "status"):
+        from p2pfl.control.status_cli import add_status_arguments
 
-    add_status_arguments(status)
+        add_status_arguments(status)
 
     keys = sub.add_parser("keys", help="identity keys", description="Identity keys.")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -218,16 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="run local multi-node scenarios",
         description="Run local multi-node scenarios.",
     )
-    from p2pfl.scenario.cli import add_scenario_arguments
+    if only in (None, "scenario"):
+        from p2pfl.scenario.cli import add_scenario_arguments
 
-    add_scenario_arguments(
-        scenario.add_subparsers(dest="scenario_command", required=True, metavar="ACTION")
-    )
+        add_scenario_arguments(
+            scenario.add_subparsers(dest="scenario_command", required=True, metavar="ACTION")
+        )
     return parser
 
 
+def _command(argv: Sequence[str]) -> str:
+    """The subcommand in `argv` ("" if none): the top level has only options without
+    values (--help, --version), so it is the first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(only=_command(argv)).parse_args(argv)
     if args.command == "node":
         return _run_node(args)
     if args.command == "status":

@@ -11,13 +11,21 @@ size (ignoring `max_output_size`), which is why the header check must come first
 
 from __future__ import annotations
 
-import zstandard
+from typing import TYPE_CHECKING
 
 from p2pfl.wire.errors import WireError
+
+if TYPE_CHECKING:
+    import zstandard
 
 
 def compressor(level: int) -> zstandard.ZstdCompressor:
     """A reusable compressor that always records the content size in the frame header."""
+    # zstandard is imported on first use, here and below: every node can decode a
+    # peer's compressed update, but a node whose peers never send zstd frames does
+    # not load the codec (docs/architecture.md, "Node footprint").
+    import zstandard
+
     return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
 
 
@@ -28,6 +36,8 @@ def decompress_exact(data: bytes, expected: int, limit: int) -> bytes:
     WireError("bad_compression") for anything else wrong (no declared size, size
     other than expected, corrupt data, trailing bytes after the frame).
     """
+    import zstandard
+
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError as exc:

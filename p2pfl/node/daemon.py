@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
@@ -40,7 +40,6 @@ from p2pfl.node.loopwatch import LoopWatch
 from p2pfl.node.mesh import LOG_EVERY, Mesh
 from p2pfl.node.observers import serve_observers
 from p2pfl.node.outbox import UpdateOutbox
-from p2pfl.node.secure_rounds import SecureRounds
 from p2pfl.node.status import node_status
 from p2pfl.node.study_attack import StudyAttack
 from p2pfl.node.transports import faulty_transport, read_secret, tcp_transport
@@ -59,7 +58,6 @@ from p2pfl.protocol import (
     RoundSettings,
     Train,
 )
-from p2pfl.secure.admission import Admission
 from p2pfl.supervision import Supervisor
 from p2pfl.transport.base import Transport
 from p2pfl.transport.budget import trim_heap
@@ -74,6 +72,9 @@ from p2pfl.wire.messages import (
     StateRequest,
     UpdateRequest,
 )
+
+if TYPE_CHECKING:
+    from p2pfl.node.secure_rounds import SecureRounds
 
 log = logging.getLogger("p2pfl.node")
 
@@ -126,9 +127,6 @@ class Node:
         self.id = self.identity.peer_id
         self.role = role
         transport = transport or tcp_transport(config, self.identity, secret, self.counters)
-        self._admission = Admission(
-            config.federation, secret, frozenset(config.allow) if config.allow else None
-        )
         if config.faults is not None:
             transport = faulty_transport(
                 transport,
@@ -181,7 +179,13 @@ class Node:
         )
         # Always able to decode compressed updates: the sender's pipeline is self-described.
         self._decoder = UpdateDecoder(self.model.num_params, max_frame_size=self.limits.max_bin_len)
-        self.secure = SecureRounds(self, self._admission) if config.secure_aggregation else None
+        self.secure: SecureRounds | None = None
+        if config.secure_aggregation:  # p2pfl.secure is imported only by nodes that use it
+            from p2pfl.node.secure_rounds import SecureRounds
+            from p2pfl.secure.admission import Admission
+
+            allow = frozenset(config.allow) if config.allow else None
+            self.secure = SecureRounds(self, Admission(config.federation, secret, allow))
         # A malicious study node's wire behaviour (honest_to, accomplices); None if honest.
         self.study = None if self.attack is None else StudyAttack(config, self.learner, self.peers)
         self._timing: dict[str, float] = {}  # this round's train/encode/aggregate/eval seconds

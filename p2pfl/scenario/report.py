@@ -366,6 +366,14 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
     timing = timing_text(f.get("timing_mean") or {})
     if timing:
         lines.append(f"\nCPU per round: {timing}")
+    # Process runs record each node's VmHWM (in-process nodes share one process: none).
+    nodes = (metrics.get("nodes") or {}).values()
+    rss = [n["peak_rss_bytes"] for n in nodes if n.get("peak_rss_bytes")]
+    if rss:
+        lines.append(
+            f"\npeak RSS per node: mean {format_bytes(sum(rss) / len(rss))}, "
+            f"max {format_bytes(max(rss))}"
+        )
     if isinstance(privacy, Mapping):
         budget = _num(privacy.get("budget"))
         spent_out = privacy.get("exhausted_nodes") or []
