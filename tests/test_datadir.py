@@ -310,22 +310,17 @@ def test_config_errors_are_found_before_anything_is_created(
     assert not data.exists()  # no data dir, no identity.key
 
 
-def test_a_missing_dataset_extra_is_a_config_error_before_the_disk(
+def test_an_unreadable_dataset_is_a_config_error_before_the_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import importlib.util
-
     from p2pfl.learning import datasets
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a)
-    )
+    monkeypatch.setattr(datasets, "DIGITS_FILE", tmp_path / "gone" / "digits.npz")
     datasets._digits_raw.cache_clear()
     datasets._load_split.cache_clear()
     data = tmp_path / "data"
     try:
-        with pytest.raises(ConfigError, match=r"pip install 'p2pfl\[digits\]'"):
+        with pytest.raises(ConfigError, match=r"digits.npz cannot be read"):
             Node(NodeConfig(data_dir=data, listen="127.0.0.1:0").validated())
     finally:
         datasets._digits_raw.cache_clear()

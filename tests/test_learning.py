@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -277,26 +275,19 @@ def test_unknown_dataset_and_bad_fraction() -> None:
         load_dataset("digits", test_fraction=1.0)
 
 
-def test_digits_without_sklearn_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    datasets_mod._digits_raw.cache_clear()
-    datasets_mod._load_split.cache_clear()
-    with pytest.raises(ImportError, match=r"pip install 'p2pfl\[digits\]'"):
-        load_dataset("digits", seed=12345)
-
-
-def test_digits_falls_back_to_sklearn_api_when_csv_missing(
+def test_digits_from_a_broken_install_name_the_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    real = datasets_mod._digits_raw()
-    fake = SimpleNamespace(submodule_search_locations=[str(tmp_path)])
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: fake)
+    # The digits ship with p2pfl (no extra to install); only a damaged install lacks them.
+    monkeypatch.setattr(datasets_mod, "DIGITS_FILE", tmp_path / "digits.npz")
     datasets_mod._digits_raw.cache_clear()
+    datasets_mod._load_split.cache_clear()
     try:
-        x, y = datasets_mod._digits_raw()
+        with pytest.raises(ImportError, match=r"digits.npz cannot be read"):
+            load_dataset("digits", seed=12345)
     finally:
         datasets_mod._digits_raw.cache_clear()
-    assert np.array_equal(x, real[0]) and np.array_equal(y, real[1])
+        datasets_mod._load_split.cache_clear()
 
 
 def test_loading_digits_does_not_import_sklearn() -> None:

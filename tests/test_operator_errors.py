@@ -134,21 +134,22 @@ def test_sigint_exits_0_after_a_clean_goodbye(
     assert not (data / "control.sock").exists()
 
 
-# As if scikit-learn were not installed: find_spec() says None and an import fails.
-BLOCK_SKLEARN = (
-    "import sys\n"
-    "sys.modules['sklearn'] = None\n"
+# As if the install were damaged: the digits shipped as package data are gone.
+BREAK_DIGITS = (
+    "import sys, pathlib\n"
+    "from p2pfl.learning import datasets\n"
+    "datasets.DIGITS_FILE = pathlib.Path('/nonexistent/p2pfl/digits.npz')\n"
     "from p2pfl.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 
 
-def test_missing_dataset_extra_names_the_pip_command(tmp_path: Path) -> None:
+def test_unreadable_dataset_names_the_file(tmp_path: Path) -> None:
     data = tmp_path / "d"
     (port,) = free_ports(1)
     argv = node_argv(data, port, "--dataset", "digits")
-    code, lines = run([sys.executable, "-c", BLOCK_SKLEARN, *argv[3:]])
-    assert_one_line(lines, "pip install 'p2pfl[digits]'")
+    code, lines = run([sys.executable, "-c", BREAK_DIGITS, *argv[3:]])
+    assert_one_line(lines, "/nonexistent/p2pfl/digits.npz cannot be read")
     assert code == EXIT_CODES["usage"]
     assert not data.exists()  # checked before anything is created
 

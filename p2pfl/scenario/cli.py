@@ -2,8 +2,10 @@
 
 `p2pfl/cli.py` calls `add_scenario_arguments(subparsers)` with the subparsers of its
 `scenario` command and dispatches to `run_scenario_cli(args)` (also set as `func`).
-Exit codes: 0 success, 1 run failed (message says why), 2 bad scenario file,
-130 interrupted (all nodes stopped).
+Exit codes: 0 success, 1 run failed (message says why), 2 usage error (a bad scenario
+file, or one the chosen runner cannot run, such as crash faults with --in-process),
+130 interrupted (all nodes stopped). Every run that started leaves a `metrics.json`,
+marked `"complete": false` when it did not finish.
 Everything heavy (trio, the node, matplotlib) is imported only when a run starts.
 """
 
@@ -91,22 +93,30 @@ def run_scenario(
                 from p2pfl.scenario.processes import run_processes
 
                 nodes, wall = run_processes(scenario, out, progress=progress, timeout=timeout)
-    except (RunFailed, KeyboardInterrupt):
+    except (Exception, KeyboardInterrupt):
+        # Any failure, also an unexpected one (a spawn's OSError): the docs promise a
+        # partial metrics.json, and the run's cause is re-raised untouched.
         _write_partial(out, scenario, time.monotonic() - started, mode)
         raise
     return write_report(out, scenario, nodes, wall_seconds=wall, mode=mode, console=con)
 
 
 def _write_partial(out: Path, scenario: Scenario, wall: float, mode: str) -> None:
-    """Best effort: report the rounds that did finish; never hides the original error."""
+    """Best effort: report the rounds that did finish; never hides the original error.
+
+    Written even when no round finished (a failure before round 0, an early Ctrl-C): a
+    `metrics.json` with `"complete": false` and zero rounds tells a script reading the
+    output folder that the run started and stopped, where a missing file looks like a
+    run that never began (or is still going).
+    """
     from p2pfl.scenario.report import records_from_disk, write_report
 
     try:
+        out.mkdir(parents=True, exist_ok=True)
         nodes = records_from_disk(out, scenario.nodes)
-        if any(rec["rounds"] for rec in nodes.values()):
-            write_report(
-                out, scenario, nodes, wall_seconds=wall, mode=mode, console=None, complete=False
-            )
+        write_report(
+            out, scenario, nodes, wall_seconds=wall, mode=mode, console=None, complete=False
+        )
     except Exception:  # reporting on a failed run must never mask its cause
         pass
 
@@ -131,6 +141,14 @@ def run_scenario_cli(args: argparse.Namespace) -> int:
         scenario = load_scenario(args.file)
     except ScenarioError as exc:
         return _fail(as_json, f"{args.file}: {exc}", EXIT_BAD_FILE)
+    if args.in_process:
+        from p2pfl.scenario.faults import in_process_problem
+
+        # The file is fine, the runner chosen for it is not: a usage error (2), told
+        # before anything starts, not a run that failed (1).
+        unsupported = in_process_problem(scenario.faults)
+        if unsupported is not None:
+            return _fail(as_json, f"{args.file}: {unsupported}", EXIT_BAD_FILE)
     out = (args.out or default_out_dir(scenario)).resolve()
     problem = _check_out_dir(out, scenario, args.in_process)
     if problem is not None:

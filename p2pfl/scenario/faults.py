@@ -51,6 +51,8 @@ KINDS = (
     "stall",
 )
 PROCESS_KINDS = ("crash", "restart")
+# How many rounds ahead of a crash the runner starts watching its victims closely.
+CLOSE_WATCH_ROUNDS = 2
 FAULTS_FILE = "faults.json"
 # Keys each kind accepts besides at_round and kind.
 _KEYS: dict[str, tuple[str, ...]] = {
@@ -340,6 +342,27 @@ class CrashSchedule:
             out.append(self.pending.pop(0))
             down = down | set(ev.nodes) if ev.kind == "crash" else down - set(ev.nodes)
         return out
+
+    def watch_closely(
+        self, rounds: Mapping[int, int | None], ahead: int | None = CLOSE_WATCH_ROUNDS
+    ) -> tuple[int, ...]:
+        """The victims of the next crash when it is at most `ahead` rounds away (each
+        reported at least `at_round - ahead`; None: however far), else ().
+
+        The runner polls these few nodes between its sweeps of every node, often when the
+        crash is near: a sweep of 8 control sockets plus the pause between sweeps lasts
+        several rounds of a fast federation, and a crash declared for round 6 fired in
+        rounds 7 to 14 (docs/reliability.md).
+        """
+        if not self.pending or self.pending[0].kind != "crash":
+            return ()
+        ev = self.pending[0]
+        if ahead is None:
+            return ev.nodes
+        seen = [rounds.get(i) for i in ev.nodes]
+        if all(r is not None and r >= ev.at_round - ahead for r in seen):
+            return ev.nodes
+        return ()
 
 
 def never_restarted(events: Sequence[FaultEvent]) -> set[int]:

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -31,6 +31,7 @@ from typing import IO, Any
 from p2pfl.config import to_flags
 from p2pfl.node.learner import METRICS_FILE, read_metrics
 from p2pfl.scenario.faults import (
+    CLOSE_WATCH_ROUNDS,
     PROCESS_KINDS,
     CrashSchedule,
     FaultEvent,
@@ -41,6 +42,8 @@ from p2pfl.scenario.report import RoundProgress
 from p2pfl.scenario.schema import RunFailed, Scenario
 
 POLL_INTERVAL = 0.2
+CLOSE_POLL = 0.01  # between queries of a crash's victims in its last rounds
+FAR_POLL = 0.05  # between queries of the next crash's victims before that
 STOP_GRACE = 10.0
 QUERY_TIMEOUT = 2.0
 LOG_TAIL_LINES = 25
@@ -260,6 +263,8 @@ def _watch(
             status = _query(p)
             if status is not None:
                 p.status = status
+            if chaos is not None:
+                chaos.watch()  # a sweep lasts rounds: keep an imminent crash's victims close
             history = (p.status or {}).get("history") or []
             completed.append(len(history))
             if history and isinstance(history[-1], dict) and scenario.role(i) == "honest":
@@ -283,7 +288,10 @@ def _watch(
                 f"timed out after {deadline_s:.0f} s with nodes still running "
                 f"(rounds completed: {behind}); see {procs[0].data_dir.parent}/n*/node.log"
             )
-        time.sleep(POLL_INTERVAL)
+        if chaos is not None:
+            chaos.wait(POLL_INTERVAL)
+        else:
+            time.sleep(POLL_INTERVAL)
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -413,6 +421,48 @@ class _Chaos:
                     self._restart(
                         i, ev, max((r for r in rounds.values() if r is not None), default=0)
                     )
+
+    def wait(
+        self,
+        seconds: float,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Pause `seconds` until the next sweep, but meanwhile keep querying the victims
+        of the next crash (every FAR_POLL, every CLOSE_POLL in its last rounds) and kill
+        them as soon as they report its round.
+
+        Only those few nodes are polled: a full sweep is what made crashes late.
+        """
+        end = clock() + seconds
+        while self.active and self.schedule.watch_closely({}, ahead=None):
+            near = self.watch()
+            if not near:
+                self.watch(ahead=None)
+            left = end - clock()
+            if left <= 0:
+                return
+            sleep(min(CLOSE_POLL if near else FAR_POLL, left))
+        left = end - clock()
+        if left > 0:
+            sleep(left)
+
+    def watch(self, ahead: int | None = CLOSE_WATCH_ROUNDS) -> bool:
+        """Query the victims of the next crash once if it is at most `ahead` rounds
+        away (None: however far) and fire what is due; False when nothing was queried."""
+        if not self.active:
+            return False
+        rounds = {i: _current_round(p) for i, p in enumerate(self.procs) if i not in self.down}
+        victims = self.schedule.watch_closely(rounds, ahead)
+        if not victims:
+            return False
+        for i in victims:
+            status = _query(self.procs[i])
+            if status is not None:
+                self.procs[i].status = status
+        self.step()
+        return True
 
     def _note(self, p: NodeProcess, event: dict[str, Any]) -> None:
         event["t"] = round(time.monotonic() - self.started, 3)

@@ -19,9 +19,9 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from p2pfl.metrics import (
     fmt_metric,
@@ -38,6 +38,8 @@ from p2pfl.scenario.schema import Scenario
 from p2pfl.units import format_bytes
 
 MAX_TABLE_ROWS = 25
+PROGRESS_BAR_WIDTH = 10
+BYTE_COUNTERS = ("bytes_sent", "bytes_received")
 NodeRecord = Mapping[str, Any]
 
 
@@ -167,6 +169,7 @@ def summarize(
                 scored.setdefault(int(row["round"]), []).append(row)
     names = metric_names(row for rows in scored.values() for row in rows)
     primary = primary_metric(names)
+    traffic = cumulative_traffic(rows_by_node, sorted(by_round))
     per_round = []
     for r in sorted(by_round):
         rows = by_round[r]
@@ -186,16 +189,16 @@ def summarize(
                 "metrics_max": {n: st[2] for n, st in stats.items()},
                 "seconds_mean": secs,
                 "timing_mean": _timing_means(rows),
-                "bytes_sent": int(sum(_num(x.get("bytes_sent")) or 0 for x in rows)),
+                "bytes_sent": traffic[r]["bytes_sent"],
                 **_round_epsilon(rows),
             }
         )
-    last = [rows[-1] for rows in rows_by_node.values() if rows]
     last_scored = [rows[-1] for n, rows in rows_by_node.items() if rows and n in counted]
     final_stats = _metric_stats(last_scored, names)
     mean, lo, hi = final_stats.get("accuracy", (None, None, None))
     p_mean, p_lo, p_hi = final_stats.get(primary or "", (None, None, None))
     completed = [len(rows) for rows in rows_by_node.values()]
+    totals = cumulative_traffic(rows_by_node, [max(by_round, default=0)])[max(by_round, default=0)]
     return {
         "metrics": names,
         "primary_metric": primary,
@@ -212,14 +215,47 @@ def summarize(
             "timing_mean": _timing_means([row for rows in by_round.values() for row in rows]),
             "rounds_completed_min": min(completed, default=0),
             "rounds_completed_max": max(completed, default=0),
-            "bytes_sent_total": int(sum(_num(x.get("bytes_sent")) or 0 for x in last)),
-            "bytes_received_total": int(sum(_num(x.get("bytes_received")) or 0 for x in last)),
+            "bytes_sent_total": totals["bytes_sent"],
+            "bytes_received_total": totals["bytes_received"],
         },
         "wall_seconds": round(wall, 3),
         "honest_nodes": len(counted),
         "rule_events": rule_events(rows_by_node),
         **privacy_summary(rows_by_node),
     }
+
+
+def cumulative_traffic(
+    rows_by_node: Mapping[str, Sequence[Mapping[str, Any]]], rounds: Sequence[int]
+) -> dict[int, dict[str, int]]:
+    """Bytes sent and received by all nodes together up to each of `rounds`, never less
+    than at an earlier round.
+
+    A node's rows carry its process's running totals, so summing the rows of one round
+    loses a node that is down in that round (no row), and a restarted node counts from
+    zero again. Instead each node contributes its latest total at or before the round,
+    and a total that drops (a new process) continues from where the old one ended.
+    """
+    wanted = sorted(set(rounds))
+    out = {r: dict.fromkeys(BYTE_COUNTERS, 0) for r in wanted}
+    for rows in rows_by_node.values():
+        ordered = sorted(rows, key=lambda row: int(row["round"]))
+        base = dict.fromkeys(BYTE_COUNTERS, 0)  # what earlier processes of the node sent
+        prev = dict.fromkeys(BYTE_COUNTERS, 0)  # the last total this process reported
+        latest = dict.fromkeys(BYTE_COUNTERS, 0)
+        k = 0
+        for r in wanted:
+            while k < len(ordered) and int(ordered[k]["round"]) <= r:
+                for key in BYTE_COUNTERS:
+                    value = int(_num(ordered[k].get(key)) or 0)
+                    if value < prev[key]:  # restarted: its counters began again at zero
+                        base[key] += prev[key]
+                    prev[key] = value
+                    latest[key] = base[key] + value
+                k += 1
+            for key in BYTE_COUNTERS:
+                out[r][key] += latest[key]
+    return out
 
 
 def _epsilon(row: Mapping[str, Any]) -> float | None:
@@ -444,8 +480,10 @@ def plot_metrics(metrics: Mapping[str, Any], path: Path) -> Path | None:
 def metric_figure(metrics: Mapping[str, Any]) -> Any:
     """The plot as a matplotlib Figure (None without matplotlib), for `plot_metrics`.
 
-    Accuracy keeps its 0..1 axis; anything else (a loss, an error) is scaled to its
-    values, logarithmically when positive and spanning more than two decades. Uses the
+    The y axis fits the values (a federation between 0.90 and 0.95 accuracy is not a
+    flat line at the top of a 0..1 axis), kept inside 0..1 for accuracy;
+    a loss or an error is drawn logarithmically when positive and spanning more than two
+    decades. Rounds are whole numbers, so are the x ticks. Uses the
     object API with the Agg canvas, not pyplot: no global state, no GUI backend probing,
     and one LineCollection keeps 100 nodes as fast as 8.
     """
@@ -500,9 +538,13 @@ def metric_figure(metrics: Mapping[str, Any]) -> Any:
         mark_faults(ax, metrics["faults"])  # vertical lines and labels at the fault rounds
     ax.autoscale_view()
     if metric == "accuracy":
-        ax.set_ylim(0.0, 1.0)
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(max(bottom, 0.0), min(top, 1.0))
     elif values and min(values) > 0 and max(values) / min(values) > 100:
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(f"test {metric}")
     ax.grid(True, alpha=0.3)
@@ -570,23 +612,29 @@ class RoundProgress:
 
     Both runners feed it the same way, so the bar looks the same for processes and
     in-process runs. Use as a context manager around the run.
+
+    On 80 columns the counts, the time and the note must all stay readable, so the bar
+    has a fixed width and only the scenario's name gives way (cut with an ellipsis):
+    rich would otherwise crop the end of the line, which is where the numbers are.
     """
 
     def __init__(self, console: Console, name: str, rounds: int, nodes: int) -> None:
         self._name = name
         self._nodes = nodes
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("rounds"),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[note]}"),
+            TextColumn(
+                "[bold]{task.description}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", min_width=8, ratio=1),
+            ),
+            BarColumn(bar_width=PROGRESS_BAR_WIDTH),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("rounds", table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[note]}", table_column=Column(no_wrap=True)),
             console=console,
+            expand=True,  # the name's column takes what is left (ratio), no more
         )
-        self._task = self._progress.add_task(
-            f"{name} ({nodes} nodes)", total=rounds, note="starting nodes..."
-        )
+        self._task = self._progress.add_task(name, total=rounds, note=f"starting {nodes} nodes...")
 
     def __enter__(self) -> RoundProgress:
         self._progress.start()
@@ -594,6 +642,10 @@ class RoundProgress:
 
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
+
+    def renderable(self) -> RenderableType:
+        """What the live display shows now (for tests, and to print the bar once)."""
+        return self._progress.get_renderable()
 
     def update(self, completed_min: int, last_rows: Sequence[Mapping[str, Any]]) -> None:
         self._progress.update(self._task, completed=completed_min, note=self.note(last_rows))

@@ -105,6 +105,9 @@ class ProtocolSpec:
     round_timeout: float = 30.0
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 6.0
+    # Connected peers each node waits for before round 0; None = all its graph
+    # neighbours (its degree), so round 0 does not train on half a mesh.
+    min_peers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,9 @@ class Scenario:
                 **(_mdns_values(addresses) if mdns else {}),
                 # Start round 1 only once the whole neighbourhood is connected, so early
                 # rounds are not wasted on half a graph (and nobody times out waiting).
-                "min_peers": len(adj[i]),
+                "min_peers": (
+                    len(adj[i]) if self.protocol.min_peers is None else self.protocol.min_peers
+                ),
                 "max_peers": max(64, self.nodes),
                 "heartbeat_interval": self.protocol.heartbeat_interval,
                 "heartbeat_timeout": self.protocol.heartbeat_timeout,
@@ -448,7 +453,8 @@ def parse_scenario(
         name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
         attacks, aggregation, compression, faults, secure, privacy, checkpoint_every,
     )  # fmt: skip
-    scenario.edges()  # builds and checks the graph (connected, k-regular feasible, ...)
+    edges = scenario.edges()  # builds and checks the graph (connected, k-regular, ...)
+    _check_min_peers(scenario, edges)
     _cross_check(scenario)
     _check_files(scenario)
     return scenario
@@ -587,6 +593,7 @@ def _parse_protocol(t: Table, nodes: int) -> ProtocolSpec:
         round_timeout=t.get_float("round_timeout", 30.0, positive=True),
         heartbeat_interval=t.get_float("heartbeat_interval", 1.0, positive=True),
         heartbeat_timeout=t.get_float("heartbeat_timeout", 6.0, positive=True),
+        min_peers=t.get_int("min_peers", 0, minimum=0) if t.has("min_peers") else None,
     )
     if spec.heartbeat_timeout <= spec.heartbeat_interval:
         raise ScenarioError("protocol.heartbeat_timeout", "must be larger than heartbeat_interval")
@@ -687,7 +694,7 @@ _CONFIG_FIELD_PATHS = {
     "nodes": "nodes", "neighbours": "protocol.neighbours", "quorum": "protocol.quorum",
     "round_timeout": "protocol.round_timeout",
     "heartbeat_interval": "protocol.heartbeat_interval",
-    "heartbeat_timeout": "protocol.heartbeat_timeout",
+    "heartbeat_timeout": "protocol.heartbeat_timeout", "min_peers": "protocol.min_peers",
     "aggregation": "aggregation.rule", "tolerate": "aggregation.f",
     "aggregation_options": "aggregation", "attack": "attack.kind",
     "attack_options": "attack", "attack_start_round": "attack.start_round",
@@ -698,6 +705,19 @@ _CONFIG_FIELD_PATHS = {
     "dp_noise": "privacy.noise", "dp_sgd_clip": "privacy.sgd_clip",
     "dp_sgd_noise": "privacy.sgd_noise", "secure_aggregation": "secure_aggregation.enabled",
 }  # fmt: skip
+
+
+def _check_min_peers(scenario: Scenario, edges: Sequence[Edge]) -> None:
+    """`[protocol] min_peers` above a node's degree would keep that node before round 0
+    for ever (only its neighbours dial it), so it is bounded by the smallest degree."""
+    wanted = scenario.protocol.min_peers
+    if wanted is None:
+        return
+    smallest = min(len(n) for n in topology.adjacency(scenario.nodes, list(edges)))
+    if wanted > smallest:
+        raise ScenarioError(
+            "protocol.min_peers", f"must be in 0..{smallest} (the smallest node degree)"
+        )
 
 
 def _cross_check(scenario: Scenario) -> None:
