@@ -47,6 +47,15 @@ def add_scenario_arguments(subparsers: argparse._SubParsersAction[Any]) -> None:
         action="store_true",
         help="run all nodes in this process on the in-memory transport (for large N)",
     )
+    run.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="one Ray actor per node (extra p2pfl[ray]); ADDRESS as ray.init takes it "
+        "('auto', HOST:6379), none starts a local Ray",
+    )
     run.add_argument("--json", action="store_true", help="print a JSON result on stdout only")
     run.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     run.add_argument(
@@ -70,8 +79,11 @@ def run_scenario(
     console: Console | None = None,
     show_progress: bool = True,
     timeout: float | None = None,
+    ray: str | None = None,
 ) -> dict[str, Any]:
-    """Run, then write the report; returns the metrics document. Raises RunFailed."""
+    """Run, then write the report; returns the metrics document. Raises RunFailed.
+
+    `ray`: None = not on Ray; "" = a local Ray; else the address of a Ray cluster."""
     from p2pfl.scenario.report import RoundProgress, preload_plotting, write_report
 
     preload_plotting()
@@ -81,7 +93,7 @@ def run_scenario(
         if show_progress and con is not None
         else None
     )
-    mode = "in-process" if in_process else "processes"
+    mode = "in-process" if in_process else "processes" if ray is None else "ray"
     started = time.monotonic()
     try:
         with progress if progress is not None else contextlib.nullcontext():
@@ -89,6 +101,12 @@ def run_scenario(
                 from p2pfl.scenario.inprocess import run_in_process
 
                 nodes, wall = run_in_process(scenario, out, progress=progress, timeout=timeout)
+            elif ray is not None:
+                from p2pfl.scenario.ray_runner import run_ray
+
+                nodes, wall = run_ray(
+                    scenario, out, address=ray, progress=progress, timeout=timeout
+                )
             else:
                 from p2pfl.scenario.processes import run_processes
 
@@ -157,7 +175,16 @@ def run_scenario_cli(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = None if (as_json or args.quiet) else Console()
-    if console is not None and not args.in_process and scenario.nodes > MANY_PROCESSES:
+    if args.ray is not None and args.in_process:
+        return _fail(as_json, "--ray and --in-process exclude each other", EXIT_BAD_FILE)
+    if args.ray is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            msg = "--ray needs Ray: pip install 'p2pfl[ray]'"
+            return _fail(as_json, msg, EXIT_BAD_FILE)
+    many = not args.in_process and args.ray is None and scenario.nodes > MANY_PROCESSES
+    if console is not None and many:
         console.print(
             f"note: {scenario.nodes} node processes on {os.cpu_count()} CPUs; "
             "--in-process runs large scenarios much faster"
@@ -170,6 +197,7 @@ def run_scenario_cli(args: argparse.Namespace) -> int:
             console=console,
             show_progress=console is not None and not args.quiet,
             timeout=args.timeout,
+            ray=args.ray,
         )
     except RunFailed as exc:
         return _fail(as_json, f"scenario {scenario.name!r} failed: {exc}", EXIT_FAILED, out)

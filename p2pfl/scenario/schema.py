@@ -162,6 +162,17 @@ class PrivacySpec:
 
 
 @dataclass(frozen=True)
+class RaySpec:
+    """`[ray] num_cpus = 1, memory = "512MiB"`: what every node's Ray actor reserves
+    (`p2pfl scenario run --ray`, docs/scenarios.md); ignored by the other runners, so
+    one file runs unchanged everywhere. Ray schedules by these reservations only: a
+    node still uses what it uses."""
+
+    num_cpus: float = 1.0
+    memory: int | None = None  # bytes; None = no memory reservation
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     nodes: int
@@ -188,6 +199,7 @@ class Scenario:
     # restart faults resume from checkpoints), 0 (none) in-process, where no node can
     # crash alone and 1000 nodes' checkpoints cost more than their training.
     checkpoint_every: int | None = None
+    ray: RaySpec = field(default_factory=RaySpec)
 
     @property
     def attack(self) -> AttackSpec:
@@ -445,13 +457,14 @@ def parse_scenario(
     checkpoint_every = (
         top.get_int("checkpoint_every", 0, minimum=0) if top.has("checkpoint_every") else None
     )
+    ray = _parse_ray(top.table("ray"))
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
     top.finish()
     scenario = Scenario(
         name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
-        attacks, aggregation, compression, faults, secure, privacy, checkpoint_every,
+        attacks, aggregation, compression, faults, secure, privacy, checkpoint_every, ray,
     )  # fmt: skip
     edges = scenario.edges()  # builds and checks the graph (connected, k-regular, ...)
     _check_min_peers(scenario, edges)
@@ -653,6 +666,32 @@ def _parse_privacy(t: Table) -> PrivacySpec:
     )
     t.finish()
     return spec
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def _parse_ray(t: Table) -> RaySpec:
+    """`[ray] num_cpus` (> 0, fractions allowed: Ray packs that many nodes per core)
+    and `memory` (bytes, or a string such as "512MiB" or "1.5GB")."""
+    num_cpus = t.get_float("num_cpus", 1.0, positive=True)
+    raw = t.raw("memory")
+    memory: int | None = None
+    if raw is not None:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            memory = raw
+        elif isinstance(raw, str) and (m := _SIZE_RE.match(raw)):
+            memory = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").lower()])
+        else:
+            raise ScenarioError(
+                "ray.memory", f'expected bytes or a size such as "512MiB", got {raw!r}'
+            )
+        if memory <= 0:
+            raise ScenarioError("ray.memory", "must be > 0")
+    t.finish()
+    return RaySpec(num_cpus, memory)
 
 
 def _parse_compression(t: Table) -> CompressionSpec:

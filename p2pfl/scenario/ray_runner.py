@@ -1,0 +1,636 @@
+"""Ray runner: every scenario node is a real p2pfl node in its own Ray actor process.
+
+`p2pfl scenario run FILE --ray [ADDRESS]` (extra `p2pfl[ray]`). The point is more
+machines, not a different federation: each actor runs the ordinary `Node` under trio
+(in a thread the actor owns, so the actor stays free to answer `poll()`), listens on
+its host's address and talks TCP + mutual TLS to the others exactly as on devices.
+Model traffic never goes through Ray; only small things do: where each actor runs,
+its node's status (the control socket's answer, read by the actor on its own host),
+its metrics rows at the end, and start/stop orders.
+
+What is shared with the process runner (processes.py): the per-node configuration
+(`Scenario.node_config_values`), fault plans, the crash/restart schedule
+(`CrashSchedule`), how rows are read (`node_rows`), the "done" rule and the report.
+What differs, and why:
+
+* a crash is `ray.kill` of the actor, i.e. SIGKILL of the process the node lives in
+  (no goodbye, no flush), and a restart is a new actor pinned to the same Ray node
+  (`NodeAffinitySchedulingStrategy`), on the same data dir, so it resumes from its
+  checkpoint. The data dir must therefore be on that host: see `_data_dir`.
+* nothing outlives the run: every actor is `ray.kill`ed in one `finally` (success,
+  failure, Ctrl-C, SIGTERM), and the actors are owned by the runner, so Ray itself
+  kills them if the runner dies. A Ray started by the runner is shut down too.
+
+Ray is imported only here, and only when a run starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pfl.scenario.faults import PROCESS_KINDS, CrashSchedule, FaultEvent, never_restarted
+from p2pfl.scenario.processes import (
+    POLL_INTERVAL,
+    QUERY_TIMEOUT,
+    STOP_GRACE,
+    _log_tail,
+    _signals_raise,
+    node_argv,
+    node_rows,
+)
+from p2pfl.scenario.report import RoundProgress
+from p2pfl.scenario.schema import RunFailed, Scenario
+
+NAMESPACE = "p2pfl"
+ACTOR_PREFIX = "p2pfl-scenario"
+START_TIMEOUT = 120.0  # actors waiting for resources, a worker process starting
+NODE_START_TIMEOUT = 60.0  # one node loading its data and binding its port
+
+
+# ---- the actor: one node, on whatever machine Ray puts it ------------------------------
+
+
+class NodeHost:
+    """Holds one p2pfl node for the runner (wrapped with `ray.remote` at run time).
+
+    The node runs in `trio.run` on a thread this actor starts; trio is in charge of
+    the node, Ray only of the process. The actor's methods run on Ray's own thread, so
+    `poll` is answered while the node trains. `stop` asks the node to say goodbye; a
+    crash needs no method: `ray.kill` takes the whole process, node included.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._token: Any = None  # trio.lowlevel.TrioToken once the node runs
+        self._stop: Any = None  # trio.Event
+        self._started = threading.Event()
+        self._error: str | None = None
+        self._data_dir: Path | None = None
+        self._status: dict[str, Any] | None = None
+
+    def where(self) -> dict[str, Any]:
+        """Which Ray node this actor is on, its address, pid and temp folder."""
+        import ray
+
+        util: Any = ray.util  # typed or not depending on the Ray version: Any either way
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "tmp": tempfile.gettempdir(),
+        }
+
+    def free_port(self, host: str) -> int:
+        """A free TCP port on `host` of this machine (held by nobody until the node binds
+        it, the same small race as the process runner's)."""
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port: int = s.getsockname()[1]
+            return port
+
+    def identity(self, data_dir: str) -> str:
+        """Create the node's identity now, so fault plans can name peers by id."""
+        from p2pfl.identity import Identity
+
+        d = Path(data_dir)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return Identity.load_or_create(d).peer_id
+
+    def write_plan(self, plan: Any, path: str) -> None:
+        """Write a node's network-fault plan on this host (where its node reads it)."""
+        from p2pfl.transport.faults import dump_fault_plan
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dump_fault_plan(plan, Path(path))
+
+    def start(self, values: dict[str, Any]) -> int:
+        """Start the node with these NodeConfig values; returns once it listens (or
+        raises with the reason and its log's tail). Returns this process's pid."""
+        from p2pfl.config import NodeConfig
+        from p2pfl.logs import setup_logging
+
+        cfg = NodeConfig(**values).validated()
+        self._data_dir = Path(cfg.data_dir)
+        self._data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The command that runs the same node by hand, as the process runner writes it.
+        (self._data_dir / "command.txt").write_text(" ".join(node_argv(values)) + "\n")
+        log = (self._data_dir / "node.log").open("a", buffering=1)
+        setup_logging(cfg.log_level, cfg.log_format, stream=log)
+        self._thread = threading.Thread(target=self._run, args=(cfg,), daemon=True)
+        self._thread.start()
+        if not self._started.wait(NODE_START_TIMEOUT) or self._error is not None:
+            raise RuntimeError(
+                f"node did not start: {self._error or 'timed out'}\n"
+                f"{_log_tail(self._data_dir / 'node.log')}"
+            )
+        return os.getpid()
+
+    def _run(self, cfg: Any) -> None:
+        import trio
+
+        try:
+            trio.run(self._main, cfg)
+        except BaseException as exc:  # the thread's end: keep the reason for poll()
+            self._error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._started.set()
+
+    async def _main(self, cfg: Any) -> None:
+        import trio
+
+        from p2pfl.api import open_node
+
+        self._stop = trio.Event()
+        async with open_node(cfg):  # goodbye to the peers when the block ends
+            self._token = trio.lowlevel.current_trio_token()
+            self._started.set()
+            await self._stop.wait()
+
+    def poll(self) -> dict[str, Any]:
+        """The node's status as `p2pfl status --json` shows it (None if the control
+        socket did not answer this time), and whether the node is still running."""
+        from p2pfl.control.client import ControlError, query
+
+        alive = self._thread is not None and self._thread.is_alive()
+        status = None
+        if alive and self._data_dir is not None:
+            with contextlib.suppress(ControlError):
+                status = query(self._data_dir / "control.sock", timeout=QUERY_TIMEOUT)
+        if status is not None:
+            self._status = status
+        out: dict[str, Any] = {"alive": alive, "status": status}
+        if not alive:
+            out["error"] = self._error or "the node stopped"
+            if self._data_dir is not None:
+                out["log_tail"] = _log_tail(self._data_dir / "node.log")
+        return out
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every round's row (metrics.jsonl on this host, else the last status)."""
+        if self._data_dir is None:
+            return []
+        return node_rows(self._data_dir, (self._status or {}).get("history") or [])
+
+    def stop(self, grace: float) -> dict[str, Any]:
+        """Stop the node cleanly (goodbye), then report its rows, last status and peak RSS."""
+        import trio
+
+        if self._thread is not None and self._thread.is_alive() and self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            self._thread.join(grace)
+        return {
+            "rows": self.rows(),
+            "status": self._status,
+            "peak_rss_bytes": _peak_rss_self(),
+            "stopped": self._thread is None or not self._thread.is_alive(),
+        }
+
+
+def _peak_rss_self() -> int | None:
+    """This actor process's VmHWM (the node plus Ray's worker runtime)."""
+    from p2pfl.scenario.processes import _peak_rss
+
+    return _peak_rss(os.getpid())
+
+
+# ---- the runner ------------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    name: str
+    index: int
+    actor: Any
+    node_id: str
+    ip: str
+    data_dir: Path
+    values: dict[str, Any] = field(default_factory=dict)
+    pid: int | None = None
+    status: dict[str, Any] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    peak_rss_bytes: int | None = None
+    incarnation: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # the actor's Ray options
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_ray(
+    scenario: Scenario,
+    out: Path,
+    *,
+    address: str | None = None,
+    progress: RoundProgress | None = None,
+    timeout: float | None = None,
+    grace: float = STOP_GRACE,
+    on_poll: Any = None,
+) -> tuple[dict[str, dict[str, Any]], float]:
+    """Run the scenario with one Ray actor per node; return (node records, wall seconds).
+
+    `address`: None or "" starts a local Ray (shut down at the end); otherwise it is
+    given to `ray.init` ("auto", "HOST:6379", "ray://HOST:10001"). If this process is
+    already connected to Ray (a test, a notebook), that Ray is used and left running.
+    `on_poll` (tests) is called with the node list after every poll.
+
+    Raises RunFailed (a node died, the deadline passed, the cluster is too small) or
+    KeyboardInterrupt (Ctrl-C/SIGTERM); in every case no actor of this run is left.
+    """
+    import ray
+
+    out.mkdir(parents=True, exist_ok=True)
+    deadline_s = timeout if timeout is not None else scenario.deadline_seconds()
+    started_ray = False
+    nodes: list[_Node] = []
+    killed: list[Any] = []  # every actor handle ever created: all are killed at the end
+    started = time.monotonic()
+    with _signals_raise():
+        try:
+            if not ray.is_initialized():
+                started_ray = True
+                _init_ray(ray, scenario, address)
+            else:
+                _check_fits(ray, scenario)
+            run_id = f"{out.name}-{os.getpid()}"
+            _place(ray, scenario, out, run_id, nodes, killed)
+            _start_all(ray, scenario, nodes)
+            chaos = _RayChaos(ray, scenario.faults, nodes, run_id, killed, started)
+            _watch(ray, nodes, scenario, started + deadline_s, deadline_s, progress, chaos, on_poll)
+            _stop_all(ray, nodes, chaos, grace)
+        finally:
+            for actor in killed:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+            if started_ray:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+    wall = time.monotonic() - started
+    return {n.name: _record(n) for n in nodes}, wall
+
+
+def _init_ray(ray: Any, scenario: Scenario, address: str | None) -> None:
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        _check_fits(ray, scenario)
+        return
+    # A local Ray is this machine: sized so that every node fits, as the process runner
+    # starts every node whatever the core count (Ray would otherwise leave the rest
+    # pending for ever).
+    need = math.ceil(scenario.nodes * scenario.ray.num_cpus)
+    ray.init(
+        address="local",
+        namespace=NAMESPACE,
+        num_cpus=max(os.cpu_count() or 1, need),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+
+
+def _check_fits(ray: Any, scenario: Scenario) -> None:
+    """Refuse before starting anything a scenario the cluster cannot place at once:
+    Ray would start some nodes and leave the others pending until the deadline."""
+    total = ray.cluster_resources()
+    cpus = scenario.nodes * scenario.ray.num_cpus
+    if cpus > total.get("CPU", 0.0) + 1e-9:
+        raise RunFailed(
+            f"{scenario.nodes} nodes x [ray] num_cpus = {scenario.ray.num_cpus:g} need "
+            f"{cpus:g} CPUs; the Ray cluster has {total.get('CPU', 0.0):g} "
+            "(lower [ray] num_cpus or add machines)"
+        )
+    if scenario.ray.memory is not None:
+        mem = scenario.nodes * scenario.ray.memory
+        if mem > total.get("memory", 0.0):
+            raise RunFailed(
+                f"{scenario.nodes} nodes x [ray] memory = {scenario.ray.memory} bytes need "
+                f"{mem} bytes; the Ray cluster offers {int(total.get('memory', 0))}"
+            )
+
+
+def _actor_options(scenario: Scenario, name: str) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": name,
+        "namespace": NAMESPACE,
+        "num_cpus": scenario.ray.num_cpus,
+        "max_restarts": 0,  # restarts are the scenario's faults, never Ray's own
+        "max_concurrency": 1,
+    }
+    if scenario.ray.memory is not None:
+        opts["memory"] = scenario.ray.memory
+    return opts
+
+
+def _place(
+    ray: Any, scenario: Scenario, out: Path, run_id: str, nodes: list[_Node], killed: list[Any]
+) -> None:
+    """Create the actors (spread over the cluster), learn where each one is, and choose
+    every node's address and data dir."""
+    host_cls = ray.remote(NodeHost)
+    actors, options = [], []
+    for i in range(scenario.nodes):
+        opts = _actor_options(scenario, f"{ACTOR_PREFIX}-{run_id}-n{i}")
+        actor = host_cls.options(**opts, scheduling_strategy="SPREAD").remote()
+        killed.append(actor)
+        actors.append(actor)
+        options.append(opts)
+    places = _get(ray, [a.where.remote() for a in actors], START_TIMEOUT, "placing the nodes")
+    here = _driver_node_id(ray)
+    # One machine: loopback, as the process runner does (nothing exposed). Several: each
+    # node listens on its host's address, which the others must be able to reach.
+    single = len({p["node_id"] for p in places}) == 1 and places[0]["node_id"] == here
+    if scenario.discovery == "mdns" and not single:
+        raise RunFailed(
+            "discovery = 'mdns' runs on 127.0.0.1 only, and these nodes are on several "
+            "machines: use discovery = 'bootstrap' on a Ray cluster"
+        )
+    for i, (actor, place) in enumerate(zip(actors, places, strict=True)):
+        nodes.append(
+            _Node(
+                f"n{i}",
+                i,
+                actor,
+                place["node_id"],
+                "127.0.0.1" if single else place["ip"],
+                _data_dir(out, run_id, i, place, here),
+                pid=place["pid"],
+                options=options[i],
+            )
+        )
+    ports = _get(
+        ray, [n.actor.free_port.remote(n.ip) for n in nodes], START_TIMEOUT, "choosing ports"
+    )
+    addresses = [f"{n.ip}:{port}" for n, port in zip(nodes, ports, strict=True)]
+    values = scenario.node_config_values(addresses, [n.data_dir for n in nodes])
+    for n, v in zip(nodes, values, strict=True):
+        n.values = v
+
+
+def _data_dir(out: Path, run_id: str, i: int, place: Mapping[str, Any], here: str | None) -> Path:
+    """`<out>/nodes/n<i>` for a node on the runner's machine (as the process runner);
+    on another machine, `<its temp dir>/p2pfl-ray/<run>/n<i>`: the output folder need
+    not exist there, and a restart lands on the same machine, so it finds it again."""
+    if place["node_id"] == here:
+        return out / "nodes" / f"n{i}"
+    return Path(place["tmp"]) / "p2pfl-ray" / run_id / f"n{i}"
+
+
+def _driver_node_id(ray: Any) -> str | None:
+    try:
+        node_id: str = ray.get_runtime_context().get_node_id()
+        return node_id
+    except Exception:  # a Ray Client driver is on no node of the cluster
+        return None
+
+
+def _start_all(ray: Any, scenario: Scenario, nodes: Sequence[_Node]) -> None:
+    if scenario.faults:
+        from p2pfl.scenario.faults import fault_plan_nodes, node_fault_plans, plan_path
+
+        ids = _get(
+            ray,
+            [n.actor.identity.remote(str(n.data_dir)) for n in nodes],
+            START_TIMEOUT,
+            "creating identities",
+        )
+        plans = node_fault_plans(scenario.faults, ids)
+        _get(
+            ray,
+            [
+                nodes[i].actor.write_plan.remote(plans[i], str(plan_path(nodes[i].data_dir)))
+                for i in fault_plan_nodes(scenario.faults, len(nodes))
+            ],
+            START_TIMEOUT,
+            "writing fault plans",
+        )
+    refs = [n.actor.start.remote(n.values) for n in nodes]
+    for n, pid in zip(
+        nodes, _get(ray, refs, NODE_START_TIMEOUT + 30, "starting nodes"), strict=True
+    ):
+        n.pid = pid
+
+
+def _get(ray: Any, refs: Sequence[Any], timeout: float, what: str) -> list[Any]:
+    """ray.get with a deadline and a RunFailed that says what was being done."""
+    try:
+        result: list[Any] = ray.get(list(refs), timeout=timeout)
+        return result
+    except ray.exceptions.GetTimeoutError:
+        raise RunFailed(
+            f"Ray did not answer within {timeout:.0f} s while {what} (is the cluster "
+            "out of resources? `ray status` shows pending actors)"
+        ) from None
+    except ray.exceptions.RayError as exc:
+        raise RunFailed(f"{what} failed: {exc}") from None
+
+
+def _is_done(status: Mapping[str, Any] | None, rounds: int) -> bool:
+    """The process runner's rule: phase done, or past the last round with its row."""
+    if status is None:
+        return False
+    phase = status.get("round", {}).get("phase")
+    current = status.get("round", {}).get("current", 0)
+    history = status.get("history") or []
+    return phase == "done" or (
+        isinstance(current, int) and current >= rounds and len(history) >= rounds
+    )
+
+
+def _watch(
+    ray: Any,
+    nodes: list[_Node],
+    scenario: Scenario,
+    deadline: float,
+    deadline_s: float,
+    progress: RoundProgress | None,
+    chaos: _RayChaos,
+    on_poll: Any,
+) -> None:
+    """Poll every actor until every node is done; raise RunFailed on an unplanned death
+    or the deadline. An actor whose last poll has not answered is not asked again (its
+    queue would only grow); a node that is slow to answer is simply not news yet."""
+    pending: dict[int, tuple[Any, Any]] = {}  # index -> (actor, ref)
+    while True:
+        for n in nodes:
+            if n.index not in pending and not chaos.killed(n.index):
+                pending[n.index] = (n.actor, n.actor.poll.remote())
+        refs = [ref for _, ref in pending.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=QUERY_TIMEOUT)
+        done_refs = set(ready)
+        for i, (actor, ref) in list(pending.items()):
+            if ref not in done_refs:
+                continue
+            del pending[i]
+            n = nodes[i]
+            if actor is not n.actor or chaos.killed(i):
+                continue  # an answer from an actor the chaos has since replaced
+            try:
+                answer = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                raise RunFailed(f"node {n.name}'s Ray actor died: {exc}") from None
+            if not answer["alive"]:
+                raise RunFailed(
+                    f"node {n.name} stopped early ({answer.get('error')}); last lines of "
+                    f"{n.data_dir}/node.log on {n.ip}:\n{answer.get('log_tail', '')}"
+                )
+            if answer["status"] is not None:
+                n.status = answer["status"]
+        completed, latest = [], []
+        for n in nodes:
+            history = (n.status or {}).get("history") or []
+            completed.append(len(history))
+            if history and isinstance(history[-1], dict) and scenario.role(n.index) == "honest":
+                latest.append(history[-1])
+        if progress is not None:
+            progress.update(min(completed), latest)
+        if on_poll is not None:
+            on_poll(nodes)
+        chaos.step()
+        if all(_is_done(n.status, scenario.rounds) or chaos.excused(n.index) for n in nodes):
+            return
+        if time.monotonic() > deadline:
+            behind = ", ".join(
+                f"{n.name}={c}"
+                for n, c in zip(nodes, completed, strict=True)
+                if c < scenario.rounds
+            )
+            raise RunFailed(
+                f"timed out after {deadline_s:.0f} s with nodes still running "
+                f"(rounds completed: {behind}); see each node's node.log"
+            )
+        time.sleep(POLL_INTERVAL)
+
+
+def _stop_all(ray: Any, nodes: Sequence[_Node], chaos: _RayChaos, grace: float) -> None:
+    """Stop every running node cleanly, in parallel, and collect its rows through Ray."""
+    live = [n for n in nodes if not chaos.killed(n.index)]
+    refs = [n.actor.stop.remote(grace) for n in live]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=grace + QUERY_TIMEOUT + 5)
+    for n, ref in zip(live, refs, strict=True):
+        if ref not in ready:
+            continue  # killed in the finally; its rows are the last ones polled
+        with contextlib.suppress(ray.exceptions.RayError):
+            doc = ray.get(ref)
+            n.rows = doc["rows"]
+            n.status = doc["status"] or n.status
+            n.peak_rss_bytes = doc["peak_rss_bytes"]
+
+
+def _record(n: _Node) -> dict[str, Any]:
+    node = (n.status or {}).get("node", {})
+    rows = n.rows or [dict(r) for r in (n.status or {}).get("history") or []]
+    rec: dict[str, Any] = {
+        "peer_id": node.get("id"),
+        "pid": n.pid,
+        "host": n.ip,
+        "ray_node_id": n.node_id,
+        "data_dir": str(n.data_dir),
+        "rounds": rows,
+    }
+    secure = (n.status or {}).get("secure")
+    if secure:
+        rec["secure"] = secure
+    if n.peak_rss_bytes is not None:
+        rec["peak_rss_bytes"] = n.peak_rss_bytes
+    rec.update(n.extra)
+    return rec
+
+
+class _RayChaos:
+    """`crash` = `ray.kill` of the node's actor (SIGKILL of its process: no goodbye, no
+    flush); `restart` = a new actor pinned to the same Ray node, started with the same
+    values (address, data dir), so the node resumes from its checkpoint. The schedule
+    is the process runner's (`CrashSchedule`), fed with the rounds the actors report."""
+
+    def __init__(
+        self,
+        ray: Any,
+        events: Sequence[FaultEvent],
+        nodes: list[_Node],
+        run_id: str,
+        killed: list[Any],
+        started: float,
+    ) -> None:
+        self.ray = ray
+        self.schedule = CrashSchedule.of(events)
+        self.nodes = nodes
+        self.run_id = run_id
+        self.all_actors = killed
+        self.started = started
+        self.down: set[int] = set()
+        self.forever = never_restarted(events)
+        self.active = any(e.kind in PROCESS_KINDS for e in events)
+
+    def killed(self, index: int) -> bool:
+        return index in self.down
+
+    def excused(self, index: int) -> bool:
+        """A node crashed for good is not expected to finish its rounds."""
+        return index in self.down and index in self.forever
+
+    def step(self) -> None:
+        if not self.active:
+            return
+        rounds = {n.index: _current_round(n) for n in self.nodes if n.index not in self.down}
+        for ev in self.schedule.due(rounds, set(self.down)):
+            for i in ev.nodes:
+                if ev.kind == "crash":
+                    self._crash(i, ev)
+                else:
+                    top = max((r for r in rounds.values() if r is not None), default=0)
+                    self._restart(i, ev, top)
+
+    def _note(self, n: _Node, event: dict[str, Any]) -> None:
+        event["t"] = round(time.monotonic() - self.started, 3)
+        n.extra.setdefault("events", []).append(event)
+
+    def _crash(self, i: int, ev: FaultEvent) -> None:
+        n = self.nodes[i]
+        status = (n.status or {}).get("round", {})
+        if i in self.forever:
+            # Its rows stay on its host; fetch them now, the report needs them later.
+            with contextlib.suppress(Exception):
+                n.rows = self.ray.get(n.actor.rows.remote(), timeout=QUERY_TIMEOUT)
+        self.ray.kill(n.actor, no_restart=True)
+        self.down.add(i)
+        self._note(
+            n,
+            {
+                "kind": "crash",
+                "at_round": ev.at_round,
+                "round": status.get("current"),
+                "phase": status.get("phase"),
+                "pid": n.pid,
+            },
+        )
+
+    def _restart(self, i: int, ev: FaultEvent, federation_round: int) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        n = self.nodes[i]
+        n.incarnation += 1
+        name = f"{ACTOR_PREFIX}-{self.run_id}-n{i}-r{n.incarnation}"
+        opts = {**n.options, "name": name}
+        strategy = NodeAffinitySchedulingStrategy(node_id=n.node_id, soft=False)
+        actor = self.ray.remote(NodeHost).options(**opts, scheduling_strategy=strategy).remote()
+        self.all_actors.append(actor)
+        n.actor = actor
+        n.pid = _get(self.ray, [actor.start.remote(n.values)], NODE_START_TIMEOUT + 30, "restart")[
+            0
+        ]
+        self.down.discard(i)
+        event = {"kind": "restart", "at_round": ev.at_round, "round": federation_round}
+        self._note(n, {**event, "pid": n.pid})
+
+
+def _current_round(n: _Node) -> int | None:
+    value = (n.status or {}).get("round", {}).get("current")
+    return value if isinstance(value, int) else None
