@@ -89,15 +89,22 @@ class NodeHost:
             "tmp": tempfile.gettempdir(),
         }
 
-    def free_port(self, host: str) -> int:
-        """A free TCP port on `host` of this machine (held by nobody until the node binds
-        it, the same small race as the process runner's)."""
+    def free_ports(self, host: str, n: int) -> list[int]:
+        """n distinct free TCP ports on `host` of this machine, all held open while
+        choosing them (so two nodes of this machine never get the same one); free again
+        until the nodes bind them, the same small race as the process runner's."""
         import socket
 
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port: int = s.getsockname()[1]
-            return port
+        socks = []
+        try:
+            for _ in range(n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((host, 0))
+            return [s.getsockname()[1] for s in socks]
+        finally:
+            for s in socks:
+                s.close()
 
     def identity(self, data_dir: str) -> str:
         """Create the node's identity now, so fault plans can name peers by id."""
@@ -365,10 +372,21 @@ def _place(
                 options=options[i],
             )
         )
-    ports = _get(
-        ray, [n.actor.free_port.remote(n.ip) for n in nodes], START_TIMEOUT, "choosing ports"
+    # Ports are chosen per machine by one of its actors, all at once: actors choosing
+    # their own would each release theirs at once and could be handed the same one.
+    by_host: dict[str, list[_Node]] = {}
+    for n in nodes:
+        by_host.setdefault(n.node_id, []).append(n)
+    groups = list(by_host.values())
+    chosen = _get(
+        ray,
+        [group[0].actor.free_ports.remote(group[0].ip, len(group)) for group in groups],
+        START_TIMEOUT,
+        "choosing ports",
     )
-    addresses = [f"{n.ip}:{port}" for n, port in zip(nodes, ports, strict=True)]
+    port_of = {n.index: port for g, ports in zip(groups, chosen, strict=True)
+               for n, port in zip(g, ports, strict=True)}  # fmt: skip
+    addresses = [f"{n.ip}:{port_of[n.index]}" for n in nodes]
     values = scenario.node_config_values(addresses, [n.data_dir for n in nodes])
     for n, v in zip(nodes, values, strict=True):
         n.values = v
