@@ -374,6 +374,48 @@ def never_restarted(events: Sequence[FaultEvent]) -> set[int]:
     return {n for n, k in last.items() if k == "crash"}
 
 
+class CrashDriver:
+    """What both scenario runners (processes, Ray actors) keep around a `CrashSchedule`:
+    which nodes are down, which stay down, and the step that carries out the events now
+    due. A runner supplies the rounds its live nodes report and how to crash and restart
+    one of them."""
+
+    def __init__(self, events: Sequence[FaultEvent]) -> None:
+        self.schedule = CrashSchedule.of(events)
+        self.down: set[int] = set()
+        self.forever = never_restarted(events)
+        self.active = any(e.kind in PROCESS_KINDS for e in events)
+
+    def killed(self, index: int) -> bool:
+        return index in self.down
+
+    def excused(self, index: int) -> bool:
+        """A node crashed for good is not expected to finish its rounds."""
+        return index in self.down and index in self.forever
+
+    def step(self) -> None:
+        if not self.active:
+            return
+        rounds = self.reported_rounds()
+        for ev in self.schedule.due(rounds, set(self.down)):
+            for i in ev.nodes:
+                if ev.kind == "crash":
+                    self._crash(i, ev)
+                else:
+                    top = max((r for r in rounds.values() if r is not None), default=0)
+                    self._restart(i, ev, top)
+
+    def reported_rounds(self) -> dict[int, int | None]:
+        """Each live (not down) node's reported round, None when unknown."""
+        raise NotImplementedError
+
+    def _crash(self, i: int, ev: FaultEvent) -> None:
+        raise NotImplementedError
+
+    def _restart(self, i: int, ev: FaultEvent, federation_round: int) -> None:
+        raise NotImplementedError
+
+
 def timeline(events: Sequence[FaultEvent]) -> list[dict[str, Any]]:
     """The planned faults in round order, for metrics.json and the plot."""
     rows = []

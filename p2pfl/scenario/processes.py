@@ -32,10 +32,8 @@ from p2pfl.config import to_flags
 from p2pfl.node.learner import METRICS_FILE, read_metrics
 from p2pfl.scenario.faults import (
     CLOSE_WATCH_ROUNDS,
-    PROCESS_KINDS,
-    CrashSchedule,
+    CrashDriver,
     FaultEvent,
-    never_restarted,
     write_fault_plans,
 )
 from p2pfl.scenario.report import RoundProgress
@@ -385,7 +383,7 @@ def _prepare_fault_plans(events: Sequence[FaultEvent], dirs: Sequence[Path]) -> 
     write_fault_plans(events, dirs, ids)
 
 
-class _Chaos:
+class _Chaos(CrashDriver):
     """Carries out `crash` (SIGKILL of the node's process group: no goodbye, no flush)
     and `restart` (the same command on the same data dir) when the control sockets
     report the rounds the schedule names. A killed node is left unreaped until it is
@@ -394,33 +392,13 @@ class _Chaos:
     def __init__(
         self, events: Sequence[FaultEvent], procs: list[NodeProcess], out: Path, started: float
     ) -> None:
-        self.schedule = CrashSchedule.of(events)
+        super().__init__(events)
         self.procs = procs
         self.out = out
         self.started = started
-        self.down: set[int] = set()
-        self.forever = never_restarted(events)
-        self.active = any(e.kind in PROCESS_KINDS for e in events)
 
-    def killed(self, index: int) -> bool:
-        return index in self.down
-
-    def excused(self, index: int) -> bool:
-        """A node crashed for good is not expected to finish its rounds."""
-        return index in self.down and index in self.forever
-
-    def step(self) -> None:
-        if not self.active:
-            return
-        rounds = {i: _current_round(p) for i, p in enumerate(self.procs) if i not in self.down}
-        for ev in self.schedule.due(rounds, set(self.down)):
-            for i in ev.nodes:
-                if ev.kind == "crash":
-                    self._crash(i, ev)
-                else:
-                    self._restart(
-                        i, ev, max((r for r in rounds.values() if r is not None), default=0)
-                    )
+    def reported_rounds(self) -> dict[int, int | None]:
+        return {i: _current_round(p) for i, p in enumerate(self.procs) if i not in self.down}
 
     def wait(
         self,

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pfl.scenario.faults import PROCESS_KINDS, CrashSchedule, FaultEvent, never_restarted
+from p2pfl.scenario.faults import CrashDriver, FaultEvent
 from p2pfl.scenario.processes import (
     POLL_INTERVAL,
     QUERY_TIMEOUT,
@@ -562,7 +562,7 @@ def _record(n: _Node) -> dict[str, Any]:
     return rec
 
 
-class _RayChaos:
+class _RayChaos(CrashDriver):
     """`crash` = `ray.kill` of the node's actor (SIGKILL of its process: no goodbye, no
     flush); `restart` = a new actor pinned to the same Ray node, started with the same
     values (address, data dir), so the node resumes from its checkpoint. The schedule
@@ -577,34 +577,15 @@ class _RayChaos:
         killed: list[Any],
         started: float,
     ) -> None:
+        super().__init__(events)
         self.ray = ray
-        self.schedule = CrashSchedule.of(events)
         self.nodes = nodes
         self.run_id = run_id
         self.all_actors = killed
         self.started = started
-        self.down: set[int] = set()
-        self.forever = never_restarted(events)
-        self.active = any(e.kind in PROCESS_KINDS for e in events)
 
-    def killed(self, index: int) -> bool:
-        return index in self.down
-
-    def excused(self, index: int) -> bool:
-        """A node crashed for good is not expected to finish its rounds."""
-        return index in self.down and index in self.forever
-
-    def step(self) -> None:
-        if not self.active:
-            return
-        rounds = {n.index: _current_round(n) for n in self.nodes if n.index not in self.down}
-        for ev in self.schedule.due(rounds, set(self.down)):
-            for i in ev.nodes:
-                if ev.kind == "crash":
-                    self._crash(i, ev)
-                else:
-                    top = max((r for r in rounds.values() if r is not None), default=0)
-                    self._restart(i, ev, top)
+    def reported_rounds(self) -> dict[int, int | None]:
+        return {n.index: _current_round(n) for n in self.nodes if n.index not in self.down}
 
     def _note(self, n: _Node, event: dict[str, Any]) -> None:
         event["t"] = round(time.monotonic() - self.started, 3)
