@@ -964,7 +964,11 @@ def test_process_runner_kills_and_restarts_a_real_node(tmp_path: Path) -> None:
     assert events[0]["round"] >= 2 and events[1]["round"] >= 4
     log = (tmp_path / "nodes" / "n2" / "node.log").read_text()
     resumed = re.search(r"resuming from checkpoint at round (\d+)", log)
-    assert resumed is not None and int(resumed.group(1)) >= events[0]["round"]
+    # Checkpoints are written off the event loop, after the round's evaluation: a
+    # SIGKILL right after the node reports round r can lose the checkpoint of round r
+    # still queued for the disk, so the node resumes from an earlier written one, never
+    # from scratch and never from a round it had not reached.
+    assert resumed is not None and 1 <= int(resumed.group(1)) <= events[0]["round"]
     for i in range(3):
         ckpt = load_checkpoint(tmp_path / "nodes" / f"n{i}" / "checkpoint.msgpack")
         assert ckpt is not None and ckpt.round == 8
