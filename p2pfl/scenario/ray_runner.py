@@ -549,6 +549,7 @@ def _record(n: _Node) -> dict[str, Any]:
         "peer_id": node.get("id"),
         "pid": n.pid,
         "host": n.ip,
+        "listen": n.values.get("listen"),
         "ray_node_id": n.node_id,
         "data_dir": str(n.data_dir),
         "rounds": rows,
