@@ -197,7 +197,7 @@ def _stop(c: Cluster) -> list[str]:
     return forced
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     reason = netns.unavailable_reason()
     if reason is not None:
@@ -290,19 +290,28 @@ def _sample(c: Cluster, into: list[Sockets]) -> None:
         into[i].add(out, set(c.lab.addresses) - {c.lab.addresses[i]})
 
 
-def test_a_scenario_runs_on_three_hosts_through_the_cli(cluster: Cluster) -> None:
-    c = cluster
-    scenario = c.root / "multihost.toml"
-    scenario.write_text(SCENARIO)
-    out = c.root / "out"
-    t0 = time.monotonic()
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall: float
+    seen: list[Sockets]  # what every host's namespace showed in `ss` meanwhile
+
+    def failure(self) -> str:
+        return f"stdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-3000:]}"
+
+
+def _drive(c: Cluster, scenario: Path, out: Path) -> Run:
+    """`p2pfl scenario run FILE --ray HEAD --out OUT` on host A, watching the sockets."""
     argv = [sys.executable, "-m", "p2pfl", "scenario", "run", str(scenario),
             "--ray", c.head, "--out", str(out), "--timeout", "90"]  # fmt: skip
-    with (c.root / "driver.out").open("wb") as o, (c.root / "driver.err").open("wb") as e:
+    logs = c.root / f"{out.name}.stdout", c.root / f"{out.name}.stderr"
+    t0 = time.monotonic()
+    with logs[0].open("wb") as o, logs[1].open("wb") as e:
         driver = subprocess.Popen(
             c.lab.argv(0, argv), env={**c.env, "TMPDIR": str(c.tmpdir(0))}, stdout=o, stderr=e
         )
-    # Every TCP port opened on the hosts' addresses while the scenario runs.
     seen = [Sockets() for _ in range(HOSTS)]
     try:
         while driver.poll() is None and time.monotonic() - t0 < DRIVER_TIMEOUT:
@@ -313,13 +322,23 @@ def test_a_scenario_runs_on_three_hosts_through_the_cli(cluster: Cluster) -> Non
             driver.kill()  # the runner's actors die with it: Ray kills an owner's actors
         driver.wait()
     wall = time.monotonic() - t0
-    stdout = (c.root / "driver.out").read_text(errors="replace")
-    stderr = (c.root / "driver.err").read_text(errors="replace")
-    print(f"three-host scenario: {wall:.1f} s from the CLI's start to its exit")
+    stdout, stderr = (path.read_text(errors="replace") for path in logs)
+    return Run(driver.returncode, stdout, stderr, wall, seen)
+
+
+def test_a_scenario_runs_on_three_hosts_through_the_cli(cluster: Cluster) -> None:
+    c = cluster
+    scenario = c.root / "multihost.toml"
+    scenario.write_text(SCENARIO)
+    out = c.root / "out"
+    run = _drive(c, scenario, out)
+    seen = run.seen
+    print(f"three-host scenario: {run.wall:.1f} s from the CLI's start to its exit")
     for i, ip in enumerate(c.lab.addresses):
         print(f"host {ip}: listened on {sorted(p for _, p in seen[i].exposed())}, "
               f"dialed from the other hosts on {sorted(seen[i].dialed)}")  # fmt: skip
-    assert driver.returncode == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
+    assert run.returncode == 0, run.failure()
+    stdout = run.stdout
 
     # The outputs of the process runner: metrics.json, the table, the plot.
     assert "final accuracy mean" in stdout and "outputs in" in stdout
@@ -406,3 +425,49 @@ def test_a_scenario_runs_on_three_hosts_through_the_cli(cluster: Cluster) -> Non
     assert abs(final - processes["summary"]["final"]["accuracy_mean"]) < 0.05
     print(f"final accuracy: ray on 3 hosts {final:.3f}, processes "
           f"{processes['summary']['final']['accuracy_mean']:.3f}")  # fmt: skip
+
+
+CHURN = """
+[[faults]]
+at_round = 0
+kind = "delay"
+delay = 0.3
+[[faults]]
+at_round = 1
+kind = "crash"
+nodes = [0, 1, 2]
+[[faults]]
+at_round = 2
+kind = "restart"
+nodes = [0, 1, 2]
+"""
+
+
+def test_a_crashed_node_restarts_on_its_own_host(cluster: Cluster) -> None:
+    """Crash = ray.kill of the actor wherever it runs; restart = a new actor pinned to
+    the same Ray node, on the data dir it left there. Three of the six nodes crash, so
+    at least one of them is on B or C (A holds two)."""
+    c = cluster
+    scenario = c.root / "churn.toml"
+    scenario.write_text(SCENARIO.replace("rounds = 3", "rounds = 4") + CHURN)
+    out = c.root / "churn"
+    run = _drive(c, scenario, out)
+    print(f"three-host churn scenario: {run.wall:.1f} s")
+    assert run.returncode == 0, run.failure()
+    records = json.loads((out / "metrics.json").read_text())["nodes"]
+    remote = 0
+    for name in ("n0", "n1", "n2"):
+        rec = records[name]
+        crash, restart = rec["events"]
+        assert (crash["kind"], restart["kind"]) == ("crash", "restart")
+        assert restart["pid"] != crash["pid"]
+        # The new actor ran on the same host, the same address and data dir (hosts share
+        # this machine's filesystem here, so the test can read a log on B or C).
+        log = (Path(rec["data_dir"]) / "node.log").read_text()
+        starts = re.findall(r"node (\w+) listening on (\S+)", log)
+        assert len(starts) == 2 and starts[0] == starts[1] == (starts[0][0], rec["listen"])
+        assert "finished 4 rounds" in log.split(f"listening on {rec['listen']}")[-1]
+        remote += rec["host"] != c.lab.addresses[0]
+    assert remote >= 1
+    for name in ("n3", "n4", "n5"):
+        assert [r["round"] for r in records[name]["rounds"]] == [0, 1, 2, 3], name
