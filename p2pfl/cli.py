@@ -65,6 +65,12 @@ _HELP = {
     "peer_exchange": "learn peers of peers",
     "neighbours": "'all' or k random neighbours per round",
     "quorum": "fraction of expected neighbours to wait for before aggregating",
+    "mode": "sync (rounds with a quorum) or async (no barrier: each step mixes what "
+    "arrived, weighted by staleness; docs/heterogeneity.md)",
+    "staleness_exponent": "async: an input lagging s versions weighs (1 + s) ** -a",
+    "max_staleness": "async: inputs lagging more versions than this are not mixed",
+    "min_inputs": "async: neighbours' models a step waits for before mixing (at most "
+    "--round-timeout; 0 = never wait)",
     "round_timeout": "seconds to wait for neighbours' models before aggregating anyway",
     "rounds": "rounds to run (0 = forever); the node keeps serving peers afterwards",
     "worker_momentum": "send start + an exponential average (beta) of the round updates, "

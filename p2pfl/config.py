@@ -20,6 +20,7 @@ from p2pfl.logs import LOG_FORMATS
 
 DEFAULT_PORT = 7470
 DEFAULT_DATA_DIR = Path("~/.p2pfl")
+MODES = ("sync", "async")  # the round protocol (NodeConfig.mode)
 
 
 class ConfigError(ValueError):
@@ -127,6 +128,13 @@ class NodeConfig:
     outer_beta2: float = 0.99
     outer_tau: float = 1e-3
     neighbours: str = "all"
+    # "sync": rounds with a quorum; "async": no barrier, each step mixes what arrived,
+    # weighted by staleness (docs/heterogeneity.md, p2pfl/protocol/gossip.py).
+    mode: str = "sync"
+    staleness_exponent: float = 0.5  # async: inputs weigh (1 + staleness) ** -a
+    max_staleness: int = 20  # async: inputs lagging more versions are not mixed
+    # async: neighbours' models a step waits for (FedBuff's K), round_timeout at most.
+    min_inputs: int = 1
     quorum: float = 1.0
     round_timeout: float = 30.0
     aggregation: str = "mean"
@@ -328,6 +336,7 @@ class NodeConfig:
             "must be a fraction in (0, 1] of the expected neighbours",
         )
         _check(self.round_timeout > 0, "round_timeout", "must be > 0 seconds")
+        self._check_mode()
         # The rule name and its options are checked by the aggregation registry when the
         # node starts (that module needs numpy; this one stays stdlib-only for the CLI).
         _check(self.aggregation != "", "aggregation", "must name a rule")
@@ -420,6 +429,33 @@ class NodeConfig:
                 "cannot be combined with secure_aggregation (a masked update goes to a "
                 "whole group, not per neighbour)",
             )
+
+    def _check_mode(self) -> None:
+        _check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check(
+            math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0,
+            "staleness_exponent",
+            f"must be >= 0 (0 = no discount), got {self.staleness_exponent}",
+        )
+        _check(self.max_staleness >= 0, "max_staleness", "must be >= 0 versions")
+        _check(self.min_inputs >= 0, "min_inputs", "must be >= 0 (0 = never wait)")
+        if self.mode != "async":
+            return
+        # What needs every neighbour's model of one round together cannot run without
+        # rounds: masks cancel only in a sum of one round's group, and the consensus
+        # step needs the public copy all neighbours hold after the same round.
+        _check(
+            not self.secure_aggregation,
+            "mode",
+            "'async' cannot run with secure aggregation (pairwise masks cancel only when "
+            "a group sums the same round's updates); use mode = 'sync'",
+        )
+        _check(
+            not self.compression_consensus,
+            "mode",
+            "'async' cannot run with compression_consensus (the consensus step needs the "
+            "copy every neighbour holds after the same round); set it to 0",
+        )
 
     def _check_metrics(self) -> None:
         """A metrics address that parses, and the library that serves it."""

@@ -50,6 +50,8 @@ from p2pfl.protocol import (
     Broadcast,
     CaughtUp,
     Finished,
+    GossipMachine,
+    GossipSettings,
     Phase,
     Rejected,
     RequestState,
@@ -153,8 +155,11 @@ class Node:
             self.id,
             pipeline,
             # An attacker with honest_to neighbours sends two models a round: compressed,
-            # each peer then needs its own stream.
-            per_peer=config.neighbour_count is not None or bool(config.attack_honest_to),
+            # each peer then needs its own stream; so does the asynchronous mode, which
+            # skips a peer whose last model is still on its way.
+            per_peer=config.neighbour_count is not None
+            or bool(config.attack_honest_to)
+            or config.mode == "async",
             keyframe_every=config.compression_keyframe_every,
             seed=config.seed,
         )
@@ -189,33 +194,54 @@ class Node:
         # A malicious study node's wire behaviour (honest_to, accomplices); None if honest.
         self.study = None if self.attack is None else StudyAttack(config, self.learner, self.peers)
         self._timing: dict[str, float] = {}  # this round's train/encode/aggregate/eval seconds
-        self.machine = RoundMachine(
-            params=params,
-            # The outer optimizer (FedAvgM, FedAdam, ...) turns the aggregate into our
-            # next model; with FedAvg (and no consensus step) this is the timed rule.
-            rule=self.learner.outer_rule(
-                with_consensus(TimedRule(rule, self._timing), config, self.outbox.public_copy)
-            ),
-            settings=RoundSettings(
-                target_rounds=config.rounds,
-                quorum=config.quorum,
-                round_timeout=config.round_timeout,
-                neighbour_count=config.neighbour_count,
-                catch_up_timeout=max(2.0, config.round_timeout / 2),
-                # Secure rounds end on the secure protocol's own timeouts.
-                adaptive_timeout=not config.secure_aggregation,
-                nudge_fraction=None if config.secure_aggregation else 0.2,
-                # Every member of a group forwards the same group mean: count it once.
-                distinct_inputs=config.secure_aggregation,
-                rule_name=config.aggregation,
-                # A real node runs the rule in a worker thread (see _aggregate); so does
-                # the consensus step, which needs our round's message encoded first.
-                defer_aggregation=train_in_thread or config.compression_consensus > 0,
-            ),
-            round=start_round,
-            node_id=self.id,
-            rng=np.random.default_rng([config.seed, config.node_index]),
+        # The outer optimizer (FedAvgM, FedAdam, ...) turns the aggregate into our next
+        # model; with FedAvg (and no consensus step) this is the timed rule.
+        outer_rule = self.learner.outer_rule(
+            with_consensus(TimedRule(rule, self._timing), config, self.outbox.public_copy)
         )
+        self.machine: RoundMachine | GossipMachine
+        if config.mode == "async":  # no round barrier (protocol/gossip.py)
+            self.machine = GossipMachine(
+                params=params,
+                rule=outer_rule,
+                settings=GossipSettings(
+                    target_rounds=config.rounds,
+                    staleness_exponent=config.staleness_exponent,
+                    max_staleness=config.max_staleness,
+                    min_inputs=config.min_inputs,
+                    max_wait=config.round_timeout,
+                    neighbour_count=config.neighbour_count,
+                    rule_name=config.aggregation,
+                    defer_aggregation=train_in_thread,
+                ),
+                round=start_round,
+                node_id=self.id,
+                rng=np.random.default_rng([config.seed, config.node_index]),
+            )
+        else:
+            self.machine = RoundMachine(
+                params=params,
+                rule=outer_rule,
+                settings=RoundSettings(
+                    target_rounds=config.rounds,
+                    quorum=config.quorum,
+                    round_timeout=config.round_timeout,
+                    neighbour_count=config.neighbour_count,
+                    catch_up_timeout=max(2.0, config.round_timeout / 2),
+                    # Secure rounds end on the secure protocol's own timeouts.
+                    adaptive_timeout=not config.secure_aggregation,
+                    nudge_fraction=None if config.secure_aggregation else 0.2,
+                    # Every member of a group forwards the same group mean: count it once.
+                    distinct_inputs=config.secure_aggregation,
+                    rule_name=config.aggregation,
+                    # A real node runs the rule in a worker thread (see _aggregate); so does
+                    # the consensus step, which needs our round's message encoded first.
+                    defer_aggregation=train_in_thread or config.compression_consensus > 0,
+                ),
+                round=start_round,
+                node_id=self.id,
+                rng=np.random.default_rng([config.seed, config.node_index]),
+            )
         self.last_aggregation: dict[str, Any] | None = None
         # The rule's fallbacks and guards by reason, and each neighbour's suspicion score.
         self.ledger = RobustnessLedger(self.id)
@@ -326,6 +352,8 @@ class Node:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._train, action.round, action.params)
             elif isinstance(action, Broadcast):
+                if isinstance(self.machine, GossipMachine):
+                    action = self._not_in_flight(action)
                 plain = self.secure is None and not self.outbox.compressing
                 if self.mesh.offload and plain and not self.config.attack_honest_to:
                     assert self._nursery is not None
@@ -371,6 +399,18 @@ class Node:
             self._wakeup.set()
         if self.secure is not None and self.secure.contributions:
             self.secure.progress(trio.current_time())  # e.g. collecting again after a catch-up
+
+    def _not_in_flight(self, action: Broadcast) -> Broadcast:
+        """Asynchronous mode: leave out the peers whose link still carries our previous
+        model. A fast node then sends at most what each link can carry, and a peer gets
+        our newest model, never a backlog of older ones."""
+        links = self.mesh.links
+        busy = [p for p in action.to if p in links and links[p].any_update_in_flight()]
+        if not busy:
+            return action
+        self.counters["async_sends_skipped"] += len(busy)
+        to = tuple(p for p in action.to if p not in busy)
+        return Broadcast(action.round, action.params, action.samples, to)
 
     def _broadcast(self, action: Broadcast) -> None:
         """Our model for a round goes to the neighbours: masked inside the neighbours'
@@ -453,6 +493,9 @@ class Node:
             self.study.overhear(agg.senders, agg.received)
         row: dict[str, Any] = {
             "round": agg.round,
+            # Wall-clock seconds since the epoch: rows of several processes line up in
+            # time (time to an accuracy, asynchronous runs where rounds do not).
+            "time": round(time.time(), 3),
             "bytes_sent": self.mesh.bytes_sent,
             "bytes_received": self.mesh.bytes_received,
             "seconds": round(now - self._round_started_at, 4),

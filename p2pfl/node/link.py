@@ -118,6 +118,12 @@ class Link:
         """Our update for `round` is queued here and not yet written."""
         return self.written < self._update_at.get(round, 0)
 
+    def any_update_in_flight(self) -> bool:
+        """Some update of ours is queued here and not yet written: in the asynchronous
+        mode a peer gets our next model only once the last one is on its way, so a fast
+        node never queues up models a slow link cannot carry."""
+        return self.written < max(self._update_at.values(), default=0)
+
     def move_unsent_to(self, successor: Link) -> None:
         """Hand every message not yet written to `successor` (a duplicate connection is
         being replaced): nothing queued is lost in the swap."""

@@ -12,6 +12,7 @@ from p2pfl.protocol.actions import (
     RequestUpdates,
     Train,
 )
+from p2pfl.protocol.gossip import GossipMachine, GossipSettings
 from p2pfl.protocol.rounds import Phase, RoundMachine, RoundSettings
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "Broadcast",
     "CaughtUp",
     "Finished",
+    "GossipMachine",
+    "GossipSettings",
     "Phase",
     "Rejected",
     "RequestState",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pfl.config import (
+    MODES,
     OUTER_OPTIMIZERS,
     PARTITIONS,
     ConfigError,
@@ -108,6 +109,11 @@ class ProtocolSpec:
     # Connected peers each node waits for before round 0; None = all its graph
     # neighbours (its degree), so round 0 does not train on half a mesh.
     min_peers: int | None = None
+    # "sync" rounds, or "async" gossip without a barrier (docs/heterogeneity.md).
+    mode: str = "sync"
+    staleness_exponent: float = 0.5
+    max_staleness: int = 20
+    min_inputs: int = 1
 
 
 @dataclass(frozen=True)
@@ -324,6 +330,10 @@ class Scenario:
                 "neighbours": self.protocol.neighbours,
                 "quorum": self.protocol.quorum,
                 "round_timeout": self.protocol.round_timeout,
+                "mode": self.protocol.mode,
+                "staleness_exponent": self.protocol.staleness_exponent,
+                "max_staleness": self.protocol.max_staleness,
+                "min_inputs": self.protocol.min_inputs,
                 "seed": node_seed(self.seed, i),
                 **self._robust_values(i, addresses),
                 **(
@@ -607,7 +617,13 @@ def _parse_protocol(t: Table, nodes: int) -> ProtocolSpec:
         heartbeat_interval=t.get_float("heartbeat_interval", 1.0, positive=True),
         heartbeat_timeout=t.get_float("heartbeat_timeout", 6.0, positive=True),
         min_peers=t.get_int("min_peers", 0, minimum=0) if t.has("min_peers") else None,
+        mode=t.get_str("mode", "sync", choices=MODES),
+        staleness_exponent=t.get_float("staleness_exponent", 0.5),
+        max_staleness=t.get_int("max_staleness", 20, minimum=0),
+        min_inputs=t.get_int("min_inputs", 1, minimum=0),
     )
+    if spec.staleness_exponent < 0:
+        raise ScenarioError("protocol.staleness_exponent", "must be >= 0 (0 = no discount)")
     if spec.heartbeat_timeout <= spec.heartbeat_interval:
         raise ScenarioError("protocol.heartbeat_timeout", "must be larger than heartbeat_interval")
     t.finish()
@@ -731,7 +747,9 @@ _CONFIG_FIELD_PATHS = {
     "outer_beta1": "training.outer_beta1", "outer_beta2": "training.outer_beta2",
     "outer_tau": "training.outer_tau",
     "nodes": "nodes", "neighbours": "protocol.neighbours", "quorum": "protocol.quorum",
-    "round_timeout": "protocol.round_timeout",
+    "round_timeout": "protocol.round_timeout", "mode": "protocol.mode",
+    "staleness_exponent": "protocol.staleness_exponent",
+    "max_staleness": "protocol.max_staleness", "min_inputs": "protocol.min_inputs",
     "heartbeat_interval": "protocol.heartbeat_interval",
     "heartbeat_timeout": "protocol.heartbeat_timeout", "min_peers": "protocol.min_peers",
     "aggregation": "aggregation.rule", "tolerate": "aggregation.f",
