@@ -250,6 +250,9 @@ def test_render_full_status() -> None:
     ]:
         assert expected in text, expected
     assert PEER_A not in text  # ids are shortened to 12 characters
+    assert "asynchronous" not in text
+    asynchronous = {**FULL_STATUS, "round": {**FULL_STATUS["round"], "mode": "async"}}
+    assert "7/20  (collecting, asynchronous)" in render_text(asynchronous)
 
 
 @pytest.mark.parametrize(

@@ -262,7 +262,8 @@ def _round_text(rnd: Mapping[str, Any]) -> str:
     current = fmt_int(rnd.get("current"))
     target = rnd.get("target")
     of = f"/{fmt_int(target)}" if _number(target) is not None else ""
-    return f"{current}{of}  ({fmt_text(rnd.get('phase'))})"
+    mode = ", asynchronous" if rnd.get("mode") == "async" else ""
+    return f"{current}{of}  ({fmt_text(rnd.get('phase'))}{mode})"
 
 
 def _model_text(model: Mapping[str, Any]) -> str:

@@ -48,6 +48,8 @@ def node_status(node: Node) -> dict[str, Any]:
             if node.machine.phase is Phase.DONE
             else str(node.machine.phase),
             "target": node.config.rounds or None,
+            # "async": no barrier; `current` is then the model's version (protocol/gossip.py).
+            "mode": node.config.mode,
             "heard": len(node.machine.received_this_round),
             "expected": node.machine.expected_this_round,
         },
