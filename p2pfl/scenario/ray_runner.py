@@ -6,7 +6,9 @@ machines, not a different federation: each actor runs the ordinary `Node` under 
 its host's address and talks TCP + mutual TLS to the others exactly as on devices.
 Model traffic never goes through Ray; only small things do: where each actor runs,
 its node's status (the control socket's answer, read by the actor on its own host),
-its metrics rows at the end, and start/stop orders.
+its metrics rows at the end, start/stop orders, and the log and records of a node on
+another machine, copied into `<out>/nodes/n<i>` at the end (no filesystem is shared
+between machines; see `_data_dir` and `_collect`).
 
 What is shared with the process runner (processes.py): the per-node configuration
 (`Scenario.node_config_values`), fault plans, the crash/restart schedule
@@ -54,6 +56,12 @@ NAMESPACE = "p2pfl"
 ACTOR_PREFIX = "p2pfl-scenario"
 START_TIMEOUT = 120.0  # actors waiting for resources, a worker process starting
 NODE_START_TIMEOUT = 60.0  # one node loading its data and binding its port
+# What a node on another machine sends back into `<out>/nodes/n<i>` at the end: its log
+# and records, never its key, lock or checkpoints. Each file is cut to its last
+# COLLECT_LIMIT bytes (at a line start); COLLECT_TIMEOUT bounds the whole collection.
+COLLECTED_FILES = ("node.log", "metrics.jsonl", "command.txt", "privacy.json")
+COLLECT_LIMIT = 8 * 2**20
+COLLECT_TIMEOUT = 30.0
 
 
 # ---- the actor: one node, on whatever machine Ray puts it ------------------------------
@@ -183,6 +191,29 @@ class NodeHost:
                 out["log_tail"] = _log_tail(self._data_dir / "node.log")
         return out
 
+    def files(self, limit: int = COLLECT_LIMIT) -> dict[str, bytes]:
+        """The node's COLLECTED_FILES as they are on this host, each cut to its last
+        `limit` bytes from a line start (a cut log starts with a line saying so)."""
+        found: dict[str, bytes] = {}
+        if self._data_dir is None:
+            return found
+        for name in COLLECTED_FILES:
+            path = self._data_dir / name
+            try:
+                with path.open("rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    f.seek(max(0, size - limit))
+                    data = f.read(limit)
+            except OSError:
+                continue
+            if size > limit:
+                data = data[data.find(b"\n") + 1 :]
+                if name == "node.log":
+                    note = f"[{size - len(data)} earlier bytes are in {path} on its host]\n"
+                    data = note.encode() + data
+            found[name] = data
+        return found
+
     def rows(self) -> list[dict[str, Any]]:
         """Every round's row (metrics.jsonl on this host, else the last status)."""
         if self._data_dir is None:
@@ -230,6 +261,7 @@ class _Node:
     peak_rss_bytes: int | None = None
     incarnation: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # the actor's Ray options
+    files: dict[str, bytes] = field(default_factory=dict)  # its COLLECTED_FILES, if remote
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -270,10 +302,18 @@ def run_ray(
                 _check_fits(ray, scenario)
             run_id = f"{out.name}-{os.getpid()}"
             _place(ray, scenario, out, run_id, nodes, killed)
-            _start_all(ray, scenario, nodes)
-            chaos = _RayChaos(ray, scenario.faults, nodes, run_id, killed, started)
-            _watch(ray, nodes, scenario, started + deadline_s, deadline_s, progress, chaos, on_poll)
+            chaos = _RayChaos(ray, scenario.faults, nodes, run_id, killed, started, out)
+            try:
+                _start_all(ray, scenario, nodes)
+                _watch(
+                    ray, nodes, scenario, started + deadline_s, deadline_s, progress, chaos, on_poll
+                )
+            except RunFailed:
+                with contextlib.suppress(Exception):  # the others' logs tell what went wrong
+                    _collect(ray, nodes, out, chaos)
+                raise
             _stop_all(ray, nodes, chaos, grace)
+            _collect(ray, nodes, out, chaos)
         finally:
             for actor in killed:
                 with contextlib.suppress(Exception):
@@ -395,7 +435,9 @@ def _place(
 def _data_dir(out: Path, run_id: str, i: int, place: Mapping[str, Any], here: str | None) -> Path:
     """`<out>/nodes/n<i>` for a node on the runner's machine (as the process runner);
     on another machine, `<its temp dir>/p2pfl-ray/<run>/n<i>`: the output folder need
-    not exist there, and a restart lands on the same machine, so it finds it again."""
+    not exist there, and a restart lands on the same machine, so it finds it again.
+    `_collect` copies its log and records to `<out>/nodes/n<i>` at the end; the dir
+    itself (key, checkpoints) stays on that machine."""
     if place["node_id"] == here:
         return out / "nodes" / f"n{i}"
     return Path(place["tmp"]) / "p2pfl-ray" / run_id / f"n{i}"
@@ -542,6 +584,27 @@ def _stop_all(ray: Any, nodes: Sequence[_Node], chaos: _RayChaos, grace: float) 
             n.peak_rss_bytes = doc["peak_rss_bytes"]
 
 
+def _collect(ray: Any, nodes: Sequence[_Node], out: Path, chaos: _RayChaos) -> None:
+    """Copy the logs and records of the nodes on other machines into `<out>/nodes/n<i>`
+    through Ray (no shared filesystem), so the output folder has every node's, as with
+    processes. Best effort, bounded by COLLECT_TIMEOUT: a node that does not answer
+    (dead, crashed for good) keeps its files on its host only."""
+    remote = [n for n in nodes if not n.data_dir.is_relative_to(out)]
+    ask = [n for n in remote if n.index not in chaos.down]
+    refs = [n.actor.files.remote() for n in ask]
+    ready = ray.wait(refs, num_returns=len(refs), timeout=COLLECT_TIMEOUT)[0] if refs else []
+    for n, ref in zip(ask, refs, strict=True):
+        if ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):
+                n.files = ray.get(ref)
+    for n in remote:
+        if n.files:
+            here = out / "nodes" / n.name
+            here.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for name, data in n.files.items():
+                (here / name).write_bytes(data)
+
+
 def _record(n: _Node) -> dict[str, Any]:
     node = (n.status or {}).get("node", {})
     rows = n.rows or [dict(r) for r in (n.status or {}).get("history") or []]
@@ -577,6 +640,7 @@ class _RayChaos(CrashDriver):
         run_id: str,
         killed: list[Any],
         started: float,
+        out: Path,
     ) -> None:
         super().__init__(events)
         self.ray = ray
@@ -584,6 +648,7 @@ class _RayChaos(CrashDriver):
         self.run_id = run_id
         self.all_actors = killed
         self.started = started
+        self.out = out
 
     def reported_rounds(self) -> dict[int, int | None]:
         return {n.index: _current_round(n) for n in self.nodes if n.index not in self.down}
@@ -596,9 +661,13 @@ class _RayChaos(CrashDriver):
         n = self.nodes[i]
         status = (n.status or {}).get("round", {})
         if i in self.forever:
-            # Its rows stay on its host; fetch them now, the report needs them later.
+            # Its rows (and its log, from another machine) stay on its host; fetch them
+            # now, the report and the output folder need them later.
             with contextlib.suppress(Exception):
                 n.rows = self.ray.get(n.actor.rows.remote(), timeout=QUERY_TIMEOUT)
+            if not n.data_dir.is_relative_to(self.out):
+                with contextlib.suppress(Exception):
+                    n.files = self.ray.get(n.actor.files.remote(), timeout=QUERY_TIMEOUT)
         self.ray.kill(n.actor, no_restart=True)
         self.down.add(i)
         self._note(
