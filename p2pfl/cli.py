@@ -69,8 +69,8 @@ _HELP = {
     "arrived, weighted by staleness; docs/heterogeneity.md)",
     "staleness_exponent": "async: an input lagging s versions weighs (1 + s) ** -a",
     "max_staleness": "async: inputs lagging more versions than this are not mixed",
-    "min_inputs": "async: neighbours' models a step waits for before mixing (at most "
-    "--round-timeout; 0 = never wait)",
+    "min_inputs": "async: neighbours' models a step waits for before mixing (at least "
+    "2 x --tolerate; at most --round-timeout; 0 = never wait)",
     "round_timeout": "seconds to wait for neighbours' models before aggregating anyway",
     "rounds": "rounds to run (0 = forever); the node keeps serving peers afterwards",
     "worker_momentum": "send start + an exponential average (beta) of the round updates, "

@@ -208,7 +208,9 @@ class Node:
                     target_rounds=config.rounds,
                     staleness_exponent=config.staleness_exponent,
                     max_staleness=config.max_staleness,
-                    min_inputs=config.min_inputs,
+                    # A robust rule outvotes f attackers only among 2f + 1 inputs: a
+                    # median of our model and one attacker's is half the attacker's.
+                    min_inputs=max(config.min_inputs, 2 * config.tolerate),
                     max_wait=config.round_timeout,
                     neighbour_count=config.neighbour_count,
                     rule_name=config.aggregation,
@@ -241,6 +243,13 @@ class Node:
                 round=start_round,
                 node_id=self.id,
                 rng=np.random.default_rng([config.seed, config.node_index]),
+            )
+        if config.mode == "async" and config.outer == "fedavgm":
+            # Measured (docs/heterogeneity.md): its momentum piles up the disagreement
+            # between neighbours that one asynchronous mix leaves behind.
+            log.warning(
+                "outer = 'fedavgm' is unstable in the asynchronous mode (accuracy collapses "
+                "for steps at a time at the default outer_lr); prefer 'fedavg' or 'fedadam'"
             )
         self.last_aggregation: dict[str, Any] | None = None
         # The rule's fallbacks and guards by reason, and each neighbour's suspicion score.
