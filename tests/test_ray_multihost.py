@@ -302,10 +302,10 @@ class Run:
         return f"stdout:\n{self.stdout[-3000:]}\nstderr:\n{self.stderr[-3000:]}"
 
 
-def _drive(c: Cluster, scenario: Path, out: Path) -> Run:
+def _drive(c: Cluster, scenario: Path, out: Path, timeout: float = 90) -> Run:
     """`p2pfl scenario run FILE --ray HEAD --out OUT` on host A, watching the sockets."""
     argv = [sys.executable, "-m", "p2pfl", "scenario", "run", str(scenario),
-            "--ray", c.head, "--out", str(out), "--timeout", "90"]  # fmt: skip
+            "--ray", c.head, "--out", str(out), "--timeout", str(timeout)]  # fmt: skip
     logs = c.root / f"{out.name}.stdout", c.root / f"{out.name}.stderr"
     t0 = time.monotonic()
     with logs[0].open("wb") as o, logs[1].open("wb") as e:
@@ -481,6 +481,25 @@ def test_a_crashed_node_restarts_on_its_own_host(cluster: Cluster) -> None:
     assert remote >= 1
     for name in ("n3", "n4", "n5"):
         assert [r["round"] for r in records[name]["rounds"]] == [0, 1, 2, 3], name
+
+
+def test_a_failed_run_still_brings_back_every_nodes_log_and_rows(cluster: Cluster) -> None:
+    """The deadline passes mid-run (RunFailed): before the actors are killed, the logs
+    and records of the nodes on B and C are copied to A, so the partial metrics.json
+    (rebuilt from `<out>/nodes/n<i>/metrics.jsonl`) has their rounds too."""
+    c = cluster
+    scenario = c.root / "long.toml"
+    scenario.write_text(SCENARIO.replace("rounds = 3", "rounds = 500"))
+    out = c.root / "long"
+    run = _drive(c, scenario, out, timeout=7)
+    print(f"three-host failed scenario: {run.wall:.1f} s")
+    assert run.returncode == 1, run.failure()
+    assert "timed out" in run.stdout + run.stderr, run.failure()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] is False
+    for i in range(6):
+        assert "listening on" in (out / "nodes" / f"n{i}" / "node.log").read_text()
+        assert metrics["nodes"][f"n{i}"]["rounds"], f"n{i} has no rows"
 
 
 def test_what_a_remote_node_sends_back_is_its_log_and_records_only(tmp_path: Path) -> None:
