@@ -181,6 +181,9 @@ class NodeConfig:
     seed: int = 0
     # Fault injection (studies and tests): a plan file applied to this node's own links.
     faults: Path | None = None
+    # Straggler studies (scenario fault "slow"): local training takes this many times
+    # as long; the node waits out the extra time while still serving peers. 1 = off.
+    train_slowdown: float = 1.0
     # Operation.
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (docs/operations.md)
@@ -402,6 +405,11 @@ class NodeConfig:
             self.log_level in ("debug", "info", "warning", "error"),
             "log_level",
             "must be one of debug, info, warning, error",
+        )
+        _check(
+            math.isfinite(self.train_slowdown) and self.train_slowdown >= 1.0,
+            "train_slowdown",
+            f"must be a finite number >= 1 (1 = full speed), got {self.train_slowdown}",
         )
         self._check_metrics()
         _check(

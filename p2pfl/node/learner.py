@@ -397,6 +397,12 @@ class Learner:
                 self.supervisor.failed("training", exc)
                 new = np.full_like(params, np.nan)
             seconds = time.perf_counter() - started
+            if cfg.train_slowdown > 1.0:
+                # A slower device (scenario fault "slow"): wait out the extra time, the
+                # device still busy (the lock), the rest of the node serving meanwhile;
+                # the seconds reported are the slow device's.
+                await trio.sleep((cfg.train_slowdown - 1.0) * seconds)
+                seconds *= cfg.train_slowdown
             if self.dp_sgd is not None:
                 self.dp_sgd.rounds += 1
         if not np.isfinite(new).all():

@@ -3,7 +3,7 @@
     [[faults]]
     at_round = 3          # from this round on (the affected node's own round)
     kind = "crash"        # crash | restart | partition | heal | delay | loss | corrupt
-    nodes = [2]           #   | duplicate | reorder | truncate | stall
+    nodes = [2]           #   | duplicate | reorder | truncate | stall | slow
 
 `crash` SIGKILLs the nodes' processes once they report round `at_round` on their
 control sockets (no goodbye); `restart` starts them again on the same data dir once a
@@ -22,6 +22,11 @@ in-process nodes.
     stall      `nodes` stop reading from everyone (slow consumers)
 
 Network faults last until `until_round` (exclusive) or the end of the run.
+
+`slow` (`factor = 5`, `nodes` required, from round 0 for the whole run) makes those
+nodes' local training take `factor` times as long: each node gets the config value
+`train_slowdown` and, after training, waits (factor - 1) x the seconds it trained, so
+stragglers can be studied on one machine, with real processes, Ray or in-process.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ KINDS = (
     "reorder",
     "truncate",
     "stall",
+    "slow",
 )
 PROCESS_KINDS = ("crash", "restart")
 # How many rounds ahead of a crash the runner starts watching its victims closely.
@@ -67,6 +73,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "reorder": ("nodes", "until_round", "probability"),
     "truncate": ("nodes", "until_round", "probability"),
     "stall": ("nodes", "until_round"),
+    "slow": ("nodes", "factor"),
 }
 # The transport-level rule kind of each scenario kind (partition -> cut, loss -> drop).
 _RULE_KIND = {
@@ -91,6 +98,7 @@ class FaultEvent:
     delay: float = 0.0
     jitter: float = 0.0
     flips: int = 1
+    factor: float = 1.0  # slow: how many times longer the nodes' training takes
 
     def label(self) -> str:
         """Short text for the timeline and the plot."""
@@ -102,6 +110,8 @@ class FaultEvent:
         if self.kind == "delay":
             jitter = f"±{self.jitter * 1000:.0f}" if self.jitter else ""
             return f"delay {self.delay * 1000:.0f}{jitter} ms ({who})"
+        if self.kind == "slow":
+            return f"slow x{self.factor:g} ({who})"
         if self.kind in PROCESS_KINDS or self.kind == "stall":
             return f"{self.kind} {who}"
         return f"{self.kind} {self.probability:.0%} ({who})"
@@ -136,8 +146,13 @@ def _parse_event(item: Any, path: str, nodes: int, rounds: int) -> FaultEvent:
             raise _error(
                 f"{path}.{key}", f"unknown key for kind {kind!r}; known: {', '.join(allowed)}"
             )
-    at_round = _int(item, "at_round", path, required=True)
-    assert at_round is not None
+    # A slow device is slow from the start: its node reads the factor once, at start-up
+    # (the config value train_slowdown), so at_round may be left out and must be 0.
+    at_round = _int(item, "at_round", path, required=kind != "slow")
+    if at_round is None:
+        at_round = 0
+    if kind == "slow" and at_round != 0:
+        raise _error(f"{path}.at_round", "must be 0 for kind 'slow' (slow for the whole run)")
     if not 0 <= at_round < rounds:
         raise _error(f"{path}.at_round", f"must be in 0..{rounds - 1} (rounds = {rounds})")
     until = _int(item, "until_round", path, required=False)
@@ -146,7 +161,7 @@ def _parse_event(item: Any, path: str, nodes: int, rounds: int) -> FaultEvent:
     members: tuple[int, ...] = ()
     if "nodes" in item:
         members = _node_list(item["nodes"], f"{path}.nodes", nodes)
-    elif kind in ("crash", "restart", "partition"):
+    elif kind in ("crash", "restart", "partition", "slow"):
         raise _error(f"{path}.nodes", f"is required for kind {kind!r}")
     if kind == "partition" and len(members) >= nodes:
         raise _error(f"{path}.nodes", "one side of the partition: the others form the other side")
@@ -165,6 +180,8 @@ def _parse_event(item: Any, path: str, nodes: int, rounds: int) -> FaultEvent:
         if flips < 1:
             raise _error(f"{path}.flips", "must be >= 1")
         values["flips"] = flips
+    if kind == "slow":
+        values["factor"] = _factor(item, path)
     if kind == "loss" and "probability" not in values:
         raise _error(f"{path}.probability", "is required for kind 'loss' (e.g. 0.1)")
     if values.get("probability", 1.0) > 1.0:
@@ -172,6 +189,18 @@ def _parse_event(item: Any, path: str, nodes: int, rounds: int) -> FaultEvent:
     if kind == "delay" and values.get("delay", 0.0) == 0.0 and values.get("jitter", 0.0) == 0.0:
         raise _error(f"{path}.delay", "is required for kind 'delay' (seconds, e.g. 0.2)")
     return FaultEvent(at_round, kind, members, until, **values)
+
+
+def _factor(item: Mapping[str, Any], path: str) -> float:
+    """A slow fault's factor: a finite number > 1 (1 would be no fault at all)."""
+    value = item.get("factor")
+    if value is None:
+        raise _error(f"{path}.factor", "is required for kind 'slow' (e.g. 5)")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _error(f"{path}.factor", f"expected a number, got {value!r}")
+    if not math.isfinite(value) or value <= 1:
+        raise _error(f"{path}.factor", "must be a finite number > 1 (times the training time)")
+    return float(value)
 
 
 def _int(item: Mapping[str, Any], key: str, path: str, *, required: bool) -> int | None:
@@ -197,13 +226,22 @@ def _node_list(value: Any, path: str, nodes: int) -> tuple[int, ...]:
 
 
 def _check_sequence(events: list[FaultEvent], nodes: int) -> None:
-    """Crashes and restarts must alternate per node; a heal needs an open partition."""
+    """Crashes and restarts must alternate per node; a heal needs an open partition; a
+    node has one slowdown (two would leave which one holds to the reader)."""
     order = sorted(range(len(events)), key=lambda i: (events[i].at_round, i))
     down: dict[int, int] = {}  # node -> round it crashed
+    slowed: dict[int, int] = {}  # node -> the slow fault naming it
     open_partitions = 0
     for i in order:
         ev = events[i]
-        if ev.kind == "crash":
+        if ev.kind == "slow":
+            for n in ev.nodes:
+                if n in slowed:
+                    raise _error(
+                        f"faults[{i}].nodes", f"node {n} is already slow (faults[{slowed[n]}])"
+                    )
+                slowed[n] = i
+        elif ev.kind == "crash":
             for n in ev.nodes:
                 if n in down:
                     raise _error(
@@ -228,6 +266,11 @@ def _check_sequence(events: list[FaultEvent], nodes: int) -> None:
             if open_partitions == 0:
                 raise _error(f"faults[{i}].kind", "nothing to heal: no open partition before it")
             open_partitions = 0
+
+
+def slow_factors(events: Sequence[FaultEvent]) -> dict[int, float]:
+    """Each slow node's factor (its config value `train_slowdown`); others are absent."""
+    return {n: ev.factor for ev in events if ev.kind == "slow" for n in ev.nodes}
 
 
 # ---- network faults: per-node plans ------------------------------------------------------

@@ -35,7 +35,13 @@ from p2pfl.config import (
 from p2pfl.scenario import topology
 from p2pfl.scenario.attack_spec import AttackSpec as AttackSpec
 from p2pfl.scenario.attack_spec import parse_attacks
-from p2pfl.scenario.faults import FaultEvent, fault_plan_nodes, parse_faults, plan_path
+from p2pfl.scenario.faults import (
+    FaultEvent,
+    fault_plan_nodes,
+    parse_faults,
+    plan_path,
+    slow_factors,
+)
 
 # ScenarioError is re-exported: callers know it as part of the schema.
 from p2pfl.scenario.table import ScenarioError as ScenarioError
@@ -280,6 +286,7 @@ class Scenario:
             raise ValueError("need one address and one data dir per node")
         adj = topology.adjacency(self.nodes, self.edges())
         faulty = set(fault_plan_nodes(self.faults, self.nodes))
+        slow = slow_factors(self.faults)
         full = self.topology.kind == "full"
         mdns = self.discovery == "mdns" and not any(a.startswith("mem:") for a in addresses)
         in_process = any(a.startswith("mem:") for a in addresses)
@@ -377,6 +384,7 @@ class Scenario:
                     else {}
                 ),
                 **({"faults": plan_path(data_dirs[i])} if i in faulty else {}),
+                **({"train_slowdown": slow[i]} if i in slow else {}),
             }
             for i in range(self.nodes)
         ]
