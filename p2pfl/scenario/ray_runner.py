@@ -58,10 +58,11 @@ START_TIMEOUT = 120.0  # actors waiting for resources, a worker process starting
 NODE_START_TIMEOUT = 60.0  # one node loading its data and binding its port
 # What a node on another machine sends back into `<out>/nodes/n<i>` at the end: its log
 # and records, never its key, lock or checkpoints. Each file is cut to its last
-# COLLECT_LIMIT bytes (at a line start); COLLECT_TIMEOUT bounds the whole collection.
+# COLLECT_LIMIT bytes (at a line start).
 COLLECTED_FILES = ("node.log", "metrics.jsonl", "command.txt", "privacy.json")
 COLLECT_LIMIT = 8 * 2**20
-COLLECT_TIMEOUT = 30.0
+COLLECT_TIMEOUT = 30.0  # per batch of COLLECT_BATCH nodes
+COLLECT_BATCH = 32
 
 
 # ---- the actor: one node, on whatever machine Ray puts it ------------------------------
@@ -587,22 +588,32 @@ def _stop_all(ray: Any, nodes: Sequence[_Node], chaos: _RayChaos, grace: float) 
 def _collect(ray: Any, nodes: Sequence[_Node], out: Path, chaos: _RayChaos) -> None:
     """Copy the logs and records of the nodes on other machines into `<out>/nodes/n<i>`
     through Ray (no shared filesystem), so the output folder has every node's, as with
-    processes. Best effort, bounded by COLLECT_TIMEOUT: a node that does not answer
-    (dead, crashed for good) keeps its files on its host only."""
+    processes. Best effort: a node that does not answer within COLLECT_TIMEOUT (dead,
+    crashed for good before it could be asked) keeps its files on its host only. Asked
+    COLLECT_BATCH at a time, so the runner never holds more than that many nodes' files."""
     remote = [n for n in nodes if not n.data_dir.is_relative_to(out)]
-    ask = [n for n in remote if n.index not in chaos.down]
-    refs = [n.actor.files.remote() for n in ask]
-    ready = ray.wait(refs, num_returns=len(refs), timeout=COLLECT_TIMEOUT)[0] if refs else []
-    for n, ref in zip(ask, refs, strict=True):
-        if ref in ready:
-            with contextlib.suppress(ray.exceptions.RayError):
-                n.files = ray.get(ref)
     for n in remote:
-        if n.files:
-            here = out / "nodes" / n.name
-            here.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for name, data in n.files.items():
-                (here / name).write_bytes(data)
+        if n.files:  # fetched before a crash for good
+            _write_files(out, n)
+            n.files = {}
+    ask = [n for n in remote if n.index not in chaos.down]
+    for start in range(0, len(ask), COLLECT_BATCH):
+        batch = ask[start : start + COLLECT_BATCH]
+        refs = [n.actor.files.remote() for n in batch]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=COLLECT_TIMEOUT)[0])
+        for n, ref in zip(batch, refs, strict=True):
+            if ref in ready:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    n.files = ray.get(ref)
+                    _write_files(out, n)
+            n.files = {}
+
+
+def _write_files(out: Path, n: _Node) -> None:
+    here = out / "nodes" / n.name
+    here.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name, data in n.files.items():
+        (here / name).write_bytes(data)
 
 
 def _record(n: _Node) -> dict[str, Any]:
