@@ -226,7 +226,7 @@ def test_a_failure_in_the_inbox_ends_only_that_link(tmp_path: Path) -> None:
     link ends (and is redialed), the node and its other links go on."""
     nodes = ring_nodes(tmp_path, 3, MemoryNetwork(direct=True), rounds=2)
     mesh = nodes[0].mesh
-    real = mesh._take
+    real = mesh.intake.take
     failed: list[str] = []
 
     async def take_once_failing(link: Link, item: bytes | Exception) -> bool:
@@ -235,7 +235,7 @@ def test_a_failure_in_the_inbox_ends_only_that_link(tmp_path: Path) -> None:
             raise RuntimeError("bug")
         return await real(link, item)
 
-    mesh._take = take_once_failing  # type: ignore[method-assign]
+    mesh.intake.take = take_once_failing  # type: ignore[method-assign]
     trio.run(run_until_done, nodes, clock=trio.testing.MockClock(autojump_threshold=0))
     assert len(failed) == 1
     assert nodes[0].supervisor.contained["connection:RuntimeError"] == 1
