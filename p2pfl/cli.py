@@ -71,6 +71,8 @@ _HELP = {
     "max_staleness": "async: inputs lagging more versions than this are not mixed",
     "min_inputs": "async: neighbours' models a step waits for before mixing (at least "
     "2 x --tolerate; at most --round-timeout; 0 = never wait)",
+    "mix_grace": "async: once --min-inputs are in, wait this fraction of our own training "
+    "time more for the other neighbours (stragglers miss it)",
     "round_timeout": "seconds to wait for neighbours' models before aggregating anyway",
     "rounds": "rounds to run (0 = forever); the node keeps serving peers afterwards",
     "worker_momentum": "send start + an exponential average (beta) of the round updates, "

@@ -135,6 +135,9 @@ class NodeConfig:
     max_staleness: int = 20  # async: inputs lagging more versions are not mixed
     # async: neighbours' models a step waits for (FedBuff's K), round_timeout at most.
     min_inputs: int = 1
+    # async: once min_inputs are in, wait this fraction of our own training time more
+    # for the other neighbours (as fast as we are: they make it; stragglers do not).
+    mix_grace: float = 0.5
     quorum: float = 1.0
     round_timeout: float = 30.0
     aggregation: str = "mean"
@@ -447,6 +450,11 @@ class NodeConfig:
         )
         _check(self.max_staleness >= 0, "max_staleness", "must be >= 0 versions")
         _check(self.min_inputs >= 0, "min_inputs", "must be >= 0 (0 = never wait)")
+        _check(
+            math.isfinite(self.mix_grace) and self.mix_grace >= 0,
+            "mix_grace",
+            f"must be >= 0 (a fraction of the step's training time), got {self.mix_grace}",
+        )
         if self.mode != "async":
             return
         # What needs every neighbour's model of one round together cannot run without

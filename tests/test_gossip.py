@@ -30,6 +30,7 @@ def vec(x: float) -> np.ndarray:
 def machine(**settings: object) -> GossipMachine:
     """Mixing at once after each step unless a test asks for waiting (min_inputs)."""
     settings.setdefault("min_inputs", 0)
+    settings.setdefault("grace", 0.0)
     return GossipMachine(
         params=vec(0.0),
         rule=mean,
@@ -320,3 +321,22 @@ def test_a_lost_neighbour_is_not_waited_for() -> None:
     assert [type(a) for a in m.trained(1.0, 0, vec(1.0), 10, ["b", "c"])] == [Broadcast]
     out = m.peer_lost(2.0, "c")
     assert [type(a) for a in out] == [Aggregated, Train]
+
+
+def test_peers_as_fast_as_we_are_are_waited_for_within_the_grace() -> None:
+    m = machine(min_inputs=1, grace=0.5, max_wait=30.0)
+    m.start(0.0, PEERS)
+    assert m.trained(2.0, 0, vec(1.0), 10, PEERS)[1:] == []  # trained 2 s: grace 1 s
+    assert m.next_wakeup == 3.0
+    assert m.receive_update(2.5, "b", 0, vec(3.0), 10) == []  # one is enough, after 3.0
+    assert m.tick(2.9) == []
+    out = m.tick(3.0)  # c and d are stragglers: mix without them
+    done = next(a for a in out if isinstance(a, Aggregated))
+    assert done.senders == ("b",)
+    # Next step (trained 1 s, grace 0.5 s): everyone is in early, so no waiting at all.
+    m.receive_update(3.5, "c", 0, vec(3.0), 10)
+    m.receive_update(3.6, "d", 0, vec(3.0), 10)
+    m.trained(4.0, 1, vec(1.0), 10, PEERS)
+    out = m.receive_update(4.1, "b", 1, vec(3.0), 10)
+    assert [type(a) for a in out] == [Aggregated, Train]
+    assert m.next_wakeup is None

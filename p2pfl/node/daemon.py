@@ -212,6 +212,7 @@ class Node:
                     # median of our model and one attacker's is half the attacker's.
                     min_inputs=max(config.min_inputs, 2 * config.tolerate),
                     max_wait=config.round_timeout,
+                    grace=config.mix_grace,
                     neighbour_count=config.neighbour_count,
                     rule_name=config.aggregation,
                     defer_aggregation=train_in_thread,

@@ -2,10 +2,12 @@
 
 A node trains, sends the result to its neighbours, mixes it with the newest model each
 neighbour has sent since its last mix, and trains again. There is no round: a node
-waits only until `min_inputs` neighbours' models are in (FedBuff's buffer size K,
-Nguyen et al. 2022; usually they already are, having arrived during training), so a
-device five times slower than the rest holds back only its own steps, and a node whose
-training is faster than its links does not race ahead alone. `max_wait` bounds the wait.
+waits for its neighbours' models only while they are as fast as it is (a `grace` of
+half its own training time), and for at least `min_inputs` of them (FedBuff's buffer
+size K, Nguyen et al. 2022). A device five times slower than the rest therefore holds
+back only its own steps, a node whose training is faster than its links does not race
+ahead alone, and without stragglers every neighbour is mixed, as in the rounds.
+`max_wait` bounds any wait.
 
 Each model carries a *version*, a Lamport clock over training steps: after a mix a
 node's version is one more than the (lower) median of its own and the mixed inputs'
@@ -55,6 +57,9 @@ class GossipSettings:
     max_staleness: int = 20  # inputs lagging more versions than this are not mixed
     min_inputs: int = 1  # neighbours' models to wait for before mixing (0 = never wait)
     max_wait: float = 30.0  # seconds a step waits for them at most
+    # Once min_inputs are in, how long (a fraction of our own step's training time) to
+    # wait for the other neighbours: peers as fast as we are make it, stragglers do not.
+    grace: float = 0.5
     neighbour_count: int | None = None  # None = all connected peers
     rule_name: str = "mean"
     # Hand the rule's work out as an Aggregate action instead of running it here.
@@ -81,6 +86,8 @@ class GossipMachine:
 
     phase: Phase = Phase.STARTING
     deadline: float | None = None  # while waiting for inputs
+    _train_started: float = 0.0
+    _grace_at: float | None = None  # until then, only every live neighbour is enough
     # Peers known not to answer (set by the daemon; nothing here waits for anybody).
     unresponsive: frozenset[str] = frozenset()
     _buffer: dict[str, _Input] = field(default_factory=dict)  # peer -> newest unmixed model
@@ -104,7 +111,7 @@ class GossipMachine:
     def start(self, now: float, peers: list[str]) -> list[Action]:
         if self.phase is not Phase.STARTING:
             return []
-        return self._next_step()
+        return self._next_step(now)
 
     def trained(
         self, now: float, round: int, params: np.ndarray, samples: int, peers: list[str]
@@ -121,7 +128,9 @@ class GossipMachine:
         actions: list[Action] = [Broadcast(self.round, own.params, samples, to)]
         self.phase = Phase.COLLECTING
         self.deadline = now + self.settings.max_wait
-        return actions + self._maybe_mix()
+        grace = self.settings.grace * max(0.0, now - self._train_started)
+        self._grace_at = now + grace if grace > 0 else None
+        return actions + self._maybe_mix(now)
 
     def receive_update(
         self, now: float, sender: str, round: int, params: np.ndarray, samples: int
@@ -135,7 +144,7 @@ class GossipMachine:
         self._last_version[sender] = round
         self._note(sender, round)
         self._buffer[sender] = _Input(round, params, samples)
-        return self._maybe_mix() if self.phase is Phase.COLLECTING else []
+        return self._maybe_mix(now) if self.phase is Phase.COLLECTING else []
 
     def aggregated(self, now: float, round: int, new: np.ndarray) -> list[Action]:
         """The rule's result for the step at version `round` (after an Aggregate)."""
@@ -143,7 +152,7 @@ class GossipMachine:
             return []
         senders, received, ids, version = self._deferred
         self._deferred = None
-        return self._adopt(new, senders, received, ids, version)
+        return self._adopt(now, new, senders, received, ids, version)
 
     def peer_lost(self, now: float, peer: str) -> list[Action]:
         self._buffer.pop(peer, None)
@@ -151,12 +160,12 @@ class GossipMachine:
         self._peer_rounds.pop(peer, None)
         self._to = tuple(p for p in self._to if p != peer)
         self._asked = tuple(p for p in self._asked if p != peer)
-        return self._maybe_mix() if self.phase is Phase.COLLECTING else []
+        return self._maybe_mix(now) if self.phase is Phase.COLLECTING else []
 
     def observe_peer_round(self, now: float, peer: str, round: int) -> list[Action]:
         """A peer's version from its hello or heartbeat: it may have finished."""
         self._note(peer, round)
-        return self._maybe_mix() if self.phase is Phase.COLLECTING else []
+        return self._maybe_mix(now) if self.phase is Phase.COLLECTING else []
 
     def receive_state(
         self, now: float, sender: str, round: int, params: np.ndarray
@@ -166,25 +175,34 @@ class GossipMachine:
             return []
         self._asked = tuple(p for p in self._asked if p != sender)
         if params.shape != self.params.shape or not all_finite(params):
-            return [Rejected(sender, round, "bad_state"), *self._maybe_mix()]
+            return [Rejected(sender, round, "bad_state"), *self._maybe_mix(now)]
         assert self._own is not None
         self._note(sender, round)
         state = np.ascontiguousarray(params, dtype=np.float32)
         self._buffer[sender] = _Input(round, state, self._own.samples)
-        return self._maybe_mix()
+        return self._maybe_mix(now)
 
     def receive_abstain(self, now: float, sender: str, round: int) -> list[Action]:
         return []  # only secure aggregation abstains, and it needs the synchronous rounds
 
     def tick(self, now: float) -> list[Action]:
-        """`max_wait` passed without enough inputs: mix what there is."""
-        if self.phase is not Phase.COLLECTING or self.deadline is None or now < self.deadline:
+        """The grace ended (min_inputs now suffice) or `max_wait` passed (mix what
+        there is)."""
+        if self.phase is not Phase.COLLECTING:
             return []
-        return self._mix()
+        if self._grace_at is not None and now >= self._grace_at:
+            self._grace_at = None
+        if self.deadline is not None and now >= self.deadline:
+            return self._mix(now)
+        return self._maybe_mix(now)
 
     @property
     def next_wakeup(self) -> float | None:
-        return self.deadline if self.phase is Phase.COLLECTING else None
+        if self.phase is not Phase.COLLECTING:
+            return None
+        if self._grace_at is not None and self.deadline is not None:
+            return min(self._grace_at, self.deadline)
+        return self.deadline
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -201,12 +219,13 @@ class GossipMachine:
     def _done(self) -> bool:
         return self.settings.target_rounds > 0 and self.round >= self.settings.target_rounds
 
-    def _next_step(self) -> list[Action]:
+    def _next_step(self, now: float) -> list[Action]:
         if self._done():
             self.phase = Phase.DONE
             return [Finished(self.round)]
         self.phase = Phase.TRAINING
         self._own = None
+        self._train_started = now
         return [Train(self.round, self.params.copy())]
 
     def _check(self, sender: str, round: int, params: np.ndarray, samples: int) -> str | None:
@@ -236,30 +255,35 @@ class GossipMachine:
         if round > self._peer_rounds.get(peer, -1):
             self._peer_rounds[peer] = round
 
-    def _maybe_mix(self) -> list[Action]:
-        """Mix once enough neighbours' models are in. Finished neighbours send no more:
-        when only they are left, ask them for their final models. With nobody at all,
-        wait for `max_wait` (a peer may connect) rather than race ahead alone."""
+    def _maybe_mix(self, now: float) -> list[Action]:
+        """Mix once every live neighbour's model is in, or `min_inputs` of them once the
+        grace is over. Finished neighbours send no more: when only they are left, ask
+        them for their final models. With nobody at all, wait for `max_wait` (a peer
+        may connect) rather than race ahead alone."""
         if self.settings.min_inputs == 0:
-            return self._mix()
+            return self._mix(now)
         fresh = self._fresh()
         live = [p for p in self._to if not self._finished(p)]
         if live:
-            return self._mix() if len(fresh) >= min(self.settings.min_inputs, len(live)) else []
+            if sum(p in fresh for p in live) >= len(live):
+                return self._mix(now)  # nobody left to wait for
+            enough = len(fresh) >= min(self.settings.min_inputs, len(live))
+            return self._mix(now) if enough and self._grace_at is None else []
         if self._asked:
             return []  # every finished neighbour asked answers first (max_wait at most)
         if fresh:
-            return self._mix()
+            return self._mix(now)
         finished = tuple(p for p in self._to if self._finished(p))
         if not finished:
             return []
         self._asked = finished
         return [RequestState(finished)]
 
-    def _mix(self) -> list[Action]:
+    def _mix(self, now: float) -> list[Action]:
         """Our step's model and every fresh buffered one, through the rule."""
         assert self._own is not None
         self.deadline = None
+        self._grace_at = None
         fresh = self._fresh()
         self._buffer.clear()  # each neighbour's model is mixed once
         senders = tuple(sorted(fresh))
@@ -281,10 +305,11 @@ class GossipMachine:
             self._deferred = (senders, received, ids, version)
             return [Aggregate(self.round, tuple(x.params for _, x in inputs), weights, own)]
         new = self.rule(np.stack([x.params for _, x in inputs]), weights, own)
-        return self._adopt(new, senders, received, ids, version)
+        return self._adopt(now, new, senders, received, ids, version)
 
     def _adopt(
         self,
+        now: float,
         new: np.ndarray,
         senders: tuple[str, ...],
         received: tuple[np.ndarray, ...],
@@ -304,7 +329,7 @@ class GossipMachine:
         done = Aggregated(
             step, self.params, senders, rejected, False, self.settings.rule_name, received, ids
         )
-        return [done, *guard, *self._next_step()]
+        return [done, *guard, *self._next_step(now)]
 
     def _choose_neighbours(self, peers: list[str]) -> tuple[str, ...]:
         peers = sorted(set(peers))

@@ -120,6 +120,7 @@ class ProtocolSpec:
     staleness_exponent: float = 0.5
     max_staleness: int = 20
     min_inputs: int = 1
+    mix_grace: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,7 @@ class Scenario:
                 "staleness_exponent": self.protocol.staleness_exponent,
                 "max_staleness": self.protocol.max_staleness,
                 "min_inputs": self.protocol.min_inputs,
+                "mix_grace": self.protocol.mix_grace,
                 "seed": node_seed(self.seed, i),
                 **self._robust_values(i, addresses),
                 **(
@@ -629,9 +631,12 @@ def _parse_protocol(t: Table, nodes: int) -> ProtocolSpec:
         staleness_exponent=t.get_float("staleness_exponent", 0.5),
         max_staleness=t.get_int("max_staleness", 20, minimum=0),
         min_inputs=t.get_int("min_inputs", 1, minimum=0),
+        mix_grace=t.get_float("mix_grace", 0.5),
     )
     if spec.staleness_exponent < 0:
         raise ScenarioError("protocol.staleness_exponent", "must be >= 0 (0 = no discount)")
+    if spec.mix_grace < 0:
+        raise ScenarioError("protocol.mix_grace", "must be >= 0 (a fraction of training time)")
     if spec.heartbeat_timeout <= spec.heartbeat_interval:
         raise ScenarioError("protocol.heartbeat_timeout", "must be larger than heartbeat_interval")
     t.finish()
@@ -758,6 +763,7 @@ _CONFIG_FIELD_PATHS = {
     "round_timeout": "protocol.round_timeout", "mode": "protocol.mode",
     "staleness_exponent": "protocol.staleness_exponent",
     "max_staleness": "protocol.max_staleness", "min_inputs": "protocol.min_inputs",
+    "mix_grace": "protocol.mix_grace",
     "heartbeat_interval": "protocol.heartbeat_interval",
     "heartbeat_timeout": "protocol.heartbeat_timeout", "min_peers": "protocol.min_peers",
     "aggregation": "aggregation.rule", "tolerate": "aggregation.f",
