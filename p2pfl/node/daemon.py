@@ -333,16 +333,31 @@ class Node:
         connected = self.peers.connected_ids()
         return len(connected) if self.secure is None else self.secure.ready(connected)
 
-    async def _start_rounds(self) -> None:
-        need = min(self.config.min_peers, self.config.max_peers)
-        if self.secure is not None:  # policy "wait": not without enough peers for a group
-            need = max(need, self.secure.peers_needed())
+    async def _wait_for_peers(self, need: int) -> None:
         last_note = trio.current_time()
         while self._ready_peers() < need:
             await self.mesh.peers_changed()
             if trio.current_time() - last_note > 10:
                 log.info("waiting for peers (%d/%d connected)", self.peers.connected_count(), need)
                 last_note = trio.current_time()
+
+    async def _start_rounds(self) -> None:
+        need = min(self.config.min_peers, self.config.max_peers)
+        if self.secure is not None:  # policy "wait": not without enough peers for a group
+            need = max(need, self.secure.peers_needed())
+        # Resumed from a checkpoint, a node catches up from the peers it waits for (the
+        # more, the less one liar decides), but a neighbour may be down for good: after
+        # a round timeout, any one peer will do.
+        resumed = self.machine.round > 0 and self.secure is None
+        with trio.move_on_after(self.config.round_timeout if resumed else math.inf):
+            await self._wait_for_peers(need)
+        if self._ready_peers() < need:
+            log.info(
+                "resuming with %d of %d peers (the others may be gone for good)",
+                self._ready_peers(),
+                need,
+            )
+            await self._wait_for_peers(1)
         # Let the connected peers' hellos (their rounds) arrive first, so a restarted node
         # catches up from several peers rather than the first one that spoke.
         with trio.move_on_after(HELLO_GRACE):
