@@ -32,17 +32,14 @@ Results go to benchmarks/results/hetero_grid.json and a markdown table on stdout
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from p2pfl.scenario import parse_scenario, topology
-from p2pfl.scenario.inprocess import run_in_process
-from p2pfl.scenario.report import build_metrics
+from _cells import merge_results, run_cell_in_process, run_grid
+
+from p2pfl.scenario import topology
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hetero_grid.json"
 # A "+nnm" suffix runs the rule after nearest-neighbour mixing (`nnm = true`); an
@@ -149,12 +146,9 @@ Cell = tuple[str, float, str, int, int, str]
 
 def run_cell(args: Cell) -> dict[str, Any]:
     rule, momentum, attack, rounds, seed, setup = args
-    scenario = parse_scenario(scenario_doc(rule, momentum, attack, rounds, seed, setup))
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        records, _ = run_in_process(scenario, Path(tmp))
-    wall = time.monotonic() - started
-    metrics = build_metrics(scenario, records, wall_seconds=wall, mode="in-process")
+    _, metrics, wall = run_cell_in_process(
+        scenario_doc(rule, momentum, attack, rounds, seed, setup)
+    )
     final = metrics["summary"]["final"]
     return {
         "rule": rule,
@@ -174,16 +168,21 @@ def _key(r: dict[str, Any]) -> tuple[str, float, str, int, int]:
     return (r["rule"], r["worker_momentum"], r["attack"], r["rounds"], r.get("seed", 0))
 
 
+def _progress(r: dict[str, Any]) -> str:
+    acc = r["honest_accuracy_mean"]
+    return (
+        f"{r['rule']:24} m={r['worker_momentum']:g} {r['attack']:14} "
+        f"acc={acc if acc is None else round(acc, 4)} {r['wall_seconds']}s"
+    )
+
+
 def breakdown(rule: str, attack: str, rounds: int, seed: int, setup: str) -> list[str]:
     """Honest nodes grouped by how many attackers they neighbour: the group's mean final
     accuracy clean and under `attack` (same graph, split and attackers), and its worst
     node under attack. Shows whether damage stays where the attackers are."""
     finals = {}
     for a in ("none", attack):
-        scenario = parse_scenario(scenario_doc(rule, 0.0, a, rounds, seed, setup))
-        with tempfile.TemporaryDirectory() as tmp:
-            records, _ = run_in_process(scenario, Path(tmp))
-        metrics = build_metrics(scenario, records, wall_seconds=0.0, mode="in-process")
+        scenario, metrics, _ = run_cell_in_process(scenario_doc(rule, 0.0, a, rounds, seed, setup))
         finals[a] = {k: v["rounds"][-1]["accuracy"] for k, v in metrics["nodes"].items()}
         malicious = {int(name[1:]) for name in metrics["summary"]["malicious_nodes"]}
     adj = topology.adjacency(scenario.nodes, scenario.edges())
@@ -282,22 +281,9 @@ def main() -> None:
         for a in attacks
     ]
     started = time.monotonic()
-    results: list[dict[str, Any]] = []
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        for i, r in enumerate(pool.imap_unordered(run_cell, todo), 1):
-            results.append(r)
-            acc = r["honest_accuracy_mean"]
-            print(
-                f"[{i}/{len(todo)}] {r['rule']:24} m={r['worker_momentum']:g} {r['attack']:14} "
-                f"acc={acc if acc is None else round(acc, 4)} {r['wall_seconds']}s",
-                flush=True,
-            )
-    previous = json.loads(out.read_text())["results"] if out.exists() else []
+    results = run_grid(run_cell, todo, args.jobs, _progress)
     done = {_key(r) for r in results}
-    keep = [r for r in previous if _key(r) not in done]
-    merged = keep + results
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"results": merged}, indent=1) + "\n")
+    merged = merge_results(out, results, replaced=lambda r: _key(r) in done)
     print(
         f"\n### hetero ({args.rounds} rounds, seeds {args.seeds}; honest mean final "
         "accuracy, %, averaged over seeds; min = worst honest node)\n"

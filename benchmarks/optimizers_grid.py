@@ -18,22 +18,16 @@ benchmarks/results/optimizers_grid.json and a markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cells import merge_results, run_cell_in_process, run_grid
 from hetero_grid import scenario_doc  # a sibling script, not a package
-
-from p2pfl.scenario import parse_scenario
-from p2pfl.scenario.inprocess import run_in_process
-from p2pfl.scenario.report import build_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optimizers_grid.json"
 NODES = 8
@@ -72,14 +66,8 @@ def run_cell(args: Cell) -> dict[str, Any]:
     doc["training"]["epochs"] = epochs
     doc["aggregation"] = {"rule": "mean"}
     doc["training"].update(training_keys(spec))
-    scenario = parse_scenario(doc)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        records, _ = run_in_process(scenario, Path(tmp))
-    wall = time.monotonic() - started
-    final = build_metrics(scenario, records, wall_seconds=wall, mode="in-process")["summary"][
-        "final"
-    ]
+    _, metrics, wall = run_cell_in_process(doc)
+    final = metrics["summary"]["final"]
     return {
         "optimizer": spec,
         "alpha": alpha,
@@ -90,6 +78,14 @@ def run_cell(args: Cell) -> dict[str, Any]:
         "accuracy_min": final["accuracy_min"],
         "wall_seconds": round(wall, 2),
     }
+
+
+def _progress(r: dict[str, Any]) -> str:
+    acc = r["accuracy_mean"]
+    return (
+        f"{r['optimizer']:28} seed {r['seed']} "
+        f"acc={acc if acc is None else round(acc, 4)} {r['wall_seconds']}s"
+    )
 
 
 def _key(r: dict[str, Any]) -> tuple[str, float, int, int, int]:
@@ -127,21 +123,9 @@ def main() -> None:
         (spec, args.alpha, args.epochs, args.rounds, seed) for seed in seeds for spec in specs
     ]
     started = time.monotonic()
-    results: list[dict[str, Any]] = []
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        for i, r in enumerate(pool.imap_unordered(run_cell, todo), 1):
-            results.append(r)
-            acc = r["accuracy_mean"]
-            print(
-                f"[{i}/{len(todo)}] {r['optimizer']:28} seed {r['seed']} "
-                f"acc={acc if acc is None else round(acc, 4)} {r['wall_seconds']}s",
-                flush=True,
-            )
-    previous = json.loads(args.out.read_text())["results"] if args.out.exists() else []
+    results = run_grid(run_cell, todo, args.jobs, _progress)
     done = {_key(r) for r in results}
-    merged = [r for r in previous if _key(r) not in done] + results
-    args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps({"results": merged}, indent=1) + "\n")
+    merged = merge_results(args.out, results, replaced=lambda r: _key(r) in done)
     shown = [
         r
         for r in merged

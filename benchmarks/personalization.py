@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from p2pfl.scenario import parse_scenario
-from p2pfl.scenario.inprocess import run_in_process
-from p2pfl.scenario.report import build_metrics
+from _cells import run_cell_in_process
 
 RESULTS = Path(__file__).resolve().parent / "results" / "personalization.json"
 KEYS = ("accuracy", "local_accuracy", "personal_accuracy")
@@ -40,10 +37,7 @@ def run(seed: int, lam: float) -> dict[str, float]:
                      "personal_lambda": lam},
         "protocol": {"round_timeout": 30.0},
     }  # fmt: skip
-    scenario = parse_scenario(doc)
-    with tempfile.TemporaryDirectory() as tmp:
-        records, _ = run_in_process(scenario, Path(tmp))
-    nodes = build_metrics(scenario, records, wall_seconds=0.0, mode="in-process")["nodes"]
+    nodes = run_cell_in_process(doc)[1]["nodes"]
     finals = [rec["rounds"][-1]["metrics"] for rec in nodes.values()]
     return {k: sum(f[k] for f in finals) / len(finals) for k in KEYS}
 

@@ -13,14 +13,11 @@ Writes benchmarks/results/privacy_distributed.json and prints a markdown table.
 from __future__ import annotations
 
 import json
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from p2pfl.scenario import parse_scenario
-from p2pfl.scenario.inprocess import run_in_process
-from p2pfl.scenario.report import build_metrics
+from _cells import run_cell_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "privacy_distributed.json"
@@ -34,10 +31,7 @@ def final_accuracy(nodes: int, epsilon: float, mode: str, seed: int) -> float:
     doc["privacy"] = {"epsilon": epsilon, "delta": 1e-5, "clip": 1.0}
     if mode == "distributed":
         doc["secure_aggregation"] = {"enabled": True, "group_size": 3, "min_group": 3}
-    scenario = parse_scenario(doc)
-    with tempfile.TemporaryDirectory() as tmp:
-        records, _ = run_in_process(scenario, Path(tmp))
-    metrics = build_metrics(scenario, records, wall_seconds=0.0, mode="in-process")
+    _, metrics, _ = run_cell_in_process(doc)
     return float(metrics["summary"]["final"]["accuracy_mean"])
 
 

@@ -26,17 +26,11 @@ label split is the scenario partition `clusters`.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import multiprocessing
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from p2pfl.scenario import parse_scenario
-from p2pfl.scenario.inprocess import run_in_process
-from p2pfl.scenario.report import build_metrics
+from _cells import chosen, counting_fallbacks, merge_results, run_cell_in_process, run_grid
 
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness_grid.json"
 RULES = (
@@ -92,32 +86,10 @@ def scenario_doc(grid: str, rule: str, bucketed: bool, attack: str, rounds: int)
     return doc
 
 
-class _FallbackCounter(logging.Handler):
-    """Counts the rules' first-time fallback warnings (later ones are debug)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "falling back" in record.getMessage():
-            self.count += 1
-
-
 def run_cell(args: tuple[str, str, bool, str, int]) -> dict[str, Any]:
     grid, rule, bucketed, attack, rounds = args
-    scenario = parse_scenario(scenario_doc(grid, rule, bucketed, attack, rounds))
-    started = time.monotonic()
-    fallbacks = _FallbackCounter()
-    logging.getLogger("p2pfl.aggregation").addHandler(fallbacks)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            records, _ = run_in_process(scenario, out)
-    finally:
-        logging.getLogger("p2pfl.aggregation").removeHandler(fallbacks)
-    wall = time.monotonic() - started
-    metrics = build_metrics(scenario, records, wall_seconds=wall, mode="in-process")
+    with counting_fallbacks() as fallbacks:  # the rules' first-time warnings only
+        _, metrics, wall = run_cell_in_process(scenario_doc(grid, rule, bucketed, attack, rounds))
     final = metrics["summary"]["final"]
     return {
         "grid": grid,
@@ -184,32 +156,28 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(GRIDS), help="comma-separated grids")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    grids = [g for g in args.only.split(",") if g]
-    unknown = set(grids) - set(GRIDS)
-    if unknown:
-        parser.error(f"unknown grids {sorted(unknown)}; choose from {', '.join(GRIDS)}")
+    grids = chosen(parser, args.only, GRIDS, "grids")
     todo = cells(grids, args.rounds)
     started = time.monotonic()
-    results: list[dict[str, Any]] = []
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        for i, r in enumerate(pool.imap_unordered(run_cell, todo), 1):
-            results.append(r)
-            acc = r["honest_accuracy_mean"]
-            print(
-                f"[{i}/{len(todo)}] {r['grid']:9} {r['rule']:24} b={int(r['bucketing'])} "
-                f"{r['attack']:10} acc={acc if acc is None else round(acc, 4)} "
-                f"fallbacks={r['fallback_nodes']} {r['wall_seconds']}s",
-                flush=True,
-            )
-    previous = json.loads(args.out.read_text())["results"] if args.out.exists() else []
-    keep = [r for r in previous if r["grid"] not in grids or r["rounds"] != args.rounds]
-    merged = keep + sorted(results, key=lambda r: todo.index(_key(r)))
-    args.out.parent.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps({"results": merged}, indent=1) + "\n")
+    results = run_grid(run_cell, todo, args.jobs, _progress)
+    merged = merge_results(
+        args.out,
+        sorted(results, key=lambda r: todo.index(_key(r))),
+        replaced=lambda r: r["grid"] in grids and r["rounds"] == args.rounds,
+    )
     for grid in grids:
         print(f"\n### {grid} ({args.rounds} rounds; honest nodes' mean final accuracy, %)\n")
         print(markdown(merged, grid))
     print(f"\n{len(todo)} runs in {time.monotonic() - started:.0f} s; wrote {args.out}")
+
+
+def _progress(r: dict[str, Any]) -> str:
+    acc = r["honest_accuracy_mean"]
+    return (
+        f"{r['grid']:9} {r['rule']:24} b={int(r['bucketing'])} "
+        f"{r['attack']:10} acc={acc if acc is None else round(acc, 4)} "
+        f"fallbacks={r['fallback_nodes']} {r['wall_seconds']}s"
+    )
 
 
 def _key(r: dict[str, Any]) -> tuple[str, str, bool, str, int]:

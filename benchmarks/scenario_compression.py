@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _cells import run_cli_scenario, update_bytes, write_rows
 from sim_compression import ROWS, TARGET
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scenario_compression.json"
@@ -71,11 +71,9 @@ def run_one(
     keyframe_every: int,
     work: Path,
 ) -> dict[str, Any]:
-    scenario = work / f"{tag}.toml"
-    scenario.write_text(
-        TEMPLATE.format(tag=tag, nodes=nodes, rounds=rounds, seed=seed, pipeline=json.dumps(stages))
+    text = TEMPLATE.format(
+        tag=tag, nodes=nodes, rounds=rounds, seed=seed, pipeline=json.dumps(stages)
     )
-    out = work / tag
     cli = (
         "import sys\n"
         "from p2pfl.compression.encoder import UpdateEncoder\n"
@@ -83,20 +81,15 @@ def run_one(
         "from p2pfl.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    cmd = [sys.executable, "-c", cli, "scenario", "run", "--in-process", "--quiet"]
-    subprocess.run([*cmd, "--out", str(out), str(scenario)], check=True, stdout=subprocess.DEVNULL)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = run_cli_scenario([sys.executable, "-c", cli], text, tag, work)
     curve = [r["accuracy_mean"] for r in metrics["summary"]["per_round"]]
-    update, sent = [], []
-    for node in metrics["nodes"].values():
-        rows = node["rounds"]
-        update += [r["update_wire_bytes"] for r in rows]
-        sent.append(rows[-1]["bytes_sent"] / len(rows))
+    update, float32_bytes = update_bytes(metrics)
+    sent = [n["rounds"][-1]["bytes_sent"] / len(n["rounds"]) for n in metrics["nodes"].values()]
     return {
         "accuracy_by_round": curve,
         "bytes_per_update": float(np.mean(update)),
         "bytes_sent_per_round_per_node": float(np.mean(sent)),
-        "float32_bytes": metrics["nodes"]["n0"]["rounds"][0]["update_raw_bytes"],
+        "float32_bytes": float32_bytes,
         "wall_seconds": metrics["summary"]["wall_seconds"],
     }
 
@@ -155,13 +148,7 @@ def main() -> None:
                 f"{row['final_accuracy_mean']:.4f} | {reached if reached else '-'} |",
                 flush=True,
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "seconds": round(time.perf_counter() - start, 1),
-        "rows": rows,
-    }
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    write_rows(args.out, args, start, rows)
     print(f"\nwrote {args.out}")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _cells import run_cli_scenario, update_bytes, write_rows
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scenario_consensus.json"
 THIRTY_X = ["delta", "topk:0.03", "quantize:4", "zstd:3"]
@@ -106,23 +106,15 @@ def run_one(
         text += COMPRESSION.format(
             pipeline=json.dumps(stages), keyframe_every=args.keyframe_every, gamma=gamma, keep=keep
         )
-    scenario = work / f"{tag}.toml"
-    scenario.write_text(text)
-    out = work / tag
-    cmd = [sys.executable, "-m", "p2pfl", "scenario", "run", "--in-process", "--quiet"]
-    subprocess.run([*cmd, "--out", str(out), str(scenario)], check=True, stdout=subprocess.DEVNULL)
-    metrics = json.loads((out / "metrics.json").read_text())
-    update, last = [], []
-    for node in metrics["nodes"].values():
-        rows = node["rounds"]
-        update += [r["update_wire_bytes"] for r in rows]
-        last.append(rows[-1]["accuracy"])
+    metrics = run_cli_scenario([sys.executable, "-m", "p2pfl"], text, tag, work)
+    update, float32_bytes = update_bytes(metrics)
+    last = [node["rounds"][-1]["accuracy"] for node in metrics["nodes"].values()]
     return {
         "seed": seed,
         "final_mean": float(np.mean(last)),
         "final_worst": float(np.min(last)),
         "bytes_per_update": float(np.mean(update)),
-        "float32_bytes": metrics["nodes"]["n0"]["rounds"][0]["update_raw_bytes"],
+        "float32_bytes": float32_bytes,
     }
 
 
@@ -177,13 +169,7 @@ def main() -> None:
             f"{gap} | {row['final_accuracy_worst']:.4f} |",
             flush=True,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "seconds": round(time.perf_counter() - start, 1),
-        "rows": results,
-    }
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    write_rows(args.out, args, start, results)
     print(f"\nwrote {args.out}")
 
 

@@ -34,23 +34,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import multiprocessing
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _cells import chosen, counting_fallbacks, run_cell_in_process, run_grid
+
 import p2pfl
-from p2pfl.scenario import parse_scenario
-from p2pfl.scenario.inprocess import run_in_process
-from p2pfl.scenario.report import build_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "secure_robustness.json"
@@ -102,18 +98,6 @@ def scenario_doc(topo: str, attack: str, rule: str, mode: str, rounds: int) -> d
     return doc
 
 
-class _FallbackCounter(logging.Handler):
-    """Counts every aggregation whose rule fell back to the median (as robustness_grid)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "falling back" in record.getMessage():
-            self.count += 1
-
-
 def run_cell(cell: Cell) -> dict[str, Any]:
     topo, attack, rule, mode, rounds = cell
     doc = scenario_doc(topo, attack, rule, mode, rounds)
@@ -128,23 +112,13 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "secure_spec": doc["secure_aggregation"],
     }
     started = time.monotonic()
-    fallbacks = _FallbackCounter()
-    agg_log = logging.getLogger("p2pfl.aggregation")
-    saved_level = agg_log.level
-    agg_log.addHandler(fallbacks)
-    agg_log.setLevel(logging.DEBUG)  # later fallbacks of a node are logged at debug
     try:
-        scenario = parse_scenario(doc, base_dir=ROOT / "scenarios")
-        with tempfile.TemporaryDirectory() as tmp:
-            records, _ = run_in_process(scenario, Path(tmp))
+        # Every aggregation that fell back, not only each node's first (a warning).
+        with counting_fallbacks(every=True) as fallbacks:
+            _, metrics, wall = run_cell_in_process(doc, base_dir=ROOT / "scenarios")
     except Exception as exc:  # one failed cell must not lose the grid
         out.update(error=f"{type(exc).__name__}: {exc}", wall_seconds=time.monotonic() - started)
         return out
-    finally:
-        agg_log.removeHandler(fallbacks)
-        agg_log.setLevel(saved_level)
-    wall = time.monotonic() - started
-    metrics = build_metrics(scenario, records, wall_seconds=wall, mode="in-process")
     final = metrics["summary"]["final"]
     nodes = metrics["nodes"]
     node_rounds = sum(len(rec["rounds"]) for rec in nodes.values())
@@ -201,6 +175,22 @@ def cells(topos: list[str], rounds: int) -> list[Cell]:
 
 def _key(r: dict[str, Any]) -> Cell:
     return (r["topology"], r["attack"], r["rule"], r["mode"], r["rounds"])
+
+
+def _progress(r: dict[str, Any]) -> str:
+    if "error" in r:
+        detail = f"FAILED {r['error']}"
+    else:
+        share = r.get("secure", {}).get("grouped_share")
+        detail = (
+            f"acc={_pct(r['honest_accuracy_mean'])} min={_pct(r['honest_accuracy_min'])}"
+            f" grouped={_pct(share)} timeouts={r['timed_out_node_rounds']}"
+            f" fallbacks={r['fallback_aggregations']}"
+        )
+    return (
+        f"{r['topology']:6} {r['attack']:8} {r['rule']:17} "
+        f"{r['mode']:9} {detail} {r['wall_seconds']:.1f}s"
+    )
 
 
 def _pct(v: float | None) -> str:
@@ -283,30 +273,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    topos = [t for t in args.only.split(",") if t]
-    unknown = set(topos) - set(TOPOLOGIES)
-    if unknown:
-        parser.error(f"unknown topologies {sorted(unknown)}; choose from {', '.join(TOPOLOGIES)}")
+    topos = chosen(parser, args.only, TOPOLOGIES, "topologies")
     todo = cells(topos, args.rounds)
     started = time.monotonic()
-    results: list[dict[str, Any]] = []
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        for i, r in enumerate(pool.imap_unordered(run_cell, todo), 1):
-            results.append(r)
-            if "error" in r:
-                detail = f"FAILED {r['error']}"
-            else:
-                share = r.get("secure", {}).get("grouped_share")
-                detail = (
-                    f"acc={_pct(r['honest_accuracy_mean'])} min={_pct(r['honest_accuracy_min'])}"
-                    f" grouped={_pct(share)} timeouts={r['timed_out_node_rounds']}"
-                    f" fallbacks={r['fallback_aggregations']}"
-                )
-            print(
-                f"[{i}/{len(todo)}] {r['topology']:6} {r['attack']:8} {r['rule']:17} "
-                f"{r['mode']:9} {detail} {r['wall_seconds']:.1f}s",
-                flush=True,
-            )
+    results = run_grid(run_cell, todo, args.jobs, _progress)
     total = time.monotonic() - started
     results.sort(key=lambda r: todo.index(_key(r)))
     doc = {
