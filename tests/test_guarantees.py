@@ -125,7 +125,7 @@ def _node(tmp: Path, network: MemoryNetwork, index: int, peers: list[int], **fie
 async def test_allow_list_refuses_an_unlisted_peer(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Catches: the allow-list check in `node/mesh.py` `_serve` disabled (then the unlisted
+    """Catches: the allow-list check in `node/connections.py` `_serve` disabled (then the unlisted
     peer connects, is counted as heard and its updates are aggregated)."""
     network = MemoryNetwork()
     allowed_id = Identity.from_seed(bytes([2]) * 32).peer_id
