@@ -37,6 +37,7 @@ from p2pfl.membership import PeerTable
 from p2pfl.node.learner import Learner
 from p2pfl.node.link import Link
 from p2pfl.node.loopwatch import LoopWatch
+from p2pfl.node.machines import Machine, build_machine
 from p2pfl.node.mesh import LOG_EVERY, Mesh
 from p2pfl.node.observers import serve_observers
 from p2pfl.node.outbox import UpdateOutbox
@@ -51,13 +52,10 @@ from p2pfl.protocol import (
     CaughtUp,
     Finished,
     GossipMachine,
-    GossipSettings,
     Phase,
     Rejected,
     RequestState,
     RequestUpdates,
-    RoundMachine,
-    RoundSettings,
     Train,
 )
 from p2pfl.supervision import Supervisor
@@ -199,59 +197,14 @@ class Node:
         outer_rule = self.learner.outer_rule(
             with_consensus(TimedRule(rule, self._timing), config, self.outbox.public_copy)
         )
-        self.machine: RoundMachine | GossipMachine
-        if config.mode == "async":  # no round barrier (protocol/gossip.py)
-            self.machine = GossipMachine(
-                params=params,
-                rule=outer_rule,
-                settings=GossipSettings(
-                    target_rounds=config.rounds,
-                    staleness_exponent=config.staleness_exponent,
-                    max_staleness=config.max_staleness,
-                    # A robust rule outvotes f attackers only among 2f + 1 inputs: a
-                    # median of our model and one attacker's is half the attacker's.
-                    min_inputs=max(config.min_inputs, 2 * config.tolerate),
-                    max_wait=config.round_timeout,
-                    grace=config.mix_grace,
-                    neighbour_count=config.neighbour_count,
-                    rule_name=config.aggregation,
-                    defer_aggregation=train_in_thread,
-                ),
-                round=start_round,
-                node_id=self.id,
-                rng=np.random.default_rng([config.seed, config.node_index]),
-            )
-        else:
-            self.machine = RoundMachine(
-                params=params,
-                rule=outer_rule,
-                settings=RoundSettings(
-                    target_rounds=config.rounds,
-                    quorum=config.quorum,
-                    round_timeout=config.round_timeout,
-                    neighbour_count=config.neighbour_count,
-                    catch_up_timeout=max(2.0, config.round_timeout / 2),
-                    # Secure rounds end on the secure protocol's own timeouts.
-                    adaptive_timeout=not config.secure_aggregation,
-                    nudge_fraction=None if config.secure_aggregation else 0.2,
-                    # Every member of a group forwards the same group mean: count it once.
-                    distinct_inputs=config.secure_aggregation,
-                    rule_name=config.aggregation,
-                    # A real node runs the rule in a worker thread (see _aggregate); so does
-                    # the consensus step, which needs our round's message encoded first.
-                    defer_aggregation=train_in_thread or config.compression_consensus > 0,
-                ),
-                round=start_round,
-                node_id=self.id,
-                rng=np.random.default_rng([config.seed, config.node_index]),
-            )
-        if config.mode == "async" and config.outer == "fedavgm":
-            # Measured (docs/heterogeneity.md): its momentum piles up the disagreement
-            # between neighbours that one asynchronous mix leaves behind.
-            log.warning(
-                "outer = 'fedavgm' is unstable in the asynchronous mode (accuracy collapses "
-                "for steps at a time at the default outer_lr); prefer 'fedavg' or 'fedadam'"
-            )
+        self.machine: Machine = build_machine(
+            config,
+            params,
+            outer_rule,
+            round=start_round,
+            node_id=self.id,
+            threaded=train_in_thread,
+        )
         self.last_aggregation: dict[str, Any] | None = None
         # The rule's fallbacks and guards by reason, and each neighbour's suspicion score.
         self.ledger = RobustnessLedger(self.id)
@@ -532,6 +485,8 @@ class Node:
             "timing": {k: round(v, 6) for k, v in sorted(self._timing.items())},
         }
         self._timing.clear()
+        if self.learner.participation is not None:  # it sat this round out, or not
+            row["trained"] = self.learner.participation.training
         self._round_started_at = now
         if agg.timed_out:
             self.counters["timeouts"] += 1

@@ -46,7 +46,7 @@ from p2pfl.protocol.actions import (
     RequestState,
     Train,
 )
-from p2pfl.protocol.rounds import Phase
+from p2pfl.protocol.rounds import Phase, choose_neighbours, flat_params
 from p2pfl.wire.tensors import all_finite
 
 
@@ -102,9 +102,7 @@ class GossipMachine:
     _deferred: tuple[tuple[str, ...], tuple[np.ndarray, ...], tuple[str, ...], int] | None = None
 
     def __post_init__(self) -> None:
-        self.params = np.ascontiguousarray(self.params, dtype=np.float32)
-        if self.params.ndim != 1:
-            raise ValueError("params must be a flat float32 vector")
+        self.params = flat_params(self.params)
 
     # ---- events ----------------------------------------------------------------------
 
@@ -121,7 +119,7 @@ class GossipMachine:
             return []
         own = _Input(self.round, np.ascontiguousarray(params, dtype=np.float32), samples)
         self._own = own
-        to = self._choose_neighbours(peers)
+        to = choose_neighbours(peers, self.settings.neighbour_count, self.rng)
         self._to = to
         self._asked = ()
         self._neighbours = len(to)
@@ -330,11 +328,3 @@ class GossipMachine:
             step, self.params, senders, rejected, False, self.settings.rule_name, received, ids
         )
         return [done, *guard, *self._next_step(now)]
-
-    def _choose_neighbours(self, peers: list[str]) -> tuple[str, ...]:
-        peers = sorted(set(peers))
-        k = self.settings.neighbour_count
-        if k is None or k >= len(peers):
-            return tuple(peers)
-        picked = self.rng.choice(len(peers), size=k, replace=False)
-        return tuple(peers[i] for i in sorted(picked))

@@ -126,9 +126,7 @@ class RoundMachine:
     unresponsive: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        self.params = np.ascontiguousarray(self.params, dtype=np.float32)
-        if self.params.ndim != 1:
-            raise ValueError("params must be a flat float32 vector")
+        self.params = flat_params(self.params)
 
     # ---- events ----------------------------------------------------------------------
 
@@ -344,12 +342,7 @@ class RoundMachine:
         return [Train(self.round, self.params.copy())]
 
     def _choose_neighbours(self, peers: list[str]) -> tuple[str, ...]:
-        peers = sorted(set(peers))
-        k = self.settings.neighbour_count
-        if k is None or k >= len(peers):
-            return tuple(peers)
-        picked = self.rng.choice(len(peers), size=k, replace=False)
-        return tuple(peers[i] for i in sorted(picked))
+        return choose_neighbours(peers, self.settings.neighbour_count, self.rng)
 
     def _check_update(
         self, sender: str, round: int, params: np.ndarray, samples: int
@@ -639,6 +632,23 @@ class RoundMachine:
             self._nudge_gap = max(self._nudge_gap, MIN_NUDGE_GAP)
             self.nudge_at = now
         return self._maybe_aggregate(now, timed_out=False)
+
+
+def flat_params(params: np.ndarray) -> np.ndarray:
+    """A machine's model: one contiguous float32 vector, or a ValueError."""
+    flat = np.ascontiguousarray(params, dtype=np.float32)
+    if flat.ndim != 1:
+        raise ValueError("params must be a flat float32 vector")
+    return flat
+
+
+def choose_neighbours(peers: list[str], k: int | None, rng: np.random.Generator) -> tuple[str, ...]:
+    """All connected peers (k None), or k of them drawn with the node's seeded RNG."""
+    ordered = sorted(set(peers))
+    if k is None or k >= len(ordered):
+        return tuple(ordered)
+    picked = rng.choice(len(ordered), size=k, replace=False)
+    return tuple(ordered[i] for i in sorted(picked))
 
 
 def _distinct(senders: tuple[str, ...], received: dict[str, _Pending]) -> tuple[str, ...]:
