@@ -128,6 +128,7 @@ _HELP = {
     "personalize": "personalization: 'ditto' keeps a personal model beside the shared one",
     "personal_lambda": "Ditto's pull of the personal model towards the shared one",
     "personal_test_fraction": "share of this node's data held out to test both models",
+    "personal_epochs": "local epochs of the personal model per round (0 = --epochs)",
     "metrics_listen": "serve Prometheus metrics on HOST:PORT (a bare port: loopback); "
     "needs p2pfl[metrics]",
     "dp_sgd_clip": "example-level DP-SGD: per-example gradient clip norm (0 = off)",

@@ -118,6 +118,7 @@ class NodeConfig:
     personalize: str = ""
     personal_lambda: float = 0.1
     personal_test_fraction: float = 0.2
+    personal_epochs: int = 0  # local epochs of the personal model per round; 0 = epochs
     # FedProx (Li et al. 2020): local training adds mu/2 ||w - w_start||^2; 0 = off.
     prox_mu: float = 0.0
     # The outer optimizer applied to (aggregate - model before the round) (Reddi et al.
@@ -315,6 +316,7 @@ class NodeConfig:
             "personal_test_fraction",
             "must be in (0, 1)",
         )
+        _check(self.personal_epochs >= 0, "personal_epochs", "must be >= 0 (0 = epochs)")
         _check(
             self.personal_lambda * self.lr < 2.0,
             "personal_lambda",

@@ -379,7 +379,7 @@ class Learner:
             )
             if self.personal is not None:  # v from the round's shared model
                 self.personal.step(
-                    params, self._x, y, epochs=cfg.epochs, lr=cfg.lr,
+                    params, self._x, y, epochs=cfg.personal_epochs or cfg.epochs, lr=cfg.lr,
                     batch_size=cfg.batch_size, rng=np.random.default_rng([*seed, 1]),
                 )  # fmt: skip
             return self.model.get_params(), loss

@@ -97,6 +97,7 @@ class TrainingSpec:
     personalize: str = ""  # "ditto": a personal model per node (docs/heterogeneity.md)
     personal_lambda: float = 0.1
     personal_test_fraction: float = 0.2
+    personal_epochs: int = 0  # the personal model's local epochs per round; 0 = epochs
     outer: str = "fedavg"
     outer_lr: float = 0.0
     outer_beta1: float = 0.9
@@ -330,6 +331,7 @@ class Scenario:
                 "personalize": self.training.personalize,
                 "personal_lambda": self.training.personal_lambda,
                 "personal_test_fraction": self.training.personal_test_fraction,
+                "personal_epochs": self.training.personal_epochs,
                 "outer": self.training.outer,
                 "outer_lr": self.training.outer_lr,
                 "outer_beta1": self.training.outer_beta1,
@@ -595,6 +597,7 @@ def _parse_training(t: Table) -> TrainingSpec:
         personalize=t.get_str("personalize", "", choices=("", "ditto")),
         personal_lambda=t.get_float("personal_lambda", 0.1),
         personal_test_fraction=t.get_float("personal_test_fraction", 0.2),
+        personal_epochs=t.get_int("personal_epochs", 0, minimum=0),
         outer=t.get_str("outer", "fedavg", choices=OUTER_OPTIMIZERS),
         outer_lr=t.get_float("outer_lr", 0.0),
         outer_beta1=t.get_float("outer_beta1", 0.9),
@@ -756,6 +759,7 @@ _CONFIG_FIELD_PATHS = {
     "worker_momentum": "training.worker_momentum", "prox_mu": "training.prox_mu",
     "personalize": "training.personalize", "personal_lambda": "training.personal_lambda",
     "personal_test_fraction": "training.personal_test_fraction",
+    "personal_epochs": "training.personal_epochs",
     "outer": "training.outer", "outer_lr": "training.outer_lr",
     "outer_beta1": "training.outer_beta1", "outer_beta2": "training.outer_beta2",
     "outer_tau": "training.outer_tau",
