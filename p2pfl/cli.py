@@ -125,7 +125,8 @@ _HELP = {
     "a crash loses at most k-1 rounds, caught up from peers",
     "train_when": "train only when this holds: ac_power, cpu_below:PERCENT, hours:H1-H2 "
     "(repeatable, all must hold; needs p2pfl[device] for the first two)",
-    "personalize": "personalization: 'ditto' keeps a personal model beside the shared one",
+    "personalize": "personalization: 'ditto' keeps a personal model beside the shared one, "
+    "'head' only a personal output layer on the shared body",
     "personal_lambda": "Ditto's pull of the personal model towards the shared one",
     "personal_test_fraction": "share of this node's data held out to test both models",
     "personal_epochs": "local epochs of the personal model per round (0 = --epochs)",

@@ -298,7 +298,11 @@ class NodeConfig:
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(0.0 <= self.worker_momentum < 1.0, "worker_momentum", "must be in [0, 1)")
-        _check(self.personalize in ("", "ditto"), "personalize", "must be 'ditto' or '' (off)")
+        _check(
+            self.personalize in ("", "ditto", "head"),
+            "personalize",
+            "must be 'ditto', 'head' or '' (off)",
+        )
         if self.train_when:
             from p2pfl.node.participation import parse_conditions
 

@@ -93,3 +93,50 @@ def test_config_errors() -> None:
         with pytest.raises(ConfigError) as info:
             NodeConfig(**fields).validated()  # type: ignore[arg-type]
         assert info.value.field == field
+
+
+def test_a_personal_head_trains_the_output_layer_on_the_shared_body() -> None:
+    from p2pfl.learning.mlp import MLP
+
+    x, y = data()
+    shared_model = MLP(6, 4, seed=1, hidden=8)
+    shared = shared_model.get_params()
+    ditto = Ditto(MLP(6, 4, seed=1, hidden=8), MLP(6, 4, seed=1, hidden=8), x, y, part="head")
+    assert ditto.head == slice(6 * 8 + 8, shared.size)  # W2 and b2 of the MLP's layout
+    for round_ in range(3):
+        body_moved = shared.copy()
+        body_moved[: 6 * 8] += np.float32(0.01 * round_)  # the federation moved the body
+        ditto.step(body_moved, x, y, epochs=2, lr=0.1, batch_size=16, rng=np.random.default_rng(0))
+        assert ditto.params is not None
+        np.testing.assert_array_equal(
+            ditto.params[: ditto.head.start], body_moved[: ditto.head.start]
+        )
+        assert not np.array_equal(ditto.params[ditto.head], body_moved[ditto.head])
+    out = ditto.evaluate(shared, lambda m, a, b: m.evaluate(a, b))
+    assert out["personal_accuracy"] > out["local_accuracy"]
+    with pytest.raises(ValueError, match="part"):
+        Ditto(MLP(6, 4, seed=1), MLP(6, 4, seed=1), x, y, part="body")
+
+
+def test_a_personal_head_needs_a_layout_of_weight_and_bias() -> None:
+    class Flat(SoftmaxRegression):
+        def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+            return [("all", (self.num_params,))]
+
+    x, y = data()
+    with pytest.raises(ValueError, match="weight and a bias"):
+        Ditto(Flat(6, 4, seed=0), Flat(6, 4, seed=0), x, y, part="head")
+
+
+async def test_a_node_with_a_personal_head_reports_both_models(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = make_nodes(
+        tmp_path, 3, MemoryNetwork(), rounds=2, personalize="head", model="mlp",
+        personal_epochs=2,
+    )  # fmt: skip
+    await run_until_done(nodes)
+    for node in nodes:
+        assert {"personal_accuracy", "local_accuracy"} <= set(node.all_rows()[-1]["metrics"])
+        personal = node.learner.personal
+        assert personal is not None and personal.head is not None and personal.rounds == 2

@@ -16,6 +16,12 @@ Both models are evaluated on the node's *own* test split, held out from its shar
 (`test_fraction`, drawn with the node's seed), because personalization is about the
 node's distribution, not the federation's: `personal_accuracy` against `local_accuracy`
 (the shared model on the same split). The shared test set's metrics stay as they are.
+
+`part="head"` (FedPer, Arivazhagan et al. 2019; FedRep, Collins et al. ICML 2021) makes
+only the output layer personal: each round v takes the shared model's body as it is and
+trains its own head (the last weight and bias of the model's `layout()`) on the node's
+data with the body frozen, pulled towards the shared head by the same lambda. It needs a
+model with `layout()` and `loss_and_gradient()` (the built-in numpy models).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from p2pfl.learning.model import MOMENTUM
+
 DEFAULT_LAMBDA = 0.1
+PARTS = ("all", "head")  # what of the model is personal: all of it (Ditto), the head
 DEFAULT_TEST_FRACTION = 0.2
 
 
@@ -61,11 +70,16 @@ class Ditto:
         y_test: np.ndarray,
         *,
         lam: float = DEFAULT_LAMBDA,
+        part: str = "all",
     ) -> None:
         if not (math.isfinite(lam) and lam >= 0):
             raise ValueError(f"Ditto lambda must be a finite number >= 0, got {lam!r}")
-        if getattr(model, "set_proximal", None) is None:
+        if part not in PARTS:
+            raise ValueError(f"the personal part must be one of {PARTS}, got {part!r}")
+        if part == "all" and getattr(model, "set_proximal", None) is None:
             raise ValueError("personalization needs a model with set_proximal(mu, anchor)")
+        self.head: slice | None = _head_slice(model) if part == "head" else None
+        self._head_momentum: np.ndarray | None = None
         self.model = model
         self.eval_model = eval_model
         self.lam = lam
@@ -85,6 +99,9 @@ class Ditto:
         rng: np.random.Generator,
     ) -> None:
         """One round of v's training: local epochs on (x, y) pulled towards `shared`."""
+        if self.head is not None:
+            self._step_head(shared, x, y, epochs=epochs, lr=lr, batch_size=batch_size, rng=rng)
+            return
         start = shared if self.params is None else self.params
         self.model.set_params(start)
         self.model.set_proximal(self.lam, anchor=shared)
@@ -93,6 +110,47 @@ class Ditto:
         if np.isfinite(new).all():
             self.params = new
             self.rounds += 1
+
+    def _step_head(
+        self,
+        shared: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        lr: float,
+        batch_size: int,
+        rng: np.random.Generator,
+    ) -> None:
+        """v = (the shared body, our head); the head alone trains, by momentum SGD like
+        the models' own `fit`, on the gradient of the loss with the body frozen."""
+        assert self.head is not None
+        head = self.head
+        v = np.array(shared, dtype=np.float32)
+        if self.params is not None:
+            v[head] = self.params[head]
+        anchor = np.array(shared[head], dtype=np.float32)
+        if self._head_momentum is None:
+            self._head_momentum = np.zeros_like(anchor)
+        momentum = self._head_momentum
+        lam, neg_lr = np.float32(self.lam), np.float32(-lr)
+        n = len(y)
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                self.model.set_params(v)
+                grad = self.model.loss_and_gradient(x[idx], y[idx])[1][head]
+                if lam > 0:
+                    grad += lam * (v[head] - anchor)
+                momentum *= np.float32(MOMENTUM)
+                momentum += grad
+                v[head] += neg_lr * momentum
+        if np.isfinite(v).all():
+            self.params = v
+            self.rounds += 1
+        else:
+            momentum.fill(0.0)
 
     def evaluate(
         self, shared: np.ndarray, evaluate: Callable[..., Mapping[str, float]]
@@ -117,3 +175,17 @@ class Ditto:
         v = state.get("ditto.v")
         if v is not None:
             self.params = np.asarray(v, dtype=np.float32).copy()
+
+
+def _head_slice(model: Any) -> slice:
+    """Where the output layer (the layout's last weight and bias) lies in the flat vector."""
+    layout = getattr(model, "layout", None)
+    if layout is None or getattr(model, "loss_and_gradient", None) is None:
+        raise ValueError(
+            "a personal head needs a model with layout() and loss_and_gradient() "
+            "(the built-in numpy models)"
+        )
+    sizes = [math.prod(shape) for _, shape in layout()]
+    if len(sizes) < 2 or sum(sizes) != model.num_params:
+        raise ValueError("a personal head needs a layout of at least a weight and a bias")
+    return slice(model.num_params - sizes[-1] - sizes[-2], model.num_params)

@@ -226,7 +226,7 @@ class Learner:
 
     def _make_personal(self, model: Model | Callable[[NodeConfig], Model] | None) -> Ditto | None:
         cfg = self.config
-        if cfg.personalize != "ditto":
+        if cfg.personalize not in ("ditto", "head"):
             return None
         seed = cfg.seed * 1_000_003 + cfg.node_index
         self._x, self._y, x_test, y_test = local_split(
@@ -239,6 +239,7 @@ class Learner:
                 x_test,
                 y_test,
                 lam=cfg.personal_lambda,
+                part="head" if cfg.personalize == "head" else "all",
             )
         except ValueError as exc:
             raise ConfigError("personalize", str(exc)) from None

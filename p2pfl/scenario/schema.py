@@ -94,7 +94,7 @@ class TrainingSpec:
     batch_size: int = 32
     worker_momentum: float = 0.0
     prox_mu: float = 0.0
-    personalize: str = ""  # "ditto": a personal model per node (docs/heterogeneity.md)
+    personalize: str = ""  # "ditto" | "head": a personal model per node (heterogeneity.md)
     personal_lambda: float = 0.1
     personal_test_fraction: float = 0.2
     personal_epochs: int = 0  # the personal model's local epochs per round; 0 = epochs
@@ -594,7 +594,7 @@ def _parse_training(t: Table) -> TrainingSpec:
         batch_size=t.get_int("batch_size", 32, minimum=1),
         worker_momentum=t.get_float("worker_momentum", 0.0),
         prox_mu=t.get_float("prox_mu", 0.0),
-        personalize=t.get_str("personalize", "", choices=("", "ditto")),
+        personalize=t.get_str("personalize", "", choices=("", "ditto", "head")),
         personal_lambda=t.get_float("personal_lambda", 0.1),
         personal_test_fraction=t.get_float("personal_test_fraction", 0.2),
         personal_epochs=t.get_int("personal_epochs", 0, minimum=0),
