@@ -420,6 +420,15 @@ def summary_table(metrics: Mapping[str, Any]) -> Table:
             + f" at delta {privacy.get('delta')}"
             + (f"; budget spent on {len(spent_out)} nodes" if spent_out else "")
         )
+    idle = {
+        name: sum(1 for row in n.get("rounds") or () if row.get("trained") is False)
+        for name, n in (metrics.get("nodes") or {}).items()
+    }
+    if any(idle.values()):
+        lines.append(
+            f"\nparticipation: {sum(idle.values())} node-rounds sat out on "
+            f"{sum(1 for v in idle.values() if v)} nodes (device conditions)"
+        )
     events = summary.get("rule_events") or {}
     for kind, label in (("fallbacks", "fell back to the median"), ("guards", "guards")):
         counts = events.get(kind) or {}

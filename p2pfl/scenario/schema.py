@@ -42,6 +42,7 @@ from p2pfl.scenario.faults import (
     plan_path,
     slow_factors,
 )
+from p2pfl.scenario.participation_spec import ParticipationSpec, parse_participation
 
 # ScenarioError is re-exported: callers know it as part of the schema.
 from p2pfl.scenario.table import ScenarioError as ScenarioError
@@ -214,6 +215,8 @@ class Scenario:
     # crash alone and 1000 nodes' checkpoints cost more than their training.
     checkpoint_every: int | None = None
     ray: RaySpec = field(default_factory=RaySpec)
+    # [[participation]]: nodes that train only under device conditions (--train-when).
+    participation: tuple[ParticipationSpec, ...] = ()
 
     @property
     def attack(self) -> AttackSpec:
@@ -289,6 +292,7 @@ class Scenario:
         adj = topology.adjacency(self.nodes, self.edges())
         faulty = set(fault_plan_nodes(self.faults, self.nodes))
         slow = slow_factors(self.faults)
+        when = {i: spec.when for spec in self.participation for i in spec.nodes}
         full = self.topology.kind == "full"
         mdns = self.discovery == "mdns" and not any(a.startswith("mem:") for a in addresses)
         in_process = any(a.startswith("mem:") for a in addresses)
@@ -389,6 +393,7 @@ class Scenario:
                 ),
                 **({"faults": plan_path(data_dirs[i])} if i in faulty else {}),
                 **({"train_slowdown": slow[i]} if i in slow else {}),
+                **({"train_when": when[i]} if i in when else {}),
             }
             for i in range(self.nodes)
         ]
@@ -480,6 +485,7 @@ def parse_scenario(
         top.get_int("checkpoint_every", 0, minimum=0) if top.has("checkpoint_every") else None
     )
     ray = _parse_ray(top.table("ray"))
+    participation = parse_participation(top.raw("participation"), nodes)
     for reserved in RESERVED_TABLES:
         if top.raw(reserved) not in (None, {}, []):
             raise ScenarioError(reserved, "not supported yet (reserved for a later version)")
@@ -487,6 +493,7 @@ def parse_scenario(
     scenario = Scenario(
         name, nodes, rounds, seed, topo, data_spec, model, training, protocol, discovery,
         attacks, aggregation, compression, faults, secure, privacy, checkpoint_every, ray,
+        participation,
     )  # fmt: skip
     edges = scenario.edges()  # builds and checks the graph (connected, k-regular, ...)
     _check_min_peers(scenario, edges)
