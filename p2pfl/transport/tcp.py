@@ -22,7 +22,7 @@ import math
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -46,6 +46,7 @@ from p2pfl.wire.framing import (
     Part,
     PartAssembler,
     frame_header,
+    frame_header_size,
     split_parts,
 )
 
@@ -54,6 +55,9 @@ log = logging.getLogger("p2pfl.transport")
 ACCEPT = b"\x01"
 BUSY = b"\x02"  # instead of ACCEPT: the server is at its inbound connection limit
 RECEIVE_CHUNK = 256 * 1024
+# Frame bodies at least this long are read straight into one buffer of their length
+# (TLS records decrypted into it in place) instead of through the decoder's chunks.
+DIRECT_BODY = 64 * 1024
 SMALL_PAYLOAD = 64 * 1024  # below this, header + payload go out as one buffer
 CLOSE_TIMEOUT = 2.0
 REFUSAL_LOG_EVERY = 10.0  # seconds between "inbound limit reached" lines
@@ -134,6 +138,22 @@ class TcpConnection:
         self._message_deadline: float | None = None  # ... and the multi-part message
         self._send_lock = trio.Lock()
         self._closed = False
+        self._body_got = 0  # bytes of a directly read frame body held right now
+        self._body_len: int | None = None  # ... and its length
+        self._body_held = 0  # _body_got plus its frame's header, counted as before
+        # trio.SSLStream's SSLObject and incoming BIO, to decrypt records in place; if a
+        # trio release renames them, bodies go through receive_some (slower, same bytes).
+        ssl_object = getattr(stream, "_ssl_object", None)
+        incoming = getattr(stream, "_incoming", None)
+        recv_lock = getattr(stream, "_inner_recv_lock", None)
+        self._tls: tuple[ssl.SSLObject, ssl.MemoryBIO, trio.Lock] | None = (
+            (ssl_object, incoming, recv_lock)
+            if isinstance(ssl_object, ssl.SSLObject)
+            and isinstance(incoming, ssl.MemoryBIO)
+            and isinstance(recv_lock, trio.Lock)
+            and hasattr(stream, "_inner_recv_count")
+            else None
+        )
 
     @property
     def peer_id(self) -> str:
@@ -150,7 +170,7 @@ class TcpConnection:
     @property
     def buffered(self) -> int:
         """Bytes of a partially received frame or message held right now."""
-        return self._decoder.buffered + self._parts.held
+        return self._decoder.buffered + self._parts.held + self._body_held
 
     @property
     def reserved(self) -> int:
@@ -195,22 +215,26 @@ class TcpConnection:
     async def _receive(self) -> bytes:
         decoder = self._decoder
         while True:
-            payload = decoder.next_frame()  # raises WireError("oversize")
+            payload: bytes | bytearray | None = decoder.next_frame()  # WireError("oversize")
+            length = decoder.pending_length
+            if payload is None and length is not None:
+                if not self._admitted:
+                    await self._admit(decoder.pending_part, length, decoder.pending_total)
+                if length >= DIRECT_BODY:
+                    payload = await self._receive_body()
             if payload is not None:
                 self._admitted = False
                 self._deadline = None
                 if decoder.part is Part.WHOLE:
                     self._release()
-                message = self._parts.add(decoder.part, payload, decoder.total)
+                    return bytes(payload) if type(payload) is not bytes else payload
+                # A part may stay a bytearray: the assembler joins the parts into bytes.
+                message = self._parts.add(decoder.part, payload, decoder.total)  # type: ignore[arg-type]
                 if message is None:
                     continue
-                if decoder.part is not Part.WHOLE:
-                    self._release_message()
+                self._release_message()
                 return message
-            length = decoder.pending_length
-            if length is not None and not self._admitted:
-                await self._admit(decoder.pending_part, length, decoder.pending_total)
-            elif length is None and self._deadline is None and decoder.buffered:
+            if length is None and self._deadline is None and decoder.buffered:
                 # Part of a header: the header itself is on the clock.
                 self._deadline = trio.current_time() + self._limits.frame_timeout
             # Never read past the end of this frame: whatever we hold is reserved.
@@ -220,6 +244,63 @@ class TcpConnection:
                 # would be parsed from the middle of a frame (a bogus "oversize").
                 raise ConnectionClosed(f"connection to {self._peer_id} is closed")
             decoder.feed(data)
+
+    async def _receive_body(self) -> bytearray:
+        """The body of the admitted frame in progress, read straight into its buffer."""
+        head = frame_header_size(self._decoder.pending_part)
+        body, got = self._decoder.detach_body()
+        self._body_got, self._body_len, self._body_held = got, len(body), head + got
+        view = memoryview(body)
+        try:
+            while got < len(body):
+                got += await self._receive_into(view[got:])
+                self._body_got, self._body_held = got, head + got
+                if self._closed:
+                    raise ConnectionClosed(f"connection to {self._peer_id} is closed")
+        finally:
+            view.release()
+            self._body_got, self._body_len, self._body_held = 0, None, 0
+        return body
+
+    async def _receive_into(self, view: memoryview) -> int:
+        """Fill the start of `view` with what arrives next (at least one byte)."""
+        n = len(view)
+        if self._tls is None:
+            data = await self._receive_some(min(RECEIVE_CHUNK, n))
+            view[: len(data)] = data
+            return len(data)
+        ssl_object, incoming, recv_lock = self._tls
+        while True:
+            got = self._decrypt_into(ssl_object, view)
+            if got:
+                return got
+            # Nothing decrypted waits: one socket read, as large as the rest of the
+            # frame (plus TLS record overhead, ~0.2%) up to RECEIVE_CHUNK, into the TLS
+            # layer. Under the lock SSLStream itself holds for its transport reads.
+            want = min(RECEIVE_CHUNK, n + n // 256 + 64)
+            async with recv_lock:
+                data = await self._receive_some(want, self._stream.transport_stream)
+                incoming.write(data)
+                self._stream._inner_recv_count += 1
+
+    def _decrypt_into(self, ssl_object: ssl.SSLObject, view: memoryview) -> int:
+        """Decrypt the records already received into `view`, without yielding."""
+        got = 0
+        n = len(view)
+        while got < n:
+            try:
+                # With a buffer, read returns the byte count (typeshed says bytes).
+                k = cast(int, ssl_object.read(n - got, view[got:]))
+            except ssl.SSLWantReadError:  # no complete record left
+                break
+            except ssl.SSLError as exc:
+                raise ConnectionClosed(f"connection to {self._peer_id} broke: {exc}") from exc
+            if not k:  # close_notify
+                if got:
+                    break
+                raise ConnectionClosed(f"{self._peer_id} closed the connection")
+            got += k
+        return got
 
     async def _admit(self, part: Part, length: int, total: int) -> None:
         """A frame's header is in: check it, and budget the frame (or, for a FIRST part,
@@ -249,37 +330,73 @@ class TcpConnection:
             )
         return length
 
-    async def _receive_some(self, n: int) -> bytes | bytearray:
+    async def _receive_some(
+        self, n: int, stream: trio.abc.ReceiveStream | None = None
+    ) -> bytes | bytearray:
+        """Up to n bytes from the TLS stream (or, for a body read, the socket under it),
+        within the deadlines of the frame and message in progress."""
+        source = self._stream if stream is None else stream
         deadlines = [d for d in (self._deadline, self._message_deadline) if d is not None]
         try:
             if not deadlines:
-                data = await self._stream.receive_some(n)
+                data = await source.receive_some(n)
             else:
                 with trio.move_on_at(min(deadlines)) as scope:
-                    data = await self._stream.receive_some(n)
+                    data = await source.receive_some(n)
                 if scope.cancelled_caught:
                     raise WireError("frame_deadline", self._late_detail())
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(f"connection to {self._peer_id} lost: {exc}") from exc
         if not data:
             raise ConnectionClosed(f"{self._peer_id} closed the connection")
+        if len(data) < n and stream is None:
+            data = self._drain(data, n)
         # Bytes prove the peer alive even while one large frame takes longer than the
         # heartbeat timeout to arrive (a 40 MB update on a slow link).
         self.last_activity = trio.current_time()
         return data
+
+    def _drain(self, data: bytes | bytearray, n: int) -> bytes | bytearray:
+        """`data` plus whatever more of the n bytes the TLS layer can hand out right now.
+
+        trio.SSLStream.receive_some returns one TLS record (16 KiB at most) per call and
+        goes through the scheduler each time; a 1 MiB part would take 64 of those. What
+        has already arrived in its incoming buffer is decrypted here in one go, without
+        yielding, and never past n (the end of the frame in progress). Only this task
+        receives on the stream, and SSLObject.read never sends, so nothing is reordered:
+        anything a read leaves to send (a TLS 1.3 key update reply) goes out on the
+        stream's next operation. Errors are left for the next receive_some to report
+        the way trio does.
+        """
+        ssl_object = getattr(self._stream, "_ssl_object", None)
+        incoming = getattr(self._stream, "_incoming", None)
+        if ssl_object is None or incoming is None:
+            return data
+        pieces = [data]
+        got = len(data)
+        while got < n and (incoming.pending or ssl_object.pending()):
+            try:
+                more = ssl_object.read(n - got)
+            except ssl.SSLError:  # incl. SSLWantReadError: a partial record
+                break
+            if not more:  # close_notify: the next receive_some returns b""
+                break
+            pieces.append(more)
+            got += len(more)
+        return data if len(pieces) == 1 else b"".join(pieces)
 
     def _late_detail(self) -> str:
         now = trio.current_time()
         if self._message_deadline is not None and now >= self._message_deadline:
             return (
                 f"{self._peer_id} did not complete a {self._message_reserved}-byte message "
-                f"in time ({self._parts.held + self._decoder.buffered} bytes arrived)"
+                f"in time ({self.buffered} bytes arrived)"
             )
-        pending = self._decoder.pending_length
+        pending = self._decoder.pending_length if self._body_len is None else self._body_len
         size = "its header" if pending is None else f"a {pending}-byte frame"
         return (
             f"{self._peer_id} did not complete {size} in time "
-            f"({self._decoder.buffered} bytes arrived)"
+            f"({self._decoder.buffered + self._body_got} bytes arrived)"
         )
 
     def _release(self) -> None:

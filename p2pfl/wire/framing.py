@@ -76,6 +76,11 @@ def frame_header(payload_length: int, part: Part = Part.WHOLE, total: int = 0) -
     return head + TOTAL.pack(total) if part is Part.FIRST else head
 
 
+def frame_header_size(part: Part) -> int:
+    """Bytes of a frame header: a FIRST part's carries the message length too."""
+    return HEADER.size + (TOTAL.size if part is Part.FIRST else 0)
+
+
 def frame(payload: bytes) -> bytes:
     """Return header + payload as one buffer (copies; use frame_header for big payloads)."""
     return HEADER.pack(len(payload)) + payload
@@ -249,6 +254,27 @@ class FrameDecoder:
         self._need = None
         self.part, self.total = self.pending_part, self.pending_total
         return payload
+
+    def detach_body(self) -> tuple[bytearray, int]:
+        """Hand over the body of the frame whose header was parsed: the caller reads the
+        rest of it straight into the returned buffer (no chunk lists, no joins).
+
+        Returns (a buffer of the announced length, how many of its bytes were already
+        buffered here and are filled in). The header is consumed and the frame counts as
+        returned by `next_frame`: `part` and `total` describe it. Only with
+        `pending_length` set, that is after the header was checked against the limit.
+        """
+        if self._need is None:
+            raise RuntimeError("detach_body before a header was parsed")
+        need = self._need
+        self._advance(self._head)
+        have = min(self._size, need)
+        body = bytearray(need)
+        if have:
+            body[:have] = self._take(have, consume=True)
+        self._need = None
+        self.part, self.total = self.pending_part, self.pending_total
+        return body, have
 
     def _take(self, n: int, *, consume: bool) -> bytes:
         """The next n buffered bytes as one bytes object (copied once, or not at all)."""
