@@ -20,6 +20,8 @@ rule), eval, encode, records (metrics lines and checkpoints) and the rest, which
 messaging (encode/decode of the other messages, heartbeats, handlers) and trio's
 scheduling. Train/aggregate/eval/encode are the nodes' own per-round timings summed
 over nodes; records are measured around their writes; the rest is the round minus them.
+"CPU s" is the child's CPU time for the whole run (start-up and report included), a
+steadier comparison than wall time when other work shares the machine.
 
 The default graph is a random 4-regular one, so the message count grows linearly with
 N; `--full-mesh` adds full-mesh rows (messages grow as N^2, and heartbeats with them).
@@ -137,6 +139,8 @@ def run_point(
         "round_s": statistics.mean(steady) if steady else None,
         "wall_s": metrics["wall_seconds"],
         "command_s": round(elapsed, 3),
+        # The child's CPU seconds (whole run): steadier than wall time on a shared machine.
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
         "peak_rss_per_node_mb": per_node_rss / 2**20,
         "runner_peak_rss_mb": runner_rss / 2**20,
         "final_accuracy_mean": final["accuracy_mean"],
@@ -289,7 +293,7 @@ def _print_scale(console: Console, scale: list[dict[str, Any]], rounds: int) -> 
         title=f"in-process scale, 4-regular, {SCALE_HIDDEN}-hidden MLP, {rounds} rounds: "
         "seconds of a steady round (target <= 1 s, <= 400 MiB at 1000 nodes)"
     )
-    for col in ("N", "beat s", "s/round", "RSS MiB", *parts, "acc"):
+    for col in ("N", "beat s", "s/round", "RSS MiB", *parts, "CPU s", "acc"):
         table.add_column(col, justify="right")
     for r in scale:
         b = r["breakdown_s"]
@@ -299,6 +303,7 @@ def _print_scale(console: Console, scale: list[dict[str, Any]], rounds: int) -> 
             f"{r['round_s']:.3f}" if r["round_s"] is not None else "-",
             f"{r['runner_peak_rss_mb']:.0f}",
             *(f"{b[p]:.3f}" for p in parts),
+            f"{r['cpu_s']:.1f}",
             f"{r['final_accuracy_mean']:.3f}" if r["final_accuracy_mean"] is not None else "-",
         )
     console.print(table)

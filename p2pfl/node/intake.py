@@ -104,12 +104,13 @@ class Intake:
             mesh.count_rejection(peer, "spoofed_sender", f"claims to be {msg.sender[:12]}")
             return True
         rec.last_seen = trio.current_time()
-        supervisor = mesh.supervisor
-        before = supervisor.total
-        keep = True
-        with supervisor.guard(f"message:{msg.TYPE}", peer):
+        try:
             keep = self.handle(link, msg)
-        if supervisor.total != before:
+        except BaseException as exc:
+            # The supervisor's guard only once something failed: entered per message,
+            # it cost more than most messages' handling (docs/scenarios.md, "Scale").
+            with mesh.supervisor.guard(f"message:{msg.TYPE}", peer):
+                raise exc  # contained unless it is cancellation or fatal
             # The message was dropped; a peer whose messages keep failing is cut off.
             link.bad_messages += 1
             if link.bad_messages > MAX_BAD_MESSAGES:
@@ -119,6 +120,7 @@ class Intake:
                     extra=event("peer.closing", peer=peer, reason="failed_messages"),
                 )
                 return False
+            return True
         return keep is not False
 
     async def _decode(self, payload: bytes) -> Message:

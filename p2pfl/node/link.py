@@ -47,6 +47,12 @@ class Link:
     last_state_reply: float = -math.inf
     enqueued: int = 0  # messages ever queued on this link (not counting urgent ones)
     written: int = 0  # of those, handed to the connection
+    # Every message accepted for the peer, heartbeats included, and that count at our
+    # last heartbeat: a link we sent anything on since needs no ping for the peer to
+    # know we are alive (`Mesh._heartbeat`).
+    offers: int = 0
+    offers_at_beat: int = 0
+    pinged_at_beat: int = 0  # the heartbeat that last pinged the peer on this link
     # Why the connection ended, when it ended by itself (EOF, reset, bad framing, a
     # heartbeat timeout); None while open or when we closed it (shutdown, duplicate).
     close_reason: str | None = None
@@ -74,6 +80,7 @@ class Link:
         if self.queued_bytes + len(payload) > limit:
             return False
         self.queued_bytes += len(payload)
+        self.offers += 1
         if urgent:
             self._urgent.append(payload)
         else:
@@ -93,6 +100,7 @@ class Link:
             self.enqueued += 1
         if self.closing:  # behind our Bye: never written, as on a queue
             return True
+        self.offers += 1
         try:
             conn.send_nowait(payload)
         except ConnectionClosed as exc:

@@ -15,6 +15,7 @@ machine. Each dial, connection and message runs inside the supervisor's guard
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
 
@@ -38,6 +39,9 @@ log = logging.getLogger("p2pfl.node")
 
 PEER_EXCHANGE_EVERY = 10  # heartbeats
 RTT_SAMPLE_EVERY = 5  # heartbeats
+QUIET_FRACTION = 0.9  # of an interval without a message from a peer: it is quiet
+ASK_AFTER = 1.9  # intervals a peer may stay quiet while we send to it (< timeout / 3)
+MESH_MESSAGES = frozenset({Ping, Pong, Hello, PeerList, Bye})  # handled here, not upstream
 LOG_EVERY = 10.0  # seconds between repeated warnings about one peer
 
 
@@ -108,6 +112,7 @@ class Mesh:
         self._nursery: trio.Nursery | None = None
         self._peers_changed = trio.Event()
         self._ping_nonce = 0
+        self.pings_sent = 0  # heartbeat pings, all links (liveness rides on traffic)
         self._refused_logged: set[tuple[str, str]] = set()
         self.intake = Intake(self, self._handle)
         self.connections = Connections(self)
@@ -228,6 +233,8 @@ class Mesh:
         """Handle the mesh's own messages (hello, heartbeats, peer exchange, goodbye) and
         hand the others to the daemon. Returns False to close the connection.
         The intake calls it for every message a link delivers."""
+        if type(msg) not in MESH_MESSAGES:  # most of them: updates and requests
+            return self.on_message(link, msg)
         now = trio.current_time()
         peer = link.peer_id
         rec = self.peers.peers[peer]
@@ -313,23 +320,40 @@ class Mesh:
 
     def _heartbeat(self, beats: int) -> None:
         now = trio.current_time()
-        self._ping_nonce += 1
-        ping = codec.encode(Ping(self.id, self.current_round(), self._ping_nonce, now))
         exchange = None
         if self.config.peer_exchange and beats % PEER_EXCHANGE_EVERY == 0:
             exchange = self.peer_list_payload()
         interval = self.config.heartbeat_interval
-        for peer in list(self.links):
-            # Any message proves a peer alive: ping only peers that were quiet for
-            # an interval, plus an RTT sample every few beats. In a large mesh this
-            # halves heartbeat traffic, which otherwise swamps in-process runs.
+        quiet_after = QUIET_FRACTION * interval
+        # However busy our side of a link, a peer quiet this long is asked: a peer
+        # only keeps quiet on a link that carries our traffic, so asking is then what
+        # makes it speak (and what tells a dead peer from one with nothing to say).
+        ask_after = max(quiet_after, min(ASK_AFTER * interval, self.config.heartbeat_timeout / 3))
+        ping = None
+        for peer, link in list(self.links.items()):
+            # Liveness rides on traffic (docs/protocol.md, "Failure detection"):
+            # anything from the peer within the interval shows it alive, anything we
+            # sent it since the last beat shows it we are. A ping goes on a link quiet
+            # both ways (its Pong speaks for the peer), to a peer quiet for `ask_after`
+            # while we keep sending, and on any link not pinged for RTT_SAMPLE_EVERY
+            # beats: an RTT sample, and the check that the peer still reads
+            # (`unresponsive_peers`).
             rec = self.peers.peers[peer]
-            quiet = rec.last_seen is None or now - rec.last_seen >= 0.9 * interval
-            if quiet or beats % RTT_SAMPLE_EVERY == 0:
+            quiet = math.inf if rec.last_seen is None else now - rec.last_seen
+            sent = link.offers != link.offers_at_beat
+            if beats - link.pinged_at_beat >= RTT_SAMPLE_EVERY or (
+                quiet >= quiet_after and (not sent or quiet >= ask_after)
+            ):
+                link.pinged_at_beat = beats
+                if ping is None:
+                    self._ping_nonce += 1
+                    ping = codec.encode(Ping(self.id, self.current_round(), self._ping_nonce, now))
                 self.enqueue(peer, ping, urgent=True)
                 self.peers.pinged(peer, now)
+                self.pings_sent += 1
             if exchange is not None:
                 self.enqueue(peer, exchange)
+            link.offers_at_beat = link.offers
         self.on_unresponsive(frozenset(self.peers.unresponsive_peers(now, after=2.0 * interval)))
         for peer, link in self.links.items():
             # A frame still arriving counts as hearing from the peer (TCP transport).
