@@ -43,6 +43,9 @@ class Checkpoint:
     # The outer optimizer's moments and step (`p2pfl.learning.outer`); absent from
     # checkpoints written before it existed, which load with none (a fresh optimizer).
     outer: dict[str, np.ndarray] = field(default_factory=dict)
+    # The personal model beside the shared one (`p2pfl.learning.personal`); likewise
+    # absent from older checkpoints (the personal model then starts from the shared one).
+    personal: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -55,6 +58,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "history": ckpt.history,
         "compression": {k: encode_tensor(v) for k, v in ckpt.compression.items()},
         "outer": {k: encode_tensor(v) for k, v in ckpt.outer.items()},
+        "personal": {k: encode_tensor(v) for k, v in ckpt.personal.items()},
     }
     atomic_write(path, msgpack.packb(doc, use_bin_type=True))
 
@@ -77,6 +81,7 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
             str(k): decode_tensor(v).copy() for k, v in doc.get("compression", {}).items()
         }
         outer = {str(k): decode_tensor(v).copy() for k, v in doc.get("outer", {}).items()}
+        personal = {str(k): decode_tensor(v).copy() for k, v in doc.get("personal", {}).items()}
         return Checkpoint(
             rnd,
             params.copy(),
@@ -85,6 +90,7 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
             str(doc["model"]),
             compression,
             outer,
+            personal,
         )
     except CheckpointError:
         raise

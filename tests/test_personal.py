@@ -140,3 +140,30 @@ async def test_a_node_with_a_personal_head_reports_both_models(
         assert {"personal_accuracy", "local_accuracy"} <= set(node.all_rows()[-1]["metrics"])
         personal = node.learner.personal
         assert personal is not None and personal.head is not None and personal.rounds == 2
+
+
+async def test_the_personal_model_survives_a_restart(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The checkpoint carries v: a restarted node goes on from its personal model, not
+    from the shared one (it was lost on every restart before)."""
+    nodes = make_nodes(tmp_path, 2, MemoryNetwork(), rounds=3, personalize="ditto", epochs=2)
+    await run_until_done(nodes)
+    saved = [n.learner.personal.params.copy() for n in nodes]  # type: ignore[union-attr]
+    assert not np.allclose(saved[0], nodes[0].machine.params)  # v is not the shared model
+    again = make_nodes(tmp_path, 2, MemoryNetwork(), rounds=3, personalize="ditto", epochs=2)
+    for node, v in zip(again, saved, strict=True):
+        assert node.learner.personal is not None and node.learner.personal.params is not None
+        np.testing.assert_array_equal(node.learner.personal.params, v)
+        node.close()
+
+
+def test_a_personal_model_of_another_size_is_not_restored() -> None:
+    model = SoftmaxRegression(4, 3, seed=0)
+    x = np.zeros((6, 4), np.float32)
+    y = np.arange(6) % 3
+    ditto = Ditto(model, SoftmaxRegression(4, 3, seed=0), x, y)
+    ditto.restore({"ditto.v": np.ones(5, np.float32)}, model.num_params)
+    assert ditto.params is None
+    ditto.restore({"ditto.v": np.ones(model.num_params, np.float32)}, model.num_params)
+    assert ditto.params is not None and ditto.params.shape == (model.num_params,)

@@ -26,6 +26,7 @@ model with `layout()` and `loss_and_gradient()` (the built-in numpy models).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +38,8 @@ from p2pfl.learning.model import MOMENTUM
 DEFAULT_LAMBDA = 0.1
 PARTS = ("all", "head")  # what of the model is personal: all of it (Ditto), the head
 DEFAULT_TEST_FRACTION = 0.2
+
+log = logging.getLogger("p2pfl.learning")
 
 
 def local_split(
@@ -171,10 +174,16 @@ class Ditto:
         """For checkpoints: v (empty before the first round)."""
         return {} if self.params is None else {"ditto.v": self.params.copy()}
 
-    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+    def restore(self, state: Mapping[str, np.ndarray], num_params: int) -> None:
+        """v from a checkpoint; one of another model's size is dropped with a warning
+        (v then starts again from the shared model, as on a first start)."""
         v = state.get("ditto.v")
-        if v is not None:
-            self.params = np.asarray(v, dtype=np.float32).copy()
+        if v is None:
+            return
+        if v.shape != (num_params,) or not np.isfinite(v).all():
+            log.warning("checkpoint's personal model does not fit this model; starting it afresh")
+            return
+        self.params = np.asarray(v, dtype=np.float32).copy()
 
 
 def _head_slice(model: Any) -> slice:

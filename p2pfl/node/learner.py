@@ -304,6 +304,8 @@ class Learner:
             if ckpt.optimizer:
                 self.model.set_optimizer_state(ckpt.optimizer)
             self.history = ckpt.history[-HISTORY_KEPT:]
+            if self.personal is not None:
+                self.personal.restore(ckpt.personal, self.model.num_params)
             if self.outer is not None:
                 try:
                     loaded = self.outer.load_state(ckpt.outer, self.model.num_params)
@@ -508,6 +510,7 @@ class Learner:
                     self.fingerprint.digest,  # what the parameters mean; resume checks it
                     compression,
                     self.outer_state(),  # copies
+                    {} if self.personal is None else self.personal.state(),  # copies
                 )
             )
         )
