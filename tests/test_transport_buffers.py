@@ -201,3 +201,36 @@ async def test_a_partial_large_body_is_counted_and_dropped() -> None:
                 await trio.sleep(0.01)
             assert server.buffered() == 0 and server.budget.used == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_receive_cancelled_halfway_through_a_body_resumes() -> None:
+    """A reader under a timeout (cancelled while a large body is half in) gets the same
+    message whole on its next receive, and the frames after it."""
+    server = TcpTransport(A, max_frame_size=1024 * 1024)
+    got: list[bytes] = []
+    cancelled = [0]
+
+    async def impatient(conn: Connection) -> None:
+        while True:
+            with trio.move_on_after(0.05) as scope:
+                got.append(await conn.receive())
+            cancelled[0] += scope.cancelled_caught
+
+    payload = pattern(300 * 1024)
+    wire = framed(payload) + framed(b"after")
+    async with trio.open_nursery() as nursery:
+        (address,) = await nursery.start(server.listen, impatient)
+        with trio.fail_after(30):
+            peer = await raw_peer(address)
+            await peer.send_all(wire[: 4 + 100 * 1024])
+            while server.buffered() < 4 + 100 * 1024:
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)  # the reader gives up a few times meanwhile
+            assert cancelled[0] >= 2 and got == []
+            assert server.buffered() == 4 + 100 * 1024
+            await peer.send_all(wire[4 + 100 * 1024 :])
+            while len(got) < 2:
+                await trio.sleep(0.01)
+            assert got == [payload, b"after"]
+            assert server.buffered() == 0 and server.budget.used == 0
+        nursery.cancel_scope.cancel()

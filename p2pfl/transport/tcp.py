@@ -138,9 +138,12 @@ class TcpConnection:
         self._message_deadline: float | None = None  # ... and the multi-part message
         self._send_lock = trio.Lock()
         self._closed = False
-        self._body_got = 0  # bytes of a directly read frame body held right now
-        self._body_len: int | None = None  # ... and its length
-        self._body_held = 0  # _body_got plus its frame's header, counted as before
+        # The body of the frame in progress when read directly (DIRECT_BODY), how much
+        # of it arrived, and its header's size (still counted in `buffered`). Kept here,
+        # not in a local, so a receive cancelled halfway resumes where it stopped.
+        self._body: bytearray | None = None
+        self._body_got = 0
+        self._body_head = 0
         # trio.SSLStream's SSLObject and incoming BIO, to decrypt records in place; if a
         # trio release renames them, bodies go through receive_some (slower, same bytes).
         ssl_object = getattr(stream, "_ssl_object", None)
@@ -170,7 +173,8 @@ class TcpConnection:
     @property
     def buffered(self) -> int:
         """Bytes of a partially received frame or message held right now."""
-        return self._decoder.buffered + self._parts.held + self._body_held
+        body = self._body_head + self._body_got if self._body is not None else 0
+        return self._decoder.buffered + self._parts.held + body
 
     @property
     def reserved(self) -> int:
@@ -215,12 +219,18 @@ class TcpConnection:
     async def _receive(self) -> bytes:
         decoder = self._decoder
         while True:
-            payload: bytes | bytearray | None = decoder.next_frame()  # WireError("oversize")
+            payload: bytes | bytearray | None
+            if self._body is not None:  # a direct body read was cancelled halfway
+                payload = await self._receive_body()
+            else:
+                payload = decoder.next_frame()  # raises WireError("oversize")
             length = decoder.pending_length
             if payload is None and length is not None:
                 if not self._admitted:
                     await self._admit(decoder.pending_part, length, decoder.pending_total)
                 if length >= DIRECT_BODY:
+                    self._body_head = frame_header_size(decoder.pending_part)
+                    self._body, self._body_got = decoder.detach_body()
                     payload = await self._receive_body()
             if payload is not None:
                 self._admitted = False
@@ -246,20 +256,20 @@ class TcpConnection:
             decoder.feed(data)
 
     async def _receive_body(self) -> bytearray:
-        """The body of the admitted frame in progress, read straight into its buffer."""
-        head = frame_header_size(self._decoder.pending_part)
-        body, got = self._decoder.detach_body()
-        self._body_got, self._body_len, self._body_held = got, len(body), head + got
+        """The rest of the admitted frame's body, read straight into its buffer."""
+        body = self._body
+        assert body is not None
+        got = self._body_got
         view = memoryview(body)
         try:
             while got < len(body):
                 got += await self._receive_into(view[got:])
-                self._body_got, self._body_held = got, head + got
+                self._body_got = got
                 if self._closed:
                     raise ConnectionClosed(f"connection to {self._peer_id} is closed")
         finally:
             view.release()
-            self._body_got, self._body_len, self._body_held = 0, None, 0
+        self._body, self._body_got = None, 0
         return body
 
     async def _receive_into(self, view: memoryview) -> int:
@@ -392,7 +402,7 @@ class TcpConnection:
                 f"{self._peer_id} did not complete a {self._message_reserved}-byte message "
                 f"in time ({self.buffered} bytes arrived)"
             )
-        pending = self._decoder.pending_length if self._body_len is None else self._body_len
+        pending = self._decoder.pending_length if self._body is None else len(self._body)
         size = "its header" if pending is None else f"a {pending}-byte frame"
         return (
             f"{self._peer_id} did not complete {size} in time "
@@ -414,6 +424,7 @@ class TcpConnection:
         """Forget the frame and message in progress: their bytes and budget."""
         dropped = self.buffered
         self._decoder.clear()
+        self._body, self._body_got, self._body_head = None, 0, 0
         self._parts.clear()
         self._admitted = False
         self._release()
