@@ -226,7 +226,10 @@ def test_node_runs_a_round_with_a_model_file_and_a_data_file(tmp_path: Path) -> 
     (tmp_path / "my_model.py").write_text(MODEL_PY)
     write_npz(tmp_path / "mine.npz")
     # Relative to the node's cwd, as a user types them.
-    cmd = node_cmd(tmp_path, "--model", "my_model.py:build", "--data", "mine.npz")
+    # A solo node waits a round timeout for peers that may still connect: keep it short.
+    cmd = node_cmd(
+        tmp_path, "--model", "my_model.py:build", "--data", "mine.npz", "--round-timeout", "2"
+    )
     log = (tmp_path / "node.log").open("w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
