@@ -17,6 +17,7 @@ traceback must still not reach a log file.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ LOG_FORMATS = ("text", "json")
 """Values of `--log-format` / `log_format`."""
 
 REDACTED = "[redacted]"
-RESERVED_KEYS = ("ts", "level", "logger", "event", "msg", "exc")
+RESERVED_KEYS = ("ts", "level", "logger", "event", "msg", "exc", "node")
 """Keys every JSON line may carry; an event field of the same name is renamed
 ``field_<name>`` instead of overwriting them."""
 
@@ -96,6 +97,13 @@ def _plain(value: Any) -> Any:
     return _scrub(str(value))
 
 
+NODE_NAME: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "p2pfl_node_name", default=None
+)
+"""Which node of an in-process scenario a record comes from: many nodes share one log
+there. Set once in each node's task; the node's tasks and worker threads inherit it."""
+
+
 class TextFormatter(logging.Formatter):
     """``<ISO time> <LEVEL> <logger>: <message>``, one record per line (a traceback
     follows on its own lines, as usual)."""
@@ -107,6 +115,9 @@ class TextFormatter(logging.Formatter):
         return iso_time(record.created)
 
     def format(self, record: logging.LogRecord) -> str:
+        node = NODE_NAME.get()
+        if node is not None:  # "... p2pfl.node [n3]: ...", without touching the record
+            record = logging.makeLogRecord({**record.__dict__, "name": f"{record.name} [{node}]"})
         return _scrub(super().format(record))
 
 
@@ -121,6 +132,9 @@ class JsonFormatter(logging.Formatter):
             "event": event_name(record),
             "msg": _scrub(record.getMessage()),
         }
+        node = NODE_NAME.get()
+        if node is not None:
+            line["node"] = node
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
             for key, value in fields.items():

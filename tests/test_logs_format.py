@@ -362,3 +362,31 @@ def test_status_and_scenario_tables_share_the_byte_format() -> None:
 
     assert fmt_bytes(1536) == format_bytes(1536) == "1.5 KiB"
     assert report.format_bytes is format_bytes
+
+
+def test_in_process_nodes_say_which_node_a_line_comes_from(tmp_path: Path) -> None:
+    """Every node of an in-process scenario writes to one nodes.log: each line names its
+    node, including lines from worker threads and from tasks the node started."""
+    from p2pfl.scenario import parse_scenario
+    from p2pfl.scenario.inprocess import run_in_process
+
+    s = parse_scenario({"name": "named", "nodes": 3, "rounds": 2, "model": {"name": "softmax"}})
+    run_in_process(s, tmp_path)
+    lines = (tmp_path / "nodes.log").read_text().splitlines()
+    started = [line for line in lines if "listening on mem:" in line]
+    assert sorted(line.split("p2pfl.node [")[1][:2] for line in started) == ["n0", "n1", "n2"]
+    finished = [line for line in lines if "finished 2 rounds" in line]
+    assert len(finished) == 3 and all("p2pfl.node [n" in line for line in finished)
+
+
+def test_json_lines_carry_the_node_name_when_one_is_set() -> None:
+    from p2pfl.logs import NODE_NAME
+
+    record = logging.LogRecord("p2pfl.node", logging.INFO, __file__, 1, "hello", None, None)
+    assert "node" not in json.loads(JsonFormatter().format(record))
+    token = NODE_NAME.set("n7")
+    try:
+        assert json.loads(JsonFormatter().format(record))["node"] == "n7"
+        assert "p2pfl.node [n7]: hello" in TextFormatter().format(record)
+    finally:
+        NODE_NAME.reset(token)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from p2pfl.config import ConfigError, NodeConfig
-from p2pfl.logs import TextFormatter
+from p2pfl.logs import NODE_NAME, TextFormatter
 from p2pfl.scenario.processes import node_rows
 from p2pfl.scenario.report import RoundProgress
 from p2pfl.scenario.schema import RunFailed, Scenario, node_identity_seed
@@ -141,6 +141,7 @@ async def _guard(
     name: str, node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run one node; name it if it crashes, and treat an early return as a failure."""
+    NODE_NAME.set(name)  # its log lines say which node (this task's context only)
     try:
         await node.run(task_status=task_status)
     except Exception as exc:
