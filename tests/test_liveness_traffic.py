@@ -22,7 +22,7 @@ import trio.testing
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
 from p2pfl.node import Node
-from p2pfl.node.mesh import RTT_SAMPLE_EVERY
+from p2pfl.node.mesh import RTT_SAMPLE_EVERY, Metronome
 from p2pfl.transport.base import Connection
 from p2pfl.transport.memory import MemoryNetwork, MemoryTransport
 from p2pfl.wire import codec
@@ -210,3 +210,33 @@ async def test_a_peer_silent_for_the_heartbeat_timeout_is_lost(
     assert TIMEOUT < silent_for <= TIMEOUT + INTERVAL + 0.1, silent_for
     assert node.counters["heartbeat_failures"] == 1
     assert not node.peers.is_connected(quitter.id)
+
+
+async def test_the_metronome_wakes_heartbeats_together_never_late(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One task wakes every heartbeat of a run: each at its deadline or up to its slack
+    sooner, together with those due in that window; a sleeper cancelled while it waits
+    costs the others nothing."""
+    metronome = Metronome.current()
+    assert Metronome.current() is metronome  # one per trio run
+    start = trio.current_time()
+    woke: dict[int, float] = {}
+
+    async def beat(i: int, deadline: float) -> None:
+        await metronome.sleep_until(deadline, slack=0.02)
+        woke[i] = trio.current_time()
+
+    deadlines = {i: start + 1.0 + i * 0.001 for i in range(100)}  # 100 within 0.1 s
+    async with trio.open_nursery() as nursery:
+        for i, deadline in deadlines.items():
+            nursery.start_soon(beat, i, deadline)
+        with trio.CancelScope() as cancelled:
+            cancelled.cancel()
+            await metronome.sleep_until(start + 1.05)
+        nursery.start_soon(beat, 100, start + 0.5)  # an earlier one arriving later
+        deadlines[100] = start + 0.5
+    assert woke.keys() == deadlines.keys()
+    for i, deadline in deadlines.items():
+        assert deadline - 0.02 <= woke[i] <= deadline, (i, woke[i] - deadline)
+    assert len(set(woke.values())) <= 100 * 0.001 / 0.02 + 2  # a handful of wake-ups

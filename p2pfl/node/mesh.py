@@ -14,6 +14,7 @@ machine. Each dial, connection and message runs inside the supervisor's guard
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections import Counter
@@ -42,6 +43,7 @@ RTT_SAMPLE_EVERY = 5  # heartbeats
 QUIET_FRACTION = 0.9  # of an interval without a message from a peer: it is quiet
 ASK_AFTER = 1.9  # intervals a peer may stay quiet while we send to it (< timeout / 3)
 MESH_MESSAGES = frozenset({Ping, Pong, Hello, PeerList, Bye})  # handled here, not upstream
+BEAT_SLACK = 0.02  # of an interval: heartbeats this close together wake together
 LOG_EVERY = 10.0  # seconds between repeated warnings about one peer
 
 
@@ -312,8 +314,10 @@ class Mesh:
 
     async def _heartbeat_loop(self) -> None:
         beats = 0
+        metronome = Metronome.current()
+        interval = self.config.heartbeat_interval
         while True:
-            await trio.sleep(self.config.heartbeat_interval)
+            await metronome.sleep_until(trio.current_time() + interval, slack=BEAT_SLACK * interval)
             beats += 1
             with self.supervisor.guard("heartbeat"):
                 self._heartbeat(beats)
@@ -370,6 +374,57 @@ class Mesh:
                 self.counters["heartbeat_failures"] += 1
                 silent.closed_state = PeerState.FAILED
                 silent.scope.cancel()
+
+
+class Metronome:
+    """Every mesh's heartbeats in one trio run, woken by one task (a system task).
+
+    A timer that expires costs trio a cancellation (an exception raised and caught) and
+    a pass of its run loop: about 90 us of CPU, so 1000 in-process nodes beating once a
+    second each spent a tenth of the event loop on their timers. Here one task sleeps
+    until the earliest heartbeat due and then wakes every heartbeat due within its
+    `slack` (a fiftieth of an interval, never late), by an Event each: about 50
+    expiries a second instead of 1000. A heartbeat cancelled while it waits leaves its
+    entry behind, which fires into an Event nobody waits for.
+    """
+
+    _current: trio.lowlevel.RunVar[Metronome] = trio.lowlevel.RunVar("p2pfl_metronome")
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, float, trio.Event]] = []  # deadline, seq, earliest
+        self._seq = 0
+        self._changed = trio.Event()
+
+    @classmethod
+    def current(cls) -> Metronome:
+        """This trio run's metronome, started on first use."""
+        try:
+            return cls._current.get()
+        except LookupError:
+            metronome = cls()
+            cls._current.set(metronome)
+            trio.lowlevel.spawn_system_task(metronome._run, name="p2pfl heartbeats")
+            return metronome
+
+    async def sleep_until(self, deadline: float, *, slack: float = 0.0) -> None:
+        """Sleep until `deadline`, or wake up to `slack` seconds sooner with others."""
+        woken = trio.Event()
+        self._seq += 1
+        heapq.heappush(self._due, (deadline, self._seq, deadline - slack, woken))
+        if self._due[0][3] is woken:
+            self._changed.set()  # the earliest now: the ticking task sleeps less
+        await woken.wait()
+
+    async def _run(self) -> None:
+        while True:
+            changed = self._changed
+            with trio.move_on_at(self._due[0][0] if self._due else math.inf):
+                await changed.wait()
+            if changed.is_set():
+                self._changed = trio.Event()
+            now = trio.current_time()
+            while self._due and self._due[0][2] <= now:
+                heapq.heappop(self._due)[3].set()
 
 
 def _host_of(address: str) -> str:
