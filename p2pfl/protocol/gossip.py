@@ -46,7 +46,7 @@ from p2pfl.protocol.actions import (
     RequestState,
     Train,
 )
-from p2pfl.protocol.rounds import Phase, choose_neighbours, flat_params
+from p2pfl.protocol.rounds import Phase, adoptable, choose_neighbours, flat_params
 from p2pfl.wire.tensors import all_finite
 
 
@@ -315,12 +315,9 @@ class GossipMachine:
         version: int,
     ) -> list[Action]:
         assert self._own is not None
-        guard: list[Action] = []
-        if new.shape != self.params.shape or not all_finite(new):
-            guard.append(Rejected(self.node_id, self.round, "non_finite_aggregate"))
-            new = self._own.params
+        new, guard = adoptable(new, self._own.params, self.node_id, self.round)
         step = self.round
-        self.params = np.ascontiguousarray(new, dtype=np.float32)
+        self.params = new
         self.round = version
         rejected = tuple(self._rejected)
         self._rejected = []

@@ -495,14 +495,9 @@ class RoundMachine:
     ) -> list[Action]:
         """The round's aggregate becomes our model; on to the next round."""
         assert self._own is not None
-        guard: list[Action] = []
-        if new.shape != self.params.shape or not all_finite(new):
-            # Finite but huge inputs can overflow a weighted sum: never adopt a model
-            # that is not finite; keep our own and say so.
-            guard.append(Rejected(self.node_id, self.round, "non_finite_aggregate"))
-            new = self._own.params
+        new, guard = adoptable(new, self._own.params, self.node_id, self.round)
         done_round = self.round
-        self.params = np.ascontiguousarray(new, dtype=np.float32)
+        self.params = new
         self.nudge_at = None
         self._advance_to(self.round + 1)
         actions: list[Action] = [
@@ -632,6 +627,17 @@ class RoundMachine:
             self._nudge_gap = max(self._nudge_gap, MIN_NUDGE_GAP)
             self.nudge_at = now
         return self._maybe_aggregate(now, timed_out=False)
+
+
+def adoptable(
+    new: np.ndarray, own: np.ndarray, node_id: str, round: int
+) -> tuple[np.ndarray, list[Action]]:
+    """The aggregate to adopt, or our own model if it is not a finite vector of our
+    model's shape (finite but huge inputs can overflow a weighted sum), said as a
+    rejection of our own."""
+    if new.shape != own.shape or not all_finite(new):
+        return own, [Rejected(node_id, round, "non_finite_aggregate")]
+    return np.ascontiguousarray(new, dtype=np.float32), []
 
 
 def flat_params(params: np.ndarray) -> np.ndarray:
