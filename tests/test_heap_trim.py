@@ -11,7 +11,7 @@ import trio
 from test_node_inmemory import make_nodes
 from test_rounds_deferred import threaded_nodes
 
-from p2pfl.node import daemon
+from p2pfl.node import heap
 from p2pfl.transport.memory import MemoryNetwork
 
 
@@ -19,8 +19,8 @@ async def test_a_process_node_trims_its_heap_periodically_a_simulated_one_does_n
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(daemon, "HEAP_TRIM_EVERY", 0.05)
-    monkeypatch.setattr(daemon, "trim_heap", lambda: calls.append("trim") or True)
+    monkeypatch.setattr(heap, "TRIM_EVERY", 0.05)
+    monkeypatch.setattr(heap, "trim_heap", lambda: calls.append("trim") or True)
     for nodes, expected_min in (
         # Simulated nodes share a process (the test's, or a scenario's): not theirs to trim.
         (make_nodes(tmp_path / "sim", 2, MemoryNetwork(), rounds=0), 0),
@@ -53,8 +53,8 @@ async def test_a_process_node_collects_cyclic_garbage_that_python_would_leave(
 ) -> None:
     # A node's steady state frees about as many objects as it makes, so Python's own
     # collections are rare; disabled here, the node's periodic collection must do it.
-    monkeypatch.setattr(daemon, "HEAP_TRIM_EVERY", 0.05)
-    monkeypatch.setattr(daemon, "trim_heap", lambda: True)
+    monkeypatch.setattr(heap, "TRIM_EVERY", 0.05)
+    monkeypatch.setattr(heap, "trim_heap", lambda: True)
     was_enabled = gc.isenabled()
     gc.disable()
     try:

@@ -12,7 +12,6 @@ training, which runs as its own task (in a worker thread for real nodes).
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from p2pfl.learning.attacks import Attack
 from p2pfl.learning.fingerprint import Fingerprint
 from p2pfl.logs import event
 from p2pfl.membership import PeerTable
+from p2pfl.node.heap import trim_forever
 from p2pfl.node.learner import Learner
 from p2pfl.node.link import Link
 from p2pfl.node.loopwatch import LoopWatch
@@ -60,7 +60,6 @@ from p2pfl.protocol import (
 )
 from p2pfl.supervision import Supervisor
 from p2pfl.transport.base import Transport
-from p2pfl.transport.budget import trim_heap
 from p2pfl.wire import codec
 from p2pfl.wire.errors import WireError
 from p2pfl.wire.messages import (
@@ -82,7 +81,6 @@ CONTROL_SOCKET = "control.sock"
 STATE_REPLY_EVERY = 1.0  # seconds: at most one state reply per peer per this
 HELLO_GRACE = 2.0  # seconds to wait for connected peers' hellos before the first round
 FAILED_TICK_PAUSE = 0.1  # seconds before the timer retries after a contained failure
-HEAP_TRIM_EVERY = 60.0  # seconds between collecting cyclic garbage and trimming the heap
 
 
 class Node:
@@ -258,7 +256,7 @@ class Node:
                 nursery.start_soon(self._start_rounds)
                 nursery.start_soon(self.learner.record_loop)
                 if self.loopwatch is not None:  # a node that owns its process
-                    nursery.start_soon(self._trim_loop)
+                    nursery.start_soon(trim_forever)
                 log.info(
                     "node %s listening on %s (federation %r)",
                     self.id,
@@ -539,24 +537,6 @@ class Node:
                     self._apply(self.machine.tick(now))
                 if self.supervisor.total != before:
                     await trio.sleep(FAILED_TICK_PAUSE)  # never spin on a failing deadline
-
-    async def _trim_loop(self) -> None:
-        """Once a minute, free cyclic garbage and hand freed heap pages back to the OS,
-        so the RSS an operator watches is memory in use (docs/reliability.md, soak).
-
-        The collection is for closed TLS connections: a `trio.SSLStream` refers to
-        itself (its handshake `_Once` holds its own bound method), so its OpenSSL
-        state and buffers (60-100 KiB a connection) go only when the cyclic collector
-        runs. A node in its steady state frees about as many objects as it makes, so
-        Python's own collections are rare, and a connection old enough to have reached
-        the oldest generation waits for a full one: under churn they piled up. It runs
-        here, on the trio thread (finalizers of trio objects must not run in a worker),
-        and takes about 40 ms.
-        """
-        while True:
-            await trio.sleep(HEAP_TRIM_EVERY)
-            gc.collect()
-            await trio.to_thread.run_sync(trim_heap)
 
     # ---- what the mesh reports -----------------------------------------------------------
 
