@@ -46,7 +46,13 @@ from p2pfl.protocol.actions import (
     RequestState,
     Train,
 )
-from p2pfl.protocol.rounds import Phase, adoptable, choose_neighbours, flat_params
+from p2pfl.protocol.rounds import (
+    REJECTIONS_KEPT,
+    Phase,
+    adoptable,
+    choose_neighbours,
+    flat_params,
+)
 from p2pfl.wire.tensors import all_finite
 
 
@@ -137,7 +143,8 @@ class GossipMachine:
         from the same neighbour replaces it)."""
         reason = self._check(sender, round, params, samples)
         if reason is not None:
-            self._rejected.append((sender, reason))
+            if len(self._rejected) < REJECTIONS_KEPT:
+                self._rejected.append((sender, reason))
             return [Rejected(sender, round, reason)]
         self._last_version[sender] = round
         self._note(sender, round)

@@ -41,6 +41,9 @@ STATE_RETRY_GAP = 2.0
 above the responders' one-reply-per-second throttle, and a full model may be in flight."""
 MAJORITY_GRACE = 0.5
 """Seconds a catch-up still waits for the rest once a majority of the asked answered."""
+REJECTIONS_KEPT = 256
+"""A round's report lists at most this many rejected messages (all are counted): a
+neighbour flooding duplicates must not grow it without bound."""
 
 
 class Phase(StrEnum):
@@ -179,7 +182,7 @@ class RoundMachine:
         reason = self._check_update(sender, round, params, samples)
         actions: list[Action] = []
         if reason is not None:
-            if round == self.round:
+            if round == self.round and len(self._rejected) < REJECTIONS_KEPT:
                 self._rejected.append((sender, reason))
             actions.append(Rejected(sender, round, reason))
         else:
