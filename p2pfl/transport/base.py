@@ -121,6 +121,33 @@ class TransportLimits:
         )
 
 
+class ConnectionEnds:
+    """Who is at the other end of a connection, fixed when it is made: the part of
+    `Connection` every transport's connection class shares."""
+
+    def __init__(self, peer_id: str, remote_address: str, *, outbound: bool) -> None:
+        self._peer_id = peer_id
+        self._remote_address = remote_address
+        self._outbound = outbound
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    @property
+    def remote_address(self) -> str:
+        return self._remote_address
+
+    @property
+    def outbound(self) -> bool:
+        """True if we dialed this connection."""
+        return self._outbound
+
+    def __repr__(self) -> str:
+        way = "to" if self._outbound else "from"
+        return f"<{type(self).__name__} {way} {self._peer_id} at {self._remote_address}>"
+
+
 class Connection(Protocol):
     @property
     def peer_id(self) -> str: ...

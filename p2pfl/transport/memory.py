@@ -28,6 +28,7 @@ from p2pfl.identity import Identity
 from p2pfl.transport.base import (
     Connection,
     ConnectionClosed,
+    ConnectionEnds,
     ConnectionHandler,
     HandshakeError,
     TransportLimits,
@@ -83,7 +84,7 @@ class MemoryNetwork:
         return listener
 
 
-class MemoryConnection:
+class MemoryConnection(ConnectionEnds):
     """One end of an in-memory connection."""
 
     def __init__(
@@ -98,26 +99,8 @@ class MemoryConnection:
     ) -> None:
         self._send = send_channel
         self._receive = receive_channel
-        self._peer_id = peer_id
-        self._remote_address = remote_address
-        self._outbound = outbound
+        super().__init__(peer_id, remote_address, outbound=outbound)
         self.max_frame_size = max_frame_size
-
-    @property
-    def peer_id(self) -> str:
-        return self._peer_id
-
-    @property
-    def remote_address(self) -> str:
-        return self._remote_address
-
-    @property
-    def outbound(self) -> bool:
-        return self._outbound
-
-    def __repr__(self) -> str:
-        way = "to" if self._outbound else "from"
-        return f"<MemoryConnection {way} {self._peer_id} at {self._remote_address}>"
 
     async def send(self, payload: bytes) -> None:
         try:
@@ -144,7 +127,7 @@ class MemoryConnection:
         await self._receive.aclose()
 
 
-class DirectConnection:
+class DirectConnection(ConnectionEnds):
     """One end of a direct in-memory connection (`MemoryNetwork(direct=True)`).
 
     `send_nowait` puts a payload in the receiving end's queue at once: the sender
@@ -165,9 +148,7 @@ class DirectConnection:
     def __init__(
         self, peer_id: str, remote_address: str, *, outbound: bool, max_frame_size: int
     ) -> None:
-        self._peer_id = peer_id
-        self._remote_address = remote_address
-        self._outbound = outbound
+        super().__init__(peer_id, remote_address, outbound=outbound)
         self.max_frame_size = max_frame_size
         self.other: DirectConnection = self  # the peer's end, set by `pair`
         self.unread_bytes = 0
@@ -180,22 +161,6 @@ class DirectConnection:
     @staticmethod
     def pair(a: DirectConnection, b: DirectConnection) -> None:
         a.other, b.other = b, a
-
-    @property
-    def peer_id(self) -> str:
-        return self._peer_id
-
-    @property
-    def remote_address(self) -> str:
-        return self._remote_address
-
-    @property
-    def outbound(self) -> bool:
-        return self._outbound
-
-    def __repr__(self) -> str:
-        way = "to" if self._outbound else "from"
-        return f"<DirectConnection {way} {self._peer_id} at {self._remote_address}>"
 
     def send_nowait(self, payload: bytes) -> None:
         """Hand `payload` to the peer's end; ConnectionClosed if either end closed."""

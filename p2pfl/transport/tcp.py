@@ -32,6 +32,7 @@ from p2pfl.transport.base import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     Connection,
     ConnectionClosed,
+    ConnectionEnds,
     ConnectionHandler,
     HandshakeError,
     TransportLimits,
@@ -107,7 +108,7 @@ def _refused(peer_id: str, address: str, what: str) -> str:
     )
 
 
-class TcpConnection:
+class TcpConnection(ConnectionEnds):
     """One authenticated TLS stream carrying length-prefixed payloads."""
 
     def __init__(
@@ -123,9 +124,7 @@ class TcpConnection:
     ) -> None:
         self.last_activity: float | None = None  # when bytes last arrived
         self._stream = stream
-        self._peer_id = peer_id
-        self._remote_address = remote_address
-        self._outbound = outbound
+        super().__init__(peer_id, remote_address, outbound=outbound)
         self._limits = limits
         self._budget = budget
         self._on_close = on_close
@@ -159,18 +158,6 @@ class TcpConnection:
         )
 
     @property
-    def peer_id(self) -> str:
-        return self._peer_id
-
-    @property
-    def remote_address(self) -> str:
-        return self._remote_address
-
-    @property
-    def outbound(self) -> bool:
-        return self._outbound
-
-    @property
     def buffered(self) -> int:
         """Bytes of a partially received frame or message held right now."""
         body = self._body_head + self._body_got if self._body is not None else 0
@@ -180,10 +167,6 @@ class TcpConnection:
     def reserved(self) -> int:
         """Bytes of the transport's receive budget this connection holds."""
         return self._reserved + self._message_reserved
-
-    def __repr__(self) -> str:
-        way = "to" if self._outbound else "from"
-        return f"<TcpConnection {way} {self._peer_id} at {self._remote_address}>"
 
     async def send(self, payload: bytes) -> None:
         if self._closed:
