@@ -277,15 +277,9 @@ def _watch(
         ):
             return
         if time.monotonic() > deadline:
-            behind = ", ".join(
-                f"{p.name}={c}"
-                for p, c in zip(procs, completed, strict=True)
-                if c < scenario.rounds
-            )
-            raise RunFailed(
-                f"timed out after {deadline_s:.0f} s with nodes still running "
-                f"(rounds completed: {behind}); see {procs[0].data_dir.parent}/n*/node.log"
-            )
+            done = {p.name: c for p, c in zip(procs, completed, strict=True)}
+            logs = f"{procs[0].data_dir.parent}/n*/node.log"
+            raise RunFailed.overdue(deadline_s, done, scenario.rounds, logs)
         if chaos is not None:
             chaos.wait(POLL_INTERVAL)
         else:

@@ -366,15 +366,8 @@ def _watch(
         if all(_is_done(n.status, scenario.rounds) or chaos.excused(n.index) for n in nodes):
             return
         if time.monotonic() > deadline:
-            behind = ", ".join(
-                f"{n.name}={c}"
-                for n, c in zip(nodes, completed, strict=True)
-                if c < scenario.rounds
-            )
-            raise RunFailed(
-                f"timed out after {deadline_s:.0f} s with nodes still running "
-                f"(rounds completed: {behind}); see each node's node.log"
-            )
+            done = {n.name: c for n, c in zip(nodes, completed, strict=True)}
+            raise RunFailed.overdue(deadline_s, done, scenario.rounds, "each node's node.log")
         time.sleep(POLL_INTERVAL)
 
 

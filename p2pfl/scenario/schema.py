@@ -73,6 +73,18 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 class RunFailed(RuntimeError):
     """A scenario run could not finish (a node died, the deadline passed); says why."""
 
+    @classmethod
+    def overdue(
+        cls, deadline_s: float, completed: Mapping[str, int], rounds: int, logs: str
+    ) -> RunFailed:
+        """The deadline passed: which nodes were still short of `rounds`, and where
+        their logs are."""
+        behind = ", ".join(f"{name}={c}" for name, c in completed.items() if c < rounds)
+        return cls(
+            f"timed out after {deadline_s:.0f} s with nodes still running "
+            f"(rounds completed: {behind}); see {logs}"
+        )
+
 
 @dataclass(frozen=True)
 class Scenario:
