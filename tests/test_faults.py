@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
+from test_node_inmemory import run_until_done as run_all
 
 from p2pfl.config import NodeConfig
 from p2pfl.identity import Identity
@@ -449,15 +450,6 @@ def fault_nodes(
             )
         )
     return nodes
-
-
-async def run_all(nodes: list[Node]) -> None:
-    async with trio.open_nursery() as nursery:
-        for node in nodes:
-            await nursery.start(node.run)
-        for node in nodes:
-            await node.done.wait()
-        nursery.cancel_scope.cancel()
 
 
 def accuracy(node: Node) -> float:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
+from test_node_inmemory import run_until_done
 
 import p2pfl.datadir
 import p2pfl.node.learner
@@ -115,15 +116,6 @@ def ring_nodes(tmp: Path, n: int, network: MemoryNetwork, **fields: object) -> l
             )
         )
     return nodes
-
-
-async def run_until_done(nodes: list[Node]) -> None:
-    async with trio.open_nursery() as nursery:
-        for node in nodes:
-            await nursery.start(node.run)
-        for node in nodes:
-            await node.done.wait()
-        nursery.cancel_scope.cancel()
 
 
 def final_models(tmp: Path, *, direct: bool, **fields: object) -> list[np.ndarray]:
