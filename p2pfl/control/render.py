@@ -516,6 +516,24 @@ def dial_lines(status: Mapping[str, Any]) -> Text | None:
     return text
 
 
+def inbound_lines(status: Mapping[str, Any]) -> Text | None:
+    """Hosts whose handshakes with us failed, and why: the dialed side's view of a
+    wrong federation or secret, which its peer table never sees (no peer id)."""
+    failing = [t for t in _list(status, "inbound_failures") if isinstance(t, Mapping)]
+    if not failing:
+        return None
+    text = Text()
+    for t in failing[:8]:
+        text.append(f"inbound {fmt_text(t.get('address'))}", style="yellow")
+        text.append(
+            f": {fmt_int(t.get('failures'))} failed handshakes, "
+            f"last {fmt_ago(t.get('last_s'))}: {fmt_text(t.get('last_error'))}\n"
+        )
+    if len(failing) > 8:
+        text.append(f"... and {len(failing) - 8} more hosts (--json has all)\n")
+    return text
+
+
 def counters_line(status: Mapping[str, Any]) -> Text:
     """'frames rejected 3 (too_large 2, bad_msgpack 1) · reconnects 4 · ...'."""
     counters = _section(status, "counters")
@@ -534,9 +552,9 @@ def counters_line(status: Mapping[str, Any]) -> Text:
 def render_status(status: Mapping[str, Any]) -> RenderableType:
     """The whole `p2pfl status` screen for one status dict."""
     parts: list[RenderableType] = [status_header(status), peers_table(status)]
-    dials = dial_lines(status)
-    if dials is not None:
-        parts.append(dials)
+    for lines in (dial_lines(status), inbound_lines(status)):
+        if lines is not None:
+            parts.append(lines)
     parts.append(counters_line(status))
     return Group(*parts)
 

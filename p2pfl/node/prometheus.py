@@ -191,6 +191,14 @@ class StatusCollector:
         yield from _counter(
             "p2pfl_round_timeouts", "Rounds ended by their timeout", counters.get("timeouts")
         )
+        yield from _labelled_counter(
+            "p2pfl_handshake_failures", "Failed TLS/p2pfl handshakes, by who dialed", "direction",
+            {"outbound": counters.get("handshake_failures", 0),
+             "inbound": counters.get("inbound_handshake_failures", 0)},
+        )  # fmt: skip
+        yield from _counter(
+            "p2pfl_dial_failures", "Dials that failed to connect", counters.get("dial_failures", 0)
+        )
 
         self.durations.feed(s.get("history"))
         hist = HistogramMetricFamily("p2pfl_round_duration_seconds", "Wall time per round")

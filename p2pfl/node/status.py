@@ -81,6 +81,7 @@ def node_status(node: Node) -> dict[str, Any]:
         "history": list(node.history),  # bounded: the learner keeps the last rows
         "peers": node.peers.snapshot(now),
         "dial_targets": node.peers.dial_status(now),
+        "inbound_failures": inbound_failures(node.transport, now),
         "counters": {
             "faults_injected": dict(counts())
             if callable(counts := getattr(node.transport, "counts", None))
@@ -94,6 +95,14 @@ def node_status(node: Node) -> dict[str, Any]:
             **{k: v for k, v in node.counters.items() if k not in ("reconnects", "timeouts")},
         },
     }
+
+
+def inbound_failures(transport: object, now: float) -> list[dict[str, Any]]:
+    """Hosts whose inbound handshakes failed, with the last reason (a TCP transport
+    keeps them; a fault-injecting wrapper is looked through; in-memory has none)."""
+    transport = getattr(transport, "inner", transport)
+    failures = getattr(transport, "handshake_failures", None)
+    return [] if failures is None else failures.snapshot(now)
 
 
 def robustness_status(node: Node) -> dict[str, Any]:

@@ -38,6 +38,13 @@ from p2pfl.transport.base import (
     TransportLimits,
 )
 from p2pfl.transport.budget import ReceiveBudget, give_back_memory
+from p2pfl.transport.refusals import (
+    HandshakeFailures,
+    log_inbound_failure,
+    refused_text,
+    send_alert,
+    tls_reason,
+)
 from p2pfl.transport.tls import make_ssl_context, peer_id_of
 from p2pfl.wire.address import parse_address as parse_address  # the one parser, re-exported
 from p2pfl.wire.errors import WireError
@@ -70,42 +77,6 @@ def format_address(host: str, port: int) -> str:
 
 def _sockaddr_text(sockaddr: Any) -> str:
     return format_address(str(sockaddr[0]), int(sockaddr[1]))
-
-
-def _tls_reason(exc: BaseException) -> str:
-    """The OpenSSL reason behind trio's BrokenResourceError, for one readable log line."""
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return (
-            f"{cause.reason}: {cause.verify_message} "
-            "(peer is not in our federation: other name or secret?)"
-        )
-    if isinstance(cause, ssl.SSLError):
-        reason = cause.reason or str(cause)
-        if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason:
-            reason += " (peer refused our certificate: other federation name or secret?)"
-        return reason
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    return str(exc) or type(exc).__name__
-
-
-def _handshake_failed(remote: str, reason: str) -> None:
-    """One line per failed inbound handshake, with the reason (a wrong federation name
-    or secret shows here on the side that was dialed)."""
-    log.warning(
-        "inbound handshake from %s failed: %s",
-        remote,
-        reason,
-        extra=event("handshake.failed", address=remote, direction="inbound", reason=reason),
-    )
-
-
-def _refused(peer_id: str, address: str, what: str) -> str:
-    return (
-        f"peer {peer_id} at {address} {what} after the TLS handshake "
-        "(it refused our certificate: other federation name or secret?)"
-    )
 
 
 class TcpConnection(ConnectionEnds):
@@ -464,6 +435,7 @@ class TcpTransport:
         self.events: Counter[str] = Counter()
         self._on_event = on_event
         self._connections: set[TcpConnection] = set()
+        self.handshake_failures = HandshakeFailures()
         self._inbound = 0
         self._last_refusal_log = -math.inf
         self._server_context = make_ssl_context(identity, federation, secret, server=True)
@@ -507,6 +479,12 @@ class TcpTransport:
         self.events[name] += 1
         if self._on_event is not None:
             self._on_event(name)
+
+    def _handshake_failed(self, remote: str, reason: str) -> None:
+        """Counted, kept by host with its reason for status, and logged."""
+        self.handshake_failures.record(remote, reason, trio.current_time())
+        self._event("inbound_handshake_failures")
+        log_inbound_failure(remote, reason)
 
     def _connection(
         self,
@@ -556,15 +534,16 @@ class TcpTransport:
                 await ssl_stream.do_handshake()
                 peer_id = peer_id_of(ssl_stream)
         except trio.TooSlowError:
-            _handshake_failed(remote, "timed out")
+            self._handshake_failed(remote, "timed out")
             await trio.aclose_forcefully(stream)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            _handshake_failed(remote, _tls_reason(exc))
+            self._handshake_failed(remote, tls_reason(exc))
+            await send_alert(ssl_stream, stream)
             await trio.aclose_forcefully(stream)
             return
         except HandshakeError as exc:
-            _handshake_failed(remote, str(exc))
+            self._handshake_failed(remote, str(exc))
             await trio.aclose_forcefully(stream)
             return
         if self._inbound >= self.limits.max_inbound:
@@ -578,12 +557,12 @@ class TcpTransport:
                 await ssl_stream.send_all(ACCEPT)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._inbound -= 1
-            _handshake_failed(remote, _tls_reason(exc))
+            self._handshake_failed(remote, tls_reason(exc))
             await trio.aclose_forcefully(stream)
             return
         if accept_scope.cancelled_caught:
             self._inbound -= 1
-            _handshake_failed(remote, "timed out")
+            self._handshake_failed(remote, "timed out")
             await trio.aclose_forcefully(stream)
             return
         conn = self._connection(ssl_stream, peer_id, remote, outbound=False)
@@ -652,11 +631,13 @@ class TcpTransport:
                 f"handshake with {address} timed out after {self.handshake_timeout}s"
             ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if peer_id is None:
+                await send_alert(ssl_stream, stream)
             await trio.aclose_forcefully(stream)
             if peer_id is None:
-                msg = f"TLS handshake with {address} failed: {_tls_reason(exc)}"
+                msg = f"TLS handshake with {address} failed: {tls_reason(exc)}"
             else:
-                msg = _refused(peer_id, address, "closed the connection")
+                msg = refused_text(peer_id, address, "closed the connection")
             raise HandshakeError(msg) from exc
         except HandshakeError:
             await trio.aclose_forcefully(stream)
@@ -669,5 +650,5 @@ class TcpTransport:
                     "it has as many inbound connections as it accepts (max_inbound)"
                 )
             why = "closed the connection" if not first else "sent an unexpected first byte"
-            raise HandshakeError(_refused(peer_id, address, why))
+            raise HandshakeError(refused_text(peer_id, address, why))
         return self._connection(ssl_stream, peer_id, address, outbound=True)
