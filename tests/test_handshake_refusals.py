@@ -99,7 +99,7 @@ def test_status_shows_inbound_failures_and_looks_through_a_wrapper() -> None:
     out = io.StringIO()
     status = {"node": {"id": "x"}, "round": {"current": 1}, "inbound_failures": rows}
     Console(file=out, width=200, color_system=None).print(render_status(status))
-    assert "inbound 10.0.0.7: 1 failed handshakes, last 3.0s ago: TLSV1_ALERT_UNKNOWN_CA" in (
+    assert "inbound 10.0.0.7: 1 failed handshake, last 3.0s ago: TLSV1_ALERT_UNKNOWN_CA" in (
         out.getvalue()
     )
 

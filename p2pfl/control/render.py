@@ -493,6 +493,11 @@ def peers_table(status: Mapping[str, Any]) -> Table:
     return table
 
 
+def _times(n: Any, what: str) -> str:
+    """'1 failure', '3 failures'."""
+    return f"{fmt_int(n)} {what}" + ("" if n == 1 else "s")
+
+
 def dial_lines(status: Mapping[str, Any]) -> Text | None:
     """Failing dial targets: where, how often, the last error and the next retry (what
     "dial failures 6" never said: a wrong federation, a closed port, a bad address)."""
@@ -508,7 +513,7 @@ def dial_lines(status: Mapping[str, Any]) -> Text | None:
         )
         text.append(f"dial {fmt_text(t.get('address'))}", style="yellow")
         text.append(
-            f" ({fmt_text(t.get('found_via'))}): {fmt_int(t.get('failures'))} failures, "
+            f" ({fmt_text(t.get('found_via'))}): {_times(t.get('failures'), 'failure')}, "
             f"last: {fmt_text(t.get('last_error'))}; {retry}\n"
         )
     if len(failing) > 8:
@@ -526,7 +531,7 @@ def inbound_lines(status: Mapping[str, Any]) -> Text | None:
     for t in failing[:8]:
         text.append(f"inbound {fmt_text(t.get('address'))}", style="yellow")
         text.append(
-            f": {fmt_int(t.get('failures'))} failed handshakes, "
+            f": {_times(t.get('failures'), 'failed handshake')}, "
             f"last {fmt_ago(t.get('last_s'))}: {fmt_text(t.get('last_error'))}\n"
         )
     if len(failing) > 8:
