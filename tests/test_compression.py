@@ -17,10 +17,18 @@ from hypothesis.extra import numpy as hnp
 
 from p2pfl.compression import UpdateDecoder, UpdateEncoder, parse_pipeline
 from p2pfl.compression.decoder import REASONS
-from p2pfl.compression.frame import parse_header, read_body
+from p2pfl.compression.frame import (
+    DELTA,
+    QUANT_SHIFT,
+    SPARSE,
+    ZSTD,
+    body_size,
+    parse_header,
+    read_body,
+)
 from p2pfl.compression.pipeline import QUANT_BLOCK, Quantize, TopK
 from p2pfl.compression.quantize import decode_values, encode_values
-from p2pfl.compression.sparse import decode_indices, encode_indices, top_k
+from p2pfl.compression.sparse import decode_indices, encode_indices, index_size, top_k
 from p2pfl.wire import WireError
 from p2pfl.wire.codec import MAX_BLOB_KEYS, decode, encode
 from p2pfl.wire.messages import CompressedModelUpdate
@@ -121,22 +129,78 @@ def test_a_plain_string_is_not_a_pipeline() -> None:
 # ---------------------------------------------------------------- building blocks
 
 
+@st.composite
+def index_sets(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+    dim = draw(st.integers(1, 2**20))
+    values = draw(st.lists(st.integers(0, dim - 1), unique=True, min_size=1, max_size=300))
+    return np.array(sorted(values), dtype=np.int64), dim
+
+
 @PROPS
-@given(st.lists(st.integers(0, 2**20 - 1), unique=True, max_size=300))
-def test_index_encoding_round_trips_in_the_narrowest_width(values: list[int]) -> None:
-    idx = np.array(sorted(values), dtype=np.int64)
-    data, width = encode_indices(idx)
-    got = decode_indices(data, idx.size, width, 2**20)
-    np.testing.assert_array_equal(got, idx)
-    gaps = np.diff(idx, prepend=0) - np.r_[0, np.ones(max(idx.size - 1, 0))]
-    assert width == (1 if gaps.max(initial=0) < 256 else 2 if gaps.max() < 65536 else 4)
+@given(index_sets())
+def test_index_encoding_round_trips_at_its_announced_size(case: tuple[np.ndarray, int]) -> None:
+    idx, dim = case
+    data = encode_indices(idx, dim)
+    assert len(data) == index_size(idx.size, dim)
+    np.testing.assert_array_equal(decode_indices(data, idx.size, dim), idx)
+    # Elias-Fano: at most 2 + log2(dim / k) bits per index, plus the last byte's padding
+    assert 8 * len(data) <= idx.size * (2 + max(0.0, math.log2(dim / idx.size))) + 8
 
 
-def test_index_out_of_range_is_refused() -> None:
-    data, width = encode_indices(np.array([3, 9], dtype=np.int64))
-    with pytest.raises(WireError, match="out of range") as info:
-        decode_indices(data, 2, width, 9)
+def test_index_code_is_smaller_than_whole_byte_gaps() -> None:
+    """The sizes the issue-15 measurement is about: top-5% of the 2410-parameter MLP
+    (gaps fit one byte: 121 bytes) and top-1% of a million (gaps need two: 20 kB)."""
+    assert index_size(121, 2410) == 95
+    assert index_size(10_000, 10**6) == 10_703
+
+
+def _bits(text: str) -> bytes:
+    """Bytes from a bit string; spaces separate the parts of a code for the reader."""
+    text = text.replace(" ", "")
+    return int(text, 2).to_bytes(len(text) // 8, "big")
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        # dim 9, two indices: l = 2 low bits each, then a 4-bit bitmap (one byte)
+        (_bits("11 01 1001"), "out of range"),  # indices 3 and 9
+        (_bits("11 10 1100"), "strictly increasing"),  # indices 3 and 2
+        (_bits("01 01 1100"), "strictly increasing"),  # indices 1 and 1
+        (_bits("11 01 1000"), "set bits"),
+        (_bits("11 01 1110"), "set bits"),
+    ],
+)
+def test_bad_index_codes_are_refused(data: bytes, needle: str) -> None:
+    assert decode_indices(_bits("11 01 1010"), 2, 9).tolist() == [3, 5]
+    with pytest.raises(WireError, match=needle) as info:
+        decode_indices(data, 2, 9)
     assert info.value.reason == "bad_compression"
+
+
+def test_index_padding_bits_must_be_zero() -> None:
+    data = encode_indices(np.array([0, 7, 11], dtype=np.int64), 12)  # 3 * 2 + 5 = 11 bits
+    assert len(data) == index_size(3, 12) == 2
+    assert decode_indices(data, 3, 12).tolist() == [0, 7, 11]
+    with pytest.raises(WireError, match="padding"):
+        decode_indices(data[:1] + bytes([data[1] | 1]), 3, 12)
+
+
+@FUZZ
+@given(st.integers(1, 3000), st.data())
+def test_fuzz_index_codes(dim: int, data: st.DataObject) -> None:
+    """Any bytes of the announced size: only bad_compression, or indices that are
+    strictly increasing, in range, and whose encoding is exactly these bytes."""
+    count = data.draw(st.integers(1, min(dim, 200)))
+    raw = data.draw(st.binary(min_size=index_size(count, dim), max_size=index_size(count, dim)))
+    try:
+        idx = decode_indices(raw, count, dim)
+    except WireError as exc:
+        assert exc.reason == "bad_compression"
+        return
+    assert idx.size == count and idx[0] >= 0 and idx[-1] < dim
+    assert (np.diff(idx) > 0).all()
+    assert encode_indices(idx, dim) == raw
 
 
 @PROPS
@@ -289,17 +353,18 @@ def test_error_feedback_delivers_what_top_k_dropped() -> None:
 def test_keyframe_schedule_and_force() -> None:
     enc = UpdateEncoder(parse_pipeline(STRONG), keyframe_every=3)
     xs = walk(50, 10)
-    bases = [enc.encode(xs[r], r)["base"] for r in range(7)]
+    bases = [enc.encode(xs[r], r)["b"] for r in range(7)]
     assert bases == [-1, 0, 1, -1, 3, 4, -1]
     enc.force_keyframe()
     blob = enc.encode(xs[7], 7)
-    assert blob["base"] == -1 and blob["stages"] == ["quantize:8", "zstd:3"]
-    assert enc.encode(xs[8], 8)["stages"] == STRONG
+    # a keyframe: no delta, no top-k, int8 (zstd only if it made the body smaller)
+    assert blob["b"] == -1 and blob["f"] & ~ZSTD == 2 << QUANT_SHIFT
+    assert enc.encode(xs[8], 8)["f"] & ~ZSTD == DELTA | SPARSE | 2 << QUANT_SHIFT
 
 
 def test_without_delta_every_message_is_a_keyframe() -> None:
     enc = UpdateEncoder(parse_pipeline(["quantize:8"]), keyframe_every=0)
-    assert all(enc.encode(x, r)["base"] == -1 for r, x in enumerate(walk(20, 4)))
+    assert all(enc.encode(x, r)["b"] == -1 for r, x in enumerate(walk(20, 4)))
 
 
 def test_rounds_must_increase() -> None:
@@ -325,7 +390,7 @@ def test_missing_base_until_the_next_keyframe() -> None:
             dec.decode("s", r, blobs[r])
         assert info.value.reason == reason
     assert dec.round_of("s") == 1
-    assert blobs[4]["base"] == -1  # the keyframe resynchronizes
+    assert blobs[4]["b"] == -1  # the keyframe resynchronizes
     for r in (4, 5, 6):
         dec.decode("s", r, blobs[r])
     # a new receiver joins mid-stream: nothing until the next keyframe (round 8)
@@ -334,7 +399,7 @@ def test_missing_base_until_the_next_keyframe() -> None:
         late.decode("s", 7, blobs[7])
     assert info.value.reason == "missing_base"
     dec.decode("s", 7, blobs[7])
-    assert blobs[8]["base"] == -1
+    assert blobs[8]["b"] == -1
     np.testing.assert_array_equal(late.decode("s", 8, blobs[8]), enc.x_hat)
     np.testing.assert_array_equal(dec.decode("s", 8, blobs[8]), enc.x_hat)
 
@@ -433,45 +498,72 @@ def _set(blob: dict[str, Any], path: str, value: object) -> dict[str, Any]:
 
 
 _DELETE = object()
-_KEYFRAME_8 = {"stages": ["quantize:8"], "base": -1}
+INT8, INT4, F16 = 2 << QUANT_SHIFT, 3 << QUANT_SHIFT, 1 << QUANT_SHIFT
 
 
-def _raw_keyframe(body: bytes, stages: list[str], d: int = 4) -> dict[str, Any]:
-    return {"stages": stages, "base": -1, "payload": {"dim": d, "count": d, "iw": 0, "data": body}}
+def _raw_keyframe(body: bytes, f: int = 0, d: int = 4) -> dict[str, Any]:
+    return {"f": f, "b": -1, "d": d, "n": d, "x": body}
 
 
-def _sparse(body: bytes, count: int, iw: int = 1) -> dict[str, Any]:
-    return {
-        "stages": ["delta", "topk:0.5"],
-        "base": 0,
-        "payload": {"dim": 600, "count": count, "iw": iw, "data": body},
-    }
+def _sparse(body: bytes, count: int) -> dict[str, Any]:
+    """A float32 top-k delta on round 0 of a 600-parameter model."""
+    return {"f": DELTA | SPARSE, "b": 0, "d": 600, "n": count, "x": body}
 
+
+# _valid(): top-1% of 600 = 6 int8 values, a 17-byte body (7 index + 4 scale + 6 values)
+STRONG_BODY = body_size(Quantize(8), 6, 600, sparse=True)
+OLD_FORMAT = {
+    "stages": STRONG,
+    "base": 0,
+    "payload": {"dim": 600, "count": 6, "iw": 1, "data": bytes(STRONG_BODY)},
+}
 
 HOSTILE: list[tuple[str, object, str]] = [
     ("not a map", [1, 2], "must be a map"),
-    ("missing key", "payload", "keys must be"),
+    ("missing key", "x", "keys must be"),
     ("extra key", ("extra", 1), "keys must be"),
-    ("stages not list", ("stages", "zstd:3"), "stages must be a list"),
-    ("stage not str", ("stages", [3]), "stages must be strings"),
-    ("too many stages", ("stages", ["delta"] * 5), "at most 4"),
-    ("unknown stage", ("stages", ["delta", "lz4:1"]), "unknown stage"),
-    ("bad order", ("stages", ["delta", "zstd:3", "topk:0.01"]), "order"),
-    ("base not int", ("base", "0"), "base must be an integer"),
-    ("base bool", ("base", True), "base must be an integer"),
-    ("base from the future", ("base", 1), "base must be an integer"),
-    ("base -1 with delta", ("base", -1), "exactly when"),
-    ("base below -1", ("base", -2), "base must be an integer"),
-    ("dim mismatch", ("payload.dim", 601), "dim must be"),
-    ("count above dim", ("payload.count", 601), "count must be"),
-    ("count negative", ("payload.count", -1), "count must be"),
-    ("bad index width", ("payload.iw", 3), "index width"),
-    ("data not bin", ("payload.data", "abc"), "data must be binary"),
-    ("payload not map", ("payload", b"x"), "payload must be a map"),
-    ("not zstd", ("payload.data", b"\x00" * 40), "not a zstd frame"),
-    ("zstd without size", ("payload.data", _zstd(b"\x00" * 31, size=False)), "declare"),
-    ("zstd wrong size", ("payload.data", _zstd(b"\x00" * 30)), "message needs"),
+    ("old format", OLD_FORMAT, "format before"),
+    ("flags not int", ("f", "11"), "flags must be an integer"),
+    ("flags bool", ("f", True), "flags must be an integer"),
+    ("unknown flag", ("f", 32 | DELTA | SPARSE | INT8), "flags must be an integer"),
+    ("flags negative", ("f", -1), "flags must be an integer"),
+    ("sparse without delta", ("f", SPARSE | INT8), "without delta"),
+    ("base not int", ("b", "0"), "base must be an integer"),
+    ("base bool", ("b", True), "base must be an integer"),
+    ("base from the future", ("b", 1), "base must be an integer"),
+    ("base -1 with delta", ("b", -1), "exactly when"),
+    ("base below -1", ("b", -2), "base must be an integer"),
+    ("keyframe flags on a delta", ("f", INT8), "exactly when"),
+    ("dim mismatch", ("d", 601), "dim must be"),
+    ("count above dim", ("n", 601), "count must be"),
+    ("sparse count zero", ("n", 0), "count must be"),
+    ("count negative", ("n", -1), "count must be"),
+    ("dense count not dim", ("f", DELTA | INT8), "count must be"),
+    ("data not bin", ("x", "abc"), "data must be binary"),
+    ("data too short", ("x", bytes(STRONG_BODY - 1)), f"implies {STRONG_BODY}"),
+    ("data too long", ("x", bytes(STRONG_BODY + 1)), f"implies {STRONG_BODY}"),
+    ("not zstd", {"f": DELTA | SPARSE | INT8 | ZSTD, "x": bytes(40)}, "not a zstd frame"),
+    (
+        "zstd without size",
+        {"f": DELTA | SPARSE | INT8 | ZSTD, "x": _zstd(bytes(STRONG_BODY), size=False)},
+        "declare",
+    ),
+    (
+        "zstd wrong size",
+        {"f": DELTA | SPARSE | INT8 | ZSTD, "x": _zstd(bytes(STRONG_BODY - 1))},
+        "message needs",
+    ),
 ]
+
+
+def _edit(blob: dict[str, Any], edit: object) -> object:
+    if isinstance(edit, str):
+        return _set(blob, edit, _DELETE)
+    if isinstance(edit, tuple):
+        return _set(blob, edit[0], edit[1])
+    if isinstance(edit, dict) and set(edit) < set(blob):
+        return {**blob, **edit}
+    return edit
 
 
 @pytest.mark.parametrize(
@@ -479,17 +571,30 @@ HOSTILE: list[tuple[str, object, str]] = [
 )
 def test_hostile_blob_fields(edit: object, needle: str) -> None:
     dec, blob = _valid()
-    if isinstance(edit, str):
-        bad: object = _set(blob, edit, _DELETE)
-    elif isinstance(edit, tuple):
-        bad = _set(blob, edit[0], edit[1])
-    else:
-        bad = edit
+    assert blob["f"] == DELTA | SPARSE | INT8 and len(blob["x"]) == STRONG_BODY
     with pytest.raises(WireError, match=needle) as info:
-        dec.decode("s", 1, bad)
+        dec.decode("s", 1, _edit(blob, edit))
     assert info.value.reason == "bad_compression"
     assert dec.round_of("s") == 0  # a bad message leaves the copy alone...
     dec.decode("s", 1, blob)  # ...so the genuine one still applies
+
+
+def test_zstd_only_when_it_makes_the_body_smaller() -> None:
+    """A small sparse body is sent raw (a zstd frame would add ~10 bytes to it); a
+    compressible dense one is compressed; the flags say which, and both decode."""
+    enc = UpdateEncoder(parse_pipeline(["delta", "quantize:8", "zstd:3"]), keyframe_every=0)
+    flat = np.zeros(600, dtype=np.float32)
+    kf = enc.encode(flat, 0)
+    assert kf["f"] == INT8 | ZSTD and len(kf["x"]) < body_size(Quantize(8), 600, 600, False)
+    dec, blob = _valid()
+    assert not blob["f"] & ZSTD and len(blob["x"]) == STRONG_BODY
+    assert len(_zstd(blob["x"])) >= len(blob["x"])
+    got = UpdateDecoder(600, max_frame_size=LIMIT).decode("t", 0, kf)
+    np.testing.assert_array_equal(got, flat)
+    # the same body as a zstd frame (a sender may always choose to) decodes the same
+    same = {**blob, "f": blob["f"] | ZSTD, "x": _zstd(blob["x"])}
+    other, _ = _valid()
+    np.testing.assert_array_equal(other.decode("s", 1, same), dec.decode("s", 1, blob))
 
 
 def test_decompression_bomb_is_refused_before_inflating() -> None:
@@ -497,7 +602,7 @@ def test_decompression_bomb_is_refused_before_inflating() -> None:
     bomb = _zstd(bytes(64 << 20))  # 64 MiB of zeros in a few KiB
     assert len(bomb) < 10_000
     with pytest.raises(WireError) as info:
-        dec.decode("s", 1, _set(blob, "payload.data", bomb))
+        dec.decode("s", 1, {**blob, "f": blob["f"] | ZSTD, "x": bomb})
     assert info.value.reason == "decompression_bomb"
     # a frame limit smaller than what the header implies is a bomb too
     small = UpdateDecoder(600, max_frame_size=100)
@@ -508,25 +613,26 @@ def test_decompression_bomb_is_refused_before_inflating() -> None:
 
 def test_trailing_bytes_after_the_zstd_frame() -> None:
     dec, blob = _valid()
+    bad = {**blob, "f": blob["f"] | ZSTD, "x": _zstd(blob["x"]) + b"\x00"}
     with pytest.raises(WireError, match="corrupt zstd") as info:
-        dec.decode("s", 1, _set(blob, "payload.data", blob["payload"]["data"] + b"\x00"))
+        dec.decode("s", 1, bad)
     assert info.value.reason == "bad_compression"
 
 
 @pytest.mark.parametrize(
     ("blob", "needle"),
     [
-        (_raw_keyframe(f32([1, 2, np.nan, 4]).tobytes(), []), "NaN"),
-        (_raw_keyframe(np.array([1, 2, np.inf, 4], "<f2").tobytes(), ["quantize:16"]), "NaN"),
-        (_raw_keyframe(f32([np.nan]).tobytes() + bytes(4), ["quantize:8"]), "scales"),
-        (_raw_keyframe(f32([-1.0]).tobytes() + bytes(4), ["quantize:8"]), "scales"),
-        (_raw_keyframe(f32([1.0]).tobytes() + b"\x00\x80\x00\x00", ["quantize:8"]), "-128"),
-        (_raw_keyframe(f32([1.0]).tobytes() + b"\x88\x08", ["quantize:4"]), "-8"),
-        (_raw_keyframe(f32([3e38]).tobytes() + b"\x7f\x00\x00\x00", ["quantize:8"]), "overflow"),
-        (_raw_keyframe(bytes(15), []), "implies 16"),
-        (_raw_keyframe(bytes(17), []), "implies 16"),
-        ({**_raw_keyframe(bytes(16), []), "base": 0}, "exactly when"),
-        (_raw_keyframe(bytes(16), ["delta"]), "exactly when"),
+        (_raw_keyframe(f32([1, 2, np.nan, 4]).tobytes()), "NaN"),
+        (_raw_keyframe(np.array([1, 2, np.inf, 4], "<f2").tobytes(), F16), "NaN"),
+        (_raw_keyframe(f32([np.nan]).tobytes() + bytes(4), INT8), "scales"),
+        (_raw_keyframe(f32([-1.0]).tobytes() + bytes(4), INT8), "scales"),
+        (_raw_keyframe(f32([1.0]).tobytes() + b"\x00\x80\x00\x00", INT8), "-128"),
+        (_raw_keyframe(f32([1.0]).tobytes() + b"\x88\x08", INT4), "-8"),
+        (_raw_keyframe(f32([3e38]).tobytes() + b"\x7f\x00\x00\x00", INT8), "overflow"),
+        (_raw_keyframe(bytes(15)), "implies 16"),
+        (_raw_keyframe(bytes(17)), "implies 16"),
+        ({**_raw_keyframe(bytes(16)), "b": 0}, "exactly when"),
+        (_raw_keyframe(bytes(16), DELTA), "exactly when"),
     ],
 )
 def test_hostile_values(blob: dict[str, Any], needle: str) -> None:
@@ -536,16 +642,18 @@ def test_hostile_values(blob: dict[str, Any], needle: str) -> None:
 
 
 def test_int4_padding_nibble_and_sparse_index_range() -> None:
-    odd = _raw_keyframe(f32([1.0]).tobytes() + b"\x88\x98", ["quantize:4"], d=3)
+    odd = _raw_keyframe(f32([1.0]).tobytes() + b"\x88\x98", INT4, d=3)
     with pytest.raises(WireError, match="padding"):
         UpdateDecoder(3, max_frame_size=LIMIT).decode("s", 0, odd)
+    # two of 600 indices: 8 low bits each, then a 4-bit bitmap and 4 bits of padding
+    assert index_size(2, 600) == 3
     dec, _ = _valid(["delta", "topk:0.5"])
-    gaps = np.array([0, 598], dtype="u2").tobytes()  # indices 0 and 599: fine
-    dec.decode("s", 1, _sparse(gaps + f32([1, 1]).tobytes(), 2, iw=2))
+    ok = _bits("00000000 01010111 1001 0000")  # indices 0 and 2 * 256 + 87 = 599
+    dec.decode("s", 1, _sparse(ok + f32([1, 1]).tobytes(), 2))
     dec, _ = _valid(["delta", "topk:0.5"])
-    gaps = np.array([0, 599], dtype="u2").tobytes()  # indices 0 and 600: out of range
+    bad = _bits("00000000 01011000 1001 0000")  # indices 0 and 600
     with pytest.raises(WireError, match="out of range"):
-        dec.decode("s", 1, _sparse(gaps + f32([1, 1]).tobytes(), 2, iw=2))
+        dec.decode("s", 1, _sparse(bad + f32([1, 1]).tobytes(), 2))
 
 
 def test_round_must_be_an_int() -> None:
@@ -594,7 +702,7 @@ def test_fuzz_arbitrary_objects(blob: object) -> None:
 @FUZZ
 @given(
     st.sampled_from(PIPELINES),
-    st.sampled_from(["stages", "base", "payload", "payload.dim", "payload.count", "payload.iw"]),
+    st.sampled_from(["f", "b", "d", "n", "x"]),
     objects,
 )
 def test_fuzz_one_field_replaced(stages: list[str], path: str, value: object) -> None:
@@ -606,7 +714,7 @@ def test_fuzz_one_field_replaced(stages: list[str], path: str, value: object) ->
 @given(st.sampled_from(PIPELINES), st.data())
 def test_fuzz_corrupted_data(stages: list[str], data: st.DataObject) -> None:
     dec, blob = _valid(stages)
-    raw = bytearray(blob["payload"]["data"])
+    raw = bytearray(blob["x"])
     for _ in range(data.draw(st.integers(1, 4))):
         action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
         pos = data.draw(st.integers(0, max(len(raw) - 1, 0)))
@@ -616,7 +724,29 @@ def test_fuzz_corrupted_data(stages: list[str], data: st.DataObject) -> None:
             del raw[pos:]
         else:
             raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
-    _only_typed_errors(dec, 1, _set(blob, "payload.data", bytes(raw)))
+    _only_typed_errors(dec, 1, _set(blob, "x", bytes(raw)))
+
+
+@FUZZ
+@given(st.integers(0, 31), st.integers(1, 600), st.booleans(), st.data())
+def test_fuzz_flags_counts_and_bodies_of_the_announced_size(
+    f: int, n: int, zipped: bool, data: st.DataObject
+) -> None:
+    """Every flag combination and count with random bytes of exactly the size the
+    header implies (raw or as a zstd frame): typed errors only, never a bad model."""
+    dec, _ = _valid()
+    header = {"f": f & ~ZSTD, "b": 0 if f & DELTA else -1, "d": 600, "n": n}
+    try:
+        parsed = parse_header({**header, "x": b""}, dim=600, round=1)
+    except WireError:
+        size = data.draw(st.integers(0, 64))
+    else:
+        size = body_size(parsed.quantize, n, 600, parsed.sparse)
+    body = data.draw(st.binary(min_size=size, max_size=size))
+    blob = (
+        {**header, "f": header["f"] | ZSTD, "x": _zstd(body)} if zipped else {**header, "x": body}
+    )
+    _only_typed_errors(dec, 1, blob)
 
 
 def test_codec_accepts_only_small_string_keyed_maps() -> None:

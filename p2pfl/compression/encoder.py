@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from p2pfl.compression.entropy import compressor
-from p2pfl.compression.frame import make_blob
+from p2pfl.compression.frame import flags, make_blob
 from p2pfl.compression.pipeline import Pipeline
 from p2pfl.compression.quantize import encode_values
 from p2pfl.compression.sparse import encode_indices, top_k
@@ -108,15 +108,20 @@ class UpdateEncoder:
                 x_hat[idx] += sent
         if not np.isfinite(x_hat).all():
             raise ValueError("compressed update overflows float32 (diverged model?)")
-        index_bytes, width = encode_indices(idx) if idx is not None else (b"", 0)
+        index_bytes = encode_indices(idx, p.size) if idx is not None else b""
         body = index_bytes + value_bytes
-        data = self._zstd.compress(body) if self._zstd is not None else body
+        data, zipped = body, False
+        if self._zstd is not None:
+            # Only when it pays: on a small sparse body the frame header and entropy
+            # tables cost more than they save. The flags tell the receiver which.
+            packed = self._zstd.compress(body)
+            if len(packed) < len(body):
+                data, zipped = packed, True
         blob = make_blob(
-            self.pipeline.wire_stages(keyframe=keyframe),
+            flags(self.pipeline, keyframe=keyframe, zstd=zipped),
             -1 if keyframe else self._base_round,
             p.size,
             int(u.size),
-            width,
             data,
         )
         self._x_hat = x_hat

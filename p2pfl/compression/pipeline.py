@@ -13,7 +13,8 @@ the order a user wrote is the order they think the data goes through.
     quantize:16        float16
     quantize:8 / :4    int8 / int4, linear, one float32 scale per block of 256 values
     quantize:8s / :4s  the same with stochastic rounding (unbiased)
-    zstd:L             zstd level L in 1..22, always last
+    zstd:L             zstd level L in 1..22, always last; a message is sent
+                       compressed only when that makes it smaller
 """
 
 from __future__ import annotations
@@ -78,21 +79,6 @@ class Pipeline:
         parts: list[object] = ["delta"] if self.delta else []
         parts += [s for s in (self.topk, self.quantize, self.zstd) if s is not None]
         return tuple(str(s) for s in parts)
-
-    def wire_stages(self, *, keyframe: bool) -> list[str]:
-        """The stages a message actually went through, for its header.
-
-        A keyframe carries the full model: no delta and therefore no sparsification
-        (top-k of a model rather than of a change would throw most of it away).
-        Sender-only options (noef) are not the receiver's business and are left out.
-        """
-        if keyframe:
-            return [str(s) for s in (self.quantize, self.zstd) if s is not None]
-        out = ["delta"]
-        if self.topk is not None:
-            out.append(str(TopK(self.topk.fraction)))
-        out += [str(s) for s in (self.quantize, self.zstd) if s is not None]
-        return out
 
     @property
     def lossless(self) -> bool:
