@@ -50,6 +50,9 @@ ROWS: list[tuple[str, list[str], float, float]] = [
     ("top-3%+int4s, gamma 1, keep 0.6", ["delta", "topk:0.03", "quantize:4s", "zstd:3"], 1.0, 0.6),
     ("top-2.5%+int4, gamma 1, keep 0.6", ["delta", "topk:0.025", "quantize:4", "zstd:3"], 1.0, 0.6),
     ("top-2%+int8, gamma 1, keep 0.6", ["delta", "topk:0.02", "quantize:8", "zstd:3"], 1.0, 0.6),
+    # With the leaner wire format (Elias-Fano indices, flags header) top-6% fits in 30x.
+    ("top-6%+int4, plain", ["delta", "topk:0.06", "quantize:4", "zstd:3"], 0.0, 1.0),
+    ("top-6%+int4, gamma 1, keep 0.6", ["delta", "topk:0.06", "quantize:4", "zstd:3"], 1.0, 0.6),
 ]
 
 TEMPLATE = """\
