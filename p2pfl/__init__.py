@@ -18,7 +18,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 if TYPE_CHECKING:
     from p2pfl.api import open_node, run_node
