@@ -442,9 +442,11 @@ class Hostile:
             if draw(st.booleans()):  # then break one field of it
                 key = draw(st.sampled_from(sorted(blob)))
                 blob[key] = draw(junk)
-            if draw(st.booleans()) and isinstance(blob.get("payload"), dict):
-                key = draw(st.sampled_from(sorted(blob["payload"]) or ["data"]))
-                blob["payload"][key] = draw(junk)
+            if draw(st.booleans()) and isinstance(body := blob.get("x"), bytes) and body:
+                flipped = bytearray(body)  # or flip one bit of the body (index code, values)
+                bit = draw(st.integers(0, len(flipped) * 8 - 1))
+                flipped[bit // 8] ^= 1 << (bit % 8)
+                blob["x"] = bytes(flipped)
             return blob
 
         junk = st.one_of(
