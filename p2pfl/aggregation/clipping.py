@@ -48,6 +48,30 @@ guarantees are those of clipping; an attacker that stays inside c times that rad
 clipped as before (the in-spread attacks: ALIE, IPM, mimic). Only the distance from my
 own model is used, so it costs nothing beyond the distances clipping computes.
 
+Radius floor (`spread = s`, off unless given; `centered_clipping` and
+`self_centered_clipping`): the adaptive radius clips the f farthest inputs in every
+call, honest or not. Under label skew, with no attacker, the f farthest are the honest
+nodes that hold rare classes, and clipping them every round slows learning those
+classes: on the 25-node Dirichlet(0.1) mesh with f = 5 that costs 1.1 points of clean
+accuracy against the mean (0.8 more with the cut; docs/robustness.md). With `spread =
+s` the radius is max(adaptive radius, s * m), m = `median_distance`, the lower median
+of the n distances from the centre. With an honest majority m lies between two honest
+distances whatever the attackers send, so the radius stays of the order of the honest
+spread, which is what the clipping analyses ask of it (ClippedGossip's radius is the
+honest spread over delta; Karimireddy, He and Jaggi 2021 likewise): one attacker
+still moves a step by at most s * m / n, however far away it is. But an honest input
+is now clipped only when it is far *relative to the spread* (more than s median
+distances away), not merely because it is among the f farthest. Measured, the
+farthest honest input is within 1.55 m in half of the aggregations and 1.9 m in 90%
+(the mesh, clean; 1.35 m and 1.75 m on the 6-regular Dirichlet(0.3) grid), so s = 2
+clips almost no honest input. With `reject = c` the cut is relative to the same raised
+radius, c * max(adaptive radius, s * m): s = 2 and c = 1.5 cut at 3 median distances,
+which on 7 inputs with f = 3 (where the adaptive radius is the median) is the cut of
+`reject = 3` alone, and on the mesh catches a sign-flip x4 attacker (3.4 m in the
+median aggregation). With 2f >= n the median may be an attacker's distance, and the
+floor is not applied. `spread` <= 1 would change nothing (the (f+1)-th farthest of n
+>= 2f + 1 inputs is never nearer than the median), hence must be > 1.
+
 Iterates are combinations own + beta @ (x - own) with distances from the Gram matrix,
 so the stack is read twice whatever the number of iterations.
 """
@@ -70,19 +94,43 @@ def adaptive_tau(dist: np.ndarray, f: int) -> float:
     return float(np.partition(dist, k)[k])
 
 
-def far_outliers(dist: np.ndarray, f: int, reject: float | None) -> np.ndarray | None:
+def median_distance(dist: np.ndarray) -> float:
+    """The lower median of the n distances, the node's own input included (0 around
+    its own model). With 2f < n it is at most the largest honest distance and at least
+    the smallest, wherever the f attackers are: a breakdown-1/2 measure of the honest
+    spread. (The median of the neighbours' distances alone can be an attacker's when
+    f of the 2f neighbours are attackers; with own's 0 counted it cannot.)"""
+    k = (len(dist) - 1) // 2
+    return float(np.partition(dist, k)[k])
+
+
+def spread_radius(dist: np.ndarray, f: int, spread: float | None) -> float:
+    """The adaptive radius (`adaptive_tau`), raised to `spread` times the median
+    distance when that is larger. Unchanged with `spread` None, with f = 0 (the mean)
+    and without an honest majority (2f >= n: the median could be an attacker's)."""
+    radius = adaptive_tau(dist, f)
+    if spread is None or f <= 0 or 2 * f >= len(dist):
+        return radius
+    return max(radius, spread * median_distance(dist))
+
+
+def far_outliers(
+    dist: np.ndarray, f: int, reject: float | None, spread: float | None = None
+) -> np.ndarray | None:
     """Which of the f farthest inputs lie beyond `reject` times the reference distance
-    (bool (n,)), or None when nothing is cut. The reference is the (f+1)-th farthest
-    distance, `adaptive_tau`: the farthest an input can be and still be honest when
-    at most f are not, whatever the f attackers send. (A median of all distances
-    moves with the attackers once they are close to half of the neighbours.)"""
+    (bool (n,)), or None when nothing is cut. The reference is the clipping radius:
+    the (f+1)-th farthest distance, `adaptive_tau` (the farthest an input can be and
+    still be honest when at most f are not, whatever the f attackers send), or with
+    `spread` that radius raised to `spread` median distances (`spread_radius`). (A
+    median of the neighbours' distances alone would move with the attackers once they
+    are close to half of the neighbours; `median_distance` counts own's 0.)"""
     if reject is None or f <= 0:
         return None
     n = len(dist)
     order = np.argsort(dist, kind="stable")
     farthest = order[max(0, n - f) :]
     cut = np.zeros(n, dtype=bool)
-    cut[farthest] = dist[farthest] > reject * adaptive_tau(dist, f)
+    cut[farthest] = dist[farthest] > reject * spread_radius(dist, f, spread)
     return cut if cut.any() else None
 
 
@@ -99,6 +147,7 @@ def centered_clipping_coefficients(
     tau: float | None,
     iterations: int,
     reject: float | None = None,
+    spread: float | None = None,
     clipped_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Coefficients of the result; `clipped_out` (bool (n,)), if given, receives which
@@ -106,10 +155,10 @@ def centered_clipping_coefficients(
     the outlier cut removed (decided once, around the node's own model)."""
     n = g.shape[0]
     beta = np.zeros(n, dtype=np.float64)  # centre = own model
-    cut = far_outliers(np.sqrt(gram.sq_dist_to_point(g, beta)), f, reject)
+    cut = far_outliers(np.sqrt(gram.sq_dist_to_point(g, beta)), f, reject, spread)
     for _ in range(iterations):
         dist = np.sqrt(gram.sq_dist_to_point(g, beta))
-        radius = adaptive_tau(dist, f) if tau is None else tau
+        radius = spread_radius(dist, f, spread) if tau is None else tau
         c = _clip_factors(dist, radius)
         if cut is not None:
             c[cut] = 0.0
@@ -129,11 +178,18 @@ def centered_clipping(
     tau: float | None = None,
     iterations: int = DEFAULT_ITERATIONS,
     reject: float | None = None,
+    spread: float | None = None,
     clipped_out: np.ndarray | None = None,
 ) -> np.ndarray:
     g = gram.centered_gram(x, own)
     beta = centered_clipping_coefficients(
-        g, f=f, tau=tau, iterations=iterations, reject=reject, clipped_out=clipped_out
+        g,
+        f=f,
+        tau=tau,
+        iterations=iterations,
+        reject=reject,
+        spread=spread,
+        clipped_out=clipped_out,
     )
     return gram.combine(x, own, beta)
 
@@ -145,13 +201,15 @@ def self_centered_clipping(
     f: int,
     tau: float | None = None,
     reject: float | None = None,
+    spread: float | None = None,
     clipped_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """own + (1/n) sum_j clip(x_j - own, tau): one ClippedGossip step. `clipped_out`
     (bool (n,)), if given, receives which inputs were clipped."""
     dist = np.sqrt(row_sq_norms(x, own))
-    radius = adaptive_tau(dist, f) if tau is None else tau
-    return _clipped_step(x, own, dist, radius, far_outliers(dist, f, reject), clipped_out)
+    radius = spread_radius(dist, f, spread) if tau is None else tau
+    cut = far_outliers(dist, f, reject, spread)
+    return _clipped_step(x, own, dist, radius, cut, clipped_out)
 
 
 def _clipped_step(

@@ -66,8 +66,8 @@ _RULE_OPTIONS: dict[str, tuple[str, ...]] = {
     "krum": (),
     "multi_krum": ("m",),
     "geometric_median": ("iterations", "eps"),
-    "centered_clipping": ("tau", "iterations", "reject"),
-    "self_centered_clipping": ("tau", "reject"),
+    "centered_clipping": ("tau", "iterations", "reject", "spread"),
+    "self_centered_clipping": ("tau", "reject", "spread"),
     "clipped_gossip": ("tau", "reject"),
 }
 # Seed of the generator that picks the coordinates a trimmed mean's flags look at (it
@@ -268,6 +268,7 @@ def _kernel(name: str, f: int, opts: _Options) -> Kernel:
         tau = opts.optional_number("tau", low=0.0, strict_low=True)
         iterations = opts.integer("iterations", clipping.DEFAULT_ITERATIONS, minimum=1)
         reject = opts.optional_number("reject", low=1.0, strict_low=True)
+        spread = _spread(opts, tau)
 
         def centered(
             x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics
@@ -280,6 +281,7 @@ def _kernel(name: str, f: int, opts: _Options) -> Kernel:
                 tau=tau,
                 iterations=iterations,
                 reject=reject,
+                spread=spread,
                 clipped_out=diag.flagged,
             )
 
@@ -287,13 +289,14 @@ def _kernel(name: str, f: int, opts: _Options) -> Kernel:
     if name == "self_centered_clipping":
         tau = opts.optional_number("tau", low=0.0, strict_low=True)
         reject = opts.optional_number("reject", low=1.0, strict_low=True)
+        spread = _spread(opts, tau)
 
         def self_centered(
             x: np.ndarray, w: np.ndarray, own: np.ndarray, diag: Diagnostics
         ) -> np.ndarray:
             diag.flagged, diag.evidence = np.zeros(x.shape[0], dtype=bool), CLIPPED
             return clipping.self_centered_clipping(
-                x, own, f=f, tau=tau, reject=reject, clipped_out=diag.flagged
+                x, own, f=f, tau=tau, reject=reject, spread=spread, clipped_out=diag.flagged
             )
 
         return self_centered
@@ -309,6 +312,19 @@ def _kernel(name: str, f: int, opts: _Options) -> Kernel:
 
         return gossip
     raise AssertionError(name)  # RULE_NAMES and this function list the same rules
+
+
+def _spread(opts: _Options, tau: float | None) -> float | None:
+    """The clipping rules' `spread` (a floor under the adaptive radius, in median
+    distances; clipping.py): > 1 (a floor at or below the median never binds), and not
+    together with a fixed `tau` (which has no adaptive radius to raise)."""
+    spread = opts.optional_number("spread", low=1.0, strict_low=True)
+    if spread is not None and tau is not None:
+        raise ValueError(
+            "aggregation options 'spread' and 'tau' are alternatives (spread raises the "
+            "adaptive radius; tau fixes it); choose one"
+        )
+    return spread
 
 
 def _krum_kernel(f: int, *, multi: bool, m: int | None = None) -> Kernel:
