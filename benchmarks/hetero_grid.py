@@ -21,7 +21,7 @@ its own neighbourhood is 7 inputs, which outvote at most 3, and 4 attackers amon
 put 2 or fewer next to most nodes (the declared f is what each rule clips or trims
 for, not the global count). A rule spec "name+nnm@f3" adds nearest-neighbour mixing
 (`nnm = true`) and declares f = 3 instead; a suffix ":key=value;..." adds rule
-options ("centered_clipping@f3:outlier=3"). With several seeds the table averages
+options ("centered_clipping@f3:reject=3"). With several seeds the table averages
 them (the seed picks the graph, the split and the attackers).
 
 Each cell is one `--in-process` scenario run (real Node code on the in-memory
