@@ -98,6 +98,9 @@ _HELP = {
     ),
     "mdns": "discover peers with mDNS on the local network",
     "mdns_interfaces": "IPv4 address of an interface for mDNS (repeatable)",
+    "aggregation": "aggregation rule: auto (the mean at --tolerate 0, else centred clipping "
+    "with spread=2, reject=1.5), mean, median, trimmed_mean, krum, multi_krum, "
+    "geometric_median, centered_clipping, self_centered_clipping, clipped_gossip",
     "tolerate": "number of Byzantine neighbours the aggregation rule must tolerate",
     "aggregation_options": "KEY=VALUE option of the aggregation rule (repeatable)",
     "compression": "compression stage, in order (repeatable), e.g. topk:0.01",

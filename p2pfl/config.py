@@ -137,7 +137,7 @@ class NodeConfig:
     mix_grace: float = 0.5
     quorum: float = 1.0
     round_timeout: float = 30.0
-    aggregation: str = "mean"
+    aggregation: str = "auto"  # the mean at tolerate 0, else the recommended robust rule
     tolerate: int = 0  # Byzantine neighbours the rule must tolerate (the "f" of the rules)
     aggregation_options: Mapping[str, Any] = field(default_factory=dict)
     # Compression pipeline for sent updates, e.g. ("delta", "topk:0.01", "quantize:8").

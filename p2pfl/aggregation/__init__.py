@@ -11,6 +11,7 @@ rule guarantees and its defaults. After each call a `Rule` holds an
 from p2pfl.aggregation.diagnostics import AggregationReport, RuleEvent
 from p2pfl.aggregation.ledger import RobustnessLedger
 from p2pfl.aggregation.registry import (
+    RULE_CHOICES,
     RULE_NAMES,
     RULES,
     Rule,
@@ -18,11 +19,13 @@ from p2pfl.aggregation.registry import (
     get_rule,
     make_rule,
     min_inputs,
+    resolve_rule,
 )
 from p2pfl.aggregation.rules import AggregationRule, mean
 
 __all__ = [
     "RULES",
+    "RULE_CHOICES",
     "RULE_NAMES",
     "AggregationReport",
     "AggregationRule",
@@ -34,4 +37,5 @@ __all__ = [
     "make_rule",
     "mean",
     "min_inputs",
+    "resolve_rule",
 ]

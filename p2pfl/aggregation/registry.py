@@ -57,6 +57,32 @@ RULE_NAMES: tuple[str, ...] = (
     "clipped_gossip",
 )
 
+AUTO = "auto"
+"""The default rule name: the mean while the node tolerates no one (f = 0), else the
+recommended robust rule. Setting `tolerate` alone then buys robustness; before, the
+default mean took f and ignored it."""
+RECOMMENDED_RULE = "centered_clipping"
+RECOMMENDED_OPTIONS: dict[str, Any] = {"spread": 2.0, "reject": 1.5}
+"""Chosen from measurements (docs/robustness.md, "Radius floor: one configuration for
+both settings"): within 1 point of the mean on clean heterogeneous runs, and within
+3 points of clean (6-regular) or >= 88% (25-node mesh) under every attack tried."""
+RULE_CHOICES: tuple[str, ...] = (AUTO, *RULE_NAMES)
+"""What a config or scenario may name: the rules, and `auto`."""
+
+
+_warned_mean: list[int] = []
+
+
+def resolve_rule(name: str, f: int, options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The concrete rule and options `name` stands for (only `auto` stands for another:
+    the mean at f = 0, else RECOMMENDED_RULE with RECOMMENDED_OPTIONS under the user's)."""
+    if name != AUTO:
+        return name, dict(options)
+    if f == 0:
+        return "mean", dict(options)
+    return RECOMMENDED_RULE, {**RECOMMENDED_OPTIONS, **options}
+
+
 # Options every rule accepts (bucketing, or nearest-neighbour mixing, wraps any rule).
 _COMMON_OPTIONS = ("bucket_size", "bucket_seed", "nnm")
 _RULE_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -196,14 +222,24 @@ class TimedRule:
 
 
 def make_rule(name: str, *, f: int = 0, options: Mapping[str, Any] | None = None) -> Rule:
-    """Build the rule `name` tolerating `f` Byzantine inputs.
+    """Build the rule `name` (or `auto`, see `resolve_rule`) tolerating `f` Byzantine
+    inputs.
 
     Raises ValueError naming the unknown rule, the unknown option or the bad value.
     """
-    if name not in RULE_NAMES:
-        raise ValueError(f"unknown aggregation rule {name!r}; available: {', '.join(RULE_NAMES)}")
+    if name not in RULE_CHOICES:
+        raise ValueError(f"unknown aggregation rule {name!r}; available: {', '.join(RULE_CHOICES)}")
     if isinstance(f, bool) or not isinstance(f, int) or f < 0:
         raise ValueError(f"tolerate (f) must be an integer >= 0, got {f!r}")
+    name, options = resolve_rule(name, f, options or {})
+    if name == "mean" and f > 0 and not _warned_mean:
+        _warned_mean.append(f)  # once per process: in-process scenarios build many
+        log.warning(
+            "aggregation rule 'mean' outvotes no one: tolerate = %d protects nothing "
+            "(use the default 'auto' or a robust rule, docs/robustness.md)",
+            f,
+            extra=event("aggregation.mean_with_tolerate", f=f),
+        )
     opts = _Options(name, options or {})
     kernel = _kernel(name, f, opts)
     need = min_inputs(name, f, opts.optional_number("beta", low=0.0, below=0.5))

@@ -146,7 +146,7 @@ class Scenario:
         same for processes and in-memory nodes."""
         agg = self.aggregation
         out: dict[str, Any] = {}
-        if (agg.rule, agg.f, agg.options) != ("mean", 0, {}):
+        if (agg.rule, agg.f, agg.options) != ("auto", 0, {}):
             out.update(aggregation=agg.rule, tolerate=agg.f, aggregation_options=dict(agg.options))
         attack = self.attack_of(index)
         if attack is not None:

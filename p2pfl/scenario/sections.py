@@ -96,9 +96,10 @@ class ProtocolSpec:
 
 @dataclass(frozen=True)
 class AggregationSpec:
-    """The rule every node aggregates with; `f` is the node's `tolerate`."""
+    """The rule every node aggregates with; `f` is the node's `tolerate` ("auto": the
+    mean with f = 0, the recommended robust rule otherwise)."""
 
-    rule: str = "mean"
+    rule: str = "auto"
     f: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -310,9 +311,9 @@ def parse_protocol(t: Table, nodes: int) -> ProtocolSpec:
 def parse_aggregation(t: Table, attackers: int) -> AggregationSpec:
     """`[aggregation] rule = "...", f = 2, <rule options>`; f defaults to the number of
     attackers declared in [attack] (0 without one)."""
-    from p2pfl.aggregation import RULE_NAMES, make_rule
+    from p2pfl.aggregation import RULE_CHOICES, make_rule
 
-    rule = t.get_str("rule", "mean", choices=RULE_NAMES)
+    rule = t.get_str("rule", "auto", choices=RULE_CHOICES)
     f = t.get_int("f", attackers, minimum=0)
     options = {k: t.raw(k) for k in t.present() if k not in ("rule", "f")}
     for key, value in options.items():
