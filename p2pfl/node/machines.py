@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from p2pfl.aggregation import AggregationRule
+from p2pfl.aggregation import AggregationRule, resolve_rule
 from p2pfl.config import NodeConfig
 from p2pfl.protocol import GossipMachine, GossipSettings, RoundMachine, RoundSettings
 
@@ -43,6 +43,11 @@ def build_machine(
     return RoundMachine(params, rule, _round_settings(config, threaded), round, node_id, rng)
 
 
+def _rule_name(config: NodeConfig) -> str:
+    """The rule the config stands for ('auto' is the mean or the robust default)."""
+    return resolve_rule(config.aggregation, config.tolerate, config.aggregation_options)[0]
+
+
 def _gossip_settings(config: NodeConfig, threaded: bool) -> GossipSettings:
     return GossipSettings(
         target_rounds=config.rounds,
@@ -54,7 +59,7 @@ def _gossip_settings(config: NodeConfig, threaded: bool) -> GossipSettings:
         max_wait=config.round_timeout,
         grace=config.mix_grace,
         neighbour_count=config.neighbour_count,
-        rule_name=config.aggregation,
+        rule_name=_rule_name(config),
         defer_aggregation=threaded,
     )
 
@@ -72,7 +77,7 @@ def _round_settings(config: NodeConfig, threaded: bool) -> RoundSettings:
         nudge_fraction=None if secure else 0.2,
         # Every member of a group forwards the same group mean: count it once.
         distinct_inputs=secure,
-        rule_name=config.aggregation,
+        rule_name=_rule_name(config),
         # The consensus step, too, needs our round's message encoded first.
         defer_aggregation=threaded or config.compression_consensus > 0,
     )
