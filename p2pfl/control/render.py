@@ -7,7 +7,7 @@ missing or odd-typed value prints as "-" instead of failing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rich import box
@@ -498,45 +498,55 @@ def _times(n: Any, what: str) -> str:
     return f"{fmt_int(n)} {what}" + ("" if n == 1 else "s")
 
 
+SHOWN_FAILING = 8  # lines per list of failing places; --json has all
+
+
+def _failing_lines(
+    rows: list[Mapping[str, Any]], line: Callable[[Mapping[str, Any]], tuple[str, str]], what: str
+) -> Text | None:
+    """One line per row (a yellow head, then the rest), at most SHOWN_FAILING of them."""
+    if not rows:
+        return None
+    text = Text()
+    for row in rows[:SHOWN_FAILING]:
+        head, rest = line(row)
+        text.append(head, style="yellow")
+        text.append(rest + "\n")
+    if len(rows) > SHOWN_FAILING:
+        text.append(f"... and {len(rows) - SHOWN_FAILING} more {what} (--json has all)\n")
+    return text
+
+
 def dial_lines(status: Mapping[str, Any]) -> Text | None:
     """Failing dial targets: where, how often, the last error and the next retry (what
     "dial failures 6" never said: a wrong federation, a closed port, a bad address)."""
-    failing = [
-        t for t in _list(status, "dial_targets") if isinstance(t, Mapping) and t.get("failures")
-    ]
-    if not failing:
-        return None
-    text = Text()
-    for t in failing[:8]:
+
+    def line(t: Mapping[str, Any]) -> tuple[str, str]:
         retry = (
             "dialing now" if t.get("dialing") else f"retry in {fmt_duration(t.get('retry_in_s'))}"
         )
-        text.append(f"dial {fmt_text(t.get('address'))}", style="yellow")
-        text.append(
+        return f"dial {fmt_text(t.get('address'))}", (
             f" ({fmt_text(t.get('found_via'))}): {_times(t.get('failures'), 'failure')}, "
-            f"last: {fmt_text(t.get('last_error'))}; {retry}\n"
+            f"last: {fmt_text(t.get('last_error'))}; {retry}"
         )
-    if len(failing) > 8:
-        text.append(f"... and {len(failing) - 8} more failing targets (--json has all)\n")
-    return text
+
+    rows = _list(status, "dial_targets")
+    failing = [t for t in rows if isinstance(t, Mapping) and t.get("failures")]
+    return _failing_lines(failing, line, "failing targets")
 
 
 def inbound_lines(status: Mapping[str, Any]) -> Text | None:
     """Hosts whose handshakes with us failed, and why: the dialed side's view of a
     wrong federation or secret, which its peer table never sees (no peer id)."""
-    failing = [t for t in _list(status, "inbound_failures") if isinstance(t, Mapping)]
-    if not failing:
-        return None
-    text = Text()
-    for t in failing[:8]:
-        text.append(f"inbound {fmt_text(t.get('address'))}", style="yellow")
-        text.append(
+
+    def line(t: Mapping[str, Any]) -> tuple[str, str]:
+        return f"inbound {fmt_text(t.get('address'))}", (
             f": {_times(t.get('failures'), 'failed handshake')}, "
-            f"last {fmt_ago(t.get('last_s'))}: {fmt_text(t.get('last_error'))}\n"
+            f"last {fmt_ago(t.get('last_s'))}: {fmt_text(t.get('last_error'))}"
         )
-    if len(failing) > 8:
-        text.append(f"... and {len(failing) - 8} more hosts (--json has all)\n")
-    return text
+
+    rows = [t for t in _list(status, "inbound_failures") if isinstance(t, Mapping)]
+    return _failing_lines(rows, line, "hosts")
 
 
 def counters_line(status: Mapping[str, Any]) -> Text:
