@@ -57,6 +57,7 @@ RAY_PORTS = {
     "--metrics-export-port": 6385,
 }
 WORKER_PORTS = (10002, 10100)  # --min-worker-port / --max-worker-port
+NODE_PORTS = (7000, 7009)  # the scenario's [ray] ports: the p2pfl nodes listen only there
 # The head's autoscaler serves Prometheus metrics on all interfaces, on this fixed port
 # (env AUTOSCALER_METRIC_PORT): for monitoring only, no member dials it.
 AUTOSCALER_METRICS_PORT = 44217
@@ -84,6 +85,7 @@ heartbeat_timeout = 3.0
 [ray]
 num_cpus = 1
 memory = "64MiB"
+ports = "7000-7009"
 """
 
 
@@ -368,7 +370,8 @@ def test_a_scenario_runs_on_three_hosts_through_the_cli(cluster: Cluster) -> Non
     # Data dirs: the nodes on the driver's host (A) in the output folder, as with
     # processes; the others in their own host's temp dir, from where their log and
     # records (never their key or checkpoints) come back into the output folder through
-    # Ray, as do their rows in metrics.json.
+    # Ray, as do their rows in metrics.json. The run succeeded, so the data dirs on B
+    # and C (and their run folder) are gone; A's are the output and stay.
     a = c.lab.addresses[0]
     assert sorted(p.name for p in (out / "nodes").iterdir()) == sorted(records)
     for i, ip in enumerate(c.lab.addresses):
@@ -376,23 +379,31 @@ def test_a_scenario_runs_on_three_hosts_through_the_cli(cluster: Cluster) -> Non
             data_dir = Path(records[name]["data_dir"])
             if ip == a:
                 assert data_dir == out / "nodes" / name
+                assert (data_dir / "identity.key").is_file()  # A's own: never removed
                 continue
             assert data_dir.is_relative_to(c.tmpdir(i) / "p2pfl-ray"), data_dir
+            assert not data_dir.exists() and not data_dir.parent.exists(), data_dir
             copied = out / "nodes" / name
             assert sorted(p.name for p in copied.iterdir()) == [
                 "command.txt", "metrics.jsonl", "node.log"
             ]  # fmt: skip
-            for f in ("command.txt", "metrics.jsonl"):
-                assert (copied / f).read_bytes() == (data_dir / f).read_bytes()
+            assert f"--data-dir {data_dir}" in (copied / "command.txt").read_text()
+            jsonl = (copied / "metrics.jsonl").read_text().splitlines()
+            assert [json.loads(line)["round"] for line in jsonl] == [0, 1, 2], name
             log = (copied / "node.log").read_text()
             assert f"listening on {records[name]['listen']}" in log and "finished 3 rounds" in log
-            assert (data_dir / "node.log").read_text().startswith(log)
 
     # What listened on the hosts' addresses: Ray's pinned ports and worker range, the
     # head's GCS and autoscaler metrics ports, and the nodes' own ports. Nothing else:
     # the port list of deploy.md section 7 is complete.
     ports_of = {ip: {int(records[n]["listen"].rpartition(":")[2]) for n in by_host[ip]}
                 for ip in c.lab.addresses}  # fmt: skip
+    # Every node's port is in the scenario's [ray] ports: what a firewall would open.
+    for ip, ports in ports_of.items():
+        assert len(ports) == 2 and all(NODE_PORTS[0] <= p <= NODE_PORTS[1] for p in ports), (
+            ip,
+            ports,
+        )
     for i, ip in enumerate(c.lab.addresses):
         allowed = set(RAY_PORTS.values()) | ports_of[ip]
         if i == 0:
@@ -476,7 +487,13 @@ def test_a_crashed_node_restarts_on_its_own_host(cluster: Cluster) -> None:
         assert len(starts) == 2 and starts[0] == starts[1] == (starts[0][0], rec["listen"])
         assert "finished 4 rounds" in log.split(f"listening on {rec['listen']}")[-1]
         remote += rec["host"] != c.lab.addresses[0]
+        # The restart kept its port, so it is still in the range.
+        assert NODE_PORTS[0] <= int(rec["listen"].rpartition(":")[2]) <= NODE_PORTS[1]
     assert remote >= 1
+    # A successful run: every remote data dir is gone, also those of restarted nodes.
+    for rec in records.values():
+        if rec["host"] != c.lab.addresses[0]:
+            assert not Path(rec["data_dir"]).exists(), rec["data_dir"]
     for name in ("n3", "n4", "n5"):
         assert [r["round"] for r in records[name]["rounds"]] == [0, 1, 2, 3], name
 
@@ -484,7 +501,8 @@ def test_a_crashed_node_restarts_on_its_own_host(cluster: Cluster) -> None:
 def test_a_failed_run_still_brings_back_every_nodes_log_and_rows(cluster: Cluster) -> None:
     """The deadline passes mid-run (RunFailed): before the actors are killed, the logs
     and records of the nodes on B and C are copied to A, so the partial metrics.json
-    (rebuilt from `<out>/nodes/n<i>/metrics.jsonl`) has their rounds too."""
+    (rebuilt from `<out>/nodes/n<i>/metrics.jsonl`) has their rounds too. A failed run
+    keeps their data dirs on B and C, and its error says where they are."""
     c = cluster
     scenario = c.root / "long.toml"
     scenario.write_text(SCENARIO.replace("rounds = 3", "rounds = 500"))
@@ -498,6 +516,17 @@ def test_a_failed_run_still_brings_back_every_nodes_log_and_rows(cluster: Cluste
     for i in range(6):
         assert "listening on" in (out / "nodes" / f"n{i}" / "node.log").read_text()
         assert metrics["nodes"][f"n{i}"]["rounds"], f"n{i} has no rows"
+    assert "the data dirs of the nodes on other machines are kept there" in run.stderr + run.stdout
+    kept = [d for i in (1, 2) for d in (c.tmpdir(i) / "p2pfl-ray").glob(f"{out.name}-*/n*")]
+    assert len(kept) == 4, kept  # 2 nodes on each of B and C
+    for data_dir in kept:
+        assert str(data_dir.parent) in run.stderr + run.stdout  # named in the error
+        assert (data_dir / "identity.key").is_file()
+        # The copies are those files, as they were when copied (the node ran on).
+        copied = out / "nodes" / data_dir.name
+        assert (copied / "command.txt").read_bytes() == (data_dir / "command.txt").read_bytes()
+        for f in ("metrics.jsonl", "node.log"):
+            assert (data_dir / f).read_bytes().startswith((copied / f).read_bytes()), f
 
 
 def test_what_a_remote_node_sends_back_is_its_log_and_records_only(tmp_path: Path) -> None:

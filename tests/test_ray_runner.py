@@ -7,9 +7,11 @@ the `[ray]` table's parsing is checked either way. Every node listens on 127.0.0
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +84,19 @@ def ray_local() -> Iterator[Any]:
         ray.shutdown()
 
 
+def _free_block(size: int) -> int:
+    """The first port of `size` consecutive ports free on 127.0.0.1 just now."""
+    for low in range(30000, 32000, size):
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(low, low + size):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return low
+    pytest.skip(f"no {size} consecutive free ports on 127.0.0.1")
+
+
 def _our_actors(ray: Any) -> list[str]:
     return [
         a["name"]
@@ -107,7 +122,9 @@ def _final_accuracy(metrics: dict[str, Any]) -> float:
 def test_same_accuracy_as_the_process_runner(ray_local: Any, tmp_path: Path) -> None:
     from p2pfl.scenario.cli import run_scenario
 
-    scenario = load_scenario(_scenario(tmp_path, "parity"))
+    low = _free_block(8)
+    ports = f'ports = "{low}-{low + 7}"'  # ignored by the process runner
+    scenario = load_scenario(_scenario(tmp_path, "parity", extra=ports))
     t0 = time.monotonic()
     on_ray = run_scenario(scenario, tmp_path / "ray", show_progress=False, ray="")
     t1 = time.monotonic()
@@ -120,6 +137,7 @@ def test_same_accuracy_as_the_process_runner(ray_local: Any, tmp_path: Path) -> 
     for name, rec in on_ray["nodes"].items():
         assert [r["round"] for r in rec["rounds"]] == [0, 1, 2], name
         assert rec["host"] == "127.0.0.1" and rec["peer_id"]
+        assert low <= int(rec["listen"].rpartition(":")[2]) <= low + 7, rec["listen"]
         # A one-machine cluster keeps the data dirs in the output folder, as processes do.
         assert (tmp_path / "ray" / "nodes" / name / "metrics.jsonl").is_file()
     # Same seed, same data, same model: the engine must not change what is learned.
@@ -196,5 +214,22 @@ def test_a_scenario_the_cluster_cannot_hold_is_refused_up_front(
 
     scenario = load_scenario(_scenario(tmp_path, "big", num_cpus=1))
     with pytest.raises(RunFailed, match=r"need 4 CPUs; the Ray cluster has 2"):
+        run_ray(scenario, tmp_path / "out")
+    assert _our_actors(ray_local) == []
+
+
+def test_too_few_free_ports_in_the_range_fail_naming_host_range_and_count(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    from p2pfl.scenario.ray_runner import run_ray
+
+    low = _free_block(2)
+    extra = f'ports = "{low}-{low + 1}"'
+    scenario = load_scenario(_scenario(tmp_path, "narrow", extra=extra))
+    expected = (
+        f'host 127.0.0.1: \\[ray\\] ports = "{low}-{low + 1}" has 2 free ports there, '
+        "and the 4 nodes Ray placed on that host need 4"
+    )
+    with pytest.raises(RunFailed, match=expected):
         run_ray(scenario, tmp_path / "out")
     assert _our_actors(ray_local) == []

@@ -55,22 +55,73 @@ class NodeHost:
             "tmp": tempfile.gettempdir(),
         }
 
-    def free_ports(self, host: str, n: int) -> list[int]:
+    def free_ports(self, host: str, n: int, ports: tuple[int, int] | None = None) -> list[int]:
         """n distinct free TCP ports on `host` of this machine, all held open while
         choosing them (so two nodes of this machine never get the same one); free again
-        until the nodes bind them, the same small race as the process runner's."""
+        until the nodes bind them, the same small race as the process runner's.
+
+        `ports` (`[ray] ports`, inclusive): choose only there, lowest first, so that a
+        firewall can name the nodes' ports; the list is then shorter than n when the
+        range has fewer free ports (the runner says which machine, and how many it
+        needed). None: any port the kernel hands out (its ephemeral range)."""
+        import errno
         import socket
 
-        socks = []
+        socks: list[socket.socket] = []
         try:
-            for _ in range(n):
+            if ports is None:
+                for _ in range(n):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    socks.append(s)
+                    s.bind((host, 0))
+                return [s.getsockname()[1] for s in socks]
+            for port in range(ports[0], ports[1] + 1):
+                if len(socks) == n:
+                    break
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                # As the node's own listener (trio sets SO_REUSEADDR): a port whose
+                # last connections linger in TIME_WAIT is one the node can bind.
+                # listen() then keeps any other socket, reuse or not, off it meanwhile.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                    s.listen(1)
+                except OSError as exc:
+                    s.close()
+                    if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                        continue
+                    raise
                 socks.append(s)
-                s.bind((host, 0))
             return [s.getsockname()[1] for s in socks]
         finally:
             for s in socks:
                 s.close()
+
+    def remove_dirs(self, data_dirs: list[str]) -> list[str]:
+        """Delete these data dirs of nodes of this machine (their files were copied to
+        the runner's output folder; the run succeeded), then their run folder if that
+        is left empty. Returns the dirs removed.
+
+        Only ever under `<this machine's temp dir>/p2pfl-ray/`, where the runner puts
+        the data dirs of nodes off its own machine: any other path is refused here, so
+        a mistake on the runner's side can never reach a user's output folder."""
+        import shutil
+
+        root = Path(tempfile.gettempdir()).resolve() / "p2pfl-ray"
+        removed: list[str] = []
+        parents: set[Path] = set()
+        for raw in data_dirs:
+            path = Path(raw).resolve()
+            if path.parent.parent != root:  # <root>/<run>/n<i>, nothing else
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(raw)
+            parents.add(path.parent)
+        for run_dir in parents:
+            with contextlib.suppress(OSError):  # not empty: another node's dir is left
+                run_dir.rmdir()
+        return removed
 
     def identity(self, data_dir: str) -> str:
         """Create the node's identity now, so fault plans can name peers by id."""

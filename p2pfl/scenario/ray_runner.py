@@ -8,7 +8,9 @@ Model traffic never goes through Ray; only small things do: where each actor run
 its node's status (the control socket's answer, read by the actor on its own host),
 its metrics rows at the end, start/stop orders, and the log and records of a node on
 another machine, copied into `<out>/nodes/n<i>` at the end (no filesystem is shared
-between machines; see `_data_dir` and `_collect`).
+between machines; see `_data_dir` and `_collect`), after which a successful run deletes
+that node's data dir on its machine (`_remove_remote`; `[ray] keep_remote` keeps it).
+The nodes' ports come from `[ray] ports` when set, so a firewall can name them.
 
 What is shared with the process runner (processes.py): the per-node configuration
 (`Scenario.node_config_values`), fault plans, the crash/restart schedule
@@ -71,6 +73,7 @@ class _Node:
     incarnation: int = 0
     options: dict[str, Any] = field(default_factory=dict)  # the actor's Ray options
     files: dict[str, bytes] = field(default_factory=dict)  # ray_host.COLLECTED_FILES, if remote
+    collected: bool = False  # its files reached `<out>/nodes/<name>` (a remote node's)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,12 +120,14 @@ def run_ray(
                 _watch(
                     ray, nodes, scenario, started + deadline_s, deadline_s, progress, chaos, on_poll
                 )
-            except RunFailed:
+            except RunFailed as exc:
                 with contextlib.suppress(Exception):  # the others' logs tell what went wrong
                     _collect(ray, nodes, out, chaos)
-                raise
+                raise RunFailed(f"{exc}{_kept_note(nodes, out)}") from None
             _stop_all(ray, nodes, chaos, grace)
             _collect(ray, nodes, out, chaos)
+            if not scenario.ray.keep_remote:
+                _remove_remote(ray, nodes, out, chaos)
         finally:
             for actor in killed:
                 with contextlib.suppress(Exception):
@@ -221,18 +226,30 @@ def _place(
                 options=options[i],
             )
         )
-    # Ports are chosen per machine by one of its actors, all at once: actors choosing
+    # Ports are chosen per address by one of its actors, all at once: actors choosing
     # their own would each release theirs at once and could be handed the same one.
+    # Per address, not per Ray node: two Ray nodes of one machine share its ports, and
+    # a `[ray] ports` range is tried lowest first, so they would pick the same ones.
     by_host: dict[str, list[_Node]] = {}
     for n in nodes:
-        by_host.setdefault(n.node_id, []).append(n)
+        by_host.setdefault(n.ip, []).append(n)
     groups = list(by_host.values())
+    port_range = scenario.ray.ports
     chosen = _get(
         ray,
-        [group[0].actor.free_ports.remote(group[0].ip, len(group)) for group in groups],
+        [g[0].actor.free_ports.remote(g[0].ip, len(g), port_range) for g in groups],
         START_TIMEOUT,
         "choosing ports",
     )
+    for group, got in zip(groups, chosen, strict=True):
+        if len(got) < len(group):
+            assert port_range is not None  # without a range the kernel always finds one
+            low, high = port_range
+            raise RunFailed(
+                f'host {group[0].ip}: [ray] ports = "{low}-{high}" has {len(got)} free '
+                f"ports there, and the {len(group)} nodes Ray placed on that host need "
+                f"{len(group)} (widen the range, or free its ports on that host)"
+            )
     port_of = {n.index: port for g, ports in zip(groups, chosen, strict=True)
                for n, port in zip(g, ports, strict=True)}  # fmt: skip
     addresses = [f"{n.ip}:{port_of[n.index]}" for n in nodes]
@@ -246,7 +263,8 @@ def _data_dir(out: Path, run_id: str, i: int, place: Mapping[str, Any], here: st
     on another machine, `<its temp dir>/p2pfl-ray/<run>/n<i>`: the output folder need
     not exist there, and a restart lands on the same machine, so it finds it again.
     `_collect` copies its log and records to `<out>/nodes/n<i>` at the end; the dir
-    itself (key, checkpoints) stays on that machine."""
+    itself (key, checkpoints) stays on that machine, until `_remove_remote` deletes it
+    after a successful run (a failed one keeps it for debugging)."""
     if place["node_id"] == here:
         return out / "nodes" / f"n{i}"
     return Path(place["tmp"]) / "p2pfl-ray" / run_id / f"n{i}"
@@ -392,7 +410,7 @@ def _collect(ray: Any, nodes: Sequence[_Node], out: Path, chaos: _RayChaos) -> N
     processes. Best effort: a node that does not answer within COLLECT_TIMEOUT (dead,
     crashed for good before it could be asked) keeps its files on its host only. Asked
     COLLECT_BATCH at a time, so the runner never holds more than that many nodes' files."""
-    remote = [n for n in nodes if not n.data_dir.is_relative_to(out)]
+    remote = _remote(nodes, out)
     for n in remote:
         if n.files:  # fetched before a crash for good
             _write_files(out, n)
@@ -415,6 +433,50 @@ def _write_files(out: Path, n: _Node) -> None:
     here.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name, data in n.files.items():
         (here / name).write_bytes(data)
+    n.collected = True
+
+
+def _remote(nodes: Sequence[_Node], out: Path) -> list[_Node]:
+    """The nodes whose data dir is on another machine (never one in the output folder,
+    which is where every node on the runner's own machine keeps it)."""
+    return [n for n in nodes if not n.data_dir.is_relative_to(out)]
+
+
+def _remove_remote(ray: Any, nodes: Sequence[_Node], out: Path, chaos: _RayChaos) -> None:
+    """After a successful run, delete the data dirs (key, checkpoints, full log) the
+    nodes left on other machines, and their run folders: nobody else would, and their
+    log and records are in `<out>/nodes/n<i>` by now. Only the dirs whose files were
+    copied; each machine deletes its own, asked through a live actor there (a node
+    crashed for good has none: a neighbour on its machine does it). Best effort: what
+    cannot be deleted stays where `metrics.json` says (`host`, `data_dir`)."""
+    by_machine: dict[str, list[_Node]] = {}
+    for n in _remote(nodes, out):
+        if n.collected:
+            by_machine.setdefault(n.node_id, []).append(n)
+    live = {n.node_id: n.actor for n in nodes if not chaos.killed(n.index)}
+    refs = [
+        live[node_id].remove_dirs.remote([str(n.data_dir) for n in group])
+        for node_id, group in by_machine.items()
+        if node_id in live
+    ]
+    with contextlib.suppress(Exception):
+        ray.wait(refs, num_returns=len(refs), timeout=COLLECT_TIMEOUT)
+
+
+def _kept_note(nodes: Sequence[_Node], out: Path) -> str:
+    """Where a failed run left the data dirs of its nodes on other machines (kept for
+    debugging: key, checkpoints, the full log), one line per machine."""
+    where: dict[tuple[str, Path], list[str]] = {}
+    for n in _remote(nodes, out):
+        where.setdefault((n.ip, n.data_dir.parent), []).append(n.name)
+    lines = [
+        f"\n  on {ip}: {run_dir}/ ({', '.join(names)})" for (ip, run_dir), names in where.items()
+    ]
+    return (
+        "\nthe data dirs of the nodes on other machines are kept there:" + "".join(lines)
+        if lines
+        else ""
+    )
 
 
 def _record(n: _Node) -> dict[str, Any]:

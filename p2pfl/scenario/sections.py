@@ -148,13 +148,21 @@ class PrivacySpec:
 
 @dataclass(frozen=True)
 class RaySpec:
-    """`[ray] num_cpus = 1, memory = "512MiB"`: what every node's Ray actor reserves
+    """`[ray] num_cpus = 1, memory = "512MiB"`: what every node's Ray actor reserves,
+    and where its node may listen and whether its data dir is kept
     (`p2pfl scenario run --ray`, docs/scenarios.md); ignored by the other runners, so
     one file runs unchanged everywhere. Ray schedules by these reservations only: a
     node still uses what it uses."""
 
     num_cpus: float = 1.0
     memory: int | None = None  # bytes; None = no memory reservation
+    # `ports = "7000-7099"`: the nodes listen only on these (inclusive), so a firewall
+    # between the machines opens this range instead of the whole ephemeral one.
+    # None = any free port (the kernel's ephemeral range).
+    ports: tuple[int, int] | None = None
+    # `keep_remote = true`: never delete the data dirs of nodes on other machines (by
+    # default they are removed after a successful run, once their files are copied).
+    keep_remote: bool = False
 
 
 def parse_topology(t: Table, nodes: int) -> TopologySpec:
@@ -368,8 +376,9 @@ _SIZE_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
 
 def parse_ray(t: Table) -> RaySpec:
-    """`[ray] num_cpus` (> 0, fractions allowed: Ray packs that many nodes per core)
-    and `memory` (bytes, or a string such as "512MiB" or "1.5GB")."""
+    """`[ray] num_cpus` (> 0, fractions allowed: Ray packs that many nodes per core),
+    `memory` (bytes, or a string such as "512MiB" or "1.5GB"), `ports` (a range such as
+    "7000-7099", see `parse_port_range`) and `keep_remote` (a bool)."""
     num_cpus = t.get_float("num_cpus", 1.0, positive=True)
     raw = t.raw("memory")
     memory: int | None = None
@@ -384,8 +393,39 @@ def parse_ray(t: Table) -> RaySpec:
             )
         if memory <= 0:
             raise ScenarioError("ray.memory", "must be > 0")
+    ports = parse_port_range(t.raw("ports"))
+    keep_remote = t.raw("keep_remote")
+    if keep_remote is None:
+        keep_remote = False
+    elif not isinstance(keep_remote, bool):
+        raise ScenarioError("ray.keep_remote", f"expected true or false, got {keep_remote!r}")
     t.finish()
-    return RaySpec(num_cpus, memory)
+    return RaySpec(num_cpus, memory, ports, keep_remote)
+
+
+_PORT_RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+PORT_MIN, PORT_MAX = 1024, 65535  # no privileged ports: the nodes do not run as root
+
+
+def parse_port_range(raw: Any) -> tuple[int, int] | None:
+    """`[ray] ports = "7000-7099"` (inclusive) into (7000, 7099); None when absent.
+
+    Whether the range is wide enough cannot be known here (how many nodes land on one
+    machine is Ray's choice at run time): the runner says so, naming the machine, when
+    one of them finds too few free ports in it."""
+    if raw is None:
+        return None
+    m = _PORT_RANGE_RE.match(raw) if isinstance(raw, str) else None
+    if m is None:
+        raise ScenarioError("ray.ports", f'expected a range such as "7000-7099", got {raw!r}')
+    low, high = int(m.group(1)), int(m.group(2))
+    if low > high:
+        raise ScenarioError("ray.ports", f"the range {low}-{high} is empty (low > high)")
+    if low < PORT_MIN or high > PORT_MAX:
+        raise ScenarioError(
+            "ray.ports", f"the range {low}-{high} must lie within {PORT_MIN}-{PORT_MAX}"
+        )
+    return low, high
 
 
 def parse_compression(t: Table) -> CompressionSpec:
