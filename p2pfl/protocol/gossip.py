@@ -50,6 +50,7 @@ from p2pfl.protocol.rounds import (
     REJECTIONS_KEPT,
     Phase,
     adoptable,
+    bad_update,
     choose_neighbours,
     flat_params,
 )
@@ -240,13 +241,7 @@ class GossipMachine:
             return "duplicate"  # a version we have (or a newer one): a resend or a replay
         if self.round - round > self.settings.max_staleness:
             return "stale"
-        if params.dtype != np.float32 or params.shape != self.params.shape:
-            return "bad_shape"
-        if samples < 0:
-            return "bad_samples"
-        if not all_finite(params):
-            return "non_finite"
-        return None
+        return bad_update(params, samples, self.params)
 
     def _fresh(self) -> dict[str, _Input]:
         limit = self.settings.max_staleness

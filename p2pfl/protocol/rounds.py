@@ -365,13 +365,7 @@ class RoundMachine:
                     del self._received[r]
         if sender in self._received.get(round, {}):
             return "duplicate"
-        if params.dtype != np.float32 or params.shape != self.params.shape:
-            return "bad_shape"
-        if samples < 0:
-            return "bad_samples"
-        if not all_finite(params):
-            return "non_finite"
-        return None
+        return bad_update(params, samples, self.params)
 
     def _ask_again(self, now: float) -> list[Action]:
         """A request or its answer may have been lost: ask those still silent again,
@@ -630,6 +624,18 @@ class RoundMachine:
             self._nudge_gap = max(self._nudge_gap, MIN_NUDGE_GAP)
             self.nudge_at = now
         return self._maybe_aggregate(now, timed_out=False)
+
+
+def bad_update(params: np.ndarray, samples: int, own: np.ndarray) -> str | None:
+    """Why a peer's model cannot enter an aggregation (the reason counted and logged),
+    or None: a float32 vector of our model's shape, a sample count >= 0, all finite."""
+    if params.dtype != np.float32 or params.shape != own.shape:
+        return "bad_shape"
+    if samples < 0:
+        return "bad_samples"
+    if not all_finite(params):
+        return "non_finite"
+    return None
 
 
 def adoptable(
